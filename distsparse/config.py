@@ -1,0 +1,278 @@
+"""The run configuration: typed dataclasses, YAML load, dotted overrides, validation.
+
+Every key is declared here; an unknown key, a value of the wrong type or one out of range ends
+with a ConfigError naming the dotted key. A field left at None takes the chosen method's
+published default (resolved by the method and written to the run's config.yaml).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from distsparse.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "load_config",
+    "run_directory",
+    "schedule_relevant",
+    "to_yaml",
+]
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+@dataclass
+class MethodConfig:
+    name: str = "granet_st"
+    """Registered sparsity method: dense, static, set, rigl, gmp, granet, granet_st."""
+    sparsity: float = 0.9
+    """Target fraction of zeros over the masked weights, in [0, 1)."""
+    distribution: str = "erk"
+    """Layer-wise allocation of the (initial) mask: uniform, er, erk."""
+    dense_first_layer: bool = False
+    """Keep the first conv dense (rigl's first_layer_sparsity=0; GraNet's --rm_first)."""
+    dense_last_layer: bool = False
+    """Keep the last linear layer dense."""
+    update_interval: int = 100
+    """Steps between mask updates (Delta T)."""
+    drop_fraction: Optional[float] = None
+    """Initial fraction of active weights dropped and regrown per update (RigL/SET 0.3, GraNet 0.5)."""
+    drop_fraction_anneal: str = "cosine"
+    """Decay of the drop fraction over training: constant or cosine."""
+    update_end: Optional[float] = None
+    """Fraction of training after which the mask stops changing (RigL/SET 0.75, GraNet 1.0)."""
+    init_density: Optional[float] = None
+    """Density at the start of GMP/GraNet (1.0 dense-to-sparse; GraNet-ST 0.5)."""
+    prune_start: float = 0.0
+    """Fraction of training at which gradual pruning starts (GMP/GraNet)."""
+    prune_end: float = 0.3
+    """Fraction of training at which gradual pruning reaches the target (GraNet ImageNet: 30 of 100 epochs)."""
+    prune_scope: str = "global"
+    """Gradual pruning by global magnitude (GraNet) or per layer (Zhu & Gupta): global or layer."""
+    growth: str = "gradient"
+    """GraNet regrowth criterion: gradient or random."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    """Training epochs (the schedule's length unless max_steps is set)."""
+    max_steps: Optional[int] = None
+    """If set, the schedule's length in optimizer steps instead of epochs."""
+    batch_size: int = 128
+    """Global batch size (all workers together)."""
+    optimizer: str = "sgd"
+    """sgd (momentum, optional Nesterov) or adamw."""
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5.0e-4
+    lr_schedule: str = "cosine"
+    """cosine, step or constant; per step, after warm-up."""
+    warmup_epochs: float = 0.0
+    lr_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    """Step schedule: fractions of training where the LR is multiplied by lr_gamma."""
+    lr_gamma: float = 0.1
+    label_smoothing: float = 0.0
+    device: str = "cpu"
+    """cpu, cuda or auto."""
+    log_every: int = 50
+    """Steps between training-metric lines in metrics.jsonl."""
+
+
+@dataclass
+class SyntheticConfig:
+    train_size: int = 2048
+    test_size: int = 512
+    image_size: int = 28
+    channels: int = 1
+    num_classes: int = 10
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion_mnist"
+    """Data set: fashion_mnist or synthetic."""
+    loader: str = "fmnist"
+    """Pipeline: fmnist (idx files, in memory) or synthetic (generated)."""
+    path: str = FASHION_MNIST_DIR
+    """Directory of the data set's files."""
+    augment: bool = True
+    """Random crop (2 px padding) and horizontal flip on training batches."""
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "small_resnet"
+    """small_resnet, resnet18, resnet50 or mlp."""
+
+
+@dataclass
+class BackendConfig:
+    name: str = "single"
+    """single (one process)."""
+    zero_stage: int = 0
+
+
+@dataclass
+class LauncherConfig:
+    name: str = "local"
+    num_workers: int = 1
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    """Run name; the run directory defaults to runs/<name>."""
+    dir: Optional[str] = None
+    """Explicit run directory (overrides runs/<name>)."""
+    stop_at_step: Optional[int] = None
+    """Checkpoint and stop after this step (resume later with --resume); not part of the schedule."""
+    checkpoint_every: Optional[int] = None
+    """Steps between checkpoints, in addition to every epoch end."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+_CHOICES = {
+    "method.distribution": ("uniform", "er", "erk"),
+    "method.drop_fraction_anneal": ("constant", "cosine"),
+    "method.prune_scope": ("global", "layer"),
+    "method.growth": ("gradient", "random"),
+    "train.optimizer": ("sgd", "adamw"),
+    "train.lr_schedule": ("cosine", "step", "constant"),
+    "train.device": ("cpu", "cuda", "auto"),
+    "data.name": ("fashion_mnist", "synthetic"),
+    "data.loader": ("fmnist", "synthetic"),
+    "model.name": ("mlp", "resnet18", "resnet50", "small_resnet"),
+    "backend.name": ("single",),
+    "launcher.name": ("local",),
+}
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
+    """Load a YAML file (or the defaults), apply `key.sub=value` overrides, validate."""
+    merged = OmegaConf.structured(Config)
+    try:
+        if path is not None:
+            merged = OmegaConf.merge(merged, _read_yaml(Path(path)))
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_describe(exc)) from None
+    config: Config = OmegaConf.to_object(merged)
+    validate(config)
+    return config
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as exc:  # yaml's scanner/parser errors have no common public base
+        first_line = str(exc).strip().splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML: {first_line}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config file {path} must hold a mapping of keys")
+    return loaded
+
+
+def _describe(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None) or "?"
+    message = str(exc).splitlines()[0]
+    if "not in" in message or "Missing key" in message:
+        return f"unknown config key '{key}'"
+    return f"config key '{key}': {message}"
+
+
+def _check(condition: bool, key: str, value: Any, expected: str) -> None:
+    if not condition:
+        raise ConfigError(f"config key '{key}' = {value!r}: expected {expected}")
+
+
+def validate(config: Config) -> None:
+    """Raise ConfigError naming the first invalid key."""
+    for key, choices in _CHOICES.items():
+        value = _get(config, key)
+        _check(value in choices, key, value, "one of " + ", ".join(choices))
+    m, t = config.method, config.train
+    _check(0.0 <= m.sparsity < 1.0, "method.sparsity", m.sparsity, "a value in [0, 1)")
+    _check(m.update_interval >= 1, "method.update_interval", m.update_interval, "an integer >= 1")
+    for key in ("drop_fraction", "update_end", "init_density"):
+        value = getattr(m, key)
+        _check(value is None or 0.0 < value <= 1.0, f"method.{key}", value, "a value in (0, 1]")
+    _check(
+        0.0 <= m.prune_start < m.prune_end <= 1.0,
+        "method.prune_end",
+        m.prune_end,
+        f"a value in (method.prune_start={m.prune_start}, 1]",
+    )
+    _check(config.seed >= 0, "seed", config.seed, "an integer >= 0")
+    _check(t.epochs >= 1, "train.epochs", t.epochs, "an integer >= 1")
+    _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps, ">= 1")
+    _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "an integer >= 1")
+    _check(t.lr > 0, "train.lr", t.lr, "a positive number")
+    _check(0.0 <= t.label_smoothing < 1.0, "train.label_smoothing", t.label_smoothing, "[0, 1)")
+    _check(t.warmup_epochs >= 0, "train.warmup_epochs", t.warmup_epochs, ">= 0")
+    _check(t.log_every >= 1, "train.log_every", t.log_every, "an integer >= 1")
+    _check(
+        all(0.0 < f < 1.0 for f in t.lr_milestones), "train.lr_milestones", t.lr_milestones,
+        "fractions of training in (0, 1)",
+    )
+    _check(config.launcher.num_workers == 1, "launcher.num_workers", config.launcher.num_workers,
+           "1 with launcher.name=local and backend.name=single")
+    r = config.run
+    _check(r.stop_at_step is None or r.stop_at_step >= 1, "run.stop_at_step", r.stop_at_step, ">= 1")
+    _check(r.checkpoint_every is None or r.checkpoint_every >= 1, "run.checkpoint_every",
+           r.checkpoint_every, ">= 1")
+    _check(bool(r.name) and "/" not in r.name, "run.name", r.name, "a non-empty name without '/'")
+    pairs = {("fashion_mnist", "fmnist"), ("synthetic", "synthetic")}
+    _check((config.data.name, config.data.loader) in pairs, "data.loader", config.data.loader,
+           f"a loader for data.name={config.data.name!r} (fashion_mnist: fmnist; synthetic: synthetic)")
+
+
+def _get(config: Config, dotted: str) -> Any:
+    value: Any = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def run_directory(config: Config) -> Path:
+    """The run directory: run.dir, or runs/<run.name>."""
+    return Path(config.run.dir) if config.run.dir else Path("runs") / config.run.name
+
+
+def to_yaml(config: Config) -> str:
+    """The config as YAML text (what config.yaml in a run directory holds)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def schedule_relevant(config: Config) -> dict[str, Any]:
+    """Everything that determines the training trajectory (all but run control)."""
+    container = OmegaConf.to_container(OmegaConf.structured(config))
+    container.pop("run")
+    return container

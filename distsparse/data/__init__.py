@@ -1,0 +1,15 @@
+"""Datasets: Fashion-MNIST idx reader and synthetic test data."""
+
+from distsparse.data.fashion_mnist import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_DIR,
+    load_fashion_mnist,
+)
+from distsparse.data.synthetic import synthetic_classification
+
+__all__ = [
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_DIR",
+    "load_fashion_mnist",
+    "synthetic_classification",
+]

@@ -1,0 +1,146 @@
+"""The interface every sparsity method implements, its registry, and the shared update steps.
+
+A method is scores plus a schedule: it says when the mask changes and returns the new masks from
+weights and (dense, all-reduced) gradients. It never touches optimizers, backends or launchers;
+the trainer applies the masks it returns to every copy of every weight.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from distsparse.config import MethodConfig
+from distsparse.errors import ConfigError
+from distsparse.sparsity.allocation import active_count, layer_densities
+from distsparse.sparsity.scores import random_scores
+from distsparse.sparsity.select import drop_and_grow, topk_mask
+
+__all__ = [
+    "METHODS",
+    "SparsityMethod",
+    "TrainingSchedule",
+    "build_method",
+    "register",
+    "resolve_method_config",
+]
+
+Masks = dict[str, torch.Tensor]
+METHODS: dict[str, type["SparsityMethod"]] = {}
+
+
+def register(name: str):
+    """Class decorator: make a method available as `method.name=<name>`."""
+
+    def wrap(cls: type[SparsityMethod]) -> type[SparsityMethod]:
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return wrap
+
+
+@dataclass(frozen=True)
+class TrainingSchedule:
+    """Length of training in optimizer steps of the GLOBAL batch (the same on 1 or N workers)."""
+
+    total_steps: int
+    steps_per_epoch: int
+
+    def step_at(self, fraction: float) -> int:
+        """The step a fraction of training falls on."""
+        return round(fraction * self.total_steps)
+
+
+class SparsityMethod:
+    """Base class: a static mask drawn from the configured layer distribution."""
+
+    name: ClassVar[str] = ""
+    defaults: ClassVar[dict[str, Any]] = {}
+    uses_masks: ClassVar[bool] = True
+    update_replaces_optimizer_step: ClassVar[bool] = False
+    """True where the optimizer step is skipped on mask-update steps (rigl's reference does so)."""
+
+    def __init__(self, config: MethodConfig, schedule: TrainingSchedule, seed: int) -> None:
+        self.config = config
+        self.schedule = schedule
+        self.seed = seed
+
+    def initial_density(self) -> float:
+        """Overall density of the initial mask."""
+        return 1.0 - self.config.sparsity
+
+    def initial_masks(self, shapes: Mapping[str, tuple[int, ...]]) -> Masks:
+        """Random mask with exact per-layer counts; depends only on the seed (never on the rank)."""
+        density = self.initial_density()
+        if density >= 1.0:
+            return {name: torch.ones(shape, dtype=torch.bool) for name, shape in shapes.items()}
+        densities = layer_densities(self.config.distribution, shapes, density)
+        masks = {}
+        for name, shape in shapes.items():
+            scores = random_scores(shape, self.seed, 0, name, "init")
+            masks[name] = topk_mask(scores, active_count(math.prod(shape), densities[name]))
+        return masks
+
+    def is_update_step(self, step: int) -> bool:
+        """Whether the mask changes at this step."""
+        return False
+
+    def needs_dense_grad(self, step: int) -> bool:
+        """Whether `update` at this step reads dense gradients (RigL/GraNet growth)."""
+        return False
+
+    def update(
+        self, step: int, masks: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor],
+        grads: Mapping[str, torch.Tensor] | None,
+    ) -> Masks:
+        """New masks for the layers that change at this step."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Method state for checkpoints (the built-in methods are stateless functions of step)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore method state from a checkpoint."""
+
+    def swap_step(
+        self, masks: Mapping[str, torch.Tensor], drop_scores: Mapping[str, torch.Tensor],
+        grow_scores: Mapping[str, torch.Tensor], counts: Mapping[str, int],
+    ) -> Masks:
+        """Per layer: drop `counts[name]` active entries by drop score and regrow as many by grow score."""
+        return {
+            name: drop_and_grow(masks[name], drop_scores[name], grow_scores[name], counts[name])[0]
+            for name in masks
+            if counts[name] > 0
+        }
+
+    def random_grow_scores(self, step: int, masks: Mapping[str, torch.Tensor]) -> Masks:
+        """Counter-based random scores keyed by (seed, step, layer, element)."""
+        return {
+            name: random_scores(m.shape, self.seed, step, name, "grow", device=m.device)
+            for name, m in masks.items()
+        }
+
+
+def resolve_method_config(config: MethodConfig) -> MethodConfig:
+    """A copy with every None field set to the named method's default."""
+    if config.name not in METHODS:
+        raise ConfigError(
+            f"config key 'method.name' = {config.name!r}: expected one of {', '.join(sorted(METHODS))}"
+        )
+    filled = {
+        key: value for key, value in METHODS[config.name].defaults.items()
+        if getattr(config, key) is None
+    }
+    return dataclasses.replace(config, **filled)
+
+
+def build_method(config: MethodConfig, schedule: TrainingSchedule, seed: int) -> SparsityMethod:
+    """The registered method for `config.name`, with its defaults filled in."""
+    resolved = resolve_method_config(config)
+    return METHODS[resolved.name](resolved, schedule, seed)

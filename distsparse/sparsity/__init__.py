@@ -1,0 +1,1 @@
+"""Pure mask mathematics: masks, layer allocation, scores, exact selection, schedules."""

@@ -1,0 +1,132 @@
+"""MaskSet: one boolean mask per sparsifiable weight, applied in place, counted and fingerprinted."""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+__all__ = ["MaskSet", "canonical_name", "sparsifiable_parameters"]
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def canonical_name(name: str) -> str:
+    """A parameter name without the prefixes DDP, DeepSpeed and torch.compile add."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, changed = name[len(prefix) :], True
+    return name
+
+
+def sparsifiable_parameters(
+    model: nn.Module, dense_first_layer: bool = False, dense_last_layer: bool = False
+) -> dict[str, nn.Parameter]:
+    """Weights of Conv2d and Linear layers in module order, minus the layers asked to stay dense.
+
+    Biases and normalization parameters are never masked (as in rigl and GraNet).
+    """
+    weights = {
+        canonical_name(f"{module_name}.weight"): module.weight
+        for module_name, module in model.named_modules()
+        if isinstance(module, (nn.Conv2d, nn.Linear))
+    }
+    names = list(weights)
+    if names and dense_first_layer:
+        weights.pop(names[0])
+    if len(names) > 1 and dense_last_layer:
+        weights.pop(names[-1])
+    return weights
+
+
+class MaskSet:
+    """Boolean masks keyed by canonical parameter name, in the order of `params`."""
+
+    def __init__(self, params: Mapping[str, torch.Tensor]) -> None:
+        self.params = dict(params)
+        self.masks = {
+            name: torch.ones_like(p, dtype=torch.bool) for name, p in self.params.items()
+        }
+
+    @property
+    def names(self) -> list[str]:
+        """Layer names in global-index order."""
+        return list(self.params)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shape of every masked parameter."""
+        return {name: tuple(p.shape) for name, p in self.params.items()}
+
+    def update(self, new_masks: Mapping[str, torch.Tensor]) -> None:
+        """Replace the masks of the named layers (shapes checked)."""
+        for name, mask in new_masks.items():
+            if name not in self.masks:
+                raise KeyError(f"no sparsifiable parameter named '{name}'")
+            if mask.shape != self.masks[name].shape:
+                raise ValueError(
+                    f"mask for '{name}' has shape {tuple(mask.shape)}, "
+                    f"expected {tuple(self.masks[name].shape)}"
+                )
+            self.masks[name] = mask.to(dtype=torch.bool, device=self.masks[name].device)
+
+    @torch.no_grad()
+    def apply(self, tensors: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Zero masked-off entries in place: in the parameters, or in tensors of the same names."""
+        targets = self.params if tensors is None else tensors
+        for name, tensor in targets.items():
+            tensor.mul_(self.masks[name])
+
+    def active_counts(self) -> dict[str, int]:
+        """Number of active (unmasked) entries per layer."""
+        return {name: int(mask.sum()) for name, mask in self.masks.items()}
+
+    def layer_density(self) -> dict[str, float]:
+        """Fraction of active entries per layer."""
+        return {name: int(m.sum()) / m.numel() for name, m in self.masks.items()}
+
+    def density(self) -> float:
+        """Fraction of active entries over all masked parameters."""
+        total = sum(m.numel() for m in self.masks.values())
+        return sum(self.active_counts().values()) / total if total else 1.0
+
+    def layer_fingerprints(self) -> dict[str, int]:
+        """A 63-bit digest of each layer's mask (fits an int64 all-reduce)."""
+        return {name: _digest([mask]) for name, mask in self.masks.items()}
+
+    def fingerprint(self) -> str:
+        """Hex SHA-256 over every layer name and mask bit, in order."""
+        h = hashlib.sha256()
+        for name, mask in self.masks.items():
+            h.update(name.encode())
+            h.update(_packed(mask))
+        return h.hexdigest()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Masks as CPU bool tensors (loadable with torch.load(weights_only=True))."""
+        return {name: mask.cpu().clone() for name, mask in self.masks.items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load masks; the layer names and shapes must match exactly."""
+        missing = set(self.masks) - set(state)
+        unexpected = set(state) - set(self.masks)
+        if missing or unexpected:
+            raise ValueError(
+                f"mask layers do not match the model: missing {sorted(missing)}, "
+                f"unexpected {sorted(unexpected)}"
+            )
+        self.update(state)
+
+
+def _packed(mask: torch.Tensor) -> bytes:
+    return mask.detach().reshape(-1).to(torch.uint8).cpu().numpy().tobytes()
+
+
+def _digest(masks: Iterable[torch.Tensor]) -> int:
+    h = hashlib.sha256()
+    for mask in masks:
+        h.update(_packed(mask))
+    return int.from_bytes(h.digest()[:8], "little") >> 1

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Install distsparse and its dependencies into .venv (idempotent: a second run does nothing).
+# torch and torchvision are installed as a matching pair from PyPI (--isolated skips the
+# machine's local CPU-only torch wheel, whose ABI PyPI's torchvision does not match).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${DISTSPARSE_VENV:-$ROOT/.venv}"
+TORCH_PAIR=(torch==2.13.0 torchvision==0.28.0)
+FMNIST_DIR=/usr/share/datasets/fashion-mnist
+
+stamp_key() { cat "$ROOT/pyproject.toml" "$ROOT/launch/install.sh" | sha256sum | cut -d' ' -f1; }
+
+as_root() { if [[ $(id -u) -eq 0 ]]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else return 1; fi; }
+
+install_fashion_mnist() {
+  [[ -f $FMNIST_DIR/train-images-idx3-ubyte.gz ]] && return 0
+  echo "[install] Debian package dataset-fashion-mnist"
+  if ! { as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; } >/dev/null; then
+    echo "[install] warning: could not install dataset-fashion-mnist (needs apt and root); set data.path to the idx files" >&2
+  fi
+}
+
+install_fashion_mnist
+if [[ -f $VENV/.distsparse-installed && $(cat "$VENV/.distsparse-installed") == "$(stamp_key)" ]]; then
+  exit 0
+fi
+echo "[install] creating $VENV"
+python3 -m venv "$VENV"
+PIP=("$VENV/bin/pip" --disable-pip-version-check)
+cert_args=()
+[[ -n ${PIP_CERT:-} ]] && cert_args=(--cert "$PIP_CERT")
+echo "[install] ${TORCH_PAIR[*]} (first run downloads several GB)"
+"${PIP[@]}" install --isolated -q "${cert_args[@]}" "${TORCH_PAIR[@]}"
+echo "[install] distsparse and its dependencies"
+"${PIP[@]}" install -q -e "$ROOT[test]"
+stamp_key >"$VENV/.distsparse-installed"
+echo "[install] done"
