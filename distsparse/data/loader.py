@@ -1,0 +1,124 @@
+"""In-memory batch loaders whose order is a pure function of (seed, epoch).
+
+Each epoch draws one permutation of the whole training set from the seed; global batch b is
+samples [b*B, (b+1)*B) of it, and rank r of W takes its contiguous slice, so N workers see the
+same global batches as one worker. Resuming at (epoch, batch) replays the same batches exactly.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from distsparse.config import Config
+from distsparse.data.fashion_mnist import load_fashion_mnist
+from distsparse.data.synthetic import synthetic_classification
+from distsparse.errors import ConfigError
+
+__all__ = ["DataBundle", "TensorLoader", "build_data"]
+
+_PAD = 2
+
+
+class TensorLoader:
+    """Batches of normalized float images from uint8 tensors, optionally augmented."""
+
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, global_batch: int, seed: int,
+        train: bool, augment: bool, mean: torch.Tensor, std: torch.Tensor,
+        rank: int = 0, world_size: int = 1,
+    ) -> None:
+        if global_batch % world_size:
+            raise ConfigError(
+                f"config key 'train.batch_size' = {global_batch}: expected a multiple of the "
+                f"world size {world_size}"
+            )
+        self.images = images if images.dim() == 4 else images.unsqueeze(1)
+        self.labels = labels
+        self.global_batch, self.seed = global_batch, seed
+        self.train, self.augment = train, augment and train
+        self.rank, self.world_size = rank, world_size
+        self.mean, self.std = mean, std
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.global_batch if self.train else -(-n // self.global_batch)
+
+    def _generator(self, epoch: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's part of global batches start, start+1, ... of `epoch`."""
+        n = len(self.labels)
+        if self.train:
+            generator = self._generator(epoch)
+            order = torch.randperm(n, generator=generator)
+            flips = torch.rand(n, generator=generator) < 0.5
+            shifts = torch.randint(0, 2 * _PAD + 1, (n, 2), generator=generator)
+        else:
+            order = torch.arange(n)
+        local = self.global_batch // self.world_size
+        for b in range(start, len(self)):
+            begin = b * self.global_batch + self.rank * local
+            index = order[begin : min(begin + local, n)]
+            x = self.images[index].float() / 255.0
+            if self.augment:
+                x = _augment(x, flips[index], shifts[index])
+            yield (x - self.mean) / self.std, self.labels[index]
+
+
+def _augment(x: torch.Tensor, flips: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """Horizontal flip and a random crop of the zero-padded image (per sample, precomputed)."""
+    x = torch.where(flips[:, None, None, None], x.flip(3), x)
+    padded = F.pad(x, (_PAD, _PAD, _PAD, _PAD))
+    size_h, size_w = x.shape[2], x.shape[3]
+    rows = shifts[:, 0:1] + torch.arange(size_h)
+    cols = shifts[:, 1:2] + torch.arange(size_w)
+    batch = torch.arange(x.shape[0])[:, None, None]
+    cropped = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]
+    return cropped.permute(0, 3, 1, 2).contiguous()
+
+
+@dataclass
+class DataBundle:
+    """Train and test loaders and what a model needs to know about the data."""
+
+    train: TensorLoader
+    test: TensorLoader
+    num_classes: int
+    in_channels: int
+
+
+def build_data(config: Config, rank: int = 0, world_size: int = 1) -> DataBundle:
+    """Loaders for the configured data set; a missing path raises ConfigError naming data.path."""
+    data = config.data
+    if data.loader == "fmnist":
+        try:
+            train = load_fashion_mnist(data.path, "train")
+            test = load_fashion_mnist(data.path, "test")
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config key 'data.path' = {data.path!r}: {exc}") from None
+        except ValueError as exc:
+            raise ConfigError(f"config key 'data.path' = {data.path!r}: {exc}") from None
+        num_classes, in_channels = 10, 1
+    else:
+        s = data.synthetic
+        train = synthetic_classification(s.train_size, s.num_classes, s.image_size, s.channels, config.seed)
+        test = synthetic_classification(s.test_size, s.num_classes, s.image_size, s.channels, config.seed + 1)
+        num_classes, in_channels = s.num_classes, s.channels
+    train_images = train[0] if train[0].dim() == 4 else train[0].unsqueeze(1)
+    pixels = train_images.float() / 255.0
+    mean, std = pixels.mean(dim=(0, 2, 3), keepdim=True), pixels.std(dim=(0, 2, 3), keepdim=True)
+    batch = config.train.batch_size
+    if batch > len(train[1]):
+        raise ConfigError(
+            f"config key 'train.batch_size' = {batch}: larger than the training set ({len(train[1])})"
+        )
+    return DataBundle(
+        train=TensorLoader(*train, batch, config.seed, True, data.augment, mean, std, rank, world_size),
+        test=TensorLoader(*test, batch, config.seed, False, False, mean, std, rank, world_size),
+        num_classes=num_classes,
+        in_channels=in_channels,
+    )

@@ -1,0 +1,1 @@
+"""The engine: trainer loop, backends, checkpoints, metrics and reports."""

@@ -1,0 +1,32 @@
+"""The backend seam: how the trainer reads and masks the pieces of weights this rank owns."""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from distsparse.sparsity.masks import MaskSet
+
+__all__ = ["Backend"]
+
+
+class Backend(Protocol):
+    """What every backend (single process, DDP, DeepSpeed) provides to the trainer."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    rank: int
+    world_size: int
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The owned piece of every masked weight, by canonical name."""
+
+    def grads(self) -> dict[str, torch.Tensor]:
+        """The dense gradient of that piece (averaged over ranks where data is split)."""
+
+    def mask_all_copies(self, masks: MaskSet) -> None:
+        """Zero masked-off entries in the weight and every copy: master weights, optimizer state."""
+
+    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """Mean of a tensor over ranks (the identity in one process)."""

@@ -1,0 +1,42 @@
+"""One process, one device: the reference backend the others must agree with."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from distsparse.sparsity.masks import MaskSet
+
+__all__ = ["SingleBackend"]
+
+
+class SingleBackend:
+    """The full tensor of every parameter is owned by this (only) rank."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, masks: MaskSet) -> None:
+        self.model, self.optimizer, self.mask_set = model, optimizer, masks
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach() for name, p in self.mask_set.params.items()}
+
+    def grads(self) -> dict[str, torch.Tensor]:
+        return {name: p.grad for name, p in self.mask_set.params.items()}
+
+    @torch.no_grad()
+    def mask_all_copies(self, masks: MaskSet) -> None:
+        """Mask the weight and each optimizer-state tensor of its shape (momentum, exp_avg, ...).
+
+        With element-wise optimizers (SGD, AdamW) this after-step masking equals masking the
+        gradient, and leaves the dense gradient intact for growth criteria.
+        """
+        for name, param in masks.params.items():
+            mask = masks.masks[name]
+            param.mul_(mask)
+            for value in self.optimizer.state.get(param, {}).values():
+                if torch.is_tensor(value) and value.shape == param.shape:
+                    value.mul_(mask)
+
+    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        return value

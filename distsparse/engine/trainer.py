@@ -1,0 +1,279 @@
+"""The training loop every backend and launcher shares.
+
+load or start -> for each step: forward, backward, [mask update], optimizer step, mask every copy
+-> log, checkpoint, evaluate at epoch ends -> summary, plot. Methods only return masks; the backend
+applies them to the weight, master copy and optimizer state.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from distsparse.config import Config, run_directory, schedule_relevant, to_yaml
+from distsparse.data.loader import DataBundle, TensorLoader, build_data
+from distsparse.engine.backends import Backend, SingleBackend
+from distsparse.engine.checkpoint import load_checkpoint, save_checkpoint
+from distsparse.engine.flops import FlopCounter
+from distsparse.engine.metrics import MetricsLog, truncate_metrics
+from distsparse.engine.optim import build_lr_scheduler, build_optimizer
+from distsparse.engine.report import format_table, plot_run, write_summary
+from distsparse.errors import CheckpointError, ConfigError
+from distsparse.methods import SparsityMethod, TrainingSchedule, build_method
+from distsparse.models import build_model
+from distsparse.sparsity.masks import MaskSet, sparsifiable_parameters
+
+__all__ = ["Trainer", "train"]
+
+CHECKPOINT_NAME = "checkpoints/last.pt"
+
+
+def train(config: Config, resume: Path | None = None) -> dict[str, Any]:
+    """Train a run (or resume one) and return its summary."""
+    trainer = Trainer(config, resume)
+    summary = trainer.fit()
+    print(format_table(summary))
+    return summary
+
+
+class Trainer:
+    """Builds everything from a config, validates before writing, then runs `fit`."""
+
+    def __init__(self, config: Config, resume: Path | None = None) -> None:
+        self.device = _device(config.train.device)
+        self.data: DataBundle = build_data(config)
+        self.schedule = _schedule(config, self.data.train)
+        self.method: SparsityMethod = build_method(config.method, self.schedule, config.seed)
+        self.config = dataclasses.replace(config, method=self.method.config)
+        self.run_dir = resume if resume is not None else run_directory(config)
+        checkpoint = self._check_resume() if resume is not None else None
+        if checkpoint is None:
+            _claim_empty(self.run_dir)
+
+        torch.manual_seed(config.seed)
+        model = build_model(config.model.name, self.data.num_classes, self.data.in_channels)
+        self.model = model.to(self.device)
+        params = sparsifiable_parameters(
+            self.model, config.method.dense_first_layer, config.method.dense_last_layer
+        )
+        self.masks = MaskSet(params)
+        optimizer = build_optimizer(self.model, config.train)
+        self.scheduler = build_lr_scheduler(
+            optimizer, self.schedule.total_steps, self.schedule.steps_per_epoch, config.train
+        )
+        self.backend: Backend = SingleBackend(self.model, optimizer, self.masks)
+        sample = next(self.data.test.batches(0))[0]
+        self.flops = FlopCounter(self.model, sample.to(self.device))
+        self.step, self.previous_wall_s = 0, 0.0
+        if checkpoint is None:
+            self.masks.update(self.method.initial_masks(self.masks.shapes()))
+            self._mask_all()
+            (self.run_dir / "config.yaml").write_text(to_yaml(self.config), encoding="utf-8")
+        else:
+            self._restore(checkpoint)
+            truncate_metrics(self.run_dir, self.step)
+        self.flops.set_masks(self.masks)
+        self.log = MetricsLog(self.run_dir)
+
+    def _check_resume(self) -> dict[str, Any]:
+        checkpoint = load_checkpoint(self.run_dir / CHECKPOINT_NAME)
+        stored, current = checkpoint["config"], schedule_relevant(self.config)
+        difference = _first_difference(stored, current)
+        if difference is not None:
+            key, old, new = difference
+            raise CheckpointError(
+                f"run {self.run_dir} was trained with {key}={old!r}; this config has {key}={new!r}"
+            )
+        return checkpoint
+
+    def _mask_all(self) -> None:
+        if self.method.uses_masks:
+            self.backend.mask_all_copies(self.masks)
+
+    def fit(self) -> dict[str, Any]:
+        """Train to the end of the schedule (or run.stop_at_step); return the summary."""
+        start_time = time.perf_counter()
+        total, per_epoch = self.schedule.total_steps, self.schedule.steps_per_epoch
+        stop = min(total, self.config.run.stop_at_step or total)
+        train_seconds, images = 0.0, 0
+        bar = tqdm(total=total, initial=self.step, disable=not self.config.run.progress,
+                   desc=f"{self.method.name} {self.config.method.sparsity:.0%}", unit="step")
+        evaluation = None
+        while self.step < stop:
+            epoch, first_batch = divmod(self.step, per_epoch)
+            for x, y in self.data.train.batches(epoch, first_batch):
+                tick = time.perf_counter()
+                loss, correct = self._train_step(x.to(self.device), y.to(self.device))
+                train_seconds += time.perf_counter() - tick
+                images += len(y)
+                self.step += 1
+                bar.update(1)
+                if self.step % self.config.train.log_every == 0:
+                    self._log_train(epoch, loss, correct / len(y))
+                    bar.set_postfix(loss=f"{loss:.3f}", sparsity=f"{1 - self.masks.density():.3f}")
+                epoch_done = self.step % per_epoch == 0 or self.step == total
+                if epoch_done:
+                    evaluation = self.evaluate()
+                    self.log.log("eval", self.step, epoch=epoch + 1, sparsity=self._sparsity(), **evaluation)
+                every = self.config.run.checkpoint_every
+                if epoch_done or self.step == stop or (every and self.step % every == 0):
+                    self._save(time.perf_counter() - start_time)
+                if self.step >= stop:
+                    break
+        bar.close()
+        if evaluation is None:
+            evaluation = self.evaluate()
+        wall = self.previous_wall_s + time.perf_counter() - start_time
+        summary = self._summary(evaluation, wall, images / train_seconds if train_seconds else 0.0)
+        summary["completed"] = self.step >= total
+        write_summary(self.run_dir, summary)
+        plot_run(self.run_dir, summary["layer_density"])
+        self.log.close()
+        return summary
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+        model, optimizer = self.backend.model, self.backend.optimizer
+        model.train()
+        output = model(x)
+        loss = F.cross_entropy(output, y, label_smoothing=self.config.train.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        step = self.step
+        update = self.method.uses_masks and self.method.is_update_step(step)
+        if update and self.method.update_replaces_optimizer_step:
+            self._update_masks(step)
+        else:
+            optimizer.step()
+            self._mask_all()
+            if update:
+                self._update_masks(step)
+        self.scheduler.step()
+        self.flops.add_step(dense_gradient=update and self.method.needs_dense_grad(step))
+        return loss.item(), int((output.argmax(1) == y).sum())
+
+    def _update_masks(self, step: int) -> None:
+        tick = time.perf_counter()
+        grads = self.backend.grads() if self.method.needs_dense_grad(step) else None
+        changed = self.method.update(step, self.masks.masks, self.backend.weights(), grads)
+        self.masks.update(changed)
+        self._mask_all()
+        self.flops.set_masks(self.masks)
+        self.log.log("mask_update", step, sparsity=self._sparsity(), layers_changed=len(changed),
+                     fingerprint=self.masks.fingerprint(), seconds=time.perf_counter() - tick)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Top-1 and mean loss on the whole test set."""
+        model = self.backend.model
+        model.eval()
+        correct, loss_sum, count = 0, 0.0, 0
+        for x, y in self.data.test.batches(0):
+            x, y = x.to(self.device), y.to(self.device)
+            output = model(x)
+            loss_sum += float(F.cross_entropy(output, y, reduction="sum"))
+            correct += int((output.argmax(1) == y).sum())
+            count += len(y)
+        return {"test_top1": correct / count, "test_loss": loss_sum / count}
+
+    def _sparsity(self) -> float:
+        return 1.0 - self.masks.density() if self.method.uses_masks else 0.0
+
+    def _log_train(self, epoch: int, loss: float, accuracy: float) -> None:
+        self.log.log("train", self.step, epoch=epoch + 1, loss=loss, train_top1=accuracy,
+                     lr=self.scheduler.get_last_lr()[0], sparsity=self._sparsity())
+
+    def _state(self, wall_s: float) -> dict[str, Any]:
+        return {
+            "config": schedule_relevant(self.config),
+            "step": self.step,
+            "model": self.backend.model.state_dict(),
+            "optimizer": self.backend.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "masks": self.masks.state_dict(),
+            "method": self.method.state_dict(),
+            "rng": {"torch": torch.get_rng_state()},
+            "flops": self.flops.state_dict(),
+            "wall_s": self.previous_wall_s + wall_s,
+        }
+
+    def _save(self, wall_s: float) -> None:
+        save_checkpoint(self._state(wall_s), self.run_dir / CHECKPOINT_NAME)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        try:
+            self.backend.model.load_state_dict(state["model"])
+            self.masks.load_state_dict(state["masks"])
+        except (RuntimeError, ValueError) as exc:
+            raise CheckpointError(
+                f"checkpoint {self.run_dir / CHECKPOINT_NAME} does not fit the model: "
+                f"{str(exc).splitlines()[0]}"
+            ) from None
+        self.backend.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.method.load_state_dict(state["method"])
+        self.flops.load_state_dict(state["flops"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.step, self.previous_wall_s = int(state["step"]), float(state["wall_s"])
+
+    def _summary(self, evaluation: dict[str, float], wall_s: float, images_per_s: float) -> dict[str, Any]:
+        config = self.config
+        layer_density = self.masks.layer_density() if self.method.uses_masks else \
+            dict.fromkeys(self.masks.names, 1.0)
+        return {
+            "method": self.method.name,
+            "target_sparsity": config.method.sparsity if self.method.uses_masks else 0.0,
+            "sparsity": self._sparsity(),
+            "layer_density": layer_density,
+            "test_top1": evaluation["test_top1"],
+            "test_loss": evaluation["test_loss"],
+            "world_size": self.backend.world_size,
+            "backend": config.backend.name,
+            "launcher": config.launcher.name,
+            "steps": self.step,
+            "total_steps": self.schedule.total_steps,
+            "epochs": config.train.epochs,
+            "seed": config.seed,
+            "wall_s": wall_s,
+            "train_images_per_s": images_per_s,
+            "mask_fingerprint": self.masks.fingerprint(),
+            "train_flops_ratio": self.flops.ratio(),
+            "run_dir": str(self.run_dir),
+        }
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config key 'train.device' = 'cuda': no CUDA device is available")
+    return torch.device(name)
+
+
+def _schedule(config: Config, loader: TensorLoader) -> TrainingSchedule:
+    per_epoch = len(loader)
+    total = config.train.max_steps or config.train.epochs * per_epoch
+    return TrainingSchedule(total_steps=total, steps_per_epoch=per_epoch)
+
+
+def _claim_empty(run_dir: Path) -> None:
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise CheckpointError(
+            f"run directory {run_dir} already exists; resume it with --resume {run_dir} "
+            "or choose another run.name"
+        )
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+
+
+def _first_difference(stored: Any, current: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
+    if isinstance(stored, dict) and isinstance(current, dict):
+        for key in sorted(set(stored) | set(current)):
+            found = _first_difference(stored.get(key), current.get(key), f"{prefix}{key}.")
+            if found:
+                return found
+        return None
+    return None if stored == current else (prefix.rstrip("."), stored, current)
