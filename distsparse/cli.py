@@ -36,6 +36,7 @@ def _train(args: argparse.Namespace) -> None:
         if args.resume is None:
             raise DistsparseError("train needs a CONFIG file, or --resume RUN_DIR")
         config_path = args.resume / "config.yaml"
+        overrides = ["run.stop_at_step=null", *overrides]  # the stop that paused the run ends here
     overrides += [f"run.dir={args.resume}"] if args.resume is not None else []
     train(load_config(config_path, overrides), resume=args.resume)
 

@@ -62,7 +62,7 @@ class MaskSet:
         return {name: tuple(p.shape) for name, p in self.params.items()}
 
     def update(self, new_masks: Mapping[str, torch.Tensor]) -> None:
-        """Replace the masks of the named layers (shapes checked)."""
+        """Replace the masks of the named layers (shapes checked; nothing changes on an error)."""
         for name, mask in new_masks.items():
             if name not in self.masks:
                 raise KeyError(f"no sparsifiable parameter named '{name}'")
@@ -71,6 +71,7 @@ class MaskSet:
                     f"mask for '{name}' has shape {tuple(mask.shape)}, "
                     f"expected {tuple(self.masks[name].shape)}"
                 )
+        for name, mask in new_masks.items():
             self.masks[name] = mask.to(dtype=torch.bool, device=self.masks[name].device)
 
     @torch.no_grad()
@@ -78,7 +79,8 @@ class MaskSet:
         """Zero masked-off entries in place: in the parameters, or in tensors of the same names."""
         targets = self.params if tensors is None else tensors
         for name, tensor in targets.items():
-            tensor.mul_(self.masks[name])
+            # masked_fill, not mul: inf * 0 and nan * 0 are nan, and -w * 0 is -0.0.
+            tensor.masked_fill_(~self.masks[name], 0)
 
     def active_counts(self) -> dict[str, int]:
         """Number of active (unmasked) entries per layer."""

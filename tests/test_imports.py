@@ -1,0 +1,101 @@
+"""Dependency direction (DESIGN section 2, STYLE lessons 1), checked on the source with ast.
+
+sparsity/ is pure mask mathematics: it imports only the standard library, torch and itself.
+methods/ sits above sparsity/ and below the engine: it never imports a launcher, the engine, the
+CLI, DeepSpeed or Ray.
+"""
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "distsparse"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> list[str]:
+    """Every module a file imports (anywhere in it), relative imports made absolute."""
+    package = _module_name(path)
+    if path.name != "__init__.py":
+        package = package.rpartition(".")[0]
+    return _imports_of_source(path.read_text(), package, str(path))
+
+
+def _imports_of_source(source: str, package: str, filename: str = "<test>") -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(source, filename=filename)):
+        if isinstance(node, ast.Import):
+            found.extend(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if not node.level:
+                found.append(node.module)
+                continue
+            base = package.split(".")
+            prefix = ".".join(base[: len(base) - (node.level - 1)])
+            if node.module is None:  # from . import x: x is a module of the package
+                found.extend(f"{prefix}.{alias.name}" for alias in node.names)
+            else:
+                found.append(f"{prefix}.{node.module}")
+    return found
+
+
+def _files(subpackage: str) -> list[Path]:
+    files = sorted((PACKAGE / subpackage).rglob("*.py"))
+    assert files, f"no modules found under distsparse/{subpackage}"
+    return files
+
+
+def _allowed_in_sparsity(module: str) -> bool:
+    top = module.split(".")[0]
+    return (
+        top in sys.stdlib_module_names
+        or top == "torch"
+        or module == "distsparse.sparsity"
+        or module.startswith("distsparse.sparsity.")
+    )
+
+
+def test_the_checker_sees_the_known_modules():
+    names = {p.name for p in _files("sparsity")}
+    assert {"counter_rng.py", "select.py", "masks.py", "scores.py", "schedules.py", "allocation.py"} <= names
+    assert {"base.py", "sparse_to_sparse.py", "dense_to_sparse.py", "dense.py"} <= {p.name for p in _files("methods")}
+    assert "distsparse.sparsity.counter_rng" in _imports(PACKAGE / "sparsity" / "scores.py")
+
+
+def test_relative_imports_are_resolved():
+    source = (
+        "from . import masks\nfrom .scores import x\nfrom .. import engine\n"
+        "from ..engine.loop import y\ndef f():\n    import ray.train\n"
+    )
+    assert _imports_of_source(source, "distsparse.sparsity") == [
+        "distsparse.sparsity.masks",
+        "distsparse.sparsity.scores",
+        "distsparse.engine",
+        "distsparse.engine.loop",
+        "ray.train",
+    ]
+
+
+@pytest.mark.parametrize("path", _files("sparsity"), ids=lambda p: p.name)
+def test_sparsity_imports_only_stdlib_torch_and_itself(path):
+    bad = [m for m in _imports(path) if not _allowed_in_sparsity(m)]
+    assert bad == [], f"{path.relative_to(PACKAGE.parent)} imports {bad}"
+
+
+FORBIDDEN_IN_METHODS = ("distsparse.engine", "distsparse.orchestrate", "distsparse.cli", "deepspeed", "ray")
+
+
+@pytest.mark.parametrize("path", _files("methods"), ids=lambda p: p.name)
+def test_methods_never_import_engine_launchers_or_backends(path):
+    bad = [
+        m for m in _imports(path)
+        if any(m == f or m.startswith(f + ".") for f in FORBIDDEN_IN_METHODS)
+    ]
+    assert bad == [], f"{path.relative_to(PACKAGE.parent)} imports {bad}"
