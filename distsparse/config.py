@@ -14,6 +14,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from distsparse.data.fashion_mnist import FASHION_MNIST_DIR
 from distsparse.errors import ConfigError
 
 __all__ = [
@@ -24,8 +25,6 @@ __all__ = [
     "schedule_relevant",
     "to_yaml",
 ]
-
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
 @dataclass
