@@ -34,7 +34,7 @@ GRANET_MIN_PRUNE_RATE = 0.005
 class GMP(SparsityMethod):
     """Gradual magnitude pruning from init_density to the target on the cubic schedule."""
 
-    defaults = {"init_density": 1.0, "update_end": 1.0, "drop_fraction": 0.5}
+    defaults = {"init_density": 1.0}
 
     def __init__(self, config, schedule, seed) -> None:
         super().__init__(config, schedule, seed)
@@ -63,7 +63,7 @@ class GMP(SparsityMethod):
     def target_sparsity(self, step: int) -> float:
         """The cubic schedule's overall sparsity at a step (reaches the target at prune_end)."""
         span = self.prune_finish - self.prune_begin
-        progress = (step - self.prune_begin) / span
+        progress = (step - self.prune_begin) / span if span > 0 else 1.0
         return cubic_sparsity(progress, 1.0 - self.config.init_density, self.config.sparsity)
 
     def prune(self, step: int, masks, weights) -> Masks:
@@ -86,8 +86,8 @@ class GMP(SparsityMethod):
         span = self.prune_finish - self.prune_begin
         new = {}
         for name, mask in masks.items():
-            layer_sparsity = cubic_sparsity((step - self.prune_begin) / span,
-                                            1.0 - initial[name], 1.0 - final[name])
+            progress = (step - self.prune_begin) / span if span > 0 else 1.0
+            layer_sparsity = cubic_sparsity(progress, 1.0 - initial[name], 1.0 - final[name])
             keep = active_count(mask.numel(), 1.0 - layer_sparsity)
             if keep < int(mask.sum()):
                 new[name] = topk_mask(scores[name], keep, eligible=mask)
@@ -100,6 +100,8 @@ class GMP(SparsityMethod):
 @register("granet")
 class GraNet(GMP):
     """GraNet: GMP plus per-layer prune-and-regrow by gradient until update_end."""
+
+    defaults = {**GMP.defaults, "drop_fraction": 0.5, "update_end": 1.0}
 
     def needs_dense_grad(self, step: int) -> bool:
         return self.is_update_step(step) and self.config.growth == "gradient"

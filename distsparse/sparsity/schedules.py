@@ -7,9 +7,12 @@ __all__ = ["cosine_decay", "cubic_sparsity", "is_update_step"]
 
 
 def cubic_sparsity(progress: float, initial: float, final: float) -> float:
-    """Zhu & Gupta (arXiv 1710.01878) s_t = s_f + (s_i - s_f)(1 - t)^3, t clamped to [0, 1]."""
-    t = min(max(progress, 0.0), 1.0)
-    return final + (initial - final) * (1.0 - t) ** 3
+    """Zhu & Gupta (arXiv 1710.01878) s_t = s_f + (s_i - s_f)(1 - t)^3, t clamped to [0, 1].
+
+    Written as a convex combination so both ends are exact in floating point.
+    """
+    remaining = (1.0 - min(max(progress, 0.0), 1.0)) ** 3
+    return initial * remaining + final * (1.0 - remaining)
 
 
 def cosine_decay(step: int, total_steps: int, initial: float, minimum: float = 0.0) -> float:
