@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 import sys
+import time
 from pathlib import Path
 
 from distsparse.errors import DistsparseError
@@ -22,13 +25,13 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     train.add_argument("--resume", metavar="RUN_DIR", type=Path,
                        help="continue the run in RUN_DIR from its last checkpoint")
+    train.add_argument("--nproc", type=int, default=1, metavar="N",
+                       help="start N local worker processes (DDP over gloo on CPU, NCCL on GPU)")
     return parser
 
 
-def _train(args: argparse.Namespace) -> None:
-    from distsparse.config import load_config
-    from distsparse.engine.trainer import train
-
+def _train_arguments(args: argparse.Namespace) -> tuple[Path, list[str]]:
+    """The config file and overrides a train command stands for."""
     config_path, overrides = args.config, list(args.overrides)
     if config_path is not None and "=" in config_path and not Path(config_path).is_file():
         config_path, overrides = None, [config_path, *overrides]
@@ -37,22 +40,79 @@ def _train(args: argparse.Namespace) -> None:
             raise DistsparseError("train needs a CONFIG file, or --resume RUN_DIR")
         config_path = args.resume / "config.yaml"
         overrides = ["run.stop_at_step=null", *overrides]  # the stop that paused the run ends here
-    overrides += [f"run.dir={args.resume}"] if args.resume is not None else []
-    train(load_config(config_path, overrides), resume=args.resume)
+    if args.nproc > 1:
+        overrides = [f"launcher.num_workers={args.nproc}", *overrides]
+    if args.resume is not None:
+        overrides.append(f"run.dir={args.resume}")
+    return Path(config_path), overrides
+
+
+def _train(config_path: Path, overrides: list[str], resume: Path | None, nproc: int) -> None:
+    from distsparse.config import load_config
+    from distsparse.engine.trainer import train
+
+    config = load_config(config_path, overrides)
+    if nproc > 1 and config.backend.name == "single":
+        config.backend.name = "ddp"
+    train(config, resume=resume)
+
+
+def _worker(rank: int, world_size: int, port: int, arguments: tuple) -> None:
+    """One of --nproc local workers: torchrun's environment variables, then the same training."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    sys.exit(_run_reporting_errors(_train, *arguments, quiet=rank != 0))
+
+
+def _spawn(nproc: int, arguments: tuple) -> int:
+    """Start the workers; if one fails, stop the others instead of leaving them in a collective."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    workers = [context.Process(target=_worker, args=(rank, nproc, port, arguments))
+               for rank in range(nproc)]
+    for worker in workers:
+        worker.start()
+    while any(w.exitcode is None for w in workers):
+        if any(w.exitcode not in (None, 0) for w in workers):
+            for worker in workers:
+                worker.terminate()
+        time.sleep(0.2)
+    return max((w.exitcode for w in workers), key=abs)
+
+
+def _run_reporting_errors(function, *arguments, quiet: bool = False) -> int:
+    try:
+        function(*arguments)
+    except DistsparseError as exc:
+        if not quiet:
+            print(f"distsparse: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("distsparse: interrupted", file=sys.stderr)
+        return 130
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `distsparse` console script; returns the exit status."""
     args = _parser().parse_args(argv)
-    try:
-        if args.verb == "train":
-            _train(args)
-    except DistsparseError as exc:
-        print(f"distsparse: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("distsparse: interrupted", file=sys.stderr)
-        return 130
+    if args.verb == "train":
+        if args.nproc < 1:
+            print("distsparse: error: --nproc must be at least 1", file=sys.stderr)
+            return 2
+        try:
+            config_path, overrides = _train_arguments(args)
+        except DistsparseError as exc:
+            print(f"distsparse: error: {exc}", file=sys.stderr)
+            return 2
+        arguments = (config_path, overrides, args.resume, args.nproc)
+        if args.nproc > 1:
+            return _spawn(args.nproc, arguments)
+        return _run_reporting_errors(_train, *arguments)
     return 0
 
 

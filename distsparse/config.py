@@ -82,6 +82,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     device: str = "cpu"
     """cpu, cuda or auto."""
+    dtype: str = "float32"
+    """Parameter dtype: float32, or float64 for exactness checks."""
     log_every: int = 50
     """Steps between training-metric lines in metrics.jsonl."""
 
@@ -117,14 +119,20 @@ class ModelConfig:
 @dataclass
 class BackendConfig:
     name: str = "single"
-    """single (one process)."""
+    """single (one process) or ddp (PyTorch DistributedDataParallel, one process per worker)."""
     zero_stage: int = 0
+    sparse_gradients: bool = True
+    """DDP: all-reduce only the gradient entries at active positions between dense-gradient steps."""
+    sync_batchnorm: bool = True
+    """DDP on CUDA: batch-norm statistics over the global batch (PyTorch supports it on GPU only)."""
 
 
 @dataclass
 class LauncherConfig:
     name: str = "local"
+    """local (this process, or --nproc N processes) or torchrun (started by torchrun)."""
     num_workers: int = 1
+    """Number of worker processes (the world size)."""
 
 
 @dataclass
@@ -161,11 +169,12 @@ _CHOICES = {
     "train.optimizer": ("sgd", "adamw"),
     "train.lr_schedule": ("cosine", "step", "constant"),
     "train.device": ("cpu", "cuda", "auto"),
+    "train.dtype": ("float32", "float64"),
     "data.name": ("fashion_mnist", "synthetic"),
     "data.loader": ("fmnist", "synthetic"),
     "model.name": ("mlp", "resnet18", "resnet50", "small_resnet"),
-    "backend.name": ("single",),
-    "launcher.name": ("local",),
+    "backend.name": ("single", "ddp"),
+    "launcher.name": ("local", "torchrun"),
 }
 
 
@@ -241,8 +250,10 @@ def validate(config: Config) -> None:
         all(0.0 < f < 1.0 for f in t.lr_milestones), "train.lr_milestones", t.lr_milestones,
         "fractions of training in (0, 1)",
     )
-    _check(config.launcher.num_workers == 1, "launcher.num_workers", config.launcher.num_workers,
-           "1 with launcher.name=local and backend.name=single")
+    workers = config.launcher.num_workers
+    _check(workers >= 1, "launcher.num_workers", workers, "an integer >= 1")
+    _check(t.batch_size % workers == 0, "train.batch_size", t.batch_size,
+           f"a multiple of launcher.num_workers={workers}")
     r = config.run
     _check(r.stop_at_step is None or r.stop_at_step >= 1, "run.stop_at_step", r.stop_at_step, ">= 1")
     _check(r.checkpoint_every is None or r.checkpoint_every >= 1, "run.checkpoint_every",
@@ -271,7 +282,14 @@ def to_yaml(config: Config) -> str:
 
 
 def schedule_relevant(config: Config) -> dict[str, Any]:
-    """Everything that determines the training trajectory (all but run control)."""
+    """What determines the training trajectory: all but how and where it runs.
+
+    Run control, launcher, backend, device and logging may change on resume (a run may continue
+    on another world size with the same masks).
+    """
     container = OmegaConf.to_container(OmegaConf.structured(config))
-    container.pop("run")
+    for section in ("run", "launcher", "backend"):
+        container.pop(section)
+    for key in ("device", "log_every"):
+        container["train"].pop(key)
     return container

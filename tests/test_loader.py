@@ -65,3 +65,15 @@ def test_batch_larger_than_the_training_set_is_refused(tmp_path):
 def test_global_batch_must_divide_among_ranks():
     with pytest.raises(ConfigError, match="multiple of the world size 3"):
         _loader(0, 3)
+
+
+def test_synthetic_test_split_shares_the_training_classes(tmp_path):
+    """Nearest class centroid of the training split must be far above chance on the test split."""
+    data = build_data(load_config(None, [*SMALL, "data.augment=false", f"run.dir={tmp_path}"]))
+    x_train = torch.cat([x for x, _ in data.train.batches(0)]).flatten(1)
+    y_train = torch.cat([y for _, y in data.train.batches(0)])
+    centroids = torch.stack([x_train[y_train == c].mean(0) for c in range(data.num_classes)])
+    x_test = torch.cat([x for x, _ in data.test.batches(0)]).flatten(1)
+    y_test = torch.cat([y for _, y in data.test.batches(0)])
+    nearest = torch.cdist(x_test, centroids).argmin(1)
+    assert (nearest == y_test).float().mean() > 0.9

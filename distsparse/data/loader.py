@@ -105,8 +105,12 @@ def build_data(config: Config, rank: int = 0, world_size: int = 1) -> DataBundle
         num_classes, in_channels = 10, 1
     else:
         s = data.synthetic
-        train = synthetic_classification(s.train_size, s.num_classes, s.image_size, s.channels, config.seed)
-        test = synthetic_classification(s.test_size, s.num_classes, s.image_size, s.channels, config.seed + 1)
+        # One draw, then a split: both parts share the class prototypes the seed defines.
+        images, labels = synthetic_classification(
+            s.train_size + s.test_size, s.num_classes, s.image_size, s.channels, config.seed
+        )
+        train = images[: s.train_size], labels[: s.train_size]
+        test = images[s.train_size :], labels[s.train_size :]
         num_classes, in_channels = s.num_classes, s.channels
     train_images = train[0] if train[0].dim() == 4 else train[0].unsqueeze(1)
     pixels = train_images.float() / 255.0

@@ -17,13 +17,15 @@ from tqdm import tqdm
 
 from distsparse.config import Config, run_directory, schedule_relevant, to_yaml
 from distsparse.data.loader import DataBundle, TensorLoader, build_data
+from distsparse.dist.mask_sync import verify_identical_masks
+from distsparse.dist.process_group import DistEnv, all_reduce, env_from_variables, init_process_group
 from distsparse.engine.backends import Backend, SingleBackend
 from distsparse.engine.checkpoint import load_checkpoint, save_checkpoint
 from distsparse.engine.flops import FlopCounter
 from distsparse.engine.metrics import MetricsLog, truncate_metrics
 from distsparse.engine.optim import build_lr_scheduler, build_optimizer
 from distsparse.engine.report import format_table, plot_run, write_summary
-from distsparse.errors import CheckpointError, ConfigError
+from distsparse.errors import CheckpointError, ConfigError, DistsparseError
 from distsparse.methods import SparsityMethod, TrainingSchedule, build_method
 from distsparse.models import build_model
 from distsparse.sparsity.masks import MaskSet, sparsifiable_parameters
@@ -37,7 +39,8 @@ def train(config: Config, resume: Path | None = None) -> dict[str, Any]:
     """Train a run (or resume one) and return its summary."""
     trainer = Trainer(config, resume)
     summary = trainer.fit()
-    print(format_table(summary))
+    if trainer.env.is_main:
+        print(format_table(summary))
     return summary
 
 
@@ -45,40 +48,79 @@ class Trainer:
     """Builds everything from a config, validates before writing, then runs `fit`."""
 
     def __init__(self, config: Config, resume: Path | None = None) -> None:
-        self.device = _device(config.train.device)
-        self.data: DataBundle = build_data(config)
+        self.env: DistEnv = env_from_variables()
+        if self.env.world_size > 1 and config.backend.name == "single":
+            raise ConfigError(
+                f"config key 'backend.name' = 'single': {self.env.world_size} workers were "
+                "started; expected ddp"
+            )
+        self.device = _device(config.train.device, self.env)
+        init_process_group(self.env, self.device)
+        self.data: DataBundle = build_data(config, self.env.rank, self.env.world_size)
         self.schedule = _schedule(config, self.data.train)
         self.method: SparsityMethod = build_method(config.method, self.schedule, config.seed)
         self.config = dataclasses.replace(config, method=self.method.config)
         self.run_dir = resume if resume is not None else run_directory(config)
         checkpoint = self._check_resume() if resume is not None else None
         if checkpoint is None:
-            _claim_empty(self.run_dir)
+            self._on_main_then_agree(lambda: _claim_empty(self.run_dir))
 
         torch.manual_seed(config.seed)
         model = build_model(config.model.name, self.data.num_classes, self.data.in_channels)
-        self.model = model.to(self.device)
+        model = model.to(device=self.device, dtype=getattr(torch, config.train.dtype))
         params = sparsifiable_parameters(
-            self.model, config.method.dense_first_layer, config.method.dense_last_layer
+            model, config.method.dense_first_layer, config.method.dense_last_layer
         )
         self.masks = MaskSet(params)
-        optimizer = build_optimizer(self.model, config.train)
+        optimizer = build_optimizer(model, config.train)
         self.scheduler = build_lr_scheduler(
             optimizer, self.schedule.total_steps, self.schedule.steps_per_epoch, config.train
         )
-        self.backend: Backend = SingleBackend(self.model, optimizer, self.masks)
-        sample = next(self.data.test.batches(0))[0]
-        self.flops = FlopCounter(self.model, sample.to(self.device))
         self.step, self.previous_wall_s = 0, 0.0
+        sample = next(self.data.test.batches(0))[0]
+        self.flops = FlopCounter(model, self._to_device(sample))
         if checkpoint is None:
             self.masks.update(self.method.initial_masks(self.masks.shapes()))
-            self._mask_all()
-            (self.run_dir / "config.yaml").write_text(to_yaml(self.config), encoding="utf-8")
         else:
-            self._restore(checkpoint)
-            truncate_metrics(self.run_dir, self.step)
+            self._restore(model, optimizer, checkpoint)
+        self.backend: Backend = self._build_backend(model, optimizer)
+        self._mask_all()
+        verify_identical_masks(self.masks, self.device, self.step)
         self.flops.set_masks(self.masks)
-        self.log = MetricsLog(self.run_dir)
+        self.log: MetricsLog | None = None
+        if self.env.is_main:
+            if checkpoint is None:
+                (self.run_dir / "config.yaml").write_text(to_yaml(self.config), encoding="utf-8")
+            else:
+                truncate_metrics(self.run_dir, self.step)
+            self.log = MetricsLog(self.run_dir)
+
+    def _build_backend(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Backend:
+        if self.config.backend.name == "single" or self.env.world_size == 1:
+            return SingleBackend(model, optimizer, self.masks)
+        if self.device.type == "cuda" and self.config.backend.sync_batchnorm:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        from distsparse.engine.backends.ddp import DDPBackend  # only multi-process runs need DDP
+
+        sparse = self.config.backend.sparse_gradients and self.method.uses_masks
+        return DDPBackend(model, optimizer, self.masks, self.env, self.device, sparse)
+
+    def _on_main_then_agree(self, action) -> None:
+        """Run a check-and-write on rank 0 only; every rank stops if it failed."""
+        error = None
+        if self.env.is_main:
+            try:
+                action()
+            except DistsparseError as exc:
+                error = exc
+        failed = all_reduce(torch.tensor([int(error is not None)], device=self.device))
+        if error is not None:
+            raise error
+        if int(failed):
+            raise DistsparseError("rank 0 stopped with an error (see its message)")
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(device=self.device, dtype=getattr(torch, self.config.train.dtype))
 
     def _check_resume(self) -> dict[str, Any]:
         checkpoint = load_checkpoint(self.run_dir / CHECKPOINT_NAME)
@@ -101,16 +143,17 @@ class Trainer:
         total, per_epoch = self.schedule.total_steps, self.schedule.steps_per_epoch
         stop = min(total, self.config.run.stop_at_step or total)
         train_seconds, images = 0.0, 0
-        bar = tqdm(total=total, initial=self.step, disable=not self.config.run.progress,
+        bar = tqdm(total=total, initial=self.step,
+                   disable=not (self.config.run.progress and self.env.is_main),
                    desc=f"{self.method.name} {self.config.method.sparsity:.0%}", unit="step")
         evaluation = None
         while self.step < stop:
             epoch, first_batch = divmod(self.step, per_epoch)
             for x, y in self.data.train.batches(epoch, first_batch):
                 tick = time.perf_counter()
-                loss, correct = self._train_step(x.to(self.device), y.to(self.device))
+                loss, correct = self._train_step(self._to_device(x), y.to(self.device))
                 train_seconds += time.perf_counter() - tick
-                images += len(y)
+                images += len(y) * self.env.world_size
                 self.step += 1
                 bar.update(1)
                 if self.step % self.config.train.log_every == 0:
@@ -119,7 +162,7 @@ class Trainer:
                 epoch_done = self.step % per_epoch == 0 or self.step == total
                 if epoch_done:
                     evaluation = self.evaluate()
-                    self.log.log("eval", self.step, epoch=epoch + 1, sparsity=self._sparsity(), **evaluation)
+                    self._log("eval", epoch=epoch + 1, sparsity=self._sparsity(), **evaluation)
                 every = self.config.run.checkpoint_every
                 if epoch_done or self.step == stop or (every and self.step % every == 0):
                     self._save(time.perf_counter() - start_time)
@@ -131,20 +174,26 @@ class Trainer:
         wall = self.previous_wall_s + time.perf_counter() - start_time
         summary = self._summary(evaluation, wall, images / train_seconds if train_seconds else 0.0)
         summary["completed"] = self.step >= total
-        write_summary(self.run_dir, summary)
-        plot_run(self.run_dir, summary["layer_density"])
-        self.log.close()
+        if self.log is not None:
+            write_summary(self.run_dir, summary)
+            plot_run(self.run_dir, summary["layer_density"])
+            self.log.close()
         return summary
+
+    def _log(self, kind: str, **values: Any) -> None:
+        if self.log is not None:
+            self.log.log(kind, self.step, **values)
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
         model, optimizer = self.backend.model, self.backend.optimizer
         model.train()
+        step = self.step
+        update = self.method.uses_masks and self.method.is_update_step(step)
+        self.backend.set_dense_gradients(update and self.method.needs_dense_grad(step))
         output = model(x)
         loss = F.cross_entropy(output, y, label_smoothing=self.config.train.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        step = self.step
-        update = self.method.uses_masks and self.method.is_update_step(step)
         if update and self.method.update_replaces_optimizer_step:
             self._update_masks(step)
         else:
@@ -162,36 +211,39 @@ class Trainer:
         changed = self.method.update(step, self.masks.masks, self.backend.weights(), grads)
         self.masks.update(changed)
         self._mask_all()
+        verify_identical_masks(self.masks, self.device, step)
         self.flops.set_masks(self.masks)
-        self.log.log("mask_update", step, sparsity=self._sparsity(), layers_changed=len(changed),
-                     fingerprint=self.masks.fingerprint(), seconds=time.perf_counter() - tick)
+        if self.log is not None:
+            self.log.log("mask_update", step, sparsity=self._sparsity(), layers_changed=len(changed),
+                         fingerprint=self.masks.fingerprint(), seconds=time.perf_counter() - tick)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Top-1 and mean loss on the whole test set."""
         model = self.backend.model
         model.eval()
-        correct, loss_sum, count = 0, 0.0, 0
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)
         for x, y in self.data.test.batches(0):
-            x, y = x.to(self.device), y.to(self.device)
+            x, y = self._to_device(x), y.to(self.device)
             output = model(x)
-            loss_sum += float(F.cross_entropy(output, y, reduction="sum"))
-            correct += int((output.argmax(1) == y).sum())
-            count += len(y)
+            totals[0] += (output.argmax(1) == y).sum()
+            totals[1] += F.cross_entropy(output, y, reduction="sum").double()
+            totals[2] += len(y)
+        correct, loss_sum, count = all_reduce(totals).tolist()
         return {"test_top1": correct / count, "test_loss": loss_sum / count}
 
     def _sparsity(self) -> float:
         return 1.0 - self.masks.density() if self.method.uses_masks else 0.0
 
     def _log_train(self, epoch: int, loss: float, accuracy: float) -> None:
-        self.log.log("train", self.step, epoch=epoch + 1, loss=loss, train_top1=accuracy,
-                     lr=self.scheduler.get_last_lr()[0], sparsity=self._sparsity())
+        self._log("train", epoch=epoch + 1, loss=loss, train_top1=accuracy,
+                  lr=self.scheduler.get_last_lr()[0], sparsity=self._sparsity())
 
     def _state(self, wall_s: float) -> dict[str, Any]:
         return {
             "config": schedule_relevant(self.config),
             "step": self.step,
-            "model": self.backend.model.state_dict(),
+            "model": self.model_state(),
             "optimizer": self.backend.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "masks": self.masks.state_dict(),
@@ -201,19 +253,26 @@ class Trainer:
             "wall_s": self.previous_wall_s + wall_s,
         }
 
-    def _save(self, wall_s: float) -> None:
-        save_checkpoint(self._state(wall_s), self.run_dir / CHECKPOINT_NAME)
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The model's state dict under canonical names (no DDP `module.` prefix)."""
+        model = self.backend.model
+        return getattr(model, "module", model).state_dict()
 
-    def _restore(self, state: dict[str, Any]) -> None:
+    def _save(self, wall_s: float) -> None:
+        if self.env.is_main:
+            save_checkpoint(self._state(wall_s), self.run_dir / CHECKPOINT_NAME)
+
+    def _restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 state: dict[str, Any]) -> None:
         try:
-            self.backend.model.load_state_dict(state["model"])
+            model.load_state_dict(state["model"])
             self.masks.load_state_dict(state["masks"])
         except (RuntimeError, ValueError) as exc:
             raise CheckpointError(
                 f"checkpoint {self.run_dir / CHECKPOINT_NAME} does not fit the model: "
                 f"{str(exc).splitlines()[0]}"
             ) from None
-        self.backend.optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.method.load_state_dict(state["method"])
         self.flops.load_state_dict(state["flops"])
@@ -231,7 +290,7 @@ class Trainer:
             "layer_density": layer_density,
             "test_top1": evaluation["test_top1"],
             "test_loss": evaluation["test_loss"],
-            "world_size": self.backend.world_size,
+            "world_size": self.env.world_size,
             "backend": config.backend.name,
             "launcher": config.launcher.name,
             "steps": self.step,
@@ -246,12 +305,12 @@ class Trainer:
         }
 
 
-def _device(name: str) -> torch.device:
+def _device(name: str, env: DistEnv) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("config key 'train.device' = 'cuda': no CUDA device is available")
-    return torch.device(name)
+    return torch.device("cuda", env.local_rank) if name == "cuda" else torch.device("cpu")
 
 
 def _schedule(config: Config, loader: TensorLoader) -> TrainingSchedule:

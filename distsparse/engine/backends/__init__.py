@@ -1,4 +1,4 @@
-"""Backends: single process now; DDP and DeepSpeed implement the same seam."""
+"""Backends: single process and DDP implement the same seam (DeepSpeed next)."""
 from distsparse.engine.backends.base import Backend
 from distsparse.engine.backends.single import SingleBackend
 

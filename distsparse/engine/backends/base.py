@@ -28,5 +28,8 @@ class Backend(Protocol):
     def mask_all_copies(self, masks: MaskSet) -> None:
         """Zero masked-off entries in the weight and every copy: master weights, optimizer state."""
 
+    def set_dense_gradients(self, needed: bool) -> None:
+        """Ask for the dense gradient in the next backward (growth steps); else active entries suffice."""
+
     def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
         """Mean of a tensor over ranks (the identity in one process)."""

@@ -38,5 +38,8 @@ class SingleBackend:
                 if torch.is_tensor(value) and value.shape == param.shape:
                     value.mul_(mask)
 
+    def set_dense_gradients(self, needed: bool) -> None:
+        """Nothing to switch: one process always has the dense gradient."""
+
     def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
         return value
