@@ -61,6 +61,8 @@ def _worker(rank: int, world_size: int, port: int, arguments: tuple) -> None:
     """One of --nproc local workers: torchrun's environment variables, then the same training."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # Share the cores instead of oversubscribing them (torch is not imported yet in this child).
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world_size)))
     sys.exit(_run_reporting_errors(_train, *arguments, quiet=rank != 0))
 
 

@@ -1,0 +1,158 @@
+"""DDP on 2 CPU ranks: sparse vs dense step time, gradient all-reduce bytes, effect of the hook.
+
+Each rank builds four trainers on the same data (small ResNet, Fashion-MNIST unless --synthetic):
+  dense           DDP's own all-reduce
+  rigl            masked, sparse-gradient hook (the default)
+  rigl-no-hook    masked, DDP's own all-reduce (backend.sparse_gradients=false)
+  rigl-hook-dense masked, the hook forced to send whole buckets (measures dense bytes through it)
+and times `_train_step` in interleaved blocks with the step held at a non-update step. Bytes are
+counted by the hook where it calls all_reduce. Run: python benchmarks/ddp_step.py
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from record import REPO, append_results, command_line, environment, load_average, markdown_table
+
+VARIANTS = {
+    "dense": ["method.name=dense"],
+    "rigl": ["method.name=rigl"],
+    "rigl-no-hook": ["method.name=rigl", "backend.sparse_gradients=false"],
+    "rigl-hook-dense": ["method.name=rigl"],
+}
+TIMED_STEP = 1
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60, help="timed steps per variant")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=128, help="global batch")
+    parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--synthetic", action="store_true")
+    return parser.parse_args(argv)
+
+
+def _worker(rank: int, port: int, args: argparse.Namespace, workdir: str, queue) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // 2)))
+    import torch
+
+    from distsparse.config import load_config
+    from distsparse.engine.trainer import Trainer
+
+    common = [f"method.sparsity={args.sparsity}", f"train.batch_size={args.batch_size}",
+              "backend.name=ddp", "launcher.num_workers=2", "model.name=small_resnet",
+              "run.progress=false"]
+    if args.synthetic:
+        common += ["data.name=synthetic", "data.loader=synthetic", "train.max_steps=1404"]
+    trainers = {}
+    for name, extra in VARIANTS.items():
+        config = load_config(REPO / "configs" / "quickstart.yaml",
+                             [*common, *extra, f"run.dir={workdir}/{name}"])
+        trainers[name] = Trainer(config)
+    forced = trainers["rigl-hook-dense"].backend
+    forced.set_dense_gradients = lambda needed: setattr(forced.gradient_state, "dense", True)
+    batches = [(x, y) for _, (x, y) in zip(range(8), trainers["dense"].data.train.batches(0))]
+
+    def run(name: str, count: int) -> list[float]:
+        trainer, seconds = trainers[name], []
+        for i in range(count):
+            x, y = batches[i % len(batches)]
+            trainer.step = TIMED_STEP
+            tick = time.perf_counter()
+            trainer._train_step(x, y)
+            seconds.append(time.perf_counter() - tick)
+        return seconds
+
+    for name in trainers:
+        run(name, args.warmup)
+    for name in ("rigl", "rigl-hook-dense"):
+        trainers[name].backend.gradient_state.reset_counters()
+    block = args.steps // args.rounds
+    times: dict[str, list[float]] = {name: [] for name in trainers}
+    for r in range(args.rounds):
+        names = list(trainers)
+        for name in names[r % 4:] + names[: r % 4]:
+            times[name] += run(name, block)
+    masks = trainers["rigl"].masks
+    weights_active = sum(masks.active_counts().values())
+    weights_total = sum(m.numel() for m in masks.masks.values())
+    params_total = sum(p.numel() for p in trainers["rigl"].backend.model.parameters())
+    result = {
+        "times": times,
+        "bytes": {name: trainers[name].backend.gradient_state.bytes_sent / args.steps
+                  for name in ("rigl", "rigl-hook-dense")},
+        "unmasked": params_total - weights_total,
+        "active": weights_active,
+        "masked_total": weights_total,
+        "threads": torch.get_num_threads(),
+    }
+    if rank == 0:
+        queue.put(result)
+    torch.distributed.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    sys.path.insert(0, str(REPO))
+    before = load_average()
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with tempfile.TemporaryDirectory() as workdir:
+        workers = [context.Process(target=_worker, args=(r, port, args, workdir, queue))
+                   for r in range(2)]
+        tick = time.perf_counter()
+        for worker in workers:
+            worker.start()
+        result = queue.get(timeout=1200)
+        for worker in workers:
+            worker.join()
+        wall = time.perf_counter() - tick
+    medians = {name: statistics.median(t) for name, t in result["times"].items()}
+    rows = [[name, f"{medians[name] * 1e3:.1f}", f"{medians[name] / medians['dense']:.3f}"]
+            for name in VARIANTS]
+    step_table = markdown_table(["variant", "median ms/step (rank 0)", "ratio to dense"], rows)
+    sparse_bytes, dense_bytes = result["bytes"]["rigl"], result["bytes"]["rigl-hook-dense"]
+    density = result["active"] / result["masked_total"]
+    expected = (result["active"] + result["unmasked"]) / (result["masked_total"] + result["unmasked"])
+    bytes_table = markdown_table(
+        ["all-reduce bytes/step, sparse hook", "dense (hook forced dense)", "ratio",
+         "weight density", "expected ratio (active + unmasked) / all"],
+        [[f"{sparse_bytes:,.0f}", f"{dense_bytes:,.0f}", f"{sparse_bytes / dense_bytes:.4f}",
+          f"{density:.4f}", f"{expected:.4f}"]],
+    )
+    hook_effect = medians["rigl"] / medians["rigl-no-hook"]
+    body = (f"### Step time\n\n{step_table}\n\nEffect of the sparse hook on the step: "
+            f"{hook_effect:.3f} (rigl with hook / rigl with DDP's own all-reduce).\n\n"
+            f"### Gradient all-reduce bytes per step (measured at the all_reduce call)\n\n{bytes_table}\n")
+    print(body)
+    info = environment()
+    info.update({
+        "load average (1/5/15 min) before / after": f"{before}  /  {load_average()}",
+        "command": command_line(),
+        "settings": (f"2 ranks, gloo, torch threads per rank {result['threads']}, model small_resnet, "
+                     f"{'synthetic' if args.synthetic else 'Fashion-MNIST'}, global batch "
+                     f"{args.batch_size}, sparsity {args.sparsity}, {args.steps} timed steps per "
+                     f"variant in {args.rounds} interleaved rounds after {args.warmup} warm-up"),
+        "wall time of the benchmark": f"{wall:.0f} s",
+    })
+    append_results("ddp_step.py: DDP on 2 CPU ranks, sparse vs dense", info, body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
