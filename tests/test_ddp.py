@@ -24,6 +24,20 @@ QUICKSTART = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.y
 EXACT = [*SMALL, "model.name=mlp", "train.dtype=float64"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread_per_process(monkeypatch):
+    """The same thread count on both sides of every comparison.
+
+    The CPU thread count changes the order of reductions inside matmuls; with 1 thread in the
+    single process and 1 per rank, 1-vs-2-process differences come from the all-reduce alone.
+    """
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _train(capsys, run: Path, *extra: str, nproc: int = 1, resume: bool = False) -> None:
     argv = ["train", "--nproc", str(nproc)]
     argv += ["--resume", str(run), *extra] if resume else [QUICKSTART, *EXACT, f"run.dir={run}", *extra]
@@ -115,10 +129,7 @@ def test_a_corrupted_mask_on_one_rank_is_caught_and_named():
         assert "layer 'b.weight'" in messages[rank] and "step 40" in messages[rank], messages
 
 
-def test_torchrun_launch_equals_nproc_launch(tmp_path, capsys, monkeypatch):
-    # torchrun gives each worker OMP_NUM_THREADS=1; the thread count changes the order of CPU
-    # reductions, so the --nproc workers get the same setting to make the comparison exact.
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+def test_torchrun_launch_equals_nproc_launch(tmp_path, capsys):
     _train(capsys, tmp_path / "nproc", "method.name=rigl", nproc=2)
     torchrun = Path(sys.executable).with_name("torchrun")
     command = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "distsparse.cli", "train",
