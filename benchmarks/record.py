@@ -1,0 +1,98 @@
+"""What every benchmark records: machine, versions, load, settings; Markdown tables; RESULTS.md.
+
+Imported by the scripts in this folder (run as `python benchmarks/<script>.py`, so this folder is
+on sys.path). Numbers are appended, never rewritten: RESULTS.md is the history of what was measured.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "REPO", "RESULTS", "append_results", "command_line", "environment", "load_average",
+    "markdown_table",
+]
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "RESULTS.md"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def load_average() -> str:
+    """`uptime`'s 1/5/15-minute load averages (other work may share the machine)."""
+    try:
+        one, five, fifteen = os.getloadavg()
+    except OSError:
+        return "unknown"
+    return f"{one:.2f} / {five:.2f} / {fifteen:.2f}"
+
+
+def environment() -> dict[str, str]:
+    """Machine and versions: CPU model and cores, Python, torch, distsparse commit (+ local edits)."""
+    import torch
+
+    commit = _git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = [line[3:] for line in _git("status", "--porcelain", "--", "distsparse").splitlines()]
+    if dirty:
+        commit += f" + uncommitted edits in {', '.join(sorted(dirty))}"
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": f"{_cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "torch": f"{torch.__version__} (threads {torch.get_num_threads()}, "
+                 f"cuda {'yes' if torch.cuda.is_available() else 'no'})",
+        "distsparse": commit,
+    }
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub Markdown table; cells are formatted with str()."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def append_results(title: str, info: Mapping[str, Any], body: str, path: Path = RESULTS) -> None:
+    """Append a section: title, a bullet per info item, then the body (tables, notes)."""
+    if not path.exists():
+        path.write_text(
+            "# Benchmark results\n\nAppended by the scripts in this folder (see README.md); "
+            "newest last. Compare numbers only within one section (same run, same machine).\n",
+            encoding="utf-8",
+        )
+    bullets = "\n".join(f"- {key}: {value}" for key, value in info.items())
+    with path.open("a", encoding="utf-8") as out:
+        out.write(f"\n## {title}\n\n{bullets}\n\n{body.rstrip()}\n")
+
+
+def command_line() -> str:
+    """How this script was invoked (for the record)."""
+    script = Path(sys.argv[0])
+    try:
+        script = script.resolve().relative_to(REPO)
+    except ValueError:
+        pass
+    return " ".join(["python", str(script), *sys.argv[1:]])
