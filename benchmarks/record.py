@@ -36,7 +36,7 @@ def _cpu_model() -> str:
 def _git(*args: str) -> str:
     try:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
+                              check=True).stdout.rstrip()
     except (OSError, subprocess.CalledProcessError):
         return ""
 
@@ -55,6 +55,7 @@ def environment() -> dict[str, str]:
     import torch
 
     commit = _git("rev-parse", "--short", "HEAD") or "unknown"
+    # Porcelain lines are "XY path": two status columns, a space, then the path.
     dirty = [line[3:] for line in _git("status", "--porcelain", "--", "distsparse").splitlines()]
     if dirty:
         commit += f" + uncommitted edits in {', '.join(sorted(dirty))}"
