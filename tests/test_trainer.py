@@ -146,3 +146,29 @@ def test_rigl_skips_the_optimizer_step_on_update_steps_and_granet_does_not(small
                 )
                 assert moved != skips, method
                 break
+
+
+def test_a_run_stopped_before_its_first_epoch_resumes(small_config, tmp_path):
+    """The start writes a step-0 checkpoint, so an early stop leaves a resumable directory."""
+    Trainer(small_config("method.name=rigl", name="early")).log.close()
+    state = torch.load(tmp_path / "early/checkpoints/last.pt", weights_only=True)
+    assert state["step"] == 0
+    resumed = train(small_config("method.name=rigl", name="early"), resume=tmp_path / "early")
+    whole = train(small_config("method.name=rigl", name="whole"))
+    assert resumed["steps"] == 16 and resumed["mask_fingerprint"] == whole["mask_fingerprint"]
+    assert resumed["test_top1"] == whole["test_top1"]
+
+
+def test_masking_turns_nan_and_inf_into_exact_zeros(small_config):
+    trainer = Trainer(small_config("method.name=static", "model.name=mlp"))
+    x, y = next(trainer.data.train.batches(0))
+    trainer._train_step(x, y)
+    name, param = next(iter(trainer.masks.params.items()))
+    pruned = ~trainer.masks.masks[name]
+    momentum = trainer.backend.optimizer.state[param]["momentum_buffer"]
+    with torch.no_grad():
+        param[pruned] = float("nan")
+        momentum[pruned] = float("inf")
+    trainer.backend.mask_all_copies(trainer.masks)
+    assert torch.count_nonzero(param.detach()[pruned]) == 0 and not param.isnan().any()
+    assert torch.count_nonzero(momentum[pruned]) == 0

@@ -91,6 +91,7 @@ class Trainer:
         if self.env.is_main:
             if checkpoint is None:
                 (self.run_dir / "config.yaml").write_text(to_yaml(self.config), encoding="utf-8")
+                self._save(0.0)  # a run stopped before its first epoch ends can still resume
             else:
                 truncate_metrics(self.run_dir, self.step)
             self.log = MetricsLog(self.run_dir)
@@ -157,8 +158,9 @@ class Trainer:
                 self.step += 1
                 bar.update(1)
                 if self.step % self.config.train.log_every == 0:
-                    self._log_train(epoch, loss, correct / len(y))
-                    bar.set_postfix(loss=f"{loss:.3f}", sparsity=f"{1 - self.masks.density():.3f}")
+                    loss_value = loss.item()  # the only host sync of a step, on logging steps
+                    self._log_train(epoch, loss_value, int(correct) / len(y))
+                    bar.set_postfix(loss=f"{loss_value:.3f}", sparsity=f"{self._sparsity():.3f}")
                 epoch_done = self.step % per_epoch == 0 or self.step == total
                 if epoch_done:
                     evaluation = self.evaluate()
@@ -184,7 +186,8 @@ class Trainer:
         if self.log is not None:
             self.log.log(kind, self.step, **values)
 
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step; returns the loss and the count of correct predictions (on device)."""
         model, optimizer = self.backend.model, self.backend.optimizer
         model.train()
         step = self.step
@@ -203,7 +206,7 @@ class Trainer:
                 self._update_masks(step)
         self.scheduler.step()
         self.flops.add_step(dense_gradient=update and self.method.needs_dense_grad(step))
-        return loss.item(), int((output.argmax(1) == y).sum())
+        return loss.detach(), (output.detach().argmax(1) == y).sum()
 
     def _update_masks(self, step: int) -> None:
         tick = time.perf_counter()
@@ -323,7 +326,7 @@ def _claim_empty(run_dir: Path) -> None:
     if run_dir.exists() and any(run_dir.iterdir()):
         raise CheckpointError(
             f"run directory {run_dir} already exists; resume it with --resume {run_dir} "
-            "or choose another run.name"
+            "or choose another run.name or run.dir"
         )
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
 

@@ -32,11 +32,12 @@ class SingleBackend:
         gradient, and leaves the dense gradient intact for growth criteria.
         """
         for name, param in masks.params.items():
-            mask = masks.masks[name]
-            param.mul_(mask)
+            pruned = ~masks.masks[name]
+            # masked_fill, not multiply: inf or NaN times 0 would stay NaN.
+            param.masked_fill_(pruned, 0)
             for value in self.optimizer.state.get(param, {}).values():
                 if torch.is_tensor(value) and value.shape == param.shape:
-                    value.mul_(mask)
+                    value.masked_fill_(pruned, 0)
 
     def set_dense_gradients(self, needed: bool) -> None:
         """Nothing to switch: one process always has the dense gradient."""
