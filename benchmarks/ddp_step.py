@@ -18,7 +18,6 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 from record import REPO, append_results, command_line, environment, load_average, markdown_table
 
