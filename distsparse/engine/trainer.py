@@ -19,7 +19,7 @@ from distsparse.config import Config, run_directory, schedule_relevant, to_yaml
 from distsparse.data.loader import DataBundle, TensorLoader, build_data
 from distsparse.dist.mask_sync import verify_identical_masks
 from distsparse.dist.process_group import DistEnv, all_reduce, env_from_variables, init_process_group
-from distsparse.engine.backends import Backend, SingleBackend
+from distsparse.engine.backends import Backend, DDPBackend, SingleBackend
 from distsparse.engine.checkpoint import load_checkpoint, save_checkpoint
 from distsparse.engine.flops import FlopCounter
 from distsparse.engine.metrics import MetricsLog, truncate_metrics
@@ -101,8 +101,6 @@ class Trainer:
             return SingleBackend(model, optimizer, self.masks)
         if self.device.type == "cuda" and self.config.backend.sync_batchnorm:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        from distsparse.engine.backends.ddp import DDPBackend  # only multi-process runs need DDP
-
         sparse = self.config.backend.sparse_gradients and self.method.uses_masks
         return DDPBackend(model, optimizer, self.masks, self.env, self.device, sparse)
 
