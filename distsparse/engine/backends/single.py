@@ -31,13 +31,11 @@ class SingleBackend:
         With element-wise optimizers (SGD, AdamW) this after-step masking equals masking the
         gradient, and leaves the dense gradient intact for growth criteria.
         """
+        masks.apply()
         for name, param in masks.params.items():
-            pruned = ~masks.masks[name]
-            # masked_fill, not multiply: inf or NaN times 0 would stay NaN.
-            param.masked_fill_(pruned, 0)
             for value in self.optimizer.state.get(param, {}).values():
                 if torch.is_tensor(value) and value.shape == param.shape:
-                    value.masked_fill_(pruned, 0)
+                    masks.apply({name: value})
 
     def set_dense_gradients(self, needed: bool) -> None:
         """Nothing to switch: one process always has the dense gradient."""
