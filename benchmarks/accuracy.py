@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from record import REPO, append_results, command_line, environment, load_average, markdown_table
+from record import REPO, append_results, load_average, markdown_table, run_info
 
 METHODS = ("dense", "static", "set", "rigl", "gmp", "granet", "granet_st")
 SPARSITY = 0.9
@@ -114,16 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table)
     if not args.no_record:
-        info = environment()
-        info.update({
-            "load average (1/5/15 min) before / after": f"{load_before}  /  {load_average()}",
-            "command": command_line(),
-            "settings": (
-                f"`distsparse train {args.config} method.sparsity={SPARSITY} "
-                f"train.epochs={args.epochs}` {' '.join(args.extra)} (small_resnet, batch 128, "
-                f"SGD lr 0.1 cosine, Fashion-MNIST), seeds {','.join(map(str, seeds))}, "
-                "each run a subprocess, one at a time"
-            ),
+        settings = (
+            f"`distsparse train {args.config} method.sparsity={SPARSITY} "
+            f"train.epochs={args.epochs}` {' '.join(args.extra)} (small_resnet, batch 128, "
+            f"SGD lr 0.1 cosine, Fashion-MNIST), seeds {','.join(map(str, seeds))}, "
+            "each run a subprocess, one at a time"
+        )
+        info = run_info(load_before, settings, {
             "wall time of the benchmark": f"{elapsed:.0f} s",
         })
         append_results(f"accuracy.py: Fashion-MNIST, {args.epochs} epoch(s)", info, table)

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 
-from record import REPO, append_results, command_line, environment, load_average, markdown_table
+from record import REPO, append_results, load_average, markdown_table, run_info
 
 VARIANTS = {
     "dense": ["method.name=dense"],
@@ -139,14 +139,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{hook_effect:.3f} (rigl with hook / rigl with DDP's own all-reduce).\n\n"
             f"### Gradient all-reduce bytes per step (measured at the all_reduce call)\n\n{bytes_table}\n")
     print(body)
-    info = environment()
-    info.update({
-        "load average (1/5/15 min) before / after": f"{before}  /  {load_average()}",
-        "command": command_line(),
-        "settings": (f"2 ranks, gloo, torch threads per rank {result['threads']}, model small_resnet, "
-                     f"{'synthetic' if args.synthetic else 'Fashion-MNIST'}, global batch "
-                     f"{args.batch_size}, sparsity {args.sparsity}, {args.steps} timed steps per "
-                     f"variant in {args.rounds} interleaved rounds after {args.warmup} warm-up"),
+    settings = (
+        f"2 ranks, gloo, torch threads per rank {result['threads']}, model small_resnet, "
+        f"{'synthetic' if args.synthetic else 'Fashion-MNIST'}, global batch "
+        f"{args.batch_size}, sparsity {args.sparsity}, {args.steps} timed steps per "
+        f"variant in {args.rounds} interleaved rounds after {args.warmup} warm-up"
+    )
+    info = run_info(before, settings, {
         "wall time of the benchmark": f"{wall:.0f} s",
     })
     append_results("ddp_step.py: DDP on 2 CPU ranks, sparse vs dense", info, body)

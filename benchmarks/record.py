@@ -16,7 +16,7 @@ from typing import Any
 
 __all__ = [
     "REPO", "RESULTS", "append_results", "command_line", "environment", "load_average",
-    "markdown_table",
+    "markdown_table", "run_info",
 ]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -97,3 +97,13 @@ def command_line() -> str:
     except ValueError:
         pass
     return " ".join(["python", str(script), *sys.argv[1:]])
+
+
+def run_info(load_before: str, settings: str, extra: Mapping[str, Any]) -> dict[str, Any]:
+    """A record's header: environment(), load before/after, command line, settings, then `extra`."""
+    info: dict[str, Any] = environment()
+    info["load average (1/5/15 min) before / after"] = f"{load_before}  /  {load_average()}"
+    info["command"] = command_line()
+    info["settings"] = settings
+    info.update(extra)
+    return info

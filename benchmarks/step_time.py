@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from record import REPO, append_results, command_line, environment, load_average, markdown_table
+from record import REPO, append_results, load_average, markdown_table, run_info
 
 SPARSITY = 0.9
 STEP_GOAL = 1.03
@@ -252,19 +252,16 @@ def main(argv: list[str] | None = None) -> int:
     print(update_table)
 
     if not args.no_record:
-        info = environment()
-        info.update({
-            "load average (1/5/15 min) before / after": f"{load_before}  /  {load_average()}",
-            "command": command_line(),
-            "settings": (
-                f"model small_resnet, data {'synthetic' if args.synthetic else 'Fashion-MNIST'}, "
-                f"batch {args.batch_size} ({len(batches)} fixed batches), method.sparsity "
-                f"{SPARSITY} (granet_st starts at init_density 0.5), update_interval "
-                f"{args.update_interval}, schedule {total_steps} steps, "
-                f"torch.set_num_threads({args.threads}); {args.steps} timed steps per method in "
-                f"{args.rounds} interleaved rounds after {args.warmup} warm-up; "
-                f"`Trainer._train_step` with the step counter held at {TIMED_STEP}"
-            ),
+        settings = (
+            f"model small_resnet, data {'synthetic' if args.synthetic else 'Fashion-MNIST'}, "
+            f"batch {args.batch_size} ({len(batches)} fixed batches), method.sparsity "
+            f"{SPARSITY} (granet_st starts at init_density 0.5), update_interval "
+            f"{args.update_interval}, schedule {total_steps} steps, "
+            f"torch.set_num_threads({args.threads}); {args.steps} timed steps per method in "
+            f"{args.rounds} interleaved rounds after {args.warmup} warm-up; "
+            f"`Trainer._train_step` with the step counter held at {TIMED_STEP}"
+        )
+        info = run_info(load_before, settings, {
             "mask density after the update timing": ", ".join(
                 f"{n} {1 - s:.3f}" for n, s in sparsity.items() if n in updates),
             "wall time of the benchmark": f"{elapsed:.0f} s",
