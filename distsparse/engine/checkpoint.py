@@ -10,8 +10,10 @@ import torch
 
 from distsparse.errors import CheckpointError
 
-__all__ = ["CHECKPOINT_FORMAT", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CHECKPOINT_NAME", "CHECKPOINT_FORMAT", "load_checkpoint", "save_checkpoint"]
 
+CHECKPOINT_NAME = "checkpoints/last.pt"
+"""Where a run directory keeps its latest checkpoint."""
 CHECKPOINT_FORMAT = 1
 _REQUIRED = ("format", "config", "step", "model", "optimizer", "scheduler", "masks", "method", "rng")
 

@@ -20,7 +20,7 @@ from distsparse.data.loader import DataBundle, TensorLoader, build_data
 from distsparse.dist.mask_sync import verify_identical_masks
 from distsparse.dist.process_group import DistEnv, all_reduce, env_from_variables, init_process_group
 from distsparse.engine.backends import Backend, DDPBackend, SingleBackend
-from distsparse.engine.checkpoint import load_checkpoint, save_checkpoint
+from distsparse.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from distsparse.engine.flops import FlopCounter
 from distsparse.engine.metrics import MetricsLog, truncate_metrics
 from distsparse.engine.optim import build_lr_scheduler, build_optimizer
@@ -31,8 +31,6 @@ from distsparse.models import build_model
 from distsparse.sparsity.masks import MaskSet, sparsifiable_parameters
 
 __all__ = ["Trainer", "train"]
-
-CHECKPOINT_NAME = "checkpoints/last.pt"
 
 
 def train(config: Config, resume: Path | None = None) -> dict[str, Any]:

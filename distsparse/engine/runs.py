@@ -1,0 +1,55 @@
+"""Read a finished (or paused) run directory back: its config, trained model and masks."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distsparse.config import Config, load_config
+from distsparse.data.loader import DataBundle, build_data
+from distsparse.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from distsparse.errors import CheckpointError
+from distsparse.models import build_model
+
+__all__ = ["TrainedRun", "load_run"]
+
+
+@dataclass
+class TrainedRun:
+    """A run directory loaded for evaluation or post-training: model in eval mode, masks applied."""
+
+    run_dir: Path
+    config: Config
+    model: torch.nn.Module
+    masks: dict[str, torch.Tensor]
+    data: DataBundle
+    summary: dict[str, Any]
+    step: int
+
+
+def load_run(run_dir: Path, device: torch.device | str = "cpu",
+             overrides: list[str] = ()) -> TrainedRun:
+    """Load RUN_DIR's config.yaml and checkpoints/last.pt; CheckpointError names what is missing."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise CheckpointError(f"run directory {run_dir} has no config.yaml")
+    checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME)
+    config = load_config(config_path, list(overrides))
+    data = build_data(config)
+    model = build_model(config.model.name, data.num_classes, data.in_channels)
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"checkpoint {run_dir / CHECKPOINT_NAME} does not fit model.name="
+            f"{config.model.name!r}: {str(exc).splitlines()[0]}"
+        ) from None
+    model = model.to(device=device, dtype=getattr(torch, config.train.dtype)).eval()
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
+    masks = {name: mask.to(device) for name, mask in checkpoint["masks"].items()}
+    return TrainedRun(run_dir, config, model, masks, data, summary, int(checkpoint["step"]))
