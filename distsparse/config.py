@@ -18,6 +18,7 @@ from distsparse.data.fashion_mnist import FASHION_MNIST_DIR
 from distsparse.errors import ConfigError
 
 __all__ = [
+    "INIT_CRITERIA",
     "Config",
     "ConfigError",
     "load_config",
@@ -30,7 +31,8 @@ __all__ = [
 @dataclass
 class MethodConfig:
     name: str = "granet_st"
-    """Registered sparsity method: dense, static, set, rigl, gmp, granet, granet_st."""
+    """Registered sparsity method: dense, static, set, rigl, gmp, granet, granet_st, or pruning at
+    initialization then a static mask: random, magnitude, snip, grasp, synflow, iter_snip, force."""
     sparsity: float = 0.9
     """Target fraction of zeros over the masked weights, in [0, 1)."""
     distribution: str = "erk"
@@ -54,9 +56,19 @@ class MethodConfig:
     prune_end: float = 0.3
     """Fraction of training at which gradual pruning reaches the target (GraNet ImageNet: 30 of 100 epochs)."""
     prune_scope: str = "global"
-    """Gradual pruning by global magnitude (GraNet) or per layer (Zhu & Gupta): global or layer."""
+    """Pruning by one global top-k (GraNet, SNIP, FORCE, ...) or per layer with counts from
+    method.distribution (Zhu & Gupta): global or layer."""
     growth: str = "gradient"
     """GraNet regrowth criterion: gradient or random."""
+    init: Optional[str] = None
+    """Initial mask: random (by distribution) or a pruning-at-initialization criterion: magnitude,
+    snip, grasp, synflow, iter_snip, force (default: the method's own; random for DST methods)."""
+    pai_batches: int = 1
+    """Global training batches that SNIP, GraSP, Iter-SNIP and FORCE average gradients over."""
+    pai_iterations: Optional[int] = None
+    """Pruning iterations of SynFlow (default 100), Iter-SNIP and FORCE (default 60)."""
+    pai_schedule: str = "exp"
+    """Density schedule of iterative pruning at init: exp (d^(k/n)) or linear."""
 
 
 @dataclass
@@ -161,11 +173,15 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
 
+INIT_CRITERIA = ("random", "magnitude", "snip", "grasp", "synflow", "iter_snip", "force")
+"""Values of method.init: how the initial mask is chosen."""
+
 _CHOICES = {
     "method.distribution": ("uniform", "er", "erk"),
     "method.drop_fraction_anneal": ("constant", "cosine"),
     "method.prune_scope": ("global", "layer"),
     "method.growth": ("gradient", "random"),
+    "method.pai_schedule": ("exp", "linear"),
     "train.optimizer": ("sgd", "adamw"),
     "train.lr_schedule": ("cosine", "step", "constant"),
     "train.device": ("cpu", "cuda", "auto"),
@@ -238,6 +254,11 @@ def validate(config: Config) -> None:
         m.prune_end,
         f"a value in (method.prune_start={m.prune_start}, 1]",
     )
+    _check(m.init is None or m.init in INIT_CRITERIA, "method.init", m.init,
+           "one of " + ", ".join(INIT_CRITERIA))
+    _check(m.pai_batches >= 1, "method.pai_batches", m.pai_batches, "an integer >= 1")
+    _check(m.pai_iterations is None or m.pai_iterations >= 1, "method.pai_iterations",
+           m.pai_iterations, "an integer >= 1")
     _check(config.seed >= 0, "seed", config.seed, "an integer >= 0")
     _check(t.epochs >= 1, "train.epochs", t.epochs, "an integer >= 1")
     _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps, ">= 1")

@@ -19,6 +19,7 @@ import torch
 
 from distsparse.cli import main
 from distsparse.methods import METHODS
+from distsparse.methods.pruning_at_init import PRUNING_AT_INIT
 from tests.conftest import SMALL
 
 QUICKSTART = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
@@ -69,14 +70,17 @@ def _assert_same_network(a: dict, b: dict, exact: bool) -> None:
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_two_processes_train_the_same_sparse_network_as_one(tmp_path, capsys, method):
     """Every rank checks mask digests after each update (a mismatch fails the run)."""
-    _train(capsys, tmp_path / "one", f"method.name={method}")
-    _train(capsys, tmp_path / "two", f"method.name={method}", nproc=2)
+    # Pruning at init scores two global batches, each split across the ranks.
+    pai = ["method.pai_batches=2", "method.pai_iterations=8"] if method in PRUNING_AT_INIT else []
+    _train(capsys, tmp_path / "one", f"method.name={method}", *pai)
+    _train(capsys, tmp_path / "two", f"method.name={method}", *pai, nproc=2)
     one, two = _final(tmp_path / "one"), _final(tmp_path / "two")
     _assert_same_network(one, two, exact=False)
     # GraNet's reference converts epochs to steps with len(loader)/world_size in one place only;
     # here the schedule comes from the global batch, so updates fall on the same steps.
     assert _update_steps(tmp_path / "one") == _update_steps(tmp_path / "two")
-    assert (_update_steps(tmp_path / "two") != []) == (method not in ("dense", "static"))
+    static = ("dense", "static", *PRUNING_AT_INIT)
+    assert (_update_steps(tmp_path / "two") != []) == (method not in static)
 
 
 def test_sparse_gradient_hook_changes_nothing_but_bytes(tmp_path, capsys):

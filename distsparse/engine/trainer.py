@@ -27,6 +27,7 @@ from distsparse.engine.optim import build_lr_scheduler, build_optimizer
 from distsparse.engine.report import format_table, plot_run, write_summary
 from distsparse.errors import CheckpointError, ConfigError, DistsparseError
 from distsparse.methods import SparsityMethod, TrainingSchedule, build_method
+from distsparse.methods.init_masks import InitContext
 from distsparse.models import build_model
 from distsparse.sparsity.masks import MaskSet, sparsifiable_parameters
 
@@ -56,6 +57,11 @@ class Trainer:
         init_process_group(self.env, self.device)
         self.data: DataBundle = build_data(config, self.env.rank, self.env.world_size)
         self.schedule = _schedule(config, self.data.train)
+        if config.method.pai_batches > len(self.data.train):
+            raise ConfigError(
+                f"config key 'method.pai_batches' = {config.method.pai_batches}: expected at most "
+                f"the {len(self.data.train)} batches of an epoch"
+            )
         self.method: SparsityMethod = build_method(config.method, self.schedule, config.seed)
         self.config = dataclasses.replace(config, method=self.method.config)
         self.run_dir = resume if resume is not None else run_directory(config)
@@ -78,7 +84,7 @@ class Trainer:
         sample = next(self.data.test.batches(0))[0]
         self.flops = FlopCounter(model, self._to_device(sample))
         if checkpoint is None:
-            self.masks.update(self.method.initial_masks(self.masks.shapes()))
+            self.masks.update(self.method.initial_masks(self.masks.shapes(), self._init_context(model)))
         else:
             self._restore(model, optimizer, checkpoint)
         self.backend: Backend = self._build_backend(model, optimizer)
@@ -93,6 +99,19 @@ class Trainer:
             else:
                 truncate_metrics(self.run_dir, self.step)
             self.log = MetricsLog(self.run_dir)
+
+    def _init_context(self, model: torch.nn.Module) -> InitContext:
+        """The model and the first method.pai_batches global batches, for pruning at init."""
+        count = self.config.method.pai_batches
+
+        def batches():
+            for _, (x, y) in zip(range(count), self.data.train.batches(0)):
+                yield self._to_device(x), y.to(self.device)
+
+        input_shape = tuple(next(self.data.test.batches(0))[0].shape[1:])
+        progress = self.config.run.progress and self.env.is_main
+        return InitContext(model, batches, self.config.train.batch_size, input_shape, all_reduce,
+                           progress)
 
     def _build_backend(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Backend:
         if self.config.backend.name == "single" or self.env.world_size == 1:

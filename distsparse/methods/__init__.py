@@ -1,5 +1,5 @@
 """Sparsity methods, one module per family, each registered under its config name."""
-from distsparse.methods import dense, dense_to_sparse, sparse_to_sparse
+from distsparse.methods import dense, dense_to_sparse, pruning_at_init, sparse_to_sparse
 from distsparse.methods.base import (
     METHODS,
     SparsityMethod,
@@ -16,6 +16,7 @@ __all__ = [
     "build_method",
     "dense",
     "dense_to_sparse",
+    "pruning_at_init",
     "register",
     "resolve_method_config",
     "sparse_to_sparse",

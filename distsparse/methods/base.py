@@ -7,7 +7,6 @@ the trainer applies the masks it returns to every copy of every weight.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -16,9 +15,9 @@ import torch
 
 from distsparse.config import MethodConfig
 from distsparse.errors import ConfigError
-from distsparse.sparsity.allocation import active_count, layer_densities
+from distsparse.methods.init_masks import InitContext, initial_masks
 from distsparse.sparsity.scores import random_scores
-from distsparse.sparsity.select import drop_and_grow, topk_mask
+from distsparse.sparsity.select import drop_and_grow
 
 __all__ = [
     "METHODS",
@@ -57,7 +56,7 @@ class TrainingSchedule:
 
 
 class SparsityMethod:
-    """Base class: a static mask drawn from the configured layer distribution."""
+    """Base class: a static mask chosen by `method.init` (random by the layer distribution)."""
 
     name: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
@@ -74,17 +73,14 @@ class SparsityMethod:
         """Overall density of the initial mask."""
         return 1.0 - self.config.sparsity
 
-    def initial_masks(self, shapes: Mapping[str, tuple[int, ...]]) -> Masks:
-        """Random mask with exact per-layer counts; depends only on the seed (never on the rank)."""
+    def initial_masks(
+        self, shapes: Mapping[str, tuple[int, ...]], context: InitContext | None = None
+    ) -> Masks:
+        """The mask at step 0 by `method.init` with exact counts; never depends on the rank."""
         density = self.initial_density()
         if density >= 1.0:
             return {name: torch.ones(shape, dtype=torch.bool) for name, shape in shapes.items()}
-        densities = layer_densities(self.config.distribution, shapes, density)
-        masks = {}
-        for name, shape in shapes.items():
-            scores = random_scores(shape, self.seed, 0, name, "init")
-            masks[name] = topk_mask(scores, active_count(math.prod(shape), densities[name]))
-        return masks
+        return initial_masks(self.config, shapes, density, self.seed, context)
 
     def is_update_step(self, step: int) -> bool:
         """Whether the mask changes at this step."""
@@ -133,10 +129,14 @@ def resolve_method_config(config: MethodConfig) -> MethodConfig:
         raise ConfigError(
             f"config key 'method.name' = {config.name!r}: expected one of {', '.join(sorted(METHODS))}"
         )
-    filled = {
-        key: value for key, value in METHODS[config.name].defaults.items()
-        if getattr(config, key) is None
-    }
+    defaults = {"init": "random", **METHODS[config.name].defaults}
+    own_init = METHODS[config.name].defaults.get("init")
+    if own_init is not None and config.init not in (None, own_init):
+        raise ConfigError(
+            f"config key 'method.init' = {config.init!r}: method.name={config.name!r} chooses its "
+            f"mask by {own_init}; use method.name=static method.init={config.init} instead"
+        )
+    filled = {key: value for key, value in defaults.items() if getattr(config, key) is None}
     return dataclasses.replace(config, **filled)
 
 
