@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from distsparse.errors import DistsparseError
+from distsparse.prune_command import add_prune_parser, run_prune
 
 __all__ = ["main"]
 
@@ -27,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="continue the run in RUN_DIR from its last checkpoint")
     train.add_argument("--nproc", type=int, default=1, metavar="N",
                        help="start N local worker processes (DDP over gloo on CPU, NCCL on GPU)")
+    add_prune_parser(verbs)
     return parser
 
 
@@ -115,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.nproc > 1:
             return _spawn(args.nproc, arguments)
         return _run_reporting_errors(_train, *arguments)
+    if args.verb == "prune":
+        return run_prune(args)
     return 0
 
 
