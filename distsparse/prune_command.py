@@ -28,7 +28,7 @@ unipts: UniPTS (arXiv 2405.18810, github xjjxmu/UniPTS): an evolutionary search 
   top-|w| at every forward, straight-through gradients), and a final exact top-|w| mask.
 
 The calibration set is --calib-samples distinct training images drawn with --seed. The overall
-active count is exactly round((1 - S) * N) for global and unipts; uniform and ERK keep rigl's
+active count is exactly N - floor(S * N) (rigl's count) for global and unipts; uniform and ERK keep rigl's
 per-layer integer counts.
 """
 

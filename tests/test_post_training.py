@@ -70,10 +70,9 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in params.items()}
 
 
-def _nearest_active(numel: int, sparsity: float) -> int:
-    """round((1 - S) * N), halves up, in integers (S has at most three decimals here)."""
-    keep = 1000 - round(sparsity * 1000)
-    return (numel * keep + 500) // 1000
+def _expected_active(numel: int, sparsity: float) -> int:
+    """N - floor(S * N), rigl's count, in integers (S has at most three decimals here)."""
+    return numel - numel * round(sparsity * 1000) // 1000
 
 
 def _brute_topk(values: torch.Tensor, k: int) -> set[int]:
@@ -93,7 +92,7 @@ def test_oneshot_global_keeps_the_exact_count_of_largest_magnitudes(dense_run):
     weights = _weights(dense_run)
     total = sum(w.numel() for w in weights.values())
     masks = oneshot_masks(weights, 0.9, "global")
-    expected_active = _nearest_active(total, 0.9)
+    expected_active = _expected_active(total, 0.9)
     assert sum(int(m.sum()) for m in masks.values()) == expected_active
     flat = torch.cat([w.reshape(-1) for w in weights.values()])
     kept = torch.cat([m.reshape(-1) for m in masks.values()]).nonzero().squeeze(1).tolist()
@@ -113,7 +112,7 @@ def test_oneshot_layerwise_keeps_rigl_counts_per_layer(dense_run, distribution):
         kept = set(masks[name].reshape(-1).nonzero().squeeze(1).tolist())
         assert kept == _brute_topk(w, count), name
     assert sum(int(m.sum()) for m in masks.values()) == expected_total
-    assert abs(expected_total - _nearest_active(sum(w.numel() for w in weights.values()), 0.9)) < len(weights)
+    assert abs(expected_total - _expected_active(sum(w.numel() for w in weights.values()), 0.9)) < len(weights)
 
 
 def test_oneshot_ties_go_to_the_lower_index():
@@ -142,7 +141,7 @@ def test_regrow_allocation_is_the_reference_formula_when_nothing_clamps():
     for count, numel, s in zip(regrow_layer_counts(logits, numels, 0.9), numels, share):
         reference_sparsity = max(0.0, 0.9 + 0.05 - available * s / numel)
         assert abs(count - numel * (1 - reference_sparsity)) <= 1.0
-    assert sum(regrow_layer_counts(logits, numels, 0.9)) == _nearest_active(sum(numels), 0.9)
+    assert sum(regrow_layer_counts(logits, numels, 0.9)) == _expected_active(sum(numels), 0.9)
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.97, 0.995])
@@ -152,11 +151,11 @@ def test_regrow_allocation_total_is_exact_even_where_layers_clamp(sparsity):
     for _ in range(20):
         logits = torch.rand(len(numels), generator=generator, dtype=torch.float64) * 6
         counts = regrow_layer_counts(logits, numels, sparsity)
-        assert sum(counts) == _nearest_active(sum(numels), sparsity)
+        assert sum(counts) == _expected_active(sum(numels), sparsity)
         assert all(0 <= c <= n for c, n in zip(counts, numels))
     # A tiny layer with the largest share would regrow past dense: it is dense, the rest still fits.
     counts = regrow_layer_counts(torch.tensor([5.0, 0, 0, 0, 0]), numels, 0.9)
-    assert counts[0] == 27 and sum(counts) == _nearest_active(sum(numels), 0.9) == 1680
+    assert counts[0] == 27 and sum(counts) == _expected_active(sum(numels), 0.9) == 1680
 
 
 def _toy_fitness(counts: dict[str, int]) -> float:
@@ -262,7 +261,7 @@ def test_prune_oneshot_with_fine_tuning_writes_a_run(dense_run, tmp_path, capsys
                          "--epochs", "1", "--out", str(out), *FAST)
     assert status == 0, err
     total = sum(w.numel() for w in _weights(dense_run).values())
-    summary = _check_output(out, "oneshot", 0.9, _nearest_active(total, 0.9))
+    summary = _check_output(out, "oneshot", 0.9, _expected_active(total, 0.9))
     assert summary["finetune_epochs"] == 1 and summary["steps"] == 2 and summary["calib_samples"] == 64
     assert summary["source_run"] == str(dense_run)
     _momentum_is_masked(out)
@@ -289,7 +288,7 @@ def test_prune_unipts_is_exact_and_its_search_deterministic(dense_run, tmp_path,
                          "--epochs", "1", "--out", str(out), *FAST)
     assert status == 0, err
     total = sum(w.numel() for w in _weights(dense_run).values())
-    summary = _check_output(out, "unipts", 0.9, _nearest_active(total, 0.9))
+    summary = _check_output(out, "unipts", 0.9, _expected_active(total, 0.9))
     assert summary["steps"] == 2
     _momentum_is_masked(out)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

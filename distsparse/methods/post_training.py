@@ -28,7 +28,6 @@ __all__ = [
     "kd_temperature",
     "layer_topk_masks",
     "oneshot_masks",
-    "overall_active_count",
     "regrow_layer_counts",
     "round_to_total",
     "search_layer_counts",
@@ -38,15 +37,6 @@ __all__ = [
 ONESHOT_DISTRIBUTIONS: tuple[str, ...] = ("global", "uniform", "erk")
 STE_DECAY = 5e-5
 """Decay on pruned weights in the STE gradient (reference `GetWeightSubnet.forward`, decay=0.00005)."""
-
-
-def overall_active_count(numel: int, sparsity: float) -> int:
-    """Active weights over all layers at `sparsity`: round((1 - sparsity) * numel), halves up.
-
-    A tolerance keeps float error (1 - 0.9 = 0.09999999999999998) from moving an exact half down.
-    """
-    nearest = math.floor((1.0 - sparsity) * numel + 0.5 + 1e-9 + 1e-12 * numel)
-    return min(max(nearest, 0), numel)
 
 
 def layer_topk_masks(
@@ -61,7 +51,7 @@ def oneshot_masks(
 ) -> dict[str, torch.Tensor]:
     """One-shot magnitude pruning: a global top-|w|, or per layer by uniform / ERK densities.
 
-    `global` keeps exactly round((1 - sparsity) * N) weights over all N; `uniform` and `erk` keep
+    `global` keeps exactly N - floor(sparsity * N) (rigl's count) weights over all N; `uniform` and `erk` keep
     `active_count(numel, density)` per layer, rigl's integer budget (the counts a trained static or
     RigL mask of that distribution has), whose sum may differ from the global count by less than
     one weight per layer.
@@ -71,7 +61,7 @@ def oneshot_masks(
     if distribution == "global":
         total = sum(w.numel() for w in weights.values())
         scores = {name: magnitude_scores(w) for name, w in weights.items()}
-        return global_topk_masks(scores, overall_active_count(total, sparsity))
+        return global_topk_masks(scores, active_count(total, 1.0 - sparsity))
     if distribution not in ONESHOT_DISTRIBUTIONS:
         raise ValueError(
             f"unknown distribution {distribution!r}; expected one of {', '.join(ONESHOT_DISTRIBUTIONS)}"
@@ -115,12 +105,12 @@ def regrow_layer_counts(
     softmax(v). Unclamped, the total is exactly (1 - P) * N; where a layer would regrow past dense
     (or, for P + margin > 1, fall below empty) the reference loses that budget. Here the clamped
     density targets get one uniform density shift, found by bisection, so they sum to
-    round((1 - P) * N), then `round_to_total` makes the integer counts sum to it exactly.
+    N - floor(P * N) (rigl's count), then `round_to_total` makes the integer counts sum to it exactly.
     """
     n = torch.tensor([float(x) for x in numels], dtype=torch.float64)
     share = torch.softmax(logits.to(torch.float64), dim=0)
     base = n * (1.0 - sparsity - margin) + margin * n.sum() * share
-    total = overall_active_count(int(n.sum()), sparsity)
+    total = active_count(int(n.sum()), 1.0 - sparsity)
     low, high = float((-base / n).min()), float(((n - base) / n).max())
     for _ in range(200):
         shift = 0.5 * (low + high)
