@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from distsparse.errors import DistsparseError
+from distsparse.evaluate import commands as evaluate_commands
 from distsparse.prune_command import add_prune_parser, run_prune
 
 __all__ = ["main"]
@@ -29,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--nproc", type=int, default=1, metavar="N",
                        help="start N local worker processes (DDP over gloo on CPU, NCCL on GPU)")
     add_prune_parser(verbs)
+    evaluate_commands.add_parsers(verbs)
     return parser
 
 
@@ -119,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run_reporting_errors(_train, *arguments)
     if args.verb == "prune":
         return run_prune(args)
+    if args.verb in evaluate_commands.VERBS:
+        return _run_reporting_errors(evaluate_commands.run, args)
     return 0
 
 
