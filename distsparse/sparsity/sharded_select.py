@@ -1,0 +1,189 @@
+"""Exact global top-k over scores sharded across ranks (DESIGN section 2, "Global top-k across ranks").
+
+Under ZeRO-3 every rank owns one contiguous piece of each flattened parameter: the layer's `numel`
+elements are padded to a multiple of the world size and rank r owns [r*chunk, (r+1)*chunk) of them,
+chunk = ceil(numel / world_size), clipped to [0, numel) (a piece may be partial or empty). The
+selection here equals `global_topk_masks` on the full scores, restricted to this rank's pieces, and
+moves no scores or weights:
+
+1. Every score becomes a 64-bit key whose integer order is the float order (`order_preserving_bits`).
+2. Radix select from the most significant digit: each round all-reduces ONE histogram of the current
+   `bits_per_round`-bit digit over the still-undecided candidates of all layers, finds the digit of
+   the k-th largest key, marks the candidates above it selected and keeps those equal to it. The
+   select stops early once the bucket holds exactly the entries still needed.
+3. If all 64 bits get fixed first, the remaining candidates all equal the threshold key T and `need`
+   of them are still missing. Ties break by global index, whose order is (layer, rank, local index):
+   one all-reduce of the (num_layers x world_size) tie counts, an exclusive prefix sum over them in
+   that order, and each rank takes its lowest-index ties up to what is left for its piece.
+
+Each histogram is 2^bits_per_round int64 counts plus one NaN count (2,056 bytes at the default 8
+bits); at most 64 / bits_per_round rounds plus one tie exchange: kilobytes per update whatever the
+size of the model. `ShardedSelection.bytes_sent` reports the payload this rank handed to the
+all-reduce.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+__all__ = [
+    "ShardPiece",
+    "ShardedSelection",
+    "order_preserving_bits",
+    "sharded_global_topk",
+    "zero3_partition",
+]
+
+KEY_BITS = 64
+SIGN_BIT = -(2**63)  # int64 with only the sign bit set
+LOW_BITS = 2**63 - 1  # int64 with every bit but the sign bit set
+
+
+class ShardPiece(NamedTuple):
+    """This rank's piece of one layer: 1-D local scores, offset in the flattened layer, layer numel."""
+
+    scores: torch.Tensor
+    offset: int
+    numel: int
+
+
+@dataclass(frozen=True)
+class ShardedSelection:
+    """Local masks of this rank's pieces and what the selection sent through the all-reduce."""
+
+    masks: list[torch.Tensor]
+    bytes_sent: int  # payload bytes this rank handed to the all-reduce
+    all_reduces: int  # collective calls (histogram rounds plus the tie-count exchange)
+
+
+def zero3_partition(numel: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, stop) of the flattened layer that `rank` owns under ZeRO-3 (DeepSpeed `ds_tensor`)."""
+    chunk = -(-numel // world_size)
+    return min(rank * chunk, numel), min((rank + 1) * chunk, numel)
+
+
+def _keys(scores: torch.Tensor) -> torch.Tensor:
+    values = scores.reshape(-1).to(torch.float64)
+    values = torch.where(values == 0, torch.zeros_like(values), values)  # -0.0 ties with +0.0
+    bits = values.view(torch.int64)
+    return torch.where(bits < 0, bits ^ LOW_BITS, bits)
+
+
+def order_preserving_bits(scores: torch.Tensor) -> torch.Tensor:
+    """Flat int64 keys whose signed order is the float order of `scores`; NaN raises ValueError.
+
+    Scores of any float dtype are widened to float64 (exact, and what `global_topk_masks` compares).
+    Non-negative floats keep their bit pattern; negative ones flip every bit but the sign, so a larger
+    magnitude gives a smaller key. -0.0 maps to the key of +0.0, as the stable sort sees them equal.
+    """
+    if torch.isnan(scores).any():
+        raise ValueError("scores contain NaN; top-k selection needs ordered scores")
+    return _keys(scores)
+
+
+def _check_piece(
+    piece: ShardPiece, eligible: torch.Tensor | None, layer: int, rank: int, world_size: int
+) -> None:
+    start, stop = zero3_partition(piece.numel, rank, world_size)
+    size = piece.scores.numel()
+    if piece.scores.dim() != 1 or size != stop - start or (size and piece.offset != start):
+        raise ValueError(
+            f"layer {layer}: rank {rank} of {world_size} owns [{start}, {stop}) of {piece.numel} "
+            f"elements, got {size} scores of shape {tuple(piece.scores.shape)} at offset {piece.offset}"
+        )
+    if eligible is not None and eligible.numel() != size:
+        raise ValueError(f"layer {layer}: {eligible.numel()} eligibility flags for {size} scores")
+
+
+def sharded_global_topk(
+    shards: Sequence[ShardPiece],
+    k: int,
+    all_reduce_sum: Callable[[torch.Tensor], object],
+    *,
+    rank: int,
+    world_size: int,
+    eligible: Sequence[torch.Tensor] | None = None,
+    bits_per_round: int = 8,
+) -> ShardedSelection:
+    """Masks of this rank's pieces: exactly `global_topk_masks(full scores, k, full eligible)`.
+
+    `shards` lists this rank's piece of every layer in the order shared by all ranks (the order of
+    `global_topk_masks`'s mapping), laid out as `zero3_partition(numel, rank, world_size)` (checked:
+    the tie order relies on it); `eligible` optionally restricts candidates with one local boolean
+    tensor per piece. `all_reduce_sum` sums an int64 tensor over all ranks in place
+    (`torch.distributed.all_reduce` fits). Every rank must call this with the same k. Returns one
+    1-D boolean mask per piece.
+    """
+    if KEY_BITS % bits_per_round or not 1 <= bits_per_round <= 16:
+        raise ValueError(f"bits_per_round must divide 64 and be at most 16, got {bits_per_round}")
+    if k < 0:
+        raise ValueError(f"cannot select {k} entries")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in a world of {world_size}")
+    for layer, piece in enumerate(shards):
+        _check_piece(piece, None if eligible is None else eligible[layer], layer, rank, world_size)
+    device = shards[0].scores.device if shards else torch.device("cpu")
+    sent = {"bytes": 0, "calls": 0}
+
+    def reduce(tensor: torch.Tensor) -> torch.Tensor:
+        all_reduce_sum(tensor)
+        sent["bytes"] += tensor.numel() * tensor.element_size()
+        sent["calls"] += 1
+        return tensor
+
+    # Per layer: local indices of the undecided candidates and their unsigned-order keys.
+    indices, keys = [], []
+    for layer, piece in enumerate(shards):
+        if eligible is None:
+            index = torch.arange(piece.scores.numel(), device=device)
+        else:
+            index = eligible[layer].reshape(-1).nonzero().squeeze(1)
+        indices.append(index)
+        keys.append(piece.scores[index])
+    masks = [torch.zeros(piece.scores.numel(), dtype=torch.bool, device=device) for piece in shards]
+
+    # Each rank adds its count of eligible NaNs in one more slot, so that all ranks raise together
+    # rather than one leaving the others waiting in the collective.
+    nans = sum(int(torch.isnan(key).sum()) for key in keys)
+    keys = [_keys(key) ^ SIGN_BIT for key in keys]  # int64 bit patterns in unsigned order
+    buckets, first_shift, need = 2**bits_per_round, KEY_BITS - bits_per_round, k
+    for shift in range(first_shift, -1, -bits_per_round):
+        digits = [(key >> shift) & (buckets - 1) for key in keys]
+        histogram = torch.zeros(buckets + 1, dtype=torch.int64, device=device)
+        histogram[buckets] = nans
+        for digit in digits:
+            histogram[:buckets] += torch.bincount(digit, minlength=buckets)
+        reduce(histogram)
+        if histogram[buckets]:
+            raise ValueError("scores contain NaN; top-k selection needs ordered scores")
+        histogram = histogram[:buckets]
+        if shift == first_shift:
+            total = int(histogram.sum())
+            if k > total:
+                raise ValueError(f"cannot select {k} of {total} eligible entries")
+            if k == 0:
+                return ShardedSelection(masks, sent["bytes"], sent["calls"])
+        at_least = histogram.flip(0).cumsum(0).flip(0)  # candidates with digit >= d
+        bucket = int((at_least >= need).nonzero().max())
+        in_bucket = int(histogram[bucket])
+        need -= int(at_least[bucket]) - in_bucket
+        for layer, digit in enumerate(digits):
+            masks[layer][indices[layer][digit > bucket]] = True
+            keep = digit == bucket
+            indices[layer], keys[layer] = indices[layer][keep], keys[layer][keep]
+        if need == in_bucket:
+            for mask, index in zip(masks, indices):
+                mask[index] = True
+            return ShardedSelection(masks, sent["bytes"], sent["calls"])
+
+    # Every remaining candidate has the threshold key; take `need` of them by global index.
+    ties = torch.zeros(len(shards), world_size, dtype=torch.int64, device=device)
+    ties[:, rank] = torch.tensor([index.numel() for index in indices], device=device)
+    flat = reduce(ties).reshape(-1)
+    before = (flat.cumsum(0) - flat).view(len(shards), world_size)[:, rank].tolist()
+    for mask, index, earlier in zip(masks, indices, before):
+        mask[index[: max(0, need - earlier)]] = True
+    return ShardedSelection(masks, sent["bytes"], sent["calls"])

@@ -1,0 +1,304 @@
+"""Sharded global top-k (ZeRO-3 pieces) equals the single-process selection; bytes are kilobytes."""
+from __future__ import annotations
+
+import math
+import os
+import socket
+import threading
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from distsparse.sparsity.select import global_topk_masks
+from distsparse.sparsity.sharded_select import (
+    ShardedSelection,
+    ShardPiece,
+    order_preserving_bits,
+    sharded_global_topk,
+    zero3_partition,
+)
+
+NUMELS = [7, 13, 1, 100, 2]  # none divisible by 3 or 4; the 1- and 2-element layers leave ranks empty
+HISTOGRAM_BYTES = (256 + 1) * 8  # 2^8 counts and the NaN count, int64
+
+
+def _pieces(full: list[torch.Tensor], rank: int, world: int) -> list[ShardPiece]:
+    pieces = []
+    for scores in full:
+        start, stop = zero3_partition(scores.numel(), rank, world)
+        pieces.append(ShardPiece(scores.reshape(-1)[start:stop], start, scores.numel()))
+    return pieces
+
+
+def _local(full: list[torch.Tensor], rank: int, world: int) -> list[torch.Tensor]:
+    return [piece.scores for piece in _pieces(full, rank, world)]
+
+
+def _simulate(
+    full: list[torch.Tensor],
+    k: int,
+    world: int,
+    eligible: list[torch.Tensor] | None = None,
+    bits_per_round: int = 8,
+) -> list[ShardedSelection | BaseException]:
+    """Run every rank in its own thread; the all-reduce sums the ranks' tensors behind a barrier.
+
+    A rank that raises leaves the others to time out at the barrier, as a real collective would.
+    """
+    barrier = threading.Barrier(world, timeout=10)
+    slots: list[torch.Tensor | None] = [None] * world
+    results: list[ShardedSelection | BaseException | None] = [None] * world
+
+    def run(rank: int) -> None:
+        def all_reduce_sum(tensor: torch.Tensor) -> None:
+            slots[rank] = tensor.clone()
+            barrier.wait()
+            total = sum(slots[1:], slots[0].clone())
+            barrier.wait()  # nobody overwrites a slot before every rank has summed
+            tensor.copy_(total)
+
+        try:
+            results[rank] = sharded_global_topk(
+                _pieces(full, rank, world), k, all_reduce_sum, rank=rank, world_size=world,
+                eligible=None if eligible is None else _local(eligible, rank, world),
+                bits_per_round=bits_per_round,
+            )
+        except Exception as error:  # noqa: BLE001 - handed to the test to assert on
+            results[rank] = error
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(world)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def _assert_matches_single_process(
+    full: list[torch.Tensor],
+    k: int,
+    world: int,
+    eligible: list[torch.Tensor] | None = None,
+    bits_per_round: int = 8,
+) -> list[ShardedSelection]:
+    results = _simulate(full, k, world, eligible, bits_per_round)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    names = [f"layer{i}" for i in range(len(full))]
+    expected = global_topk_masks(
+        dict(zip(names, full)), k, None if eligible is None else dict(zip(names, eligible))
+    )
+    for layer, name in enumerate(names):
+        union = torch.cat([result.masks[layer] for result in results])
+        assert torch.equal(union, expected[name].reshape(-1)), f"world {world}, k {k}, {name}"
+    assert sum(int(mask.sum()) for result in results for mask in result.masks) == k
+    for result in results:  # every rank took part in the same collectives
+        assert (result.bytes_sent, result.all_reduces) == (results[0].bytes_sent, results[0].all_reduces)
+        assert result.all_reduces <= 64 // bits_per_round + 1
+    return results
+
+
+def _layers(kind: str, dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    layers = []
+    for numel in NUMELS:
+        if kind == "random":
+            values = torch.randn(numel, generator=gen, dtype=torch.float64)
+        elif kind == "ties":
+            values = torch.randint(0, 3, (numel,), generator=gen).double() / 2  # {0, 0.5, 1}
+        elif kind == "equal":
+            values = torch.full((numel,), 0.25, dtype=torch.float64)
+        else:  # signed: negatives, +0.0 and -0.0 mixed, a few repeats
+            values = torch.randint(-4, 3, (numel,), generator=gen).double() / 4
+            values[torch.rand(numel, generator=gen) < 0.3] = -0.0
+        layers.append(values.to(dtype))
+    return layers
+
+
+TOTAL = sum(NUMELS)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("kind", ["random", "ties", "equal", "signed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_equals_single_process_selection(world, kind, dtype):
+    full = _layers(kind, dtype, seed=world)
+    gen = torch.Generator().manual_seed(world)
+    ks = {0, 1, TOTAL - 1, TOTAL, *torch.randint(2, TOTAL - 1, (4,), generator=gen).tolist()}
+    for k in sorted(ks):
+        _assert_matches_single_process(full, k, world)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("kind", ["random", "ties", "signed"])
+def test_eligible_restricts_candidates_as_single_process(world, kind):
+    full = _layers(kind, torch.float32, seed=10 + world)
+    gen = torch.Generator().manual_seed(world)
+    eligible = [torch.rand(n, generator=gen) < 0.6 for n in NUMELS]
+    eligible[2][:] = False  # a layer with nothing eligible
+    count = sum(int(e.sum()) for e in eligible)
+    for k in sorted({0, 1, count // 3, count // 2, count}):
+        _assert_matches_single_process(full, k, world, eligible)
+
+
+@pytest.mark.parametrize("bits_per_round", [1, 4, 16])
+def test_other_digit_widths_select_the_same(bits_per_round):
+    for kind in ("random", "ties"):
+        full = _layers(kind, torch.float32, seed=3)
+        for k in (1, 40, TOTAL):
+            _assert_matches_single_process(full, k, 3, bits_per_round=bits_per_round)
+
+
+def test_half_precision_scores_are_exact():
+    for dtype in (torch.float16, torch.bfloat16):
+        full = [layer.to(dtype) for layer in _layers("random", torch.float64, seed=4)]
+        for k in (1, 17, 60):
+            _assert_matches_single_process(full, k, 3)
+
+
+def test_ties_across_layers_and_ranks_follow_global_index():
+    # Every score equal: the selection is exactly the k lowest global indices, which interleave
+    # layers and ranks as (layer, rank, local index).
+    full = _layers("equal", torch.float32, seed=0)
+    results = _assert_matches_single_process(full, 30, 4)
+    union = torch.cat([torch.cat([r.masks[layer] for r in results]) for layer in range(len(NUMELS))])
+    assert torch.equal(union, torch.arange(TOTAL) < 30)
+    assert results[0].all_reduces == 9  # 8 histogram rounds, then the tie counts
+    assert results[0].bytes_sent == 8 * HISTOGRAM_BYTES + len(NUMELS) * 4 * 8
+
+
+def test_distinct_threshold_stops_before_the_tie_exchange():
+    full = [torch.arange(50, dtype=torch.float32)]
+    results = _assert_matches_single_process(full, 10, 2)
+    assert results[0].all_reduces < 9
+    assert results[0].bytes_sent == results[0].all_reduces * HISTOGRAM_BYTES
+
+
+def test_impossible_k_and_nan_raise_on_every_rank():
+    full = _layers("random", torch.float32, seed=5)
+    for error in _simulate(full, TOTAL + 1, 3):
+        assert isinstance(error, ValueError) and f"cannot select {TOTAL + 1} of {TOTAL}" in str(error)
+    full[3][90] = math.nan  # owned by the last of 3 ranks only
+    for error in _simulate(full, 5, 3):
+        assert isinstance(error, ValueError) and "NaN" in str(error)
+    ineligible = [torch.ones(n, dtype=torch.bool) for n in NUMELS]
+    ineligible[3][90] = False  # a NaN nobody may select is no obstacle
+    _assert_matches_single_process(
+        [torch.nan_to_num(x, nan=7.0) for x in full], 5, 3, ineligible
+    )
+    results = _simulate(full, 5, 3, ineligible)
+    assert all(isinstance(result, ShardedSelection) for result in results)
+
+
+def test_pieces_must_follow_the_zero3_layout():
+    scores = torch.arange(10.0)
+    identity = lambda tensor: tensor  # noqa: E731
+    with pytest.raises(ValueError, match=r"rank 1 of 2 owns \[5, 10\)"):
+        sharded_global_topk([ShardPiece(scores[:5], 0, 10)], 1, identity, rank=1, world_size=2)
+    with pytest.raises(ValueError, match="rank 1 of 2 owns"):
+        sharded_global_topk([ShardPiece(scores[:4], 5, 10)], 1, identity, rank=1, world_size=2)
+    with pytest.raises(ValueError, match="eligibility flags"):
+        sharded_global_topk([ShardPiece(scores[5:], 5, 10)], 1, identity, rank=1, world_size=2,
+                            eligible=[torch.ones(4, dtype=torch.bool)])
+    assert zero3_partition(7, 3, 4) == (6, 7) and zero3_partition(1, 2, 4) == (1, 1)
+
+
+def test_order_preserving_bits_is_monotone():
+    tiny = torch.finfo(torch.float64).tiny
+    values = torch.tensor(
+        [-math.inf, -1e308, -1.5, -tiny, -5e-324, -0.0, 0.0, 5e-324, 1e-320, tiny, 1.0, 1e308, math.inf],
+        dtype=torch.float64,
+    )
+    keys = order_preserving_bits(values)
+    assert keys.dtype == torch.int64
+    steps = keys[1:] - keys[:-1]
+    assert (steps[:5] > 0).all() and steps[5] == 0 and (steps[6:] > 0).all()  # -0.0 == +0.0
+    float32 = torch.tensor([-math.inf, -3e38, -1e-45, 0.0, 1e-45, 1e-38, 3e38, math.inf])
+    assert (order_preserving_bits(float32).diff() > 0).all()  # float32 subnormals widen exactly
+    gen = torch.Generator().manual_seed(0)
+    mixed = torch.randint(-3, 4, (1000,), generator=gen) * torch.randn(1000, generator=gen)
+    assert torch.equal(
+        torch.argsort(order_preserving_bits(mixed), descending=True, stable=True),
+        torch.argsort(mixed, descending=True, stable=True),
+    )
+    with pytest.raises(ValueError, match="NaN"):
+        order_preserving_bits(torch.tensor([1.0, math.nan]))
+
+
+# --- two real processes over gloo, ResNet-50's weight layers -------------------------------------
+
+WORLD = 2
+SMALL = [7, 13, 1]  # odd sizes in front of ResNet-50's (mostly even) layers
+SCALE = 8  # ResNet-50's 54 weight layers at 1/8 of their size: the same collectives, in seconds
+
+
+def _resnet50_numels() -> list[int]:
+    torchvision = pytest.importorskip("torchvision")
+    with torch.device("meta"):
+        model = torchvision.models.resnet50()
+    return [p.numel() // SCALE + 1 for p in model.parameters() if p.dim() > 1]
+
+
+def _full_scores(numels: list[int], kind: str) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(7)
+    if kind == "magnitude":  # float32 |N(0, 1)|: millions of draws hold repeated values
+        return [torch.randn(n, generator=gen).abs() for n in numels]
+    return [torch.randint(-8, 8, (n,), generator=gen).float() / 8 for n in numels]  # heavy ties
+
+
+def _worker(rank: int, port: int, numels: list[int], out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+    torch.set_num_threads(1)
+    results = {}
+    for kind in ("magnitude", "ties"):
+        pieces = _pieces(_full_scores(numels, kind), rank, WORLD)
+        selection = sharded_global_topk(
+            pieces, sum(numels) // 10, dist.all_reduce, rank=rank, world_size=WORLD
+        )
+        results[kind] = {
+            "masks": selection.masks,
+            "bytes": selection.bytes_sent,
+            "all_reduces": selection.all_reduces,
+        }
+    torch.save(results, Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo"
+)
+def test_two_gloo_processes_on_resnet50_layers(tmp_path):
+    numels = SMALL + _resnet50_numels()
+    mp.spawn(_worker, args=(_free_port(), numels, str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    k = sum(numels) // 10
+    for kind in ("magnitude", "ties"):
+        full = _full_scores(numels, kind)
+        expected = global_topk_masks({str(i): s for i, s in enumerate(full)}, k)
+        for layer in range(len(numels)):
+            union = torch.cat([ranks[r][kind]["masks"][layer] for r in range(WORLD)])
+            assert torch.equal(union, expected[str(layer)]), f"{kind}, layer {layer}"
+        sent, calls = ranks[0][kind]["bytes"], ranks[0][kind]["all_reduces"]
+        assert (sent, calls) == (ranks[1][kind]["bytes"], ranks[1][kind]["all_reduces"])
+        # The payload depends on the number of layers and rounds only, never on the layers' sizes:
+        # at most 8 histograms and one (layers x world) tie table, also for the full-size model.
+        worst = 8 * HISTOGRAM_BYTES + len(numels) * WORLD * 8
+        assert sent <= worst < 64 * 1024
+        full_size_scores = SCALE * sum(numels) * 4
+        print(
+            f"\n{kind}: {len(numels)} layers, {sum(numels)} scores, {calls} all-reduces, {sent} bytes "
+            f"per selection on each rank (at most {worst}); gathering full-size ResNet-50's float32 "
+            f"scores: ~{full_size_scores} bytes"
+        )
