@@ -131,8 +131,13 @@ class ModelConfig:
 @dataclass
 class BackendConfig:
     name: str = "single"
-    """single (one process) or ddp (PyTorch DistributedDataParallel, one process per worker)."""
+    """single (one process), ddp (PyTorch DistributedDataParallel) or deepspeed (DeepSpeed ZeRO),
+    one process per worker; with one worker every backend runs as single."""
     zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3 (backend.name=deepspeed)."""
+    deepspeed_config: Optional[str] = None
+    """DeepSpeed JSON merged over distsparse's defaults; the batch sizes, ZeRO stage and optimizer
+    come from this config and may only be repeated there with the same values."""
     sparse_gradients: bool = True
     """DDP: all-reduce only the gradient entries at active positions between dense-gradient steps."""
     sync_batchnorm: bool = True
@@ -189,7 +194,7 @@ _CHOICES = {
     "data.name": ("fashion_mnist", "synthetic"),
     "data.loader": ("fmnist", "synthetic"),
     "model.name": ("mlp", "resnet18", "resnet50", "small_resnet"),
-    "backend.name": ("single", "ddp"),
+    "backend.name": ("single", "ddp", "deepspeed"),
     "launcher.name": ("local", "torchrun"),
 }
 
@@ -271,6 +276,8 @@ def validate(config: Config) -> None:
         all(0.0 < f < 1.0 for f in t.lr_milestones), "train.lr_milestones", t.lr_milestones,
         "fractions of training in (0, 1)",
     )
+    _check(config.backend.zero_stage in (0, 1, 2, 3), "backend.zero_stage", config.backend.zero_stage,
+           "one of 0, 1, 2, 3")
     workers = config.launcher.num_workers
     _check(workers >= 1, "launcher.num_workers", workers, "an integer >= 1")
     _check(t.batch_size % workers == 0, "train.batch_size", t.batch_size,

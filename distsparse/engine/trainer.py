@@ -51,7 +51,7 @@ class Trainer:
         if self.env.world_size > 1 and config.backend.name == "single":
             raise ConfigError(
                 f"config key 'backend.name' = 'single': {self.env.world_size} workers were "
-                "started; expected ddp"
+                "started; expected ddp or deepspeed"
             )
         self.device = _device(config.train.device, self.env)
         init_process_group(self.env, self.device)
@@ -92,11 +92,12 @@ class Trainer:
         verify_identical_masks(self.masks, self.device, self.step)
         self.flops.set_masks(self.masks)
         self.log: MetricsLog | None = None
-        if self.env.is_main:
-            if checkpoint is None:
+        if checkpoint is None:
+            if self.env.is_main:
                 (self.run_dir / "config.yaml").write_text(to_yaml(self.config), encoding="utf-8")
-                self._save(0.0)  # a run stopped before its first epoch ends can still resume
-            else:
+            self._save(0.0)  # a run stopped before its first epoch ends can still resume
+        if self.env.is_main:
+            if checkpoint is not None:
                 truncate_metrics(self.run_dir, self.step)
             self.log = MetricsLog(self.run_dir)
 
@@ -118,6 +119,12 @@ class Trainer:
             return SingleBackend(model, optimizer, self.masks)
         if self.device.type == "cuda" and self.config.backend.sync_batchnorm:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if self.config.backend.name == "deepspeed":
+            from distsparse.engine.backends.deepspeed import DeepSpeedBackend
+
+            return DeepSpeedBackend(model, optimizer, self.masks, self.env,
+                                    self.config.backend.zero_stage, self.config.train.batch_size,
+                                    self.config.backend.deepspeed_config)
         sparse = self.config.backend.sparse_gradients and self.method.uses_masks
         return DDPBackend(model, optimizer, self.masks, self.env, self.device, sparse)
 
@@ -203,19 +210,19 @@ class Trainer:
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step; returns the loss and the count of correct predictions (on device)."""
-        model, optimizer = self.backend.model, self.backend.optimizer
+        model = self.backend.model
         model.train()
         step = self.step
         update = self.method.uses_masks and self.method.is_update_step(step)
         self.backend.set_dense_gradients(update and self.method.needs_dense_grad(step))
         output = model(x)
         loss = F.cross_entropy(output, y, label_smoothing=self.config.train.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.backend.backward(loss)
         if update and self.method.update_replaces_optimizer_step:
             self._update_masks(step)
+            self.backend.skip_step()
         else:
-            optimizer.step()
+            self.backend.step()
             self._mask_all()
             if update:
                 self._update_masks(step)
@@ -262,7 +269,7 @@ class Trainer:
             "config": schedule_relevant(self.config),
             "step": self.step,
             "model": self.model_state(),
-            "optimizer": self.backend.optimizer.state_dict(),
+            "optimizer": self.backend.optimizer_state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "masks": self.masks.state_dict(),
             "method": self.method.state_dict(),
@@ -272,13 +279,13 @@ class Trainer:
         }
 
     def model_state(self) -> dict[str, torch.Tensor]:
-        """The model's state dict under canonical names (no DDP `module.` prefix)."""
-        model = self.backend.model
-        return getattr(model, "module", model).state_dict()
+        """The full model state dict under canonical names (a collective under ZeRO-3)."""
+        return self.backend.model_state_dict()
 
     def _save(self, wall_s: float) -> None:
+        state = self._state(wall_s)  # on every rank: a sharded backend gathers the full state
         if self.env.is_main:
-            save_checkpoint(self._state(wall_s), self.run_dir / CHECKPOINT_NAME)
+            save_checkpoint(state, self.run_dir / CHECKPOINT_NAME)
 
     def _restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  state: dict[str, Any]) -> None:

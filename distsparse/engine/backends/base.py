@@ -19,6 +19,21 @@ class Backend(Protocol):
     rank: int
     world_size: int
 
+    def backward(self, loss: torch.Tensor) -> None:
+        """Clear the previous step's gradients and backpropagate the loss (reduced over ranks)."""
+
+    def step(self) -> None:
+        """Apply the optimizer update."""
+
+    def skip_step(self) -> None:
+        """End a step without an optimizer update (gradients are dropped, state unchanged)."""
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The full model state dict under canonical names (a collective where state is sharded)."""
+
+    def optimizer_state_dict(self) -> dict:
+        """The optimizer state in the single-process layout (a collective where it is sharded)."""
+
     def weights(self) -> dict[str, torch.Tensor]:
         """The owned piece of every masked weight, by canonical name."""
 

@@ -18,6 +18,26 @@ class SingleBackend:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, masks: MaskSet) -> None:
         self.model, self.optimizer, self.mask_set = model, optimizer, masks
 
+    def backward(self, loss: torch.Tensor) -> None:
+        """Clear the previous gradients, then backpropagate."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+
+    def step(self) -> None:
+        """The optimizer update."""
+        self.optimizer.step()
+
+    def skip_step(self) -> None:
+        """Nothing to do: the next backward clears the gradients."""
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's state dict under canonical names (no DDP `module.` prefix)."""
+        return getattr(self.model, "module", self.model).state_dict()
+
+    def optimizer_state_dict(self) -> dict:
+        """The torch optimizer's state dict."""
+        return self.optimizer.state_dict()
+
     def weights(self) -> dict[str, torch.Tensor]:
         return {name: p.detach() for name, p in self.mask_set.params.items()}
 

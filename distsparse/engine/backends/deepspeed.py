@@ -1,0 +1,333 @@
+"""DeepSpeed ZeRO stages 0-3: masks in the model weight, the fp32 master and every optimizer state.
+
+Zeroing the model's weights after a step is not enough at stages 1-3: the fp32 master partition
+and the optimizer state would bring pruned weights back. After every step this backend masks the
+piece of each copy this rank owns, with the mask sliced to that piece's layout: the full tensor at
+stage 0, the flat fp32 partition of each parameter group at stages 1/2 (located through each
+parameter's `_hp_mapping`, the addresses `safe_set_full_fp32_param` writes through, without its
+all-reduce), and the per-rank slice `ds_tensor` at stage 3 (through the `safe_*_local_*` API).
+
+Checkpoints stay backend independent: `model_state_dict` and `optimizer_state_dict` gather the full
+tensors into the single-process layout (collectives: every rank calls them), and an optimizer state
+loaded into the torch optimizer before `deepspeed.initialize` is scattered into the partitions, so
+a run resumes bit for bit at any stage and any world size.
+
+Known cost at stage 3: `weights()` and `grads()` gather full tensors (all-gather) on mask-update
+steps only; the exact sharded selection (`sparsity.sharded_select`) is the follow-up.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.utils import (
+    safe_get_full_fp32_param,
+    safe_get_full_grad,
+    safe_get_full_optimizer_state,
+    safe_get_local_fp32_param,
+    safe_get_local_optimizer_state,
+    safe_set_local_fp32_param,
+    safe_set_local_optimizer_state,
+)
+from torch import nn
+
+from distsparse.dist.process_group import DistEnv, all_reduce
+from distsparse.engine.backends.single import SingleBackend
+from distsparse.errors import ConfigError
+from distsparse.sparsity.masks import MaskSet
+
+__all__ = ["DeepSpeedBackend", "deepspeed_config"]
+
+_OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+          "zero_optimization.stage", "zero_allow_untested_optimizer")
+_DEFAULTS: dict[str, Any] = {"gradient_clipping": 0.0, "steps_per_print": 2**31 - 1,
+                             "wall_clock_breakdown": False}
+
+
+def deepspeed_config(stage: int, global_batch: int, world_size: int, path: str | None) -> dict[str, Any]:
+    """The DeepSpeed config: our defaults, then the JSON at `path`, then the keys distsparse owns.
+
+    distsparse owns the batch sizes (from train.batch_size, no gradient accumulation), the ZeRO
+    stage (backend.zero_stage) and zero_allow_untested_optimizer (the optimizer is train.optimizer);
+    the JSON may repeat them only with the same values. The JSON may override the defaults
+    (gradient_clipping 0, no step printing) and add anything else (bf16, fp16, ZeRO bucket sizes).
+    """
+    ours = {
+        "train_batch_size": global_batch,
+        "train_micro_batch_size_per_gpu": global_batch // world_size,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+    }
+    user = _read_json(Path(path)) if path else {}
+    for key in ("optimizer", "scheduler"):
+        if key in user:
+            raise ConfigError(f"DeepSpeed config {path} sets '{key}': expected none "
+                              "(distsparse builds them from train.*)")
+    for dotted in _OWNED:
+        theirs, mine = _lookup(user, dotted), _lookup(ours, dotted)
+        if theirs is not None and theirs != mine:
+            raise ConfigError(f"DeepSpeed config {path} sets {dotted}={theirs!r}; distsparse sets "
+                              f"it to {mine!r} from its own config: remove it from the JSON")
+    return _merge(_merge(copy.deepcopy(_DEFAULTS), user), ours)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except OSError:
+        raise ConfigError(f"config key 'backend.deepspeed_config': {path} cannot be read") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"DeepSpeed config {path} must hold a JSON object")
+    return loaded
+
+
+def _lookup(tree: Mapping[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(tree, Mapping) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+    return base
+
+
+def _is_state_tensor(value: Any) -> bool:
+    """Element-wise optimizer state (momentum, exp_avg, ...), not a scalar such as Adam's step."""
+    return torch.is_tensor(value) and value.dim() > 0
+
+
+class DeepSpeedBackend(SingleBackend):
+    """A DeepSpeed engine built from the trainer's model and torch optimizer."""
+
+    def __init__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, masks: MaskSet, env: DistEnv,
+        stage: int, global_batch: int, config_path: str | None,
+    ) -> None:
+        super().__init__(model, optimizer, masks)
+        self.rank, self.world_size, self.stage = env.rank, env.world_size, stage
+        self.groups = [list(group["params"]) for group in optimizer.param_groups]
+        # A state loaded from a checkpoint is keyed by the model's parameters; DeepSpeed (stages
+        # 1-3) steps flat partitions instead, so it is scattered into them after initialize.
+        pending = {p: optimizer.state.pop(p) for p in list(optimizer.state)} if stage > 0 else {}
+        config = deepspeed_config(stage, global_batch, env.world_size, config_path)
+        self.model, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        self._wrap_optimizer_step()
+        self.dense_requested, self.dense_grads = False, {}
+        self.owned_cache: tuple[list[torch.Tensor], dict[Any, torch.Tensor]] = ([], {})
+        if pending:
+            self._install_optimizer_state(pending)
+
+    def _wrap_optimizer_step(self) -> None:
+        """Let `skip_step` run DeepSpeed's step bookkeeping while the torch update does nothing."""
+        self.skipping = False
+        inner = self.optimizer.step
+
+        @functools.wraps(inner)  # keeps the LR scheduler's step-order tracking
+        def step(*args: Any, **kwargs: Any) -> Any:
+            return None if self.skipping else inner(*args, **kwargs)
+
+        self.optimizer.step = step
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """engine.backward (gradients reduced over ranks); keeps the dense gradient if asked for."""
+        self.model.backward(loss)
+        self.dense_grads = {}
+        if self.dense_requested:
+            self.dense_grads = {name: safe_get_full_grad(p).detach().reshape(self._shape(p)).clone()
+                                for name, p in self.mask_set.params.items()}
+
+    def step(self) -> None:
+        """engine.step: the optimizer update (on this rank's partition), then gradients cleared."""
+        self.model.step()
+
+    def skip_step(self) -> None:
+        """Clear the gradients through engine.step without updating weights or optimizer state."""
+        self.skipping = True
+        try:
+            self.model.step()
+        finally:
+            self.skipping = False
+
+    def set_dense_gradients(self, needed: bool) -> None:
+        self.dense_requested = needed
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Full weights; at stage 3 gathered from the fp32 master (an all-gather: update steps only)."""
+        if self.stage < 3:
+            return super().weights()
+        return {name: safe_get_full_fp32_param(p).reshape(self._shape(p))
+                for name, p in self.mask_set.params.items()}
+
+    def grads(self) -> dict[str, torch.Tensor]:
+        """The dense gradient averaged over ranks, kept at the last backward that asked for it."""
+        return self.dense_grads
+
+    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        return all_reduce(value) / self.world_size
+
+    @torch.no_grad()
+    def mask_all_copies(self, masks: MaskSet) -> None:
+        """Zero masked-off entries in this rank's piece of the weight, fp32 master and state."""
+        if self.stage == 0:
+            super().mask_all_copies(masks)
+            return
+        owned = self._owned_masks(masks)
+        if self.stage < 3:
+            masks.apply()
+            for group in self.optimizer.param_groups:
+                for flat in group["params"]:
+                    keep = owned[flat]
+                    flat.masked_fill_(~keep, 0)
+                    for value in self.optimizer.state.get(flat, {}).values():
+                        if _is_state_tensor(value):
+                            value.masked_fill_(~keep, 0)
+            return
+        keys = self._state_keys()
+        for name, param in masks.params.items():
+            keep = owned[name]
+            param.ds_tensor.masked_fill_(~keep, 0)
+            if param.data.numel() == param.ds_numel:  # a persistent (never released) parameter
+                param.data.masked_fill_(~masks.masks[name].reshape(param.data.shape), 0)
+            safe_set_local_fp32_param(param, safe_get_local_fp32_param(param).masked_fill(~keep, 0))
+            for key in keys:
+                value = safe_get_local_optimizer_state(param, key)
+                safe_set_local_optimizer_state(param, value.masked_fill(~keep, 0), key)
+
+    def _owned_masks(self, masks: MaskSet) -> dict[Any, torch.Tensor]:
+        """Masks in the layout of this rank's pieces, rebuilt when a layer's mask changes.
+
+        Stages 1/2: one flat mask per fp32 partition (keyed by the partition tensor); stage 3: the
+        slice of each flattened, padded mask that `ds_tensor` holds (keyed by layer name).
+        """
+        sources, cached = self.owned_cache
+        current = list(masks.masks.values())
+        if len(sources) == len(current) and all(a is b for a, b in zip(sources, current)):
+            return cached
+        owned: dict[Any, torch.Tensor] = {}
+        if self.stage < 3:
+            names = {p: name for name, p in masks.params.items()}
+            for group, params in zip(self.optimizer.param_groups, self.groups):
+                for flat in group["params"]:
+                    keep = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
+                    for param in params:
+                        mapping = getattr(param, "_hp_mapping", None)
+                        if param in names and mapping is not None:
+                            lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
+                            keep.narrow(0, hp.start, hp.numel).copy_(
+                                masks.masks[names[param]].reshape(-1).narrow(0, lp.start, lp.numel))
+                    owned[flat] = keep
+        else:
+            for name, param in masks.params.items():
+                owned[name] = self._owned_slice(masks.masks[name], param, fill=False)
+        self.owned_cache = (current, owned)
+        return owned
+
+    def _owned_slice(self, full: torch.Tensor, param: nn.Parameter, fill: Any) -> torch.Tensor:
+        """Stage 3: this rank's slice of a full tensor, padded like `ds_tensor`."""
+        size = param.ds_tensor.numel()
+        flat = full.reshape(-1).to(param.ds_tensor.device)
+        padded = torch.full((size * self.world_size,), fill, dtype=flat.dtype, device=flat.device)
+        padded[: flat.numel()] = flat
+        return padded.narrow(0, self.rank * size, size)
+
+    def _state_keys(self) -> list[str]:
+        return sorted({key for state in self.optimizer.state.values()
+                       for key, value in state.items() if _is_state_tensor(value)})
+
+    def _shape(self, param: nn.Parameter) -> torch.Size:
+        return param.ds_shape if self.stage == 3 else param.shape
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The full model state dict under canonical names (stage 3 gathers: call on every rank)."""
+        module = self.model.module
+        if self.stage < 3:
+            return module.state_dict()
+        with deepspeed.zero.GatheredParameters(list(module.parameters())):
+            return {key: value.detach().clone() for key, value in module.state_dict().items()}
+
+    def optimizer_state_dict(self) -> dict[str, Any]:
+        """The optimizer state in the single-process layout (gathered: call on every rank)."""
+        if self.stage == 0:
+            return self.optimizer.state_dict()
+        states = list(self.optimizer.state.values())
+        scalars = {key: value for key, value in states[0].items() if not _is_state_tensor(value)} \
+            if states else {}
+        keys = self._state_keys()
+        state, groups, index = {}, [], 0
+        for group, params in zip(self.optimizer.param_groups, self.groups):
+            start = index
+            for param in params:
+                if states:
+                    state[index] = {**{key: value.clone() for key, value in scalars.items()},
+                                    **{key: self._full_state(param, key) for key in keys}}
+                index += 1
+            settings = {key: value for key, value in group.items() if key != "params"}
+            groups.append({**settings, "params": list(range(start, index))})
+        return {"state": state, "param_groups": groups}
+
+    def _full_state(self, param: nn.Parameter, key: str) -> torch.Tensor:
+        if self.stage == 3:
+            return safe_get_full_optimizer_state(param, key).reshape(param.ds_shape).cpu().clone()
+        full = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
+        mapping = param._hp_mapping
+        if mapping is not None:
+            lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
+            flat = self._flat_of(param)
+            full.narrow(0, lp.start, lp.numel).copy_(
+                self.optimizer.state[flat][key].narrow(0, hp.start, hp.numel))
+        dist.all_reduce(full)
+        return full.reshape(param.shape).cpu()
+
+    def _flat_of(self, param: nn.Parameter) -> torch.Tensor:
+        for group, params in zip(self.optimizer.param_groups, self.groups):
+            if any(param is p for p in params):
+                return group["params"][0]
+        raise KeyError("parameter not in any optimizer group")
+
+    @torch.no_grad()
+    def _install_optimizer_state(self, pending: Mapping[nn.Parameter, dict[str, Any]]) -> None:
+        """Scatter a single-process optimizer state into DeepSpeed's partitions (stages 1-3)."""
+        entries = next(iter(pending.values()))
+        for flat in self._flats():
+            self.optimizer.state[flat] = {
+                key: torch.zeros_like(flat) if _is_state_tensor(value) else value.clone()
+                for key, value in entries.items()
+            }
+        for params in self.groups:
+            for param in params:
+                for key, value in pending.get(param, {}).items():
+                    if _is_state_tensor(value):
+                        self._set_owned_state(param, key, value)
+
+    def _flats(self) -> list[torch.Tensor]:
+        """The flat fp32 partitions the torch optimizer steps (stage 3 lists them outside steps)."""
+        if self.stage == 3:
+            return list(self.model.optimizer.fp32_partitioned_groups_flat)
+        return [flat for group in self.optimizer.param_groups for flat in group["params"]]
+
+    def _set_owned_state(self, param: nn.Parameter, key: str, full: torch.Tensor) -> None:
+        if self.stage == 3:
+            safe_set_local_optimizer_state(param, self._owned_slice(full.float(), param, 0.0), key)
+            return
+        mapping = param._hp_mapping
+        if mapping is not None:
+            lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
+            self.optimizer.state[self._flat_of(param)][key].narrow(0, hp.start, hp.numel).copy_(
+                full.reshape(-1).narrow(0, lp.start, lp.numel))

@@ -1,0 +1,199 @@
+"""DeepSpeed ZeRO 0-3 on 2 gloo processes: masks hold in every copy; same network as DDP; resume.
+
+All runs happen in one pair of spawned workers (DeepSpeed's start-up is paid once). Every check
+runs on both ranks in the same order (the read-backs are collectives) and records a message
+instead of raising, so a failed check never leaves the other rank waiting in a collective.
+Float32: DeepSpeed's ZeRO master copy is float32 whatever the model's dtype.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import socket
+import traceback
+from pathlib import Path
+
+import deepspeed
+import pytest
+import torch
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+from distsparse.config import load_config
+from distsparse.engine.backends.deepspeed import deepspeed_config
+from distsparse.errors import ConfigError
+from tests.conftest import SMALL
+
+QUICKSTART = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
+BASE = [*SMALL, "model.name=mlp", "launcher.num_workers=2"]
+STAGES = (0, 1, 2, 3)
+# RigL skips the optimizer step on update steps (DeepSpeed's step then only clears gradients);
+# GraNet-ST prunes and regrows after the step. Both grow by the dense gradient.
+CASES = (("sgd", "rigl"), ("adamw", "granet_st"))
+WEIGHT_TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
+"""DDP vs DeepSpeed weights in float32 (reductions may group differently); masks must be equal."""
+
+
+def _copies(trainer) -> dict[str, dict[str, torch.Tensor]]:
+    """Full model weight, fp32 master and every optimizer-state tensor of each masked layer."""
+    backend = trainer.backend
+    copies = {}
+    for name, param in trainer.masks.params.items():
+        if backend.stage == 3:
+            with deepspeed.zero.GatheredParameters([param]):
+                weight = param.data.detach().clone()
+        else:
+            weight = param.detach().clone()
+        found = {"weight": weight}
+        if backend.stage == 0:
+            found.update({key: value for key, value in backend.optimizer.state.get(param, {}).items()
+                          if torch.is_tensor(value) and value.dim() > 0})
+        else:
+            found["fp32 master"] = safe_get_full_fp32_param(param).reshape(weight.shape)
+            for key in backend._state_keys():
+                found[key] = safe_get_full_optimizer_state(param, key).reshape(weight.shape)
+        copies[name] = found
+    return copies
+
+
+def _check_zero_at(trainer, positions: dict[str, torch.Tensor], what: str, step: int,
+                   errors: list[str], require_state: bool) -> None:
+    for name, found in _copies(trainer).items():
+        if require_state and len(found) < (2 if trainer.backend.stage == 0 else 3):
+            errors.append(f"stage {trainer.backend.stage} step {step}: {name} lacks copies {list(found)}")
+        for copy_name, tensor in found.items():
+            bad = int((tensor[positions[name]] != 0).sum())
+            if bad:
+                errors.append(f"stage {trainer.backend.stage} step {step}: {bad} {what} entries of "
+                              f"{name} are non-zero in the {copy_name}")
+
+
+def _instrument(trainer, errors: list[str]) -> None:
+    """After every step: masked-off entries are 0 in every copy; regrown ones start at 0."""
+    train_step, update_masks = trainer._train_step, trainer._update_masks
+
+    def checked_update(step):
+        before = {name: mask.clone() for name, mask in trainer.masks.masks.items()}
+        update_masks(step)
+        regrown = {name: trainer.masks.masks[name] & ~before[name] for name in before}
+        trainer.regrown_total = getattr(trainer, "regrown_total", 0) + sum(
+            int(r.sum()) for r in regrown.values())
+        _check_zero_at(trainer, regrown, "regrown", step, errors, require_state=True)
+
+    def checked_step(x, y):
+        result = train_step(x, y)
+        masked_off = {name: ~mask for name, mask in trainer.masks.masks.items()}
+        _check_zero_at(trainer, masked_off, "masked-off", trainer.step, errors, require_state=True)
+        return result
+
+    trainer._update_masks, trainer._train_step = checked_update, checked_step
+
+
+def _train(overrides: list[str], errors: list[str] | None = None, resume: Path | None = None):
+    from distsparse.engine.trainer import Trainer
+
+    if resume is None:
+        config = load_config(QUICKSTART, [*BASE, *overrides])
+    else:
+        config = load_config(resume / "config.yaml",
+                             ["run.stop_at_step=null", "launcher.num_workers=2", *overrides])
+    trainer = Trainer(config, resume)
+    if errors is not None:
+        _instrument(trainer, errors)
+    trainer.fit()
+    torch.distributed.barrier()  # rank 0 has written the run's last checkpoint
+    if errors is not None and not getattr(trainer, "regrown_total", 0):
+        errors.append(f"{config.run.dir}: no update regrew a connection (nothing was shown)")
+    return trainer
+
+
+def _fingerprints(run: Path) -> list[tuple[int, str]]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["fingerprint"]) for r in records if r["kind"] == "mask_update"]
+
+
+def _compare(a: Path, b: Path, label: str, errors: list[str], exact: bool) -> None:
+    if _fingerprints(a) != _fingerprints(b) or not _fingerprints(a):
+        errors.append(f"{label}: masks after the updates differ or there were none")
+    first = torch.load(a / "checkpoints" / "last.pt", weights_only=True)
+    second = torch.load(b / "checkpoints" / "last.pt", weights_only=True)
+    for name in first["masks"]:
+        if not torch.equal(first["masks"][name], second["masks"][name]):
+            errors.append(f"{label}: final mask of {name} differs")
+    for part in ("model",):
+        for name, value in first[part].items():
+            other = second[part][name]
+            same = torch.equal(value, other) if exact else torch.allclose(value, other, **WEIGHT_TOLERANCE)
+            if not same:
+                errors.append(f"{label}: {part} {name} differs by {float((value - other).abs().max())}")
+    if exact:
+        for index, state in first["optimizer"]["state"].items():
+            for key, value in state.items():
+                if not torch.equal(value, second["optimizer"]["state"][index][key]):
+                    errors.append(f"{label}: optimizer state {index}.{key} differs")
+
+
+def _worker(rank: int, port: int, root: str, queue) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    errors: list[str] = []
+    try:
+        root_dir = Path(root)
+        for optimizer, method in CASES:
+            common = [f"train.optimizer={optimizer}", f"method.name={method}"]
+            if optimizer == "adamw":
+                common.append("train.lr=0.01")
+            ddp = root_dir / f"ddp-{optimizer}"
+            _train([*common, "backend.name=ddp", f"run.dir={ddp}"])
+            for stage in STAGES:
+                run = root_dir / f"ds{stage}-{optimizer}"
+                _train([*common, "backend.name=deepspeed", f"backend.zero_stage={stage}",
+                        f"run.dir={run}"], errors)
+                _compare(ddp, run, f"DDP vs ZeRO-{stage} {optimizer}", errors, exact=False)
+        for stage in STAGES:
+            common = ["method.name=rigl", "backend.name=deepspeed", f"backend.zero_stage={stage}"]
+            whole, parts = root_dir / f"ds{stage}-sgd", root_dir / f"resumed{stage}"
+            _train([*common, f"run.dir={parts}", "run.stop_at_step=7"])
+            _train([f"run.dir={parts}"], resume=parts)
+            _compare(whole, parts, f"ZeRO-{stage} resume", errors, exact=True)
+    except Exception:  # report, then leave: the other rank fails on its collective timeout
+        errors.append(traceback.format_exc())
+    queue.put((rank, errors))
+
+
+def test_masks_hold_in_every_copy_match_ddp_and_resume_exactly(tmp_path):
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    workers = [context.Process(target=_worker, args=(rank, port, str(tmp_path), queue))
+               for rank in range(2)]
+    for worker in workers:
+        worker.start()
+    try:
+        results = dict(queue.get(timeout=400) for _ in workers)
+    finally:
+        for worker in workers:
+            worker.join(timeout=30)
+            if worker.is_alive():
+                worker.terminate()
+    assert results == {0: [], 1: []}, "\n".join(results.get(0, [])[:40] + results.get(1, [])[:5])
+
+
+def test_config_merge_keeps_distsparse_keys_and_rejects_conflicts(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"gradient_clipping": 1.0, "zero_optimization": {"reduce_bucket_size": 5}}))
+    merged = deepspeed_config(2, 64, 2, str(path))
+    assert merged["gradient_clipping"] == 1.0
+    assert merged["zero_optimization"] == {"reduce_bucket_size": 5, "stage": 2}
+    assert (merged["train_batch_size"], merged["train_micro_batch_size_per_gpu"]) == (64, 32)
+    path.write_text(json.dumps({"train_batch_size": 128}))
+    with pytest.raises(ConfigError, match="train_batch_size=128"):
+        deepspeed_config(2, 64, 2, str(path))
+    path.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
+    with pytest.raises(ConfigError, match="'optimizer'"):
+        deepspeed_config(2, 64, 2, str(path))
+    with pytest.raises(ConfigError, match="backend.zero_stage"):
+        load_config(None, ["backend.name=deepspeed", "backend.zero_stage=4"])
