@@ -6,6 +6,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${DISTSPARSE_VENV:-$ROOT/.venv}"
 TORCH_PAIR=(torch==2.13.0 torchvision==0.28.0)
+DEEPSPEED=deepspeed==0.19.8
 FMNIST_DIR=/usr/share/datasets/fashion-mnist
 
 stamp_key() { cat "$ROOT/pyproject.toml" "$ROOT/launch/install.sh" | sha256sum | cut -d' ' -f1; }
@@ -31,6 +32,10 @@ cert_args=()
 [[ -n ${PIP_CERT:-} ]] && cert_args=(--cert "$PIP_CERT")
 echo "[install] ${TORCH_PAIR[*]} (first run downloads several GB)"
 "${PIP[@]}" install --isolated -q "${cert_args[@]}" "${TORCH_PAIR[@]}"
+# DeepSpeed builds against the installed torch (no build isolation) and compiles its ops on first
+# use (the CPU shm comm op needs g++), so it comes after torch and keeps it.
+echo "[install] $DEEPSPEED"
+DS_BUILD_OPS=0 "${PIP[@]}" install -q --no-build-isolation "${cert_args[@]}" "$DEEPSPEED"
 echo "[install] distsparse and its dependencies"
 "${PIP[@]}" install -q -e "$ROOT[test]"
 stamp_key >"$VENV/.distsparse-installed"
