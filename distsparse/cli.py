@@ -83,12 +83,15 @@ def _spawn(nproc: int, arguments: tuple) -> int:
                for rank in range(nproc)]
     for worker in workers:
         worker.start()
+    first_failure = 0
     while any(w.exitcode is None for w in workers):
-        if any(w.exitcode not in (None, 0) for w in workers):
+        failed = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
+        if failed and not first_failure:
+            first_failure = failed[0]  # the cause, not the SIGTERM sent to the others
             for worker in workers:
                 worker.terminate()
         time.sleep(0.2)
-    return max((w.exitcode for w in workers), key=abs)
+    return first_failure or max((w.exitcode for w in workers), key=abs)
 
 
 def _run_reporting_errors(function, *arguments, quiet: bool = False) -> int:

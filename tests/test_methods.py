@@ -21,6 +21,7 @@ import torch
 from distsparse.config import MethodConfig
 from distsparse.errors import ConfigError
 from distsparse.methods import METHODS, TrainingSchedule, build_method, resolve_method_config
+from distsparse.methods.init_masks import InitContext
 from distsparse.sparsity.allocation import active_count, erdos_renyi_densities
 from distsparse.sparsity.counter_rng import random_bits
 
@@ -37,7 +38,11 @@ DST_UPDATES = [100, 200, 300, 400, 500, 600, 700]  # every 100 steps up to 0.75 
 PRUNE_UPDATES = [100, 200, 300, 400, 500, 600, 700, 800, 900]  # every 100 steps to the end
 
 # family: dense (never masks), static (fixed mask), swap (constant count drop/grow),
-# prune (gradual magnitude pruning to the target, optionally with regrowth).
+# prune (gradual magnitude pruning to the target, optionally with regrowth), pai (a static mask
+# chosen at step 0 by a pruning-at-init criterion: global top-k, so only the total count is fixed,
+# and a function of the weights and data rather than of the seed, except random which is ERK).
+PAI_ROW = dict(family="pai", init_density=0.1, updates=[], dense_grad=False, scope="global",
+               seeded=False)
 SETTINGS: dict[str, dict] = {
     "dense": dict(family="dense", init_density=1.0, updates=[], dense_grad=False),
     "static": dict(family="static", init_density=0.1, updates=[], dense_grad=False),
@@ -49,7 +54,37 @@ SETTINGS: dict[str, dict] = {
                    regrow=True),
     "granet_st": dict(family="prune", init_density=0.5, updates=PRUNE_UPDATES, dense_grad=True,
                       regrow=True),
+    "random": dict(PAI_ROW, scope="layer", seeded=True),
+    **{name: PAI_ROW for name in ("magnitude", "snip", "grasp", "synflow", "iter_snip", "force")},
 }
+
+
+class _TinyNet(torch.nn.Module):
+    """The layers of SHAPES (conv1, conv2, fc) as a network, for the data-dependent criteria."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.conv2 = torch.nn.Conv2d(8, 16, 3, padding=1, bias=False)
+        self.fc = torch.nn.Linear(64, 10, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc(torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1))
+
+
+def _init_context() -> InitContext:
+    g = torch.Generator().manual_seed(4321)
+    model = _TinyNet()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    batches = [(torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 10, (8,), generator=g))
+               for _ in range(2)]
+    return InitContext(model, lambda: iter(batches), 8, (3, 6, 6), lambda t: t)
+
+
+CONTEXT = _init_context()
 
 ALL = sorted(METHODS)
 
@@ -119,11 +154,16 @@ def _cubic_target_active(step: int, initial_sparsity: float) -> int:
 
 
 def _initial_counts(name: str) -> dict[str, int]:
+    """Per-layer counts of the initial masks (a global top-k fixes only their sum: see below)."""
     density = _settings(name)["init_density"]
     if density >= 1.0:
         return dict(NUMEL)
     erk = erdos_renyi_densities(SHAPES, density)
     return {n: active_count(NUMEL[n], erk[n]) for n in SHAPES}
+
+
+def _initial_masks(method):
+    return method.initial_masks(SHAPES, CONTEXT)
 
 
 # --- the fake training loop ---------------------------------------------------------------------
@@ -145,7 +185,7 @@ def _clone(d):
 def _simulate(name: str, seed: int = SEED, global_seed: int = 0, **overrides):
     torch.manual_seed(global_seed)
     method = _method(name, seed, **overrides)
-    masks = method.initial_masks(SHAPES)
+    masks = _initial_masks(method)
     initial = _clone(masks)
     g = torch.Generator().manual_seed(1234)
     weights = {n: torch.randn(s, generator=g) * masks[n] for n, s in SHAPES.items()}
@@ -270,12 +310,15 @@ def test_pruning_that_starts_and_ends_on_the_same_step_reaches_the_target(name):
 @pytest.mark.parametrize("name", ALL)
 def test_initial_masks_have_exact_per_layer_counts(name):
     expected = _initial_counts(name)
-    masks = _method(name).initial_masks(SHAPES)
+    masks = _initial_masks(_method(name))
     assert list(masks) == list(SHAPES)
     for n, m in masks.items():
         assert m.dtype == torch.bool
         assert tuple(m.shape) == SHAPES[n]
-    assert _counts(masks) == expected
+    if _settings(name).get("scope") == "global":
+        assert sum(_counts(masks).values()) == TOTAL - (9 * TOTAL) // 10
+    else:
+        assert _counts(masks) == expected
     if _settings(name)["init_density"] >= 1.0:
         assert all(bool(m.all()) for m in masks.values())
 
@@ -298,16 +341,16 @@ def test_initial_erk_counts_by_hand():
 @pytest.mark.parametrize("name", ALL)
 def test_initial_masks_depend_only_on_the_seed(name):
     torch.manual_seed(1)
-    a = _method(name, seed=5).initial_masks(SHAPES)
+    a = _initial_masks(_method(name, seed=5))
     torch.manual_seed(2)
     torch.rand(1000)
-    b = _method(name, seed=5).initial_masks(SHAPES)
+    b = _initial_masks(_method(name, seed=5))
     state = torch.get_rng_state()
-    c = _method(name, seed=6).initial_masks(SHAPES)
+    c = _initial_masks(_method(name, seed=6))
     assert torch.equal(torch.get_rng_state(), state)  # the global RNG is not used
     for n in SHAPES:
         assert torch.equal(a[n], b[n])
-    if _settings(name)["init_density"] < 1.0:
+    if _settings(name)["init_density"] < 1.0 and _settings(name).get("seeded", True):
         for n in SHAPES:
             assert not torch.equal(a[n], c[n]), n
             assert int(a[n].sum()) == int(c[n].sum())
@@ -335,7 +378,7 @@ def test_updates_happen_exactly_at_the_scheduled_steps(name):
     assert dense_grad_steps == (expected if _settings(name)["dense_grad"] else [])
 
 
-@pytest.mark.parametrize("name", _names(("dense", "static")))
+@pytest.mark.parametrize("name", _names(("dense", "static", "pai")))
 def test_dense_and_static_masks_never_change(name):
     initial, updates, final, _ = _run(name)
     assert updates == []

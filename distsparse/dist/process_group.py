@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "all_reduce", "env_from_variables", "init_process_group", "is_distributed"]
+__all__ = ["DistEnv", "all_reduce", "env_from_variables", "init_process_group", "is_distributed",
+           "leave_process_group"]
 
 
 @dataclass(frozen=True)
@@ -39,11 +40,27 @@ def env_from_variables(environ: Mapping[str, str] = os.environ) -> DistEnv:
     return DistEnv()
 
 
-def init_process_group(env: DistEnv, device: torch.device) -> None:
-    """Join the default process group (gloo on CPU, NCCL on CUDA) when there are several workers."""
+def init_process_group(env: DistEnv, device: torch.device) -> bool:
+    """Join the default process group (gloo on CPU, NCCL on CUDA) when there are several workers.
+
+    Returns True when this call created the group (and the caller should leave it), False when
+    there is one worker or a launcher such as Ray Train already made it.
+    """
     if env.world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=env.rank, world_size=env.world_size)
+        return True
+    return False
+
+
+def leave_process_group() -> None:
+    """Destroy the default group before the process exits.
+
+    A worker exiting with a live gloo group can abort in a C++ destructor ("terminate called
+    without an active exception") while its peers still finish; destroying it first avoids that.
+    """
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_distributed() -> bool:

@@ -18,7 +18,13 @@ from tqdm import tqdm
 from distsparse.config import Config, run_directory, schedule_relevant, to_yaml
 from distsparse.data.loader import DataBundle, TensorLoader, build_data
 from distsparse.dist.mask_sync import verify_identical_masks
-from distsparse.dist.process_group import DistEnv, all_reduce, env_from_variables, init_process_group
+from distsparse.dist.process_group import (
+    DistEnv,
+    all_reduce,
+    env_from_variables,
+    init_process_group,
+    leave_process_group,
+)
 from distsparse.engine.backends import Backend, DDPBackend, SingleBackend
 from distsparse.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from distsparse.engine.flops import FlopCounter
@@ -37,7 +43,11 @@ __all__ = ["Trainer", "train"]
 def train(config: Config, resume: Path | None = None) -> dict[str, Any]:
     """Train a run (or resume one) and return its summary."""
     trainer = Trainer(config, resume)
-    summary = trainer.fit()
+    try:
+        summary = trainer.fit()
+    finally:
+        if trainer.owns_process_group:
+            leave_process_group()
     if trainer.env.is_main:
         print(format_table(summary))
     return summary
@@ -54,7 +64,7 @@ class Trainer:
                 "started; expected ddp or deepspeed"
             )
         self.device = _device(config.train.device, self.env)
-        init_process_group(self.env, self.device)
+        self.owns_process_group = init_process_group(self.env, self.device)
         self.data: DataBundle = build_data(config, self.env.rank, self.env.world_size)
         self.schedule = _schedule(config, self.data.train)
         if config.method.pai_batches > len(self.data.train):
