@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from distsparse.data import commands as data_commands
 from distsparse.errors import DistsparseError
 from distsparse.evaluate import commands as evaluate_commands
 from distsparse.prune_command import add_prune_parser, run_prune
@@ -32,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
                        "CPU, NCCL on GPU)")
     add_prune_parser(verbs)
     evaluate_commands.add_parsers(verbs)
+    data_commands.add_parsers(verbs)
     return parser
 
 
@@ -127,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_prune(args)
     if args.verb in evaluate_commands.VERBS:
         return _run_reporting_errors(evaluate_commands.run, args)
+    if args.verb in data_commands.VERBS:
+        return _run_reporting_errors(data_commands.run, args)
     return 0
 
 

@@ -98,6 +98,10 @@ class TrainConfig:
     """Parameter dtype: float32, or float64 for exactness checks."""
     log_every: int = 50
     """Steps between training-metric lines in metrics.jsonl."""
+    channels_last: bool = False
+    """Model and input batches in channels-last memory format (faster convolutions on GPU)."""
+    autocast: str = "none"
+    """Mixed precision of forward and loss: none or bf16 (torch.autocast; parameters stay fp32)."""
 
 
 @dataclass
@@ -110,16 +114,40 @@ class SyntheticConfig:
 
 
 @dataclass
+class ImageNetConfig:
+    """ImageNet-format data (data.name=imagenet): FFCV's ResNet recipe (libffcv/ffcv-imagenet)."""
+
+    num_workers: int = 8
+    """Loader workers per process: FFCV's decoding threads, or torchvision DataLoader processes."""
+    in_memory: bool = True
+    """FFCV: read the .beton through the OS page cache (ffcv-imagenet's in_memory=1)."""
+    min_res: int = 160
+    """Training resolution up to epoch start_ramp (progressive resizing)."""
+    max_res: int = 192
+    """Training resolution from epoch end_ramp on; in between linear, rounded to a multiple of 32."""
+    start_ramp: int = 0
+    """Epoch at which the training resolution starts to grow from min_res."""
+    end_ramp: int = 0
+    """Epoch at which the training resolution reaches max_res."""
+    val_res: int = 256
+    """Test-time resolution (ffcv-imagenet's rn50 configs: 256)."""
+    crop_ratio: float = 0.875
+    """Test-time center crop: this fraction of the shorter side, resized to val_res (224/256)."""
+
+
+@dataclass
 class DataConfig:
     name: str = "fashion_mnist"
-    """Data set: fashion_mnist or synthetic."""
+    """Data set: fashion_mnist, synthetic or imagenet (any ImageNet-format folder or .beton pair)."""
     loader: str = "fmnist"
-    """Pipeline: fmnist (idx files, in memory) or synthetic (generated)."""
+    """Pipeline: fmnist (idx files, in memory), synthetic (generated), or for imagenet ffcv
+    (data.path holds train.beton and val.beton) or torchvision (train/ and val/ ImageFolders)."""
     path: str = FASHION_MNIST_DIR
     """Directory of the data set's files."""
     augment: bool = True
     """Random crop (2 px padding) and horizontal flip on training batches."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    imagenet: ImageNetConfig = field(default_factory=ImageNetConfig)
 
 
 @dataclass
@@ -191,8 +219,9 @@ _CHOICES = {
     "train.lr_schedule": ("cosine", "step", "constant"),
     "train.device": ("cpu", "cuda", "auto"),
     "train.dtype": ("float32", "float64"),
-    "data.name": ("fashion_mnist", "synthetic"),
-    "data.loader": ("fmnist", "synthetic"),
+    "train.autocast": ("none", "bf16"),
+    "data.name": ("fashion_mnist", "synthetic", "imagenet"),
+    "data.loader": ("fmnist", "synthetic", "ffcv", "torchvision"),
     "model.name": ("mlp", "resnet18", "resnet50", "small_resnet"),
     "backend.name": ("single", "ddp", "deepspeed"),
     "launcher.name": ("local", "torchrun"),
@@ -287,9 +316,25 @@ def validate(config: Config) -> None:
     _check(r.checkpoint_every is None or r.checkpoint_every >= 1, "run.checkpoint_every",
            r.checkpoint_every, ">= 1")
     _check(bool(r.name) and "/" not in r.name, "run.name", r.name, "a non-empty name without '/'")
-    pairs = {("fashion_mnist", "fmnist"), ("synthetic", "synthetic")}
+    pairs = {("fashion_mnist", "fmnist"), ("synthetic", "synthetic"), ("imagenet", "ffcv"),
+             ("imagenet", "torchvision")}
     _check((config.data.name, config.data.loader) in pairs, "data.loader", config.data.loader,
-           f"a loader for data.name={config.data.name!r} (fashion_mnist: fmnist; synthetic: synthetic)")
+           f"a loader for data.name={config.data.name!r} (fashion_mnist: fmnist; synthetic: "
+           "synthetic; imagenet: ffcv or torchvision)")
+    _validate_imagenet(config.data.imagenet)
+
+
+def _validate_imagenet(i: ImageNetConfig) -> None:
+    key = "data.imagenet."
+    _check(i.num_workers >= 1, key + "num_workers", i.num_workers, "an integer >= 1")
+    _check(i.min_res >= 8, key + "min_res", i.min_res, "an integer >= 8")
+    _check(i.max_res >= i.min_res, key + "max_res", i.max_res,
+           f"an integer >= data.imagenet.min_res={i.min_res}")
+    _check(i.start_ramp >= 0, key + "start_ramp", i.start_ramp, "an epoch >= 0")
+    _check(i.end_ramp >= i.start_ramp, key + "end_ramp", i.end_ramp,
+           f"an epoch >= data.imagenet.start_ramp={i.start_ramp}")
+    _check(i.val_res >= 8, key + "val_res", i.val_res, "an integer >= 8")
+    _check(0.0 < i.crop_ratio <= 1.0, key + "crop_ratio", i.crop_ratio, "a value in (0, 1]")
 
 
 def _get(config: Config, dotted: str) -> Any:
@@ -320,4 +365,6 @@ def schedule_relevant(config: Config) -> dict[str, Any]:
         container.pop(section)
     for key in ("device", "log_every"):
         container["train"].pop(key)
+    for key in ("num_workers", "in_memory"):
+        container["data"]["imagenet"].pop(key)
     return container

@@ -1,6 +1,6 @@
 """Errors the command line reports as one line and a non-zero exit."""
 
-__all__ = ["CheckpointError", "ConfigError", "DistsparseError"]
+__all__ = ["CheckpointError", "ConfigError", "DataError", "DistsparseError"]
 
 
 class DistsparseError(Exception):
@@ -13,3 +13,7 @@ class ConfigError(DistsparseError):
 
 class CheckpointError(DistsparseError):
     """A missing, corrupt or mismatched checkpoint or run directory."""
+
+
+class DataError(DistsparseError):
+    """A missing, empty or unreadable data set folder or file (images, .beton)."""

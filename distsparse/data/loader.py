@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -17,9 +18,19 @@ from distsparse.data.fashion_mnist import load_fashion_mnist
 from distsparse.data.synthetic import synthetic_classification
 from distsparse.errors import ConfigError
 
-__all__ = ["DataBundle", "TensorLoader", "build_data"]
+__all__ = ["BatchLoader", "DataBundle", "TensorLoader", "build_data"]
 
 _PAD = 2
+
+
+class BatchLoader(Protocol):
+    """What the trainer needs of a loader: batches per epoch and this rank's batches of an epoch."""
+
+    def __len__(self) -> int: ...
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's (images, int64 labels) of global batches start, start+1, ... of `epoch`."""
+        ...
 
 
 class TensorLoader:
@@ -85,15 +96,20 @@ def _augment(x: torch.Tensor, flips: torch.Tensor, shifts: torch.Tensor) -> torc
 class DataBundle:
     """Train and test loaders and what a model needs to know about the data."""
 
-    train: TensorLoader
-    test: TensorLoader
+    train: BatchLoader
+    test: BatchLoader
     num_classes: int
     in_channels: int
 
 
-def build_data(config: Config, rank: int = 0, world_size: int = 1) -> DataBundle:
+def build_data(config: Config, rank: int = 0, world_size: int = 1,
+               device: torch.device = torch.device("cpu")) -> DataBundle:
     """Loaders for the configured data set; a missing path raises ConfigError naming data.path."""
     data = config.data
+    if data.name == "imagenet":
+        from distsparse.data.imagenet import build_imagenet
+
+        return build_imagenet(config, rank, world_size, device)
     if data.loader == "fmnist":
         try:
             train = load_fashion_mnist(data.path, "train")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from distsparse.config import Config, run_directory, schedule_relevant, to_yaml
-from distsparse.data.loader import DataBundle, TensorLoader, build_data
+from distsparse.data.loader import BatchLoader, DataBundle, build_data
 from distsparse.dist.mask_sync import verify_identical_masks
 from distsparse.dist.process_group import (
     DistEnv,
@@ -65,7 +65,8 @@ class Trainer:
             )
         self.device = _device(config.train.device, self.env)
         self.owns_process_group = init_process_group(self.env, self.device)
-        self.data: DataBundle = build_data(config, self.env.rank, self.env.world_size)
+        self.data: DataBundle = build_data(config, self.env.rank, self.env.world_size,
+                                           self.device)
         self.schedule = _schedule(config, self.data.train)
         if config.method.pai_batches > len(self.data.train):
             raise ConfigError(
@@ -82,6 +83,8 @@ class Trainer:
         torch.manual_seed(config.seed)
         model = build_model(config.model.name, self.data.num_classes, self.data.in_channels)
         model = model.to(device=self.device, dtype=getattr(torch, config.train.dtype))
+        if config.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         params = sparsifiable_parameters(
             model, config.method.dense_first_layer, config.method.dense_last_layer
         )
@@ -153,7 +156,15 @@ class Trainer:
             raise DistsparseError("rank 0 stopped with an error (see its message)")
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
-        return x.to(device=self.device, dtype=getattr(torch, self.config.train.dtype))
+        x = x.to(device=self.device, dtype=getattr(torch, self.config.train.dtype))
+        if self.config.train.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _autocast(self) -> torch.autocast:
+        """bf16 autocast of forward and loss when train.autocast=bf16 (parameters stay fp32)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16,
+                              enabled=self.config.train.autocast == "bf16")
 
     def _check_resume(self) -> dict[str, Any]:
         checkpoint = load_checkpoint(self.run_dir / CHECKPOINT_NAME)
@@ -225,8 +236,9 @@ class Trainer:
         step = self.step
         update = self.method.uses_masks and self.method.is_update_step(step)
         self.backend.set_dense_gradients(update and self.method.needs_dense_grad(step))
-        output = model(x)
-        loss = F.cross_entropy(output, y, label_smoothing=self.config.train.label_smoothing)
+        with self._autocast():
+            output = model(x)
+            loss = F.cross_entropy(output, y, label_smoothing=self.config.train.label_smoothing)
         self.backend.backward(loss)
         if update and self.method.update_replaces_optimizer_step:
             self._update_masks(step)
@@ -260,9 +272,10 @@ class Trainer:
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)
         for x, y in self.data.test.batches(0):
             x, y = self._to_device(x), y.to(self.device)
-            output = model(x)
+            with self._autocast():
+                output = model(x)
             totals[0] += (output.argmax(1) == y).sum()
-            totals[1] += F.cross_entropy(output, y, reduction="sum").double()
+            totals[1] += F.cross_entropy(output.float(), y, reduction="sum").double()
             totals[2] += len(y)
         correct, loss_sum, count = all_reduce(totals).tolist()
         return {"test_top1": correct / count, "test_loss": loss_sum / count}
@@ -348,7 +361,7 @@ def _device(name: str, env: DistEnv) -> torch.device:
     return torch.device("cuda", env.local_rank) if name == "cuda" else torch.device("cpu")
 
 
-def _schedule(config: Config, loader: TensorLoader) -> TrainingSchedule:
+def _schedule(config: Config, loader: BatchLoader) -> TrainingSchedule:
     per_epoch = len(loader)
     total = config.train.max_steps or config.train.epochs * per_epoch
     return TrainingSchedule(total_steps=total, steps_per_epoch=per_epoch)

@@ -1,0 +1,82 @@
+"""The torchvision fallback for ImageNet-format data: ImageFolder, PIL decoding, a DataLoader.
+
+The same augmentation as the FFCV pipelines (random resized crop at the epoch's resolution, flip,
+normalization; test: center crop of crop_ratio of the shorter side at val_res). The order is the
+embedded loaders' rule: one permutation per (seed, epoch), rank r takes the r-th contiguous slice
+of every global batch, so 1 and N workers see the same samples. Resuming skips whole batches
+without decoding them.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from torchvision import transforms
+from torchvision.datasets import ImageFolder
+
+from distsparse.config import ImageNetConfig
+from distsparse.data.imagenet import IMAGENET_MEAN, IMAGENET_STD, resolution_at
+from distsparse.errors import ConfigError, DataError
+
+__all__ = ["ImageFolderLoader"]
+
+
+class ImageFolderLoader:
+    """Batches of one ImageFolder split through torchvision transforms and a DataLoader."""
+
+    def __init__(self, root: Path, config: ImageNetConfig, global_batch: int, seed: int,
+                 train: bool, rank: int = 0, world_size: int = 1) -> None:
+        if global_batch % world_size:
+            raise ConfigError(
+                f"config key 'train.batch_size' = {global_batch}: expected a multiple of the "
+                f"world size {world_size}"
+            )
+        try:
+            self.dataset = ImageFolder(str(root))
+        except (FileNotFoundError, OSError) as exc:
+            raise DataError(f"{root}: {str(exc).splitlines()[0]}") from None
+        self.num_classes = len(self.dataset.classes)
+        self.config, self.global_batch, self.seed, self.train = config, global_batch, seed, train
+        self.rank, self.world_size = rank, world_size
+        self.normalize = transforms.Normalize((IMAGENET_MEAN / 255).tolist(),
+                                              (IMAGENET_STD / 255).tolist())
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        return n // self.global_batch if self.train else -(-n // self.global_batch)
+
+    def _transform(self, epoch: int) -> transforms.Compose:
+        if self.train:
+            side = resolution_at(epoch, self.config)
+            steps = [transforms.RandomResizedCrop(side), transforms.RandomHorizontalFlip()]
+        else:
+            side = self.config.val_res
+            steps = [transforms.Resize(round(side / self.config.crop_ratio)),
+                     transforms.CenterCrop(side)]
+        return transforms.Compose([*steps, transforms.ToTensor(), self.normalize])
+
+    def _index_batches(self, epoch: int, start: int) -> list[list[int]]:
+        n = len(self.dataset)
+        if self.train:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(n, generator=generator).tolist()
+        else:
+            order = list(range(n))
+        local = self.global_batch // self.world_size
+        chosen = []
+        for b in range(start, len(self)):
+            begin = b * self.global_batch + self.rank * local
+            chosen.append(order[begin: min(begin + local, n)])
+        return [batch for batch in chosen if batch]
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's part of global batches start, start+1, ... of `epoch`."""
+        self.dataset.transform = self._transform(epoch)
+        # Augmentation draws come from the DataLoader's workers, seeded per (seed, epoch, rank).
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 4099 + self.rank)
+        loader = DataLoader(self.dataset, batch_sampler=self._index_batches(epoch, start),
+                            num_workers=self.config.num_workers, generator=generator,
+                            persistent_workers=False)
+        yield from loader

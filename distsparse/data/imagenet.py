@@ -1,0 +1,88 @@
+"""ImageNet-format data: FFCV's ResNet recipe, or torchvision's ImageFolder as the fallback.
+
+`data.loader=ffcv`: data.path holds train.beton and val.beton (written by `distsparse write-beton`).
+Training follows libffcv/ffcv-imagenet's train_imagenet.py: random resized crop, horizontal flip,
+progressive resizing by epoch, normalization; the test set is a center crop of `crop_ratio` of
+the shorter side resized to `val_res`. Training is sharded by FFCV's `distributed=True` (PyTorch's
+DistributedSampler: rank r takes every W-th sample of the epoch's permutation), so the samples a
+rank sees, and the steps per epoch, depend on the world size: unlike the embedded loaders, FFCV
+runs are not identical across world sizes.
+
+`data.loader=torchvision`: data.path holds train/ and val/ ImageFolders; the same augmentation
+with torchvision transforms (no FFCV needed). Like the embedded loaders, every global batch is a
+pure function of (seed, epoch), each rank takes a contiguous slice of it, and a run sees the same
+samples on 1 or N workers.
+
+Both resume mid-epoch by skipping the epoch's first `first_batch` batches (FFCV still decodes them).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distsparse.config import Config, ImageNetConfig
+from distsparse.data.loader import DataBundle
+from distsparse.errors import ConfigError
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "build_imagenet", "resolution_at"]
+
+IMAGENET_MEAN: np.ndarray = np.array([0.485, 0.456, 0.406]) * 255
+"""Per-channel mean of ImageNet pixels in [0, 255] (RGB)."""
+IMAGENET_STD: np.ndarray = np.array([0.229, 0.224, 0.225]) * 255
+"""Per-channel standard deviation of ImageNet pixels in [0, 255] (RGB)."""
+
+_RESOLUTION_STEP = 32
+
+
+def resolution_at(epoch: int, config: ImageNetConfig) -> int:
+    """Training resolution of an epoch: min_res, a linear ramp rounded to a multiple of 32, max_res.
+
+    ffcv-imagenet's get_resolution: min_res up to start_ramp, max_res from end_ramp on.
+    """
+    if epoch <= config.start_ramp:
+        return config.min_res
+    if epoch >= config.end_ramp:
+        return config.max_res
+    interpolated = np.interp(epoch, [config.start_ramp, config.end_ramp],
+                             [config.min_res, config.max_res])
+    return int(np.round(interpolated / _RESOLUTION_STEP)) * _RESOLUTION_STEP
+
+
+def _require(path: Path, what: str, data_path: str) -> Path:
+    exists = path.is_dir() if what == "folder" else path.is_file()
+    if not exists:
+        raise ConfigError(f"config key 'data.path' = {data_path!r}: {what} {path} not found")
+    return path
+
+
+def build_imagenet(config: Config, rank: int, world_size: int, device: torch.device) -> DataBundle:
+    """Train and test loaders for data.name=imagenet (data.loader ffcv or torchvision)."""
+    data, batch = config.data, config.train.batch_size
+    root = Path(data.path)
+    if data.loader == "ffcv":
+        from distsparse.data.ffcv_loader import beton_num_classes, ffcv_train_loader, ffcv_val_loader
+
+        train_file = _require(root / "train.beton", "file", data.path)
+        val_file = _require(root / "val.beton", "file", data.path)
+        train = ffcv_train_loader(train_file, data.imagenet, batch, config.seed, rank, world_size,
+                                  device)
+        test = ffcv_val_loader(val_file, data.imagenet, batch, rank, world_size, device)
+        num_classes = beton_num_classes(train_file)
+    else:
+        from distsparse.data.imagefolder import ImageFolderLoader
+
+        train_dir = _require(root / "train", "folder", data.path)
+        val_dir = _require(root / "val", "folder", data.path)
+        train = ImageFolderLoader(train_dir, data.imagenet, batch, config.seed, True, rank,
+                                  world_size)
+        test = ImageFolderLoader(val_dir, data.imagenet, batch, config.seed, False, rank,
+                                 world_size)
+        num_classes = train.num_classes
+    if len(train) == 0:
+        raise ConfigError(
+            f"config key 'train.batch_size' = {batch}: larger than this rank's share of the "
+            f"training set in {data.path}"
+        )
+    return DataBundle(train=train, test=test, num_classes=num_classes, in_channels=3)
