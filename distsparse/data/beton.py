@@ -87,7 +87,8 @@ def write_beton(src: Path, out: Path, max_resolution: int = 500, jpeg_quality: i
     paths = [path for path, _ in samples]
     with get_context("fork").Pool(num_workers) as pool:
         checks = pool.imap(check_image, paths, chunksize=64)
-        for problem in tqdm(checks, total=len(paths), desc="checking images", disable=not progress):
+        for problem in tqdm(checks, total=len(paths), desc="checking images", leave=False,
+                            disable=not progress):
             if problem is not None:
                 raise DataError(problem)
     from ffcv.fields import IntField, RGBImageField

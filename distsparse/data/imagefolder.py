@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
@@ -20,7 +21,19 @@ from distsparse.config import ImageNetConfig
 from distsparse.data.imagenet import IMAGENET_MEAN, IMAGENET_STD, resolution_at
 from distsparse.errors import ConfigError, DataError
 
-__all__ = ["ImageFolderLoader"]
+__all__ = ["CenterSquare", "ImageFolderLoader"]
+
+
+class CenterSquare:
+    """The centered square of side int(ratio * shorter side): FFCV's CenterCropRGBImageDecoder crop."""
+
+    def __init__(self, ratio: float) -> None:
+        self.ratio = ratio
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        side = int(self.ratio * min(image.width, image.height))
+        top, left = (image.height - side) // 2, (image.width - side) // 2
+        return image.crop((left, top, left + side, top + side))
 
 
 class ImageFolderLoader:
@@ -53,8 +66,7 @@ class ImageFolderLoader:
             steps = [transforms.RandomResizedCrop(side), transforms.RandomHorizontalFlip()]
         else:
             side = self.config.val_res
-            steps = [transforms.Resize(round(side / self.config.crop_ratio)),
-                     transforms.CenterCrop(side)]
+            steps = [CenterSquare(self.config.crop_ratio), transforms.Resize((side, side))]
         return transforms.Compose([*steps, transforms.ToTensor(), self.normalize])
 
     def _index_batches(self, epoch: int, start: int) -> list[list[int]]:
