@@ -7,6 +7,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${DISTSPARSE_VENV:-$ROOT/.venv}"
 TORCH_PAIR=(torch==2.13.0 torchvision==0.28.0)
 DEEPSPEED=deepspeed==0.19.8
+FFCV=ffcv==1.0.2
+FFCV_APT=(libopencv-dev libturbojpeg0-dev)
 FMNIST_DIR=/usr/share/datasets/fashion-mnist
 
 stamp_key() { cat "$ROOT/pyproject.toml" "$ROOT/launch/install.sh" | sha256sum | cut -d' ' -f1; }
@@ -21,7 +23,17 @@ install_fashion_mnist() {
   fi
 }
 
+# FFCV builds against OpenCV and libjpeg-turbo: Debian packages, installed when missing.
+install_ffcv_libraries() {
+  dpkg -s "${FFCV_APT[@]}" >/dev/null 2>&1 && return 0
+  echo "[install] Debian packages ${FFCV_APT[*]} (for FFCV)"
+  if ! { as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${FFCV_APT[@]}"; } >/dev/null; then
+    echo "[install] warning: could not install ${FFCV_APT[*]} (needs apt and root); FFCV may fail to build, data.loader=torchvision works without it" >&2
+  fi
+}
+
 install_fashion_mnist
+install_ffcv_libraries
 if [[ -f $VENV/.distsparse-installed && $(cat "$VENV/.distsparse-installed") == "$(stamp_key)" ]]; then
   exit 0
 fi
@@ -36,6 +48,11 @@ echo "[install] ${TORCH_PAIR[*]} (first run downloads several GB)"
 # use (the CPU shm comm op needs g++), so it comes after torch and keeps it.
 echo "[install] $DEEPSPEED"
 DS_BUILD_OPS=0 "${PIP[@]}" install -q --no-build-isolation "${cert_args[@]}" "$DEEPSPEED"
+# FFCV's dependency pytorch_pfn_extras would pull the newest torch: keep the installed pair.
+echo "[install] $FFCV"
+if ! "${PIP[@]}" install -q "${cert_args[@]}" "$FFCV" "${TORCH_PAIR[@]}"; then
+  echo "[install] warning: $FFCV did not install; use data.loader=torchvision (FFCV tests skip, and fail under CI)" >&2
+fi
 echo "[install] distsparse and its dependencies"
 "${PIP[@]}" install -q -e "$ROOT[test]"
 stamp_key >"$VENV/.distsparse-installed"
