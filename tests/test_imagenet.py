@@ -298,3 +298,45 @@ def test_missing_data_files_name_data_path(tmp_path, capsys, loader):
     kind = "file" if loader == "ffcv" else "folder"
     assert err == f"distsparse: error: config key 'data.path' = '{tmp_path}': {kind} {missing} not found"
     assert not (tmp_path / "run").exists()
+
+
+def test_bf16_autocast_and_channels_last_keep_fp32_weights_and_exact_zeros(small_config):
+    from distsparse.engine.trainer import Trainer
+
+    trainer = Trainer(small_config("train.autocast=bf16", "train.channels_last=true",
+                                   "method.name=rigl", "train.epochs=1"))
+    model = trainer.backend.model
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    x = trainer._to_device(next(trainer.data.train.batches(0))[0])
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    with trainer._autocast():
+        assert model(x).dtype == torch.bfloat16
+    assert model(x).dtype == torch.float32
+    summary = trainer.fit()
+    assert summary["completed"] and math.isfinite(summary["test_loss"])
+    weights = trainer.backend.weights()
+    for name, mask in trainer.masks.masks.items():
+        assert weights[name].dtype == torch.float32
+        assert int(weights[name][~mask.bool()].count_nonzero()) == 0, name
+
+
+def test_imagenet_recipes_carry_the_papers_settings():
+    recipes = {path.stem: load_config(path) for path in (REPO / "configs" / "imagenet").glob("*.yaml")}
+    assert set(recipes) == {"dense", "rigl80", "rigl90", "granet_st80", "granet_st90", "granet_st95",
+                            "granet_st98", "granet90", "gmp90", "smoke"}
+    for name in ("rigl80", "rigl90"):
+        m, t = recipes[name].method, recipes[name].train
+        assert (m.name, m.distribution, m.dense_first_layer, m.update_interval, m.drop_fraction,
+                m.update_end) == ("rigl", "erk", True, 100, 0.3, 25_000 / 32_000)
+        assert (t.epochs, t.batch_size, t.lr, t.lr_milestones) == (100, 4096, 1.6, [0.3, 0.7, 0.9])
+        assert m.sparsity == int(name[-2:]) / 100
+    for name in ("granet_st80", "granet_st90", "granet_st95", "granet_st98", "granet90", "gmp90"):
+        m, t = recipes[name].method, recipes[name].train
+        assert (m.update_interval, m.prune_start, m.prune_end, m.prune_scope) == (4000, 0.0, 0.3, "global")
+        assert m.init_density == (0.5 if name.startswith("granet_st") else 1.0)
+        assert (t.epochs, t.batch_size, t.lr, t.lr_milestones, t.warmup_epochs) == \
+            (100, 128, 0.1, [0.3, 0.6, 0.9], 5)
+        assert m.sparsity == int(name[-2:]) / 100
+    for config in recipes.values():
+        assert config.data.name == "imagenet" and config.train.label_smoothing == 0.1
