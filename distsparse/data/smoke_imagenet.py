@@ -17,7 +17,6 @@ from distsparse.errors import DataError
 
 __all__ = ["make_smoke_imagenet"]
 
-_MIN_SIDE, _MAX_SIDE = 40, 128
 _JPEG_QUALITY = 90
 
 
@@ -25,18 +24,22 @@ def _folder_name(label: int) -> str:
     return f"{label:02d}_" + re.sub(r"[^a-z0-9]+", "_", FASHION_MNIST_CLASSES[label].lower())
 
 
-def _colorized(image: np.ndarray, rng: np.random.Generator) -> Image.Image:
+def _colorized(image: np.ndarray, rng: np.random.Generator, sides: tuple[int, int]) -> Image.Image:
     gray = image.astype(np.float32)[..., None] / 255.0
     foreground, background = rng.integers(0, 256, size=(2, 3))
     rgb = gray * foreground + (1.0 - gray) * background
-    width, height = rng.integers(_MIN_SIDE, _MAX_SIDE + 1, size=2)
+    width, height = rng.integers(sides[0], sides[1] + 1, size=2)
     picture = Image.fromarray(rgb.round().astype(np.uint8), mode="RGB")
     return picture.resize((int(width), int(height)), Image.Resampling.BICUBIC)
 
 
 def make_smoke_imagenet(out: Path, train_per_class: int = 32, val_per_class: int = 10,
-                        seed: int = 0, source: str = FASHION_MNIST_DIR) -> int:
-    """Write out/train and out/val (10 class folders each); returns the number of images."""
+                        seed: int = 0, source: str = FASHION_MNIST_DIR,
+                        sides: tuple[int, int] = (40, 128)) -> int:
+    """Write out/train and out/val (10 class folders each, image sides drawn from `sides`).
+
+    Returns the number of images written.
+    """
     if out.exists() and any(out.iterdir()):
         raise DataError(f"output folder {out} already exists and is not empty")
     try:
@@ -54,7 +57,7 @@ def make_smoke_imagenet(out: Path, train_per_class: int = 32, val_per_class: int
             folder.mkdir(parents=True)
             chosen = rng.permutation(np.flatnonzero(labels == label))[:per_class]
             for number, index in enumerate(sorted(chosen)):
-                _colorized(images[index].numpy(), rng).save(
+                _colorized(images[index].numpy(), rng, sides).save(
                     folder / f"{split}_{label}_{number:04d}.jpg", quality=_JPEG_QUALITY)
                 written += 1
     return written
