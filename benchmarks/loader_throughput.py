@@ -74,7 +74,7 @@ def main() -> None:
             beton = root / f"train-{probability}.beton"
             write_beton(folder, beton, max_resolution=500, compress_probability=probability,
                         num_workers=args.workers, progress=False)
-            loader = ffcv_train_loader(beton, config, args.batch_size, 0, 0, 1, cpu)
+            loader = ffcv_train_loader(beton, config, args.batch_size, 0, 1, cpu)
             rate = _images_per_second(loader, args.epochs)
             rows.append([label, f"{rate:.0f}", f"{rate / torchvision_rate:.2f}x"])
         rows.append(["torchvision ImageFolder + DataLoader (PIL)", f"{torchvision_rate:.0f}", "1.00x"])

@@ -340,3 +340,13 @@ def test_imagenet_recipes_carry_the_papers_settings():
         assert m.sparsity == int(name[-2:]) / 100
     for config in recipes.values():
         assert config.data.name == "imagenet" and config.train.label_smoothing == 0.1
+
+
+def test_unreadable_beton_is_named_in_one_line(tmp_path, capsys):
+    _require_ffcv()
+    for split in ("train", "val"):
+        (tmp_path / f"{split}.beton").write_bytes(b"not a beton file" * 100)
+    err = _one_line_error(capsys, ["train", SMOKE, f"data.path={tmp_path}",
+                                   f"run.dir={tmp_path / 'run'}"])
+    assert err.startswith(f"distsparse: error: {tmp_path / 'train.beton'} is not a readable .beton file (")
+    assert not (tmp_path / "run").exists()

@@ -35,14 +35,10 @@ class FFCVLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
-    def resolution(self, epoch: int) -> int:
-        """Side of the training images in `epoch` (progressive resizing)."""
-        return resolution_at(epoch, self.config)
-
     def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's batches start, start+1, ... of `epoch` (the order is a function of it)."""
-        if self.decoder is not None:
-            side = self.resolution(epoch)
+        if self.decoder is not None:  # progressive resizing: the crop size of this epoch
+            side = resolution_at(epoch, self.config)
             self.decoder.output_size = (side, side)
         self.loader.next_epoch = epoch  # FFCV seeds each epoch's order with seed + epoch
         iterator = iter(self.loader)
@@ -83,9 +79,12 @@ def _local_batch(global_batch: int, world_size: int) -> int:
     return global_batch // world_size
 
 
-def ffcv_train_loader(path: Path, config: ImageNetConfig, global_batch: int, seed: int, rank: int,
+def ffcv_train_loader(path: Path, config: ImageNetConfig, global_batch: int, seed: int,
                       world_size: int, device: torch.device) -> FFCVLoader:
-    """Random resized crop, flip, normalize; random order; sharded with FFCV's distributed=True."""
+    """Random resized crop, flip, normalize; random order; sharded with FFCV's distributed=True.
+
+    With several workers FFCV's DistributedSampler takes the rank from the process group.
+    """
     _open(path)
     side = resolution_at(0, config)
     decoder = RandomResizedCropRGBImageDecoder((side, side))

@@ -66,8 +66,7 @@ def build_imagenet(config: Config, rank: int, world_size: int, device: torch.dev
 
         train_file = _require(root / "train.beton", "file", data.path)
         val_file = _require(root / "val.beton", "file", data.path)
-        train = ffcv_train_loader(train_file, data.imagenet, batch, config.seed, rank, world_size,
-                                  device)
+        train = ffcv_train_loader(train_file, data.imagenet, batch, config.seed, world_size, device)
         test = ffcv_val_loader(val_file, data.imagenet, batch, rank, world_size, device)
         num_classes = beton_num_classes(train_file)
     else:
