@@ -350,3 +350,14 @@ def test_unreadable_beton_is_named_in_one_line(tmp_path, capsys):
                                    f"run.dir={tmp_path / 'run'}"])
     assert err.startswith(f"distsparse: error: {tmp_path / 'train.beton'} is not a readable .beton file (")
     assert not (tmp_path / "run").exists()
+
+
+def test_torchvision_split_with_other_classes_is_named(tmp_path, capsys):
+    for split, names in (("train", ("a", "b")), ("val", ("a",))):
+        for name in names:
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / split / name / "x.jpg")
+    err = _one_line_error(capsys, ["train", SMOKE, f"data.path={tmp_path}", "data.loader=torchvision",
+                                   "train.batch_size=1", f"run.dir={tmp_path / 'run'}"])
+    assert err == (f"distsparse: error: {tmp_path / 'val'} and {tmp_path / 'train'} hold different "
+                   "class folders")

@@ -24,7 +24,7 @@ import torch
 
 from distsparse.config import Config, ImageNetConfig
 from distsparse.data.loader import DataBundle
-from distsparse.errors import ConfigError
+from distsparse.errors import ConfigError, DataError
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "build_imagenet", "resolution_at"]
 
@@ -78,6 +78,8 @@ def build_imagenet(config: Config, rank: int, world_size: int, device: torch.dev
                                   world_size)
         test = ImageFolderLoader(val_dir, data.imagenet, batch, config.seed, False, rank,
                                  world_size)
+        if test.dataset.classes != train.dataset.classes:
+            raise DataError(f"{val_dir} and {train_dir} hold different class folders")
         num_classes = train.num_classes
     if len(train) == 0:
         raise ConfigError(
