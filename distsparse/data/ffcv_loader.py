@@ -63,9 +63,9 @@ def _image_pipeline(decoder, flip: bool, device: torch.device) -> list:
     return pipeline + [ToTorchImage()]
 
 
-def _open(path: Path) -> None:
+def _open(path: Path) -> Reader:
     try:
-        Reader(str(path))
+        return Reader(str(path))
     except Exception as exc:  # FFCV raises bare errors (struct, numpy, assert) on foreign files
         raise DataError(f"{path} is not a readable .beton file ({type(exc).__name__})") from None
 
@@ -104,8 +104,7 @@ def ffcv_val_loader(path: Path, config: ImageNetConfig, global_batch: int, rank:
     Each rank reads a contiguous slice of the file instead of FFCV's distributed sampler, which
     pads the set to a multiple of the world size and would count repeated images in top-1.
     """
-    _open(path)
-    count = Reader(str(path)).num_samples
+    count = _open(path).num_samples
     begin, end = rank * count // world_size, (rank + 1) * count // world_size
     decoder = CenterCropRGBImageDecoder((config.val_res, config.val_res), ratio=config.crop_ratio)
     loader = Loader(
@@ -120,7 +119,7 @@ def ffcv_val_loader(path: Path, config: ImageNetConfig, global_batch: int, rank:
 
 def beton_num_classes(path: Path) -> int:
     """1 + the largest label in a .beton's `label` field."""
-    reader = Reader(str(path))
+    reader = _open(path)
     names = list(reader.handlers)
     if "label" not in names or "image" not in names:
         raise DataError(f"{path}: expected the fields 'image' and 'label', found {', '.join(names)}")
