@@ -1,4 +1,5 @@
-"""Datasets: Fashion-MNIST idx reader and synthetic test data."""
+"""Datasets: Fashion-MNIST idx reader, synthetic test data; ImageNet-format data (FFCV or
+torchvision) lives in data.imagenet, data.ffcv_loader, data.imagefolder and data.beton."""
 
 from distsparse.data.fashion_mnist import (
     FASHION_MNIST_CLASSES,
