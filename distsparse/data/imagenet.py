@@ -14,6 +14,8 @@ pure function of (seed, epoch), each rank takes a contiguous slice of it, and a 
 samples on 1 or N workers.
 
 Both resume mid-epoch by skipping the epoch's first `first_batch` batches (FFCV still decodes them).
+FFCV's crop and flip draws come from numba's unseeded per-thread generators: its order is a
+function of (seed, epoch), its augmentation is not, so FFCV runs do not resume bit for bit.
 """
 from __future__ import annotations
 
