@@ -255,6 +255,7 @@ def test_torchvision_fallback_trains_through_the_same_trainer(smoke_folders, tmp
 
 
 def test_torchvision_loader_gives_each_rank_a_slice_of_the_same_global_batches(smoke_folders):
+    """Same samples and pixels on 1 or 2 ranks and after a mid-epoch resume."""
     config = load_config(None, ["data.imagenet.min_res=16", "data.imagenet.num_workers=1"]).data.imagenet
     one = ImageFolderLoader(smoke_folders / "train", config, 32, 7, True)
     halves = [ImageFolderLoader(smoke_folders / "train", config, 32, 7, True, rank, 2)
@@ -263,6 +264,12 @@ def test_torchvision_loader_gives_each_rank_a_slice_of_the_same_global_batches(s
     assert one._index_batches(1, 0) == [a + b for a, b in zip(*(h._index_batches(1, 0) for h in halves))]
     assert one._index_batches(1, 3) == one._index_batches(1, 0)[3:]
     assert one._index_batches(0, 0) != one._index_batches(1, 0)
+    # Pixels too: each sample's crop and flip are seeded by (seed, epoch, index).
+    full = list(one.batches(1))
+    resumed = next(one.batches(1, 3))
+    assert torch.equal(resumed[0], full[3][0]) and torch.equal(resumed[1], full[3][1])
+    split = [next(h.batches(1, 3)) for h in halves]
+    assert torch.equal(torch.cat([x for x, _ in split]), full[3][0])
 
 
 def test_resolution_follows_ffcv_imagenets_ramp():

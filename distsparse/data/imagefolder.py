@@ -3,8 +3,10 @@
 The same augmentation as the FFCV pipelines (random resized crop at the epoch's resolution, flip,
 normalization; test: center crop of crop_ratio of the shorter side at val_res). The order is the
 embedded loaders' rule: one permutation per (seed, epoch), rank r takes the r-th contiguous slice
-of every global batch, so 1 and N workers see the same samples. Resuming skips whole batches
-without decoding them.
+of every global batch, so 1 and N workers see the same samples. Each sample's crop and flip come
+from its own seed (seed, epoch, index), so batches do not depend on the world size or the number
+of DataLoader workers, and a resumed run skips whole batches without decoding them and continues
+with the same pixels.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
@@ -34,6 +36,21 @@ class CenterSquare:
         side = int(self.ratio * min(image.width, image.height))
         top, left = (image.height - side) // 2, (image.width - side) // 2
         return image.crop((left, top, left + side, top + side))
+
+
+class _SeededSamples(Dataset):
+    """An ImageFolder whose sample `index` is augmented with draws seeded by (seed, epoch, index)."""
+
+    def __init__(self, folder: ImageFolder, seed: int) -> None:
+        self.folder, self.seed = folder, seed
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 1_000_003 + index)
+            return self.folder[index]
 
 
 class ImageFolderLoader:
@@ -86,9 +103,6 @@ class ImageFolderLoader:
     def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's part of global batches start, start+1, ... of `epoch`."""
         self.dataset.transform = self._transform(epoch)
-        # Augmentation draws come from the DataLoader's workers, seeded per (seed, epoch, rank).
-        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 4099 + self.rank)
-        loader = DataLoader(self.dataset, batch_sampler=self._index_batches(epoch, start),
-                            num_workers=self.config.num_workers, generator=generator,
-                            persistent_workers=False)
-        yield from loader
+        samples = _SeededSamples(self.dataset, self.seed * 1_000_003 + epoch)
+        yield from DataLoader(samples, batch_sampler=self._index_batches(epoch, start),
+                              num_workers=self.config.num_workers)
