@@ -246,7 +246,7 @@ def test_torchvision_fallback_trains_through_the_same_trainer(smoke_folders, tmp
     run = tmp_path / "run"
     status = main(["train", SMOKE, f"data.path={smoke_folders}", f"run.dir={run}",
                    "data.loader=torchvision", "data.imagenet.num_workers=1", "train.epochs=1",
-                   "method.update_interval=2", "run.progress=false"])
+                   "method.update_interval=4", "run.progress=false"])
     assert status == 0, capsys.readouterr().err
     summary = json.loads((run / "summary.json").read_text())
     assert summary["completed"] and summary["steps"] == 5 and 0.0 <= summary["test_top1"] <= 1.0
