@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import subprocess
 import sys
@@ -23,7 +22,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from record import REPO, append_results, load_average, markdown_table, run_info
+from record import (
+    REPO,
+    append_results,
+    distsparse_command,
+    load_average,
+    markdown_table,
+    run_info,
+)
 
 BACKENDS = {
     "ddp": ["backend.name=ddp"],
@@ -41,14 +47,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _distsparse() -> list[str]:
-    script = Path(sys.executable).parent / "distsparse"
-    found = script if script.is_file() else shutil.which("distsparse")
-    return [str(found)] if found else [sys.executable, "-m", "distsparse.cli"]
-
-
 def _run(run_dir: Path, overrides: list[str]) -> tuple[dict, list[float]]:
-    command = [*_distsparse(), "train", "--nproc", "2", str(REPO / "configs" / "quickstart.yaml"),
+    command = [*distsparse_command(), "train", "--nproc", "2", str(REPO / "configs" / "quickstart.yaml"),
                *overrides, f"run.dir={run_dir}", "run.progress=false"]
     subprocess.run(command, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))

@@ -16,14 +16,12 @@ Run: python benchmarks/sharded_topk.py
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
-import socket
 import statistics
 import sys
 import time
 
-from record import REPO, append_results, load_average, markdown_table, run_info
+from record import REPO, append_results, load_average, markdown_table, run_info, run_ranks
 
 WORLD = 2
 KINDS = ("magnitude", "ties")
@@ -127,18 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     sys.path.insert(0, str(REPO))
     before = load_average()
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    workers = [context.Process(target=_worker, args=(r, port, args, queue)) for r in range(WORLD)]
     tick = time.perf_counter()
-    for worker in workers:
-        worker.start()
-    result = queue.get(timeout=3600)
-    for worker in workers:
-        worker.join()
+    result = run_ranks(_worker, WORLD, args)
     wall = time.perf_counter() - tick
     rows = []
     for kind in KINDS:
