@@ -26,7 +26,14 @@ import sys
 import time
 from pathlib import Path
 
-from record import REPO, append_results, load_average, markdown_table, run_info
+from record import (
+    REPO,
+    append_results,
+    distsparse_command,
+    load_average,
+    markdown_table,
+    run_info,
+)
 
 METHODS = ("dense", "static", "set", "rigl", "gmp", "granet", "granet_st")
 OUT = REPO / "benchmarks" / "out" / "acc"
@@ -46,12 +53,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _distsparse() -> list[str]:
-    script = Path(sys.executable).parent / "distsparse"
-    found = script if script.is_file() else shutil.which("distsparse")
-    return [str(found)] if found else [sys.executable, "-m", "distsparse.cli"]
-
-
 def _finished(run_dir: Path, epochs: int) -> dict | None:
     path = run_dir / "summary.json"
     if not path.is_file():
@@ -68,7 +69,7 @@ def _run(args: argparse.Namespace, method: str, sparsity: float, seed: int) -> d
     if run_dir.exists():
         shutil.rmtree(run_dir)
     command = [
-        *_distsparse(), "train", args.config, f"method.name={method}",
+        *distsparse_command(), "train", args.config, f"method.name={method}",
         f"method.sparsity={sparsity}", f"train.epochs={args.epochs}", f"seed={seed}",
         f"run.dir={run_dir.relative_to(REPO)}", "run.progress=false", *args.extra,
     ]

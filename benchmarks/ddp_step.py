@@ -11,15 +11,13 @@ counted by the hook where it calls all_reduce. Run: python benchmarks/ddp_step.p
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
-import socket
 import statistics
 import sys
 import tempfile
 import time
 
-from record import REPO, append_results, load_average, markdown_table, run_info
+from record import REPO, append_results, load_average, markdown_table, run_info, run_ranks
 
 VARIANTS = {
     "dense": ["method.name=dense"],
@@ -106,20 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     sys.path.insert(0, str(REPO))
     before = load_average()
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     with tempfile.TemporaryDirectory() as workdir:
-        workers = [context.Process(target=_worker, args=(r, port, args, workdir, queue))
-                   for r in range(2)]
         tick = time.perf_counter()
-        for worker in workers:
-            worker.start()
-        result = queue.get(timeout=1200)
-        for worker in workers:
-            worker.join()
+        result = run_ranks(_worker, 2, args, workdir, timeout=1200)
         wall = time.perf_counter() - tick
     medians = {name: statistics.median(t) for name, t in result["times"].items()}
     rows = [[name, f"{medians[name] * 1e3:.1f}", f"{medians[name] / medians['dense']:.3f}"]

@@ -27,7 +27,14 @@ import sys
 import time
 from pathlib import Path
 
-from record import REPO, append_results, load_average, markdown_table, run_info
+from record import (
+    REPO,
+    append_results,
+    distsparse_command,
+    load_average,
+    markdown_table,
+    run_info,
+)
 
 OUT = REPO / "benchmarks" / "out" / "pts"
 
@@ -46,12 +53,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="further `distsparse prune` options for every run (after --), "
                              "e.g. -- --population 25 --generations 25 --parents 10")
     return parser.parse_args(argv)
-
-
-def _distsparse() -> list[str]:
-    script = Path(sys.executable).parent / "distsparse"
-    found = script if script.is_file() else shutil.which("distsparse")
-    return [str(found)] if found else [sys.executable, "-m", "distsparse.cli"]
 
 
 def _run(command: list[str], label: str) -> float:
@@ -73,7 +74,7 @@ def _dense(args: argparse.Namespace) -> Path:
     run_dir = OUT / "dense"
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    _run([*_distsparse(), "train", args.config, "method.name=dense",
+    _run([*distsparse_command(), "train", args.config, "method.name=dense",
           f"train.epochs={args.dense_epochs}", f"run.dir={run_dir.relative_to(REPO)}",
           "run.progress=false"], "dense")
     return run_dir
@@ -84,7 +85,7 @@ def _prune(dense: Path, label: str, method: str, sparsity: float, epochs: int, s
     out = OUT / f"{label}-{sparsity:g}-s{seed}"
     if out.exists():
         shutil.rmtree(out)
-    seconds = _run([*_distsparse(), "prune", str(dense), "--method", method, "--sparsity", f"{sparsity}",
+    seconds = _run([*distsparse_command(), "prune", str(dense), "--method", method, "--sparsity", f"{sparsity}",
                     "--epochs", str(epochs), "--calib-samples", str(args.calib_samples),
                     "--seed", str(seed), "--out", str(out.relative_to(REPO)), "--no-progress",
                     *args.prune_args], f"{label} {sparsity:g} seed {seed}")

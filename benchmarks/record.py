@@ -6,17 +6,20 @@ on sys.path). Numbers are appended, never rewritten: RESULTS.md is the history o
 from __future__ import annotations
 
 import datetime
+import multiprocessing
 import os
 import platform
+import shutil
+import socket
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "REPO", "RESULTS", "append_results", "command_line", "environment", "load_average",
-    "markdown_table", "run_info",
+    "REPO", "RESULTS", "append_results", "command_line", "distsparse_command", "environment",
+    "load_average", "markdown_table", "run_info", "run_ranks",
 ]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -87,6 +90,34 @@ def append_results(title: str, info: Mapping[str, Any], body: str, path: Path = 
     bullets = "\n".join(f"- {key}: {value}" for key, value in info.items())
     with path.open("a", encoding="utf-8") as out:
         out.write(f"\n## {title}\n\n{bullets}\n\n{body.rstrip()}\n")
+
+
+def distsparse_command() -> list[str]:
+    """The `distsparse` CLI beside this Python (the .venv's), else on PATH, else `python -m`."""
+    script = Path(sys.executable).parent / "distsparse"
+    found = script if script.is_file() else shutil.which("distsparse")
+    return [str(found)] if found else [sys.executable, "-m", "distsparse.cli"]
+
+
+def run_ranks(worker: Callable[..., None], world_size: int, *arguments: Any,
+              timeout: float = 3600) -> Any:
+    """Spawn `worker(rank, port, *arguments, queue)` on world_size ranks; return what one puts.
+
+    The workers rendezvous on a free loopback port; rank 0 puts its result on the queue.
+    """
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    workers = [context.Process(target=worker, args=(rank, port, *arguments, queue))
+               for rank in range(world_size)]
+    for process in workers:
+        process.start()
+    result = queue.get(timeout=timeout)
+    for process in workers:
+        process.join()
+    return result
 
 
 def command_line() -> str:

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from record import REPO, append_results, load_average, run_info
+from record import REPO, append_results, distsparse_command, load_average, run_info
 
 OUT = REPO / "benchmarks" / "out" / "robustness"
 
@@ -40,10 +40,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _distsparse(*arguments: str) -> str:
-    script = Path(sys.executable).parent / "distsparse"
-    command = [str(script) if script.is_file() else "distsparse", *arguments]
-    print(" ".join(command[1:]), flush=True)
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    print(" ".join(arguments), flush=True)
+    result = subprocess.run([*distsparse_command(), *arguments], cwd=REPO, capture_output=True,
+                            text=True)
     if result.returncode != 0:
         raise SystemExit(f"failed (exit {result.returncode}): {result.stderr.strip()[-2000:]}")
     return result.stdout

@@ -3,7 +3,8 @@
 All runs happen in one pair of spawned workers (DeepSpeed's start-up is paid once). Every check
 runs on both ranks in the same order (the read-backs are collectives) and records a message
 instead of raising, so a failed check never leaves the other rank waiting in a collective.
-Float32: DeepSpeed's ZeRO master copy is float32 whatever the model's dtype.
+Float32 (and bf16 at stages 1-3 for the every-copy check): DeepSpeed's ZeRO master copy is float32
+whatever the model's dtype.
 """
 from __future__ import annotations
 
@@ -157,6 +158,16 @@ def _worker(rank: int, port: int, root: str, queue) -> None:
             _train([*common, f"run.dir={parts}", "run.stop_at_step=7"])
             _train([f"run.dir={parts}"], resume=parts)
             _compare(whole, parts, f"ZeRO-{stage} resume", errors, exact=True)
+        bf16 = root_dir / "bf16.json"
+        bf16.write_text(json.dumps({"bf16": {"enabled": True}}))
+        for stage in STAGES[1:]:
+            run = root_dir / f"bf16-ds{stage}"
+            trainer = _train(["method.name=rigl", "backend.name=deepspeed",
+                              f"backend.zero_stage={stage}", f"backend.deepspeed_config={bf16}",
+                              f"run.dir={run}"], errors)
+            dtypes = {param.dtype for param in trainer.masks.params.values()}
+            if dtypes != {torch.bfloat16}:
+                errors.append(f"bf16 at ZeRO-{stage}: the model's weights are {dtypes}")
     except Exception:  # report, then leave: the other rank fails on its collective timeout
         errors.append(traceback.format_exc())
     queue.put((rank, errors))
@@ -197,3 +208,7 @@ def test_config_merge_keeps_distsparse_keys_and_rejects_conflicts(tmp_path):
         deepspeed_config(2, 64, 2, str(path))
     with pytest.raises(ConfigError, match="backend.zero_stage"):
         load_config(None, ["backend.name=deepspeed", "backend.zero_stage=4"])
+    path.write_text(json.dumps({"bf16": {"enabled": True}}))
+    assert deepspeed_config(1, 64, 2, str(path))["bf16"] == {"enabled": True}
+    with pytest.raises(ConfigError, match="'backend.zero_stage' = 0 with bf16/fp16"):
+        deepspeed_config(0, 64, 2, str(path))

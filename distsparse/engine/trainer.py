@@ -64,6 +64,7 @@ class Trainer:
                 "started; expected ddp or deepspeed"
             )
         self.device = _device(config.train.device, self.env)
+        self.input_dtype: torch.dtype = getattr(torch, config.train.dtype)
         self.owns_process_group = init_process_group(self.env, self.device)
         self.data: DataBundle = build_data(config, self.env.rank, self.env.world_size,
                                            self.device)
@@ -75,6 +76,11 @@ class Trainer:
             )
         self.method: SparsityMethod = build_method(config.method, self.schedule, config.seed)
         self.config = dataclasses.replace(config, method=self.method.config)
+        if config.backend.name == "deepspeed" and self.env.world_size > 1:
+            from distsparse.engine.backends.deepspeed import deepspeed_config
+
+            deepspeed_config(config.backend.zero_stage, config.train.batch_size,
+                             self.env.world_size, config.backend.deepspeed_config)  # fail early
         self.run_dir = resume if resume is not None else run_directory(config)
         checkpoint = self._check_resume() if resume is not None else None
         if checkpoint is None:
@@ -101,6 +107,7 @@ class Trainer:
         else:
             self._restore(model, optimizer, checkpoint)
         self.backend: Backend = self._build_backend(model, optimizer)
+        self.input_dtype = self.backend.input_dtype or self.input_dtype
         self._mask_all()
         verify_identical_masks(self.masks, self.device, self.step)
         self.flops.set_masks(self.masks)
@@ -156,7 +163,7 @@ class Trainer:
             raise DistsparseError("rank 0 stopped with an error (see its message)")
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(device=self.device, dtype=getattr(torch, self.config.train.dtype))
+        x = x.to(device=self.device, dtype=self.input_dtype)
         if self.config.train.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x

@@ -18,6 +18,8 @@ class Backend(Protocol):
     optimizer: torch.optim.Optimizer
     rank: int
     world_size: int
+    input_dtype: torch.dtype | None
+    """The dtype the model takes its inputs in when the backend casts it (DeepSpeed bf16/fp16)."""
 
     def backward(self, loss: torch.Tensor) -> None:
         """Clear the previous step's gradients and backpropagate the loss (reduced over ranks)."""

@@ -58,6 +58,7 @@ def deepspeed_config(stage: int, global_batch: int, world_size: int, path: str |
     stage (backend.zero_stage) and zero_allow_untested_optimizer (the optimizer is train.optimizer);
     the JSON may repeat them only with the same values. The JSON may override the defaults
     (gradient_clipping 0, no step printing) and add anything else (bf16, fp16, ZeRO bucket sizes).
+    bf16/fp16 need stage 1-3: at stage 0 DeepSpeed keeps a master layout this backend does not mask.
     """
     ours = {
         "train_batch_size": global_batch,
@@ -76,7 +77,11 @@ def deepspeed_config(stage: int, global_batch: int, world_size: int, path: str |
         if theirs is not None and theirs != mine:
             raise ConfigError(f"DeepSpeed config {path} sets {dotted}={theirs!r}; distsparse sets "
                               f"it to {mine!r} from its own config: remove it from the JSON")
-    return _merge(_merge(copy.deepcopy(_DEFAULTS), user), ours)
+    merged = _merge(_merge(copy.deepcopy(_DEFAULTS), user), ours)
+    if stage == 0 and _mixed_precision(merged) is not None:
+        raise ConfigError(f"config key 'backend.zero_stage' = 0 with bf16/fp16 enabled in {path}: "
+                          "mixed precision needs ZeRO stage 1, 2 or 3")
+    return merged
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -108,6 +113,14 @@ def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
     return base
 
 
+def _mixed_precision(config: Mapping[str, Any]) -> torch.dtype | None:
+    """The model dtype DeepSpeed casts to (bf16 or fp16 enabled in its config), else None."""
+    for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        if _lookup(config, f"{key}.enabled"):
+            return dtype
+    return None
+
+
 def _is_state_tensor(value: Any) -> bool:
     """Element-wise optimizer state (momentum, exp_avg, ...), not a scalar such as Adam's step."""
     return torch.is_tensor(value) and value.dim() > 0
@@ -123,10 +136,11 @@ class DeepSpeedBackend(SingleBackend):
         super().__init__(model, optimizer, masks)
         self.rank, self.world_size, self.stage = env.rank, env.world_size, stage
         self.groups = [list(group["params"]) for group in optimizer.param_groups]
+        config = deepspeed_config(stage, global_batch, env.world_size, config_path)
+        self.input_dtype = _mixed_precision(config)
         # A state loaded from a checkpoint is keyed by the model's parameters; DeepSpeed (stages
         # 1-3) steps flat partitions instead, so it is scattered into them after initialize.
         pending = {p: optimizer.state.pop(p) for p in list(optimizer.state)} if stage > 0 else {}
-        config = deepspeed_config(stage, global_batch, env.world_size, config_path)
         self.model, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         self._wrap_optimizer_step()
         self.dense_requested, self.dense_grads = False, {}
@@ -169,8 +183,8 @@ class DeepSpeedBackend(SingleBackend):
         self.dense_requested = needed
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """Full weights; at stage 3 gathered from the fp32 master (an all-gather: update steps only)."""
-        if self.stage < 3:
+        """Full weights; in bf16/fp16 or at stage 3 from the fp32 master (update steps only)."""
+        if self.stage < 3 and self.input_dtype is None:
             return super().weights()
         return {name: safe_get_full_fp32_param(p).reshape(self._shape(p))
                 for name, p in self.mask_set.params.items()}

@@ -14,6 +14,7 @@ class SingleBackend:
 
     rank = 0
     world_size = 1
+    input_dtype: torch.dtype | None = None
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, masks: MaskSet) -> None:
         self.model, self.optimizer, self.mask_set = model, optimizer, masks
