@@ -172,3 +172,23 @@ def test_masking_turns_nan_and_inf_into_exact_zeros(small_config):
     trainer.backend.mask_all_copies(trainer.masks)
     assert torch.count_nonzero(param.detach()[pruned]) == 0 and not param.isnan().any()
     assert torch.count_nonzero(momentum[pruned]) == 0
+
+
+def test_a_checkpoint_written_before_a_config_key_existed_resumes_with_its_default(
+    small_config, tmp_path
+):
+    """Keys the schema gained later count as their defaults; a non-default value is refused."""
+    from distsparse.engine.checkpoint import save_checkpoint
+    from distsparse.errors import CheckpointError
+
+    Trainer(small_config("method.name=rigl", name="old")).log.close()
+    path = tmp_path / "old/checkpoints/last.pt"
+    state = torch.load(path, weights_only=True)
+    del state["config"]["train"]["autocast"], state["config"]["data"]["imagenet"]
+    save_checkpoint(state, path)
+    with pytest.raises(CheckpointError, match="train.autocast='none'; this config has .*'bf16'"):
+        Trainer(small_config("method.name=rigl", "train.autocast=bf16", name="old"),
+                resume=tmp_path / "old")
+    resumed = train(small_config("method.name=rigl", name="old"), resume=tmp_path / "old")
+    whole = train(small_config("method.name=rigl", name="whole"))
+    assert resumed["steps"] == 16 and resumed["mask_fingerprint"] == whole["mask_fingerprint"]

@@ -175,7 +175,9 @@ class Trainer:
 
     def _check_resume(self) -> dict[str, Any]:
         checkpoint = load_checkpoint(self.run_dir / CHECKPOINT_NAME)
-        stored, current = checkpoint["config"], schedule_relevant(self.config)
+        # Keys added to the schema after the run was written count as their defaults.
+        stored = _merged(schedule_relevant(Config()), checkpoint["config"])
+        current = schedule_relevant(self.config)
         difference = _first_difference(stored, current)
         if difference is not None:
             key, old, new = difference
@@ -381,6 +383,13 @@ def _claim_empty(run_dir: Path) -> None:
             "or choose another run.name or run.dir"
         )
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+
+
+def _merged(defaults: Any, stored: Any) -> Any:
+    """`stored` with the keys it lacks taken from `defaults`, recursively."""
+    if isinstance(defaults, dict) and isinstance(stored, dict):
+        return {**defaults, **{key: _merged(defaults.get(key), value) for key, value in stored.items()}}
+    return stored
 
 
 def _first_difference(stored: Any, current: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
