@@ -240,6 +240,14 @@ def test_smoke_config_trains_end_to_end_with_ffcv(smoke_betons, tmp_path, capsys
     assert [r["epoch"] for r in records if r["kind"] == "eval"] == [1, 2]
     resolved = (run / "config.yaml").read_text()
     assert "loader: ffcv" in resolved and "name: resnet18" in resolved
+    # distsparse evaluate reads the run's own data configuration: the FFCV test pipeline.
+    assert main(["evaluate", str(run), "--dense", str(run)]) == 0, capsys.readouterr().err
+    evaluation = json.loads((run / "evaluation.json").read_text())
+    clean, *others = evaluation["distributions"]
+    assert clean["kind"] == "clean" and clean["count"] == len(list((smoke_betons / "val").rglob("*.jpg"))) == 80
+    assert abs(clean["top1"] - summary["test_top1"]) <= 1 / clean["count"]
+    assert {d["kind"] for d in others} == {"corruption", "shift"}
+    assert all(d["count"] == clean["count"] and d["agreement"] == 1.0 for d in others)
 
 
 def test_torchvision_fallback_trains_through_the_same_trainer(smoke_folders, tmp_path, capsys):

@@ -19,7 +19,13 @@ from ffcv.reader import Reader
 from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
 
 from distsparse.config import ImageNetConfig
-from distsparse.data.imagenet import IMAGENET_MEAN, IMAGENET_STD, resolution_at
+from distsparse.data.imagenet import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PIXEL_MEAN,
+    PIXEL_STD,
+    resolution_at,
+)
 from distsparse.errors import ConfigError, DataError
 
 __all__ = ["FFCVLoader", "beton_num_classes", "ffcv_train_loader", "ffcv_val_loader"]
@@ -27,6 +33,8 @@ __all__ = ["FFCVLoader", "beton_num_classes", "ffcv_train_loader", "ffcv_val_loa
 
 class FFCVLoader:
     """An FFCV Loader as the trainer sees a loader: `len` and `batches(epoch, first_batch)`."""
+
+    mean, std = PIXEL_MEAN, PIXEL_STD
 
     def __init__(self, loader: Loader, decoder: RandomResizedCropRGBImageDecoder | None = None,
                  config: ImageNetConfig | None = None) -> None:

@@ -20,7 +20,7 @@ from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
 from distsparse.config import ImageNetConfig
-from distsparse.data.imagenet import IMAGENET_MEAN, IMAGENET_STD, resolution_at
+from distsparse.data.imagenet import PIXEL_MEAN, PIXEL_STD, resolution_at
 from distsparse.errors import ConfigError, DataError
 
 __all__ = ["CenterSquare", "ImageFolderLoader"]
@@ -56,6 +56,8 @@ class _SeededSamples(Dataset):
 class ImageFolderLoader:
     """Batches of one ImageFolder split through torchvision transforms and a DataLoader."""
 
+    mean, std = PIXEL_MEAN, PIXEL_STD
+
     def __init__(self, root: Path, config: ImageNetConfig, global_batch: int, seed: int,
                  train: bool, rank: int = 0, world_size: int = 1) -> None:
         if global_batch % world_size:
@@ -70,8 +72,8 @@ class ImageFolderLoader:
         self.num_classes = len(self.dataset.classes)
         self.config, self.global_batch, self.seed, self.train = config, global_batch, seed, train
         self.rank, self.world_size = rank, world_size
-        self.normalize = transforms.Normalize((IMAGENET_MEAN / 255).tolist(),
-                                              (IMAGENET_STD / 255).tolist())
+        self.normalize = transforms.Normalize(PIXEL_MEAN.flatten().tolist(),
+                                              PIXEL_STD.flatten().tolist())
 
     def __len__(self) -> int:
         n = len(self.dataset)

@@ -28,12 +28,18 @@ from distsparse.config import Config, ImageNetConfig
 from distsparse.data.loader import DataBundle
 from distsparse.errors import ConfigError, DataError
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "build_imagenet", "resolution_at"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "PIXEL_MEAN", "PIXEL_STD", "build_imagenet",
+           "resolution_at"]
 
 IMAGENET_MEAN: np.ndarray = np.array([0.485, 0.456, 0.406]) * 255
 """Per-channel mean of ImageNet pixels in [0, 255] (RGB)."""
 IMAGENET_STD: np.ndarray = np.array([0.229, 0.224, 0.225]) * 255
 """Per-channel standard deviation of ImageNet pixels in [0, 255] (RGB)."""
+
+PIXEL_MEAN: torch.Tensor = torch.from_numpy(IMAGENET_MEAN / 255).float().reshape(1, 3, 1, 1)
+"""IMAGENET_MEAN for [0, 1] pixels in the (1, C, 1, 1) layout of `BatchLoader.mean`."""
+PIXEL_STD: torch.Tensor = torch.from_numpy(IMAGENET_STD / 255).float().reshape(1, 3, 1, 1)
+"""IMAGENET_STD for [0, 1] pixels in the (1, C, 1, 1) layout of `BatchLoader.std`."""
 
 _RESOLUTION_STEP = 32
 

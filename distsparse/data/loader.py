@@ -24,7 +24,14 @@ _PAD = 2
 
 
 class BatchLoader(Protocol):
-    """What the trainer needs of a loader: batches per epoch and this rank's batches of an epoch."""
+    """What the trainer needs of a loader: batches per epoch and this rank's batches of an epoch.
+
+    `mean` and `std` (shape (1, C, 1, 1)) are the per-channel statistics of [0, 1] pixels the
+    loader normalized with, so evaluation can undo the normalization and corrupt the pixels.
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __len__(self) -> int: ...
 

@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from distsparse.data.loader import TensorLoader  # noqa: E402
+from distsparse.data.loader import BatchLoader  # noqa: E402
 from distsparse.engine.runs import TrainedRun, load_run  # noqa: E402
 from distsparse.errors import CheckpointError, ConfigError  # noqa: E402
 from distsparse.evaluate.corruptions import CORRUPTIONS, SHIFTS, SUITES  # noqa: E402
@@ -112,7 +112,7 @@ def _check_comparable(run: TrainedRun, dense: TrainedRun) -> None:
         raise CheckpointError(f"{names} have different test sets (data.* settings or seed differ)")
 
 
-def _chunks(loader: TensorLoader, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _chunks(loader: BatchLoader, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The test set's normalized batches regrouped into chunks of `size` (the last may be short)."""
     inputs, labels, held = [], [], 0
     for x, y in loader.batches(0):
@@ -130,7 +130,7 @@ def _chunks(loader: TensorLoader, size: int) -> Iterator[tuple[torch.Tensor, tor
 class _Normalization:
     """A loader's per-channel mean and std on a device."""
 
-    def __init__(self, loader: TensorLoader, device: torch.device) -> None:
+    def __init__(self, loader: BatchLoader, device: torch.device) -> None:
         self.mean, self.std = loader.mean.to(device), loader.std.to(device)
 
     def same_as(self, other: _Normalization) -> bool:
