@@ -57,8 +57,17 @@ def _train(config_path: Path, overrides: list[str], resume: Path | None, nproc: 
     from distsparse.engine.trainer import train
 
     config = load_config(config_path, overrides)
-    if nproc > 1 and config.backend.name == "single":
+    ray_workers = config.launcher.num_workers if config.launcher.name == "ray" else 1
+    if max(nproc, ray_workers) > 1 and config.backend.name == "single":
         config.backend.name = "ddp"
+    if config.launcher.name == "ray":
+        if nproc > 1:
+            raise DistsparseError("--nproc starts local workers; launcher.name=ray starts "
+                                  "launcher.num_workers Ray workers instead")
+        from distsparse.orchestrate.ray_train import train_with_ray
+
+        train_with_ray(config, resume)
+        return
     train(config, resume=resume)
 
 
