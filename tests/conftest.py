@@ -29,9 +29,10 @@ def small_config(tmp_path):
     return make
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """A one-node Ray head on 127.0.0.1 (launch/ray_local.sh), stopped after the session."""
+    """A one-node Ray head on 127.0.0.1 (launch/ray_local.sh), stopped after the module (a Ray
+    started by slurm/ray.sbatch later must not meet it on Ray's fixed default ports)."""
     from tests.services import start_ray_head, stop_ray_head
 
     state = tmp_path_factory.mktemp("ray-head")

@@ -65,3 +65,28 @@ def stop_ray_head(state: Path) -> None:
                    capture_output=True, timeout=120)
     for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):
         os.environ.pop(key, None)
+
+
+@dataclass(frozen=True)
+class SlurmCluster:
+    """A running local SLURM cluster; `env` has SLURM_CONF for the client commands."""
+
+    env: dict[str, str]
+
+
+def start_slurm(state: Path) -> SlurmCluster:
+    """launch/slurm_local.sh start; skip (fail under CI=true) when it cannot start (no root, no
+    apt-get)."""
+    env = {**os.environ, "SLURMCTLD_PORT": str(_free_port()), "SLURMD_PORT": str(_free_port())}
+    result = subprocess.run([str(ROOT / "launch" / "slurm_local.sh"), "start", str(state)],
+                            env=env, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        stop_slurm(state)
+        skip_or_fail(f"could not start a local SLURM cluster: {result.stderr.strip()[-500:]}")
+    return SlurmCluster({**os.environ, **_parse(result.stdout)})
+
+
+def stop_slurm(state: Path) -> None:
+    """launch/slurm_local.sh stop: ends the daemons it started."""
+    subprocess.run([str(ROOT / "launch" / "slurm_local.sh"), "stop", str(state)],
+                   capture_output=True, timeout=120)
