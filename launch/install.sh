@@ -7,6 +7,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${DISTSPARSE_VENV:-$ROOT/.venv}"
 TORCH_PAIR=(torch==2.13.0 torchvision==0.28.0)
 DEEPSPEED=deepspeed==0.19.8
+RAY='ray[default,train]==2.60.0'
 FMNIST_DIR=/usr/share/datasets/fashion-mnist
 
 stamp_key() { cat "$ROOT/pyproject.toml" "$ROOT/launch/install.sh" | sha256sum | cut -d' ' -f1; }
@@ -36,6 +37,9 @@ echo "[install] ${TORCH_PAIR[*]} (first run downloads several GB)"
 # use (the CPU shm comm op needs g++), so it comes after torch and keeps it.
 echo "[install] $DEEPSPEED"
 DS_BUILD_OPS=0 "${PIP[@]}" install -q --no-build-isolation "${cert_args[@]}" "$DEEPSPEED"
+# Ray after torch, with the torch pair pinned so that its resolver keeps the installed torch.
+echo "[install] $RAY"
+"${PIP[@]}" install -q "${cert_args[@]}" "$RAY" "${TORCH_PAIR[@]}"
 echo "[install] distsparse and its dependencies"
 "${PIP[@]}" install -q -e "$ROOT[test]"
 stamp_key >"$VENV/.distsparse-installed"

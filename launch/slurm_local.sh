@@ -45,10 +45,11 @@ if ! munge -n </dev/null >/dev/null 2>&1; then
   chown munge:munge /etc/munge/munge.key && chmod 400 /etc/munge/munge.key
   mkdir -p /run/munge /var/log/munge /var/lib/munge
   chown munge:munge /run/munge /var/log/munge /var/lib/munge
-  runuser -u munge -- munged --pid-file="$state/munged.pid.munge" >/dev/null 2>&1 || {
-    echo "could not start munged" >&2; exit 1; }
+  # The pid file goes where the munge user may write; STATE_DIR may be private to root.
+  runuser -u munge -- munged --pid-file=/run/munge/munged.pid >"$state/munged.log" 2>&1 || {
+    echo "could not start munged: $(tail -1 "$state/munged.log")" >&2; exit 1; }
   for _ in $(seq 20); do munge -n </dev/null >/dev/null 2>&1 && break; sleep 0.25; done
-  cp "$state/munged.pid.munge" "$state/munged.pid" 2>/dev/null || pgrep -u munge -n munged >"$state/munged.pid"
+  cp /run/munge/munged.pid "$state/munged.pid"
 fi
 
 node=$(hostname -s)
