@@ -53,7 +53,7 @@ if ! munge -n </dev/null >/dev/null 2>&1; then
 fi
 
 node=$(hostname -s)
-cpus=$(nproc)
+cpus=$(getconf _NPROCESSORS_ONLN)  # not nproc: it follows OMP_NUM_THREADS
 mkdir -p "$state/ctld" "$state/spool"
 cat >"$conf" <<EOF
 ClusterName=distsparse

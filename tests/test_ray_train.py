@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.test_ddp import EXACT, QUICKSTART, _assert_same_network, _final, _update_steps
 

@@ -184,11 +184,9 @@ class Trainer:
         start_time = time.perf_counter()
         total, per_epoch = self.schedule.total_steps, self.schedule.steps_per_epoch
         stop = min(total, self.config.run.stop_at_step or total)
-        train_seconds, images = 0.0, 0
         bar = tqdm(total=total, initial=self.step,
                    disable=not (self.config.run.progress and self.env.is_main),
                    desc=f"{self.method.name} {self.config.method.sparsity:.0%}", unit="step")
-        evaluation = None
         signals = StopSignal()
         with signals:
             evaluation = self._loop(stop, per_epoch, total, start_time, bar, signals)
