@@ -7,6 +7,7 @@ applies them to the weight, master copy and optimizer state.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -56,6 +57,9 @@ def train(config: Config, resume: Path | None = None,
             leave_process_group()
     if trainer.env.is_main:
         print(format_table(summary))
+        if "stopped_by_signal" in summary:
+            print(f"distsparse: stopped by {summary['stopped_by_signal']} at step {summary['steps']} "
+                  f"with a checkpoint; continue with --resume {trainer.run_dir}", file=sys.stderr)
     return summary
 
 
