@@ -93,3 +93,15 @@ def test_a_killed_worker_resumes_from_the_last_reported_checkpoint(tmp_path, ray
         "mask_fingerprint"]
     _assert_same_network(_final(reference), _final(run), exact=True)
     assert _update_steps(run) == _update_steps(reference)  # metrics past the checkpoint were dropped
+
+
+def test_a_worker_config_error_ends_the_driver_with_one_line(tmp_path, ray_head):
+    missing = tmp_path / "no-fashion-mnist"
+    command = [sys.executable, "-m", "distsparse.cli", "train", QUICKSTART, "run.progress=false",
+               f"data.path={missing}", f"run.dir={tmp_path / 'run'}", "launcher.name=ray",
+               "launcher.num_workers=2", "launcher.max_failures=0",
+               f"launcher.address={ray_head.address}"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert (f"distsparse: error: Ray Train run {tmp_path / 'run'} failed: config key 'data.path' = "
+            f"'{missing}': Fashion-MNIST directory not found") in result.stderr
