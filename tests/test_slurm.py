@@ -54,8 +54,8 @@ def _job(cluster, job_id: str) -> dict[str, str]:
 
 
 def _wait(cluster, job_id: str, run: Path, timeout: float = 300) -> dict[str, str]:
-    """Wait until the job ends for good; a job that requeues itself passes through an ended
-    state (seen as FAILED) before PENDING, so an end counts once it has lasted 5 s."""
+    """Wait until the job ends for good (an end counts once it has lasted 5 s: a job that
+    requeues itself may pass through an ended state before PENDING)."""
     deadline, ended_since = time.monotonic() + timeout, None
     while True:
         job = _job(cluster, job_id)
@@ -65,10 +65,6 @@ def _wait(cluster, job_id: str, run: Path, timeout: float = 300) -> dict[str, st
                 break
         else:
             ended_since = None
-        if job.get("JobState") == "PENDING" and job.get("Restarts", "0") != "0":
-            # slurmctld delays a requeued job's start (BeginTime); start it now.
-            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
-                           env=cluster.env, capture_output=True, timeout=30)
         assert time.monotonic() < deadline, f"job {job_id} still {job.get('JobState')}"
         time.sleep(0.5)
     assert job["JobState"] == "COMPLETED", Path(f"{run}.out").read_text()[-3000:]
