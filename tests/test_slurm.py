@@ -95,6 +95,7 @@ def test_ray_on_slurm_script(tmp_path, slurm_cluster, references):
     _wait(slurm_cluster, job, run)
     assert json.loads((run / "summary.json").read_text())["launcher"] == "ray"
     assert not Path(f"{run}.ray-token").exists()
+    assert not Path(f"/tmp/ray-slurm-{job}").exists()
     _same_as(references["short"], run)
 
 
