@@ -34,7 +34,42 @@ def _parser() -> argparse.ArgumentParser:
     add_prune_parser(verbs)
     evaluate_commands.add_parsers(verbs)
     data_commands.add_parsers(verbs)
+    _add_job_parsers(verbs)
     return parser
+
+
+def _add_job_parsers(verbs: argparse._SubParsersAction) -> None:
+    """submit / status / stop: training runs as Ray jobs."""
+    address = {"metavar": "URL", "help": "Ray job server, e.g. http://127.0.0.1:8265 "
+               "(default: $RAY_ADDRESS)"}
+    submit = verbs.add_parser("submit", help="run `train CONFIG [overrides]` as a Ray job",
+                              description="Validate the config, upload the working directory "
+                              "and run the training as a Ray job; prints the job id.")
+    submit.add_argument("config", type=Path, help="YAML config inside the working directory")
+    submit.add_argument("overrides", nargs="*", help="key.sub=value overrides (run.dir absolute)")
+    submit.add_argument("--address", **address)
+    submit.add_argument("--working-dir", type=Path, default=Path("."),
+                        help="directory uploaded as the job's working directory (default: .)")
+    submit.add_argument("--follow", action="store_true",
+                        help="stream the job's logs until it ends; exit 1 unless it SUCCEEDED")
+    status = verbs.add_parser("status", help="a Ray job's status and message")
+    status.add_argument("job_id")
+    status.add_argument("--address", **address)
+    status.add_argument("--logs", action="store_true", help="also print the job's whole log")
+    stop = verbs.add_parser("stop", help="stop a Ray job")
+    stop.add_argument("job_id")
+    stop.add_argument("--address", **address)
+
+
+def _run_job_verb(args: argparse.Namespace) -> int:
+    from distsparse.orchestrate import jobs
+
+    if args.verb == "submit":
+        return jobs.submit_run(args.config, args.overrides, args.address, args.working_dir,
+                               args.follow)
+    if args.verb == "status":
+        return jobs.job_status(args.job_id, args.address, args.logs)
+    return jobs.stop_job(args.job_id, args.address)
 
 
 def _train_arguments(args: argparse.Namespace) -> tuple[Path, list[str]]:
@@ -59,8 +94,17 @@ def _train(config_path: Path, overrides: list[str], resume: Path | None, nproc: 
     from distsparse.engine.trainer import train
 
     config = load_config(config_path, overrides)
-    if nproc > 1 and config.backend.name == "single":
+    ray_workers = config.launcher.num_workers if config.launcher.name == "ray" else 1
+    if max(nproc, ray_workers) > 1 and config.backend.name == "single":
         config.backend.name = "ddp"
+    if config.launcher.name == "ray":
+        if nproc > 1:
+            raise DistsparseError("--nproc starts local workers; launcher.name=ray starts "
+                                  "launcher.num_workers Ray workers instead")
+        from distsparse.orchestrate.ray_train import train_with_ray
+
+        train_with_ray(config, resume)
+        return
     train(config, resume=resume)
 
 
@@ -98,7 +142,7 @@ def _spawn(nproc: int, arguments: tuple) -> int:
 
 def _run_reporting_errors(function, *arguments, quiet: bool = False) -> int:
     try:
-        function(*arguments)
+        status = function(*arguments)
     except DistsparseError as exc:
         if not quiet:
             print(f"distsparse: error: {exc}", file=sys.stderr)
@@ -106,7 +150,7 @@ def _run_reporting_errors(function, *arguments, quiet: bool = False) -> int:
     except KeyboardInterrupt:
         print("distsparse: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run_reporting_errors(evaluate_commands.run, args)
     if args.verb in data_commands.VERBS:
         return _run_reporting_errors(data_commands.run, args)
+    if args.verb in ("submit", "status", "stop"):
+        return _run_reporting_errors(_run_job_verb, args)
     return 0
 
 

@@ -175,9 +175,19 @@ class BackendConfig:
 @dataclass
 class LauncherConfig:
     name: str = "local"
-    """local (this process, or --nproc N processes) or torchrun (started by torchrun)."""
+    """local (this process, or --nproc N processes), torchrun (started by torchrun) or ray (a Ray
+    Train TorchTrainer started by this command)."""
     num_workers: int = 1
     """Number of worker processes (the world size)."""
+    use_gpu: bool = False
+    """Ray: one GPU per worker."""
+    max_failures: int = 3
+    """Ray: worker failures to recover from (restart from the last reported checkpoint)."""
+    address: Optional[str] = None
+    """Ray: cluster address (e.g. 127.0.0.1:6379 or auto); unset: RAY_ADDRESS, else a local one."""
+    storage_path: Optional[str] = None
+    """Ray: where Ray Train keeps reported checkpoints (shared across nodes); unset:
+    <run directory's parent>/ray_results."""
 
 
 @dataclass
@@ -224,7 +234,7 @@ _CHOICES = {
     "data.loader": ("fmnist", "synthetic", "ffcv", "torchvision"),
     "model.name": ("mlp", "resnet18", "resnet50", "small_resnet"),
     "backend.name": ("single", "ddp", "deepspeed"),
-    "launcher.name": ("local", "torchrun"),
+    "launcher.name": ("local", "torchrun", "ray"),
 }
 
 
@@ -308,6 +318,8 @@ def validate(config: Config) -> None:
     _check(config.backend.zero_stage in (0, 1, 2, 3), "backend.zero_stage", config.backend.zero_stage,
            "one of 0, 1, 2, 3")
     workers = config.launcher.num_workers
+    _check(config.launcher.max_failures >= 0, "launcher.max_failures", config.launcher.max_failures,
+           "an integer >= 0")
     _check(workers >= 1, "launcher.num_workers", workers, "an integer >= 1")
     _check(t.batch_size % workers == 0, "train.batch_size", t.batch_size,
            f"a multiple of launcher.num_workers={workers}")

@@ -9,6 +9,7 @@ TORCH_PAIR=(torch==2.13.0 torchvision==0.28.0)
 DEEPSPEED=deepspeed==0.19.8
 FFCV=ffcv==1.0.2
 FFCV_APT=(libopencv-dev libturbojpeg0-dev)
+RAY='ray[default,train]==2.60.0'
 FMNIST_DIR=/usr/share/datasets/fashion-mnist
 
 stamp_key() { cat "$ROOT/pyproject.toml" "$ROOT/launch/install.sh" | sha256sum | cut -d' ' -f1; }
@@ -53,6 +54,9 @@ echo "[install] $FFCV"
 if ! "${PIP[@]}" install -q "${cert_args[@]}" "$FFCV" "${TORCH_PAIR[@]}"; then
   echo "[install] warning: $FFCV did not install; use data.loader=torchvision (FFCV tests skip, and fail under CI)" >&2
 fi
+# Ray after torch, with the torch pair pinned so that its resolver keeps the installed torch.
+echo "[install] $RAY"
+"${PIP[@]}" install -q "${cert_args[@]}" "$RAY" "${TORCH_PAIR[@]}"
 echo "[install] distsparse and its dependencies"
 "${PIP[@]}" install -q -e "$ROOT[test]"
 stamp_key >"$VENV/.distsparse-installed"

@@ -27,3 +27,30 @@ def small_config(tmp_path):
         return load_config(None, [*SMALL, f"run.dir={tmp_path / name}", *overrides])
 
     return make
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A one-node Ray head on 127.0.0.1 (launch/ray_local.sh), stopped after the module (a Ray
+    started by slurm/ray.sbatch later must not meet it on Ray's fixed default ports)."""
+    from tests.services import start_ray_head, stop_ray_head
+
+    state = tmp_path_factory.mktemp("ray-head")
+    head = start_ray_head(state)
+    try:
+        yield head
+    finally:
+        stop_ray_head(state)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A one-node SLURM cluster (launch/slurm_local.sh), stopped after the session."""
+    from tests.services import start_slurm, stop_slurm
+
+    state = tmp_path_factory.mktemp("slurm")
+    cluster = start_slurm(state)
+    try:
+        yield cluster
+    finally:
+        stop_slurm(state)

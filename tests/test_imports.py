@@ -99,3 +99,11 @@ def test_methods_never_import_engine_launchers_or_backends(path):
         if any(m == f or m.startswith(f + ".") for f in FORBIDDEN_IN_METHODS)
     ]
     assert bad == [], f"{path.relative_to(PACKAGE.parent)} imports {bad}"
+
+
+@pytest.mark.parametrize("path", _files("engine"), ids=lambda p: p.name)
+def test_the_engine_never_imports_a_launcher(path):
+    """Launchers (orchestrate/, Ray) wrap the trainer through its on_checkpoint callback."""
+    bad = [m for m in _imports(path)
+           if any(m == f or m.startswith(f + ".") for f in ("distsparse.orchestrate", "ray"))]
+    assert bad == [], f"{path.relative_to(PACKAGE.parent)} imports {bad}"

@@ -43,9 +43,14 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def truncate_metrics(run_dir: Path, last_step: int) -> None:
-    """Drop records after `last_step` (written after the checkpoint a run resumes from)."""
+    """Drop records after `last_step` (written after the checkpoint a run resumes from).
+
+    A mask update is logged with the index of the step that makes it, before that step counts:
+    the update logged as step s happens after the checkpoint of step s, so it goes too.
+    """
     path = run_dir / "metrics.jsonl"
-    kept = [r for r in read_metrics(run_dir) if r["step"] <= last_step]
+    kept = [r for r in read_metrics(run_dir)
+            if r["step"] < last_step or (r["step"] == last_step and r["kind"] != "mask_update")]
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
     os.replace(tmp, path)

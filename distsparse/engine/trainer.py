@@ -7,7 +7,9 @@ applies them to the weight, master copy and optimizer state.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,18 +33,23 @@ from distsparse.engine.flops import FlopCounter
 from distsparse.engine.metrics import MetricsLog, truncate_metrics
 from distsparse.engine.optim import build_lr_scheduler, build_optimizer
 from distsparse.engine.report import format_table, plot_run, write_summary
+from distsparse.engine.stop_signal import StopSignal
 from distsparse.errors import CheckpointError, ConfigError, DistsparseError
 from distsparse.methods import SparsityMethod, TrainingSchedule, build_method
 from distsparse.methods.init_masks import InitContext
 from distsparse.models import build_model
 from distsparse.sparsity.masks import MaskSet, sparsifiable_parameters
 
-__all__ = ["Trainer", "train"]
+__all__ = ["CheckpointCallback", "Trainer", "train"]
+
+CheckpointCallback = Callable[[Path, dict[str, Any]], None]
+"""Called on every rank after each checkpoint with the run directory and the step's metrics."""
 
 
-def train(config: Config, resume: Path | None = None) -> dict[str, Any]:
+def train(config: Config, resume: Path | None = None,
+          on_checkpoint: CheckpointCallback | None = None) -> dict[str, Any]:
     """Train a run (or resume one) and return its summary."""
-    trainer = Trainer(config, resume)
+    trainer = Trainer(config, resume, on_checkpoint)
     try:
         summary = trainer.fit()
     finally:
@@ -50,14 +57,20 @@ def train(config: Config, resume: Path | None = None) -> dict[str, Any]:
             leave_process_group()
     if trainer.env.is_main:
         print(format_table(summary))
+        if "stopped_by_signal" in summary:
+            print(f"distsparse: stopped by {summary['stopped_by_signal']} at step {summary['steps']} "
+                  f"with a checkpoint; continue with --resume {trainer.run_dir}", file=sys.stderr)
     return summary
 
 
 class Trainer:
     """Builds everything from a config, validates before writing, then runs `fit`."""
 
-    def __init__(self, config: Config, resume: Path | None = None) -> None:
+    def __init__(self, config: Config, resume: Path | None = None,
+                 on_checkpoint: CheckpointCallback | None = None) -> None:
         self.env: DistEnv = env_from_variables()
+        self.on_checkpoint = on_checkpoint
+        self.last_evaluation: dict[str, float] = {}
         if self.env.world_size > 1 and config.backend.name == "single":
             raise ConfigError(
                 f"config key 'backend.name' = 'single': {self.env.world_size} workers were "
@@ -195,18 +208,39 @@ class Trainer:
         start_time = time.perf_counter()
         total, per_epoch = self.schedule.total_steps, self.schedule.steps_per_epoch
         stop = min(total, self.config.run.stop_at_step or total)
-        train_seconds, images = 0.0, 0
         bar = tqdm(total=total, initial=self.step,
                    disable=not (self.config.run.progress and self.env.is_main),
                    desc=f"{self.method.name} {self.config.method.sparsity:.0%}", unit="step")
+        signals = StopSignal()
+        with signals:
+            evaluation = self._loop(stop, per_epoch, total, start_time, bar, signals)
+        bar.close()
+        if evaluation is None:
+            evaluation = self.evaluate()
+        wall = self.previous_wall_s + time.perf_counter() - start_time
+        summary = self._summary(evaluation, wall, self.images / self.train_seconds
+                                if self.train_seconds else 0.0)
+        summary["completed"] = self.step >= total
+        if signals.received is not None and self.step < total:
+            summary["stopped_by_signal"] = signals.received.name
+        if self.log is not None:
+            write_summary(self.run_dir, summary)
+            plot_run(self.run_dir, summary["layer_density"])
+            self.log.close()
+        return summary
+
+    def _loop(self, stop: int, per_epoch: int, total: int, start_time: float, bar: tqdm,
+              signals: StopSignal) -> dict[str, float] | None:
+        """Steps until `stop` or a stop signal; returns the last evaluation, if any."""
+        self.train_seconds, self.images = 0.0, 0
         evaluation = None
         while self.step < stop:
             epoch, first_batch = divmod(self.step, per_epoch)
             for x, y in self.data.train.batches(epoch, first_batch):
                 tick = time.perf_counter()
                 loss, correct = self._train_step(self._to_device(x), y.to(self.device))
-                train_seconds += time.perf_counter() - tick
-                images += len(y) * self.env.world_size
+                self.train_seconds += time.perf_counter() - tick
+                self.images += len(y) * self.env.world_size
                 self.step += 1
                 bar.update(1)
                 if self.step % self.config.train.log_every == 0:
@@ -215,24 +249,16 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss_value:.3f}", sparsity=f"{self._sparsity():.3f}")
                 epoch_done = self.step % per_epoch == 0 or self.step == total
                 if epoch_done:
-                    evaluation = self.evaluate()
+                    evaluation = self.last_evaluation = self.evaluate()
                     self._log("eval", epoch=epoch + 1, sparsity=self._sparsity(), **evaluation)
+                if signals.agreed(self.device):
+                    stop = self.step  # every rank saw the same flag: checkpoint here and stop
                 every = self.config.run.checkpoint_every
                 if epoch_done or self.step == stop or (every and self.step % every == 0):
                     self._save(time.perf_counter() - start_time)
                 if self.step >= stop:
                     break
-        bar.close()
-        if evaluation is None:
-            evaluation = self.evaluate()
-        wall = self.previous_wall_s + time.perf_counter() - start_time
-        summary = self._summary(evaluation, wall, images / train_seconds if train_seconds else 0.0)
-        summary["completed"] = self.step >= total
-        if self.log is not None:
-            write_summary(self.run_dir, summary)
-            plot_run(self.run_dir, summary["layer_density"])
-            self.log.close()
-        return summary
+        return evaluation
 
     def _log(self, kind: str, **values: Any) -> None:
         if self.log is not None:
@@ -318,6 +344,9 @@ class Trainer:
         state = self._state(wall_s)  # on every rank: a sharded backend gathers the full state
         if self.env.is_main:
             save_checkpoint(state, self.run_dir / CHECKPOINT_NAME)
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(self.run_dir, {"step": self.step, "sparsity": self._sparsity(),
+                                              **self.last_evaluation})
 
     def _restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  state: dict[str, Any]) -> None:

@@ -1,0 +1,1 @@
+"""Launchers beyond local processes and torchrun: Ray Train and Ray job submission."""

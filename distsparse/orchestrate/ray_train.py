@@ -1,0 +1,135 @@
+"""launcher.name=ray: a Ray Train TorchTrainer whose workers run the same Trainer.
+
+Ray Train creates the process group (gloo on CPU, NCCL on GPU) and sets RANK / WORLD_SIZE /
+LOCAL_RANK, so the Trainer's own init_process_group does nothing. After every checkpoint the
+Trainer writes, rank 0 reports it to Ray Train (config.yaml and checkpoints/last.pt); when Ray
+restarts the workers after a failure, rank 0 copies the last *reported* checkpoint back into the
+run directory and every worker resumes from it through the ordinary --resume path, masks included.
+The run directory must be on a file system every worker node sees (as for torchrun across nodes).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import distsparse
+from distsparse.config import Config, run_directory
+from distsparse.engine.checkpoint import CHECKPOINT_NAME
+from distsparse.errors import DistsparseError
+
+__all__ = ["train_with_ray"]
+
+_REPORTED_FILES = ("config.yaml", CHECKPOINT_NAME)
+
+
+def train_with_ray(config: Config, resume: Path | None = None) -> dict[str, Any]:
+    """Run the training on launcher.num_workers Ray Train workers; return the run's summary."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    launcher = config.launcher
+    run_dir = Path(resume if resume is not None else run_directory(config)).resolve()
+    config = dataclasses.replace(config, run=dataclasses.replace(config.run, dir=str(run_dir)))
+    storage = Path(launcher.storage_path or run_dir.parent / "ray_results").resolve()
+    if not ray.is_initialized():
+        # Ship this distsparse package to the workers, whatever is installed on the nodes.
+        ray.init(address=launcher.address, log_to_driver=True,
+                 runtime_env={"py_modules": [str(Path(distsparse.__file__).parent)]})
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={"config": config, "resume": str(resume) if resume is not None else None},
+        scaling_config=ScalingConfig(num_workers=launcher.num_workers, use_gpu=launcher.use_gpu),
+        run_config=RunConfig(
+            name=run_dir.name,
+            storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # Worker start-up is retried forever by default (controller_failure_limit=-1).
+            failure_config=FailureConfig(max_failures=launcher.max_failures,
+                                         controller_failure_limit=launcher.max_failures),
+        ),
+    )
+    try:
+        trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise DistsparseError(f"Ray Train run {run_dir} failed: {_first_line(exc)}") from None
+    return json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+
+
+def _first_line(exc: BaseException) -> str:
+    """A worker's DistsparseError message if one caused the failure, else Ray's first line."""
+    pending, seen = [exc], []
+    while pending:
+        error = pending.pop()
+        if isinstance(error, DistsparseError):
+            return str(error).strip().splitlines()[-1]
+        seen.append(error)
+        pending.extend(getattr(error, "worker_failures", {}).values())
+        pending.extend(e for e in (error.__cause__,) if e is not None and e not in seen)
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _worker_loop(arguments: dict[str, Any]) -> None:
+    """One Ray Train worker: restore the last reported checkpoint if any, then train."""
+    import ray.train
+    import torch.distributed as dist
+
+    from distsparse.engine.trainer import train
+
+    config: Config = arguments["config"]
+    resume = Path(arguments["resume"]) if arguments["resume"] else None
+    run_dir = Path(config.run.dir)
+    rank = ray.train.get_context().get_world_rank()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        if rank == 0:
+            with checkpoint.as_directory() as directory:
+                step = _restore_reported(Path(directory), run_dir)
+            print(f"distsparse: resuming {run_dir} from the Ray Train checkpoint at step {step}",
+                  flush=True)
+        if dist.is_initialized():
+            dist.barrier()  # the other ranks read the restored checkpoint next
+        resume = run_dir
+    train(config, resume, on_checkpoint=_report_checkpoint)
+
+
+def _report_checkpoint(run_dir: Path, metrics: dict[str, Any]) -> None:
+    """Report a step's metrics to Ray Train from every rank, the checkpoint from rank 0."""
+    import ray.train
+
+    if ray.train.get_context().get_world_rank() != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory(prefix="distsparse-report-") as staging:
+        for name in _REPORTED_FILES:
+            target = Path(staging) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _link_or_copy(run_dir / name, target)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(staging),
+                         checkpoint_dir_name=f"step_{metrics['step']:09d}")
+
+
+def _restore_reported(directory: Path, run_dir: Path) -> int:
+    """Put a reported checkpoint back into the run directory; return its step."""
+    import torch
+
+    for name in _REPORTED_FILES:
+        target = run_dir / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.restore")
+        shutil.copyfile(directory / name, tmp)
+        os.replace(tmp, target)
+    return int(torch.load(run_dir / CHECKPOINT_NAME, map_location="cpu", weights_only=True)["step"])
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)  # last.pt is replaced by rename, never rewritten in place
+    except OSError:
+        shutil.copyfile(source, target)
