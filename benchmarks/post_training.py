@@ -12,7 +12,8 @@ same optimizer) in top-1. Through the real command line, one subprocess at a tim
 
 for each sparsity S and prune seed, then prints a table (mean over seeds, and the spread of top-1
 where there are several) and appends it, with machine, versions and settings, to RESULTS.md.
-benchmarks/out/ is git-ignored; existing output directories there are replaced.
+benchmarks/out/ is git-ignored; existing output directories there are replaced, except that --reuse
+keeps those holding a finished run of the same settings.
 
     .venv/bin/python benchmarks/post_training.py [--dense-epochs 3] [--epochs 5] [--seeds 0,1]
 """
@@ -49,6 +50,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--calib-samples", type=int, default=2048)
     parser.add_argument("--seeds", default="0", help="comma-separated prune seeds, e.g. 0,1,2")
     parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep finished runs in benchmarks/out/pts made with these settings")
     parser.add_argument("prune_args", nargs="*",
                         help="further `distsparse prune` options for every run (after --), "
                              "e.g. -- --population 25 --generations 25 --parents 10")
@@ -83,6 +86,9 @@ def _dense(args: argparse.Namespace) -> Path:
 def _prune(dense: Path, label: str, method: str, sparsity: float, epochs: int, seed: int,
            args: argparse.Namespace) -> dict:
     out = OUT / f"{label}-{sparsity:g}-s{seed}"
+    if args.reuse and _same_settings(out, dense, method, sparsity, epochs, seed, args):
+        print(f"{label} {sparsity:g} seed {seed}: reusing {out.relative_to(REPO)}", flush=True)
+        return _summary(out)
     if out.exists():
         shutil.rmtree(out)
     seconds = _run([*distsparse_command(), "prune", str(dense), "--method", method, "--sparsity", f"{sparsity}",
@@ -93,6 +99,18 @@ def _prune(dense: Path, label: str, method: str, sparsity: float, epochs: int, s
     print(f"  top-1 {summary['test_top1']:.4f}, sparsity {summary['sparsity']:.4f}, {seconds:.0f} s",
           flush=True)
     return summary
+
+
+def _same_settings(out: Path, dense: Path, method: str, sparsity: float, epochs: int, seed: int,
+                   args: argparse.Namespace) -> bool:
+    """Whether `out` holds a finished prune run of exactly these settings."""
+    if args.prune_args or not (out / "summary.json").is_file():
+        return False
+    summary = _summary(out)
+    wanted = {"completed": True, "method": method, "target_sparsity": sparsity,
+              "finetune_epochs": epochs, "calib_samples": args.calib_samples, "seed": seed,
+              "source_run": str(dense)}
+    return all(summary.get(key) == value for key, value in wanted.items())
 
 
 def _cell(values: list[float], digits: int, spread: bool = False) -> str:
