@@ -1,7 +1,8 @@
 """Stop at the next step boundary on SIGTERM or SIGUSR1 (SLURM preemption and time limits).
 
 The handler only sets a flag; the trainer asks every step whether any rank saw a signal (one
-all-reduce of a single number), so all ranks stop after the same step, checkpoint, and exit.
+all-reduce of a single number with several workers), so all ranks stop after the same step,
+checkpoint, and exit.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from types import FrameType
 
 import torch
 
-from distsparse.dist.process_group import all_reduce
+from distsparse.dist.process_group import all_reduce, is_distributed
 
 __all__ = ["STOP_SIGNALS", "StopSignal"]
 
@@ -45,6 +46,12 @@ class StopSignal:
         self.received = signal.Signals(number)
 
     def agreed(self, device: torch.device) -> bool:
-        """True on every rank when any rank received a stop signal (a collective)."""
+        """True on every rank when any rank received a stop signal (a collective).
+
+        Alone, no tensor is made (no host sync). With several workers it is one all-reduce of one
+        number per step, which on CUDA waits for the step's kernels to finish.
+        """
+        if not is_distributed():
+            return self.received is not None
         flag = torch.tensor([float(self.received is not None)], device=device)
         return bool(all_reduce(flag, torch.distributed.ReduceOp.MAX).item())
