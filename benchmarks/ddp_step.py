@@ -36,6 +36,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=128, help="global batch")
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--synthetic", action="store_true")
+    parser.add_argument("--no-record", action="store_true", help="print only, no RESULTS.md entry")
     return parser.parse_args(argv)
 
 
@@ -126,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{hook_effect:.3f} (rigl with hook / rigl with DDP's own all-reduce).\n\n"
             f"### Gradient all-reduce bytes per step (measured at the all_reduce call)\n\n{bytes_table}\n")
     print(body)
+    if args.no_record:
+        return 0
     settings = (
         f"2 ranks, gloo, torch threads per rank {result['threads']}, model small_resnet, "
         f"{'synthetic' if args.synthetic else 'Fashion-MNIST'}, global batch "
