@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from record import (
     distsparse_command,
     load_average,
     markdown_table,
+    mean_cell,
     run_info,
 )
 
@@ -86,13 +86,6 @@ def _run(args: argparse.Namespace, method: str, sparsity: float, seed: int) -> d
     return summary
 
 
-def _cell(values: list[float], digits: int, spread: bool = False) -> str:
-    mean = statistics.fmean(values)
-    if spread and len(values) > 1:
-        return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-    return f"{mean:.{digits}f}"
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -107,10 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     for (method, sparsity), runs in summaries.items():
         get = lambda key: [float(r[key]) for r in runs]  # noqa: E731
         rows.append([
-            method, sparsity, len(runs), _cell(get("test_top1"), 4, spread=True),
-            _cell(get("sparsity"), 4),
-            _cell(get("train_flops_ratio"), 3), _cell(get("wall_s"), 0),
-            _cell(get("train_images_per_s"), 0),
+            method, sparsity, len(runs), mean_cell(get("test_top1"), 4, spread=True),
+            mean_cell(get("sparsity"), 4),
+            mean_cell(get("train_flops_ratio"), 3), mean_cell(get("wall_s"), 0),
+            mean_cell(get("train_images_per_s"), 0),
         ])
     table = markdown_table(
         ["method", "target", "seeds", "test top-1" + (" (mean ± sd)" if len(seeds) > 1 else ""),
@@ -120,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(sparsities) > 1:
         pivot = markdown_table(
             ["top-1", *(f"{p:.1%}" for p in sparsities)],
-            [[m, *(_cell([float(r["test_top1"]) for r in summaries[m, p]], 4) for p in sparsities)]
+            [[m, *(mean_cell([float(r["test_top1"]) for r in summaries[m, p]], 4) for p in sparsities)]
              for m in methods],
         )
         table = f"{table}\n\n{pivot}"

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ from record import (
     distsparse_command,
     load_average,
     markdown_table,
+    mean_cell,
     run_info,
 )
 
@@ -113,13 +113,6 @@ def _same_settings(out: Path, dense: Path, method: str, sparsity: float, epochs:
     return all(summary.get(key) == value for key, value in wanted.items())
 
 
-def _cell(values: list[float], digits: int, spread: bool = False) -> str:
-    mean = statistics.fmean(values)
-    if spread and len(values) > 1:
-        return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-    return f"{mean:.{digits}f}"
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     sparsities = [float(s) for s in args.sparsities.split(",") if s.strip()]
@@ -135,9 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         for label, method, epochs in variants:
             runs = [_prune(dense, label, method, sparsity, epochs, seed, args) for seed in seeds]
             get = lambda key: [float(r[key]) for r in runs]  # noqa: E731
-            rows.append([f"{sparsity:g}", label, epochs, _cell(get("test_top1"), 4, spread=True),
-                         f"{dense_top1:.4f}", _cell(get("sparsity"), 4), _cell(get("wall_s"), 0),
-                         _cell(get("train_flops_ratio"), 3)])
+            rows.append([f"{sparsity:g}", label, epochs, mean_cell(get("test_top1"), 4, spread=True),
+                         f"{dense_top1:.4f}", mean_cell(get("sparsity"), 4), mean_cell(get("wall_s"), 0),
+                         mean_cell(get("train_flops_ratio"), 3)])
     elapsed = time.perf_counter() - started
     table = markdown_table(
         ["sparsity", "method", "fine-tune epochs", "test top-1" + (" (mean ± sd)" if len(seeds) > 1 else ""),

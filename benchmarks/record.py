@@ -11,6 +11,7 @@ import os
 import platform
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -19,7 +20,7 @@ from typing import Any
 
 __all__ = [
     "REPO", "RESULTS", "append_results", "command_line", "distsparse_command", "environment",
-    "load_average", "markdown_table", "run_info", "run_ranks",
+    "load_average", "markdown_table", "mean_cell", "run_info", "run_ranks",
 ]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -77,6 +78,14 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def mean_cell(values: Sequence[float], digits: int, spread: bool = False) -> str:
+    """The mean of values as a table cell, with the sample standard deviation if `spread`."""
+    mean = statistics.fmean(values)
+    if spread and len(values) > 1:
+        return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    return f"{mean:.{digits}f}"
 
 
 def append_results(title: str, info: Mapping[str, Any], body: str, path: Path = RESULTS) -> None:
