@@ -89,11 +89,13 @@ class Trainer:
             )
         self.method: SparsityMethod = build_method(config.method, self.schedule, config.seed)
         self.config = dataclasses.replace(config, method=self.method.config)
+        self.deepspeed_settings = None  # merged and checked before anything is written
         if config.backend.name == "deepspeed" and self.env.world_size > 1:
             from distsparse.engine.backends.deepspeed import deepspeed_config
 
-            deepspeed_config(config.backend.zero_stage, config.train.batch_size,
-                             self.env.world_size, config.backend.deepspeed_config)  # fail early
+            self.deepspeed_settings = deepspeed_config(
+                config.backend.zero_stage, config.train.batch_size, self.env.world_size,
+                config.backend.deepspeed_config)
         self.run_dir = resume if resume is not None else run_directory(config)
         checkpoint = self._check_resume() if resume is not None else None
         if checkpoint is None:
@@ -156,8 +158,7 @@ class Trainer:
             from distsparse.engine.backends.deepspeed import DeepSpeedBackend
 
             return DeepSpeedBackend(model, optimizer, self.masks, self.env,
-                                    self.config.backend.zero_stage, self.config.train.batch_size,
-                                    self.config.backend.deepspeed_config)
+                                    self.deepspeed_settings)
         sparse = self.config.backend.sparse_gradients and self.method.uses_masks
         return DDPBackend(model, optimizer, self.masks, self.env, self.device, sparse)
 

@@ -131,12 +131,13 @@ class DeepSpeedBackend(SingleBackend):
 
     def __init__(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, masks: MaskSet, env: DistEnv,
-        stage: int, global_batch: int, config_path: str | None,
+        config: dict[str, Any],
     ) -> None:
+        """`config` is the DeepSpeed config from `deepspeed_config` (it holds the ZeRO stage)."""
         super().__init__(model, optimizer, masks)
+        stage = config["zero_optimization"]["stage"]
         self.rank, self.world_size, self.stage = env.rank, env.world_size, stage
         self.groups = [list(group["params"]) for group in optimizer.param_groups]
-        config = deepspeed_config(stage, global_batch, env.world_size, config_path)
         self.input_dtype = _mixed_precision(config)
         # A state loaded from a checkpoint is keyed by the model's parameters; DeepSpeed (stages
         # 1-3) steps flat partitions instead, so it is scattered into them after initialize.
