@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from distsparse.config import load_config, run_directory
 from distsparse.errors import ConfigError, DistsparseError
@@ -71,14 +73,19 @@ async def _print_logs(client, job_id: str) -> None:
         print(lines, end="", flush=True)
 
 
+def _ask(job_id: str, request: Callable[[str], Any]) -> Any:
+    """A job SDK request about job_id; the SDK's error (e.g. no such job) as one line."""
+    try:
+        return request(job_id)
+    except RuntimeError as exc:
+        raise DistsparseError(f"job {job_id}: {str(exc).strip().splitlines()[0]}") from None
+
+
 def job_status(job_id: str, address: str | None, logs: bool) -> int:
     """Print a job's status, its message (a failed job's ends with its last log lines), and with
     `logs` the whole log; returns 0."""
     client = _client(address)
-    try:
-        info = client.get_job_info(job_id)
-    except RuntimeError as exc:
-        raise DistsparseError(f"job {job_id}: {str(exc).strip().splitlines()[0]}") from None
+    info = _ask(job_id, client.get_job_info)
     print(f"{job_id} {info.status.value}")
     if info.message:
         print(info.message.rstrip())
@@ -89,10 +96,6 @@ def job_status(job_id: str, address: str | None, logs: bool) -> int:
 
 def stop_job(job_id: str, address: str | None) -> int:
     """Ask the cluster to stop a job; print whether it was running; returns 0."""
-    client = _client(address)
-    try:
-        stopped = client.stop_job(job_id)
-    except RuntimeError as exc:
-        raise DistsparseError(f"job {job_id}: {str(exc).strip().splitlines()[0]}") from None
+    stopped = _ask(job_id, _client(address).stop_job)
     print(f"{job_id} {'stopping' if stopped else 'was not running'}")
     return 0
