@@ -58,7 +58,8 @@ def environment() -> dict[str, str]:
     """Machine and versions: CPU model and cores, Python, torch, distsparse commit (+ local edits)."""
     import torch
 
-    commit = _git("rev-parse", "--short", "HEAD") or "unknown"
+    # A copy without .git (a lent GPU machine) names its commit in DISTSPARSE_COMMIT.
+    commit = _git("rev-parse", "--short", "HEAD") or os.environ.get("DISTSPARSE_COMMIT", "unknown")
     # Porcelain lines are "XY path": two status columns, a space, then the path.
     dirty = [line[3:] for line in _git("status", "--porcelain", "--", "distsparse").splitlines()]
     if dirty:
@@ -68,7 +69,7 @@ def environment() -> dict[str, str]:
         "machine": f"{_cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
         "python": platform.python_version(),
         "torch": f"{torch.__version__} (threads {torch.get_num_threads()}, "
-                 f"cuda {'yes' if torch.cuda.is_available() else 'no'})",
+                 f"cuda {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'})",
         "distsparse": commit,
     }
 
