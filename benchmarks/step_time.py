@@ -12,6 +12,13 @@ after a forward and backward on the update steps step = k * update_interval (med
 amortized over the interval: update / (interval x that method's step) (goal <= 1 %).
 
     .venv/bin/python benchmarks/step_time.py [--steps 60 --rounds 5 --warmup 10] [--synthetic]
+
+On a GPU (batches are moved to the device before timing; every timed call ends with a
+synchronize), e.g. ResNet-50 at 224 px in bf16:
+
+    python benchmarks/step_time.py --device cuda --model resnet50 --batch-size 256 --synthetic \
+        data.synthetic.image_size=224 data.synthetic.channels=3 data.synthetic.num_classes=1000 \
+        data.synthetic.train_size=3072 train.autocast=bf16 train.channels_last=true
 """
 from __future__ import annotations
 
@@ -53,6 +60,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="also profile a block of dense and static steps with torch.profiler")
     parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    parser.add_argument("--model", default="small_resnet", help="model.name of every trainer")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("extra", nargs="*", help="further key.sub=value overrides for every trainer")
     args = parser.parse_args(argv)
     if args.steps % args.rounds:
         parser.error(f"--steps {args.steps} must be a multiple of --rounds {args.rounds}")
@@ -63,13 +73,20 @@ def _overrides(args: argparse.Namespace, method: str, run_dir: Path) -> list[str
     overrides = [
         f"method.name={method}", f"method.sparsity={SPARSITY}",
         f"method.update_interval={args.update_interval}", f"train.batch_size={args.batch_size}",
-        "model.name=small_resnet", "run.progress=false", f"run.dir={run_dir}",
+        f"model.name={args.model}", f"train.device={args.device}", "run.progress=false",
+        f"run.dir={run_dir}",
     ]
     if args.synthetic:
         # The synthetic set is 16 batches an epoch; give it the schedule length of 3 Fashion-MNIST
         # epochs (1404 steps) so the same update steps exist.
         overrides += ["data.name=synthetic", "data.loader=synthetic", "train.max_steps=1404"]
-    return overrides
+    return overrides + list(args.extra)
+
+
+def _synchronize() -> None:
+    """Wait for queued GPU work, so that a timer read after it covers that work."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def _build(args: argparse.Namespace, method: str, workdir: Path):
@@ -85,8 +102,10 @@ def _time_steps(trainer, batches, count: int, offset: int) -> list[float]:
     for i in range(count):
         x, y = batches[(offset + i) % len(batches)]
         trainer.step = TIMED_STEP
+        _synchronize()
         tick = time.perf_counter()
         trainer._train_step(x, y)
+        _synchronize()
         seconds.append(time.perf_counter() - tick)
     return seconds
 
@@ -137,8 +156,10 @@ def _time_updates(args, trainer, batches) -> tuple[list[float], list[int]]:
             # As `_train_step` does: the optimizer step and masking come first for these methods.
             optimizer.step()
             trainer._mask_all()
+        _synchronize()
         tick = time.perf_counter()
         trainer._update_masks(step)
+        _synchronize()
         seconds.append(time.perf_counter() - tick)
     return seconds, update_steps
 
@@ -147,8 +168,10 @@ def _time_masking(trainer, count: int = 50) -> float:
     """Median seconds of `_mask_all()` alone: the per-step work a mask adds to a dense step."""
     seconds = []
     for _ in range(count):
+        _synchronize()
         tick = time.perf_counter()
         trainer._mask_all()
+        _synchronize()
         seconds.append(time.perf_counter() - tick)
     return statistics.median(seconds)
 
@@ -181,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         loader = trainers["dense"].data.train
         batches = []
         for x, y in loader.batches(0):
-            batches.append((x.contiguous(), y))
+            batches.append((trainers["dense"]._to_device(x.contiguous()), y.to(trainers["dense"].device)))
             if len(batches) == args.batches:
                 break
         print(f"timing {args.steps} steps per method ({args.rounds} rounds of "
@@ -253,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.no_record:
         settings = (
-            f"model small_resnet, data {'synthetic' if args.synthetic else 'Fashion-MNIST'}, "
+            f"model {args.model} on {args.device}, data "
+            f"{'synthetic' if args.synthetic else 'Fashion-MNIST'} {' '.join(args.extra)}, "
             f"batch {args.batch_size} ({len(batches)} fixed batches), method.sparsity "
             f"{SPARSITY} (granet_st starts at init_density 0.5), update_interval "
             f"{args.update_interval}, schedule {total_steps} steps, "
