@@ -132,29 +132,32 @@ def _csv(headers: list[str], rows: list[list[Any]]) -> bytes:
     return buffer.getvalue().encode("utf-8")
 
 
-def _plot(rows: list[dict[str, Any]], key: str, title: str, ylabel: str) -> bytes:
-    """key against measured sparsity, one line per method (dense runs as a dashed level)."""
-    fig, axis = plt.subplots(figsize=(6.4, 4.4))
-    plotted = False
-    for index, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
-        points = sorted((r["sparsity"], r[key])
-                        for r in rows if r["method"] == method and r[key] is not None)
-        if not points:
-            continue
-        plotted = True
-        if method == "dense":
-            for number, (_, value) in enumerate(points):
-                axis.axhline(value, color="black", linestyle="--", linewidth=1,
-                             label=None if number else "dense")
+def _plot(rows: list[dict[str, Any]], panels: list[tuple[str, str]]) -> bytes:
+    """One panel per (key, title): key against measured sparsity, one line per method (dense runs
+    as a dashed level); the axes zoom to the data, where the methods' differences are."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.4), squeeze=False)
+    for axis, (key, title) in zip(axes[0], panels):
+        plotted = False
+        for index, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
+            points = sorted((r["sparsity"], r[key])
+                            for r in rows if r["method"] == method and r[key] is not None)
+            if not points:
+                continue
+            plotted = True
+            if method == "dense":
+                for number, (_, value) in enumerate(points):
+                    axis.axhline(value, color="black", linestyle="--", linewidth=1,
+                                 label=None if number else "dense")
+            else:
+                axis.plot(*zip(*points), marker="o", color=f"C{index}", label=method)
+        if plotted:
+            axis.legend(fontsize=8)
+            axis.margins(0.08)
         else:
-            axis.plot(*zip(*points), marker="o", color=f"C{index}", label=method)
-    if plotted:
-        axis.legend(fontsize=8)
-    else:
-        axis.text(0.5, 0.5, "no run has an evaluation.json\n(run `distsparse evaluate RUN_DIR`)",
-                  ha="center", va="center", transform=axis.transAxes)
-    axis.set(title=title, xlabel="sparsity (fraction of zeros)", ylabel=ylabel,
-             xlim=(-0.02, 1.0), ylim=(0, 1.02))
+            axis.text(0.5, 0.5, "no run has an evaluation.json\n(run `distsparse evaluate RUN_DIR`)",
+                      ha="center", va="center", transform=axis.transAxes)
+        axis.set(title=title, xlabel="sparsity (fraction of zeros)", ylabel="top-1")
+        axis.grid(alpha=0.3)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
@@ -185,9 +188,9 @@ def compare_runs(run_dirs: list[Path], out_dir: Path = Path("runs/compare"), met
     lines = ["# Runs compared", "", *_markdown_table(list(COLUMNS), table)]
     files = {
         "compare.csv": _csv(list(COLUMNS), table),
-        "accuracy_vs_sparsity.png": _plot(rows, "test_top1", "clean test top-1", "top-1"),
-        "robustness_vs_sparsity.png": _plot(rows, "mean_corruption_top1", "mean corruption top-1",
-                                            "top-1"),
+        "accuracy_vs_sparsity.png": _plot(rows, [("test_top1", "clean test top-1")]),
+        "robustness_vs_sparsity.png": _plot(rows, [("mean_corruption_top1", "mean corruption top-1"),
+                                                   ("shift_top1", "shift top-1")]),
     }
     result: dict[str, Any] = {"rows": [{c: row[c] for c in COLUMNS} for row in rows]}
     if metric == "prune_potential":
