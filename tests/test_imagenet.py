@@ -262,6 +262,29 @@ def test_torchvision_fallback_trains_through_the_same_trainer(smoke_folders, tmp
     assert zeros == math.floor(0.9 * total) and summary["sparsity"] == zeros / total
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_imagenet_run_trains_and_evaluates_on_cuda_in_bf16(smoke_folders, tmp_path, capsys):
+    run = tmp_path / "run"
+    status = main(["train", SMOKE, f"data.path={smoke_folders}", f"run.dir={run}",
+                   "data.loader=torchvision", "data.imagenet.num_workers=2", "train.epochs=1",
+                   "method.update_interval=4", "train.device=cuda", "train.autocast=bf16",
+                   "run.progress=false"])
+    assert status == 0, capsys.readouterr().err
+    summary = json.loads((run / "summary.json").read_text())
+    zeros, total = _masked_zeros(run)
+    assert zeros == math.floor(0.9 * total) and summary["sparsity"] == zeros / total
+    # Corruptions run on the GPU, and the model under the run's own autocast: the clean top-1 is
+    # training's, and the run agrees with itself on every corrupted input.
+    assert main(["evaluate", str(run), "--dense", str(run), "--device", "cuda"]) == 0, \
+        capsys.readouterr().err
+    evaluation = json.loads((run / "evaluation.json").read_text())
+    assert evaluation["device"] == "cuda"
+    clean, *others = evaluation["distributions"]
+    assert clean["top1"] == summary["test_top1"]
+    assert {d["kind"] for d in others} == {"corruption", "shift"}
+    assert all(d["count"] == clean["count"] and d["agreement"] == 1.0 for d in others)
+
+
 def test_torchvision_loader_gives_each_rank_a_slice_of_the_same_global_batches(smoke_folders):
     """Same samples and pixels on 1 or 2 ranks and after a mid-epoch resume."""
     config = load_config(None, ["data.imagenet.min_res=16", "data.imagenet.num_workers=1"]).data.imagenet

@@ -164,15 +164,24 @@ def _inputs(run: TrainedRun, dense: TrainedRun | None, distribution: Distributio
         yield (shown - norm.mean) / norm.std, dense_x, y
 
 
+def _predict_as_trained(run: TrainedRun, x: torch.Tensor) -> torch.Tensor:
+    """Top-1 under the run's own train.autocast and train.channels_last, as training evaluated."""
+    train = run.config.train
+    if train.channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=train.autocast == "bf16"):
+        return predict(run.model, x).cpu()
+
+
 def _evaluate_one(run: TrainedRun, dense: TrainedRun | None, distribution: Distribution,
                   seed: int, device: torch.device) -> dict[str, Any]:
     correct = dense_correct = same = count = 0
     for x, dense_x, y in _inputs(run, dense, distribution, seed, device):
-        prediction = predict(run.model, x).cpu()
+        prediction = _predict_as_trained(run, x)
         correct += int((prediction == y).sum())
         count += len(y)
         if dense_x is not None:
-            dense_prediction = predict(dense.model, dense_x).cpu()
+            dense_prediction = _predict_as_trained(dense, dense_x)
             dense_correct += int((dense_prediction == y).sum())
             same += int((dense_prediction == prediction).sum())
     record: dict[str, Any] = {
@@ -226,6 +235,7 @@ def evaluate_run(run_dir: Path, dense_dir: Path | None = None, suite: str = "def
         "step": run.step,
         "suite": suite,
         "seed": seed,
+        "device": torch_device.type,
         "clean_top1": records[0]["top1"],
         "mean_corruption_top1": _mean(records, "corruption", "top1"),
         "shift_top1": _mean(records, "shift", "top1"),
