@@ -267,6 +267,7 @@ def test_masks_hold_in_every_copy_match_ddp_and_resume_exactly(tmp_path, capsys)
     assert results == {0: [], 1: []}, "\n".join(results.get(0, [])[:40] + results.get(1, [])[:5])
     _check_one_rank_resume_refused(tmp_path / "resumed3", capsys)
     _check_model_file_read(tmp_path / "ds3-sgd", tmp_path / "crashed")
+    _check_ray_report_and_restore(tmp_path / "ds3-sgd", tmp_path)
 
 
 def _check_one_rank_resume_refused(run: Path, capsys) -> None:
@@ -311,3 +312,19 @@ def test_config_merge_keeps_distsparse_keys_and_rejects_conflicts(tmp_path):
     assert deepspeed_config(1, 64, 2, str(path))["bf16"] == {"enabled": True}
     with pytest.raises(ConfigError, match="'backend.zero_stage' = 0 with bf16/fp16"):
         deepspeed_config(0, 64, 2, str(path))
+
+
+def _check_ray_report_and_restore(run: Path, tmp_path: Path) -> None:
+    """Ray reports every rank's shards of the latest tag and `latest` (last); restored, they are
+    the checkpoint a resume reads."""
+    from distsparse.orchestrate.ray_train import _reported_files, _restore_reported, _stage_reported
+
+    names = _reported_files(run)
+    shards = {str(f.relative_to(run)) for f in (run / DEEPSPEED_DIR / step_tag(16)).rglob("*")
+              if f.is_file()}
+    assert names[0] == "config.yaml" and names[-1] == f"{DEEPSPEED_DIR}/latest"
+    assert set(names[1:-1]) == shards and any("zero_pp_rank_1_" in name for name in shards)
+    _stage_reported(run, tmp_path / "staged")
+    assert _restore_reported(tmp_path / "staged", tmp_path / "restored") == 16
+    assert _digest(tmp_path / "restored") == {name: digest for name, digest in _digest(run).items()
+                                              if name in names}
