@@ -10,11 +10,11 @@ all-reduce), and the per-rank slice `ds_tensor` at stage 3 (through the `safe_*_
 Checkpoints are DeepSpeed's own: `save_checkpoint` has every rank write its shards through
 `engine.save_checkpoint` (no gather), with the trainer's state (masks, method, scheduler, step,
 RNG) as client_state, and `load_checkpoint` reads them back through `engine.load_checkpoint` into
-an engine of the same stage and, at stages 1-3, the same world size (`engine.native_checkpoint`
-holds the layout and the checks). `model_state_dict` gathers the full model one parameter at a
-time, for the model file evaluation and pruning read. A single-process checkpoint (`last.pt` of a
-single or DDP run) still loads: its optimizer state, put into the torch optimizer before
-`deepspeed.initialize`, is scattered into the partitions.
+an engine of the same stage and, at stages 1-3, the same world size (the layout and the checks
+are in `distsparse.engine.native_checkpoint`). `model_state_dict` gathers the full model one
+parameter at a time, for the model file evaluation and pruning read. A single-process checkpoint
+(`last.pt` of a single or DDP run) still loads: its optimizer state, put into the torch optimizer
+before `deepspeed.initialize`, is scattered into the partitions.
 
 Known cost at stage 3: `weights()` and `grads()` gather full tensors (all-gather) on mask-update
 steps only; the exact sharded selection (`sparsity.sharded_select`) is the follow-up.
@@ -288,6 +288,10 @@ class DeepSpeedBackend(SingleBackend):
             else:
                 state[key] = value.detach().cpu().clone()
         return state
+
+    def optimizer_state_dict(self) -> dict[str, Any]:
+        """Not gathered: DeepSpeed writes each rank's optimizer partition in `save_checkpoint`."""
+        raise NotImplementedError("a DeepSpeed optimizer state is checkpointed by save_checkpoint")
 
     def save_checkpoint(self, directory: Path, tag: str, client_state: dict[str, Any]) -> None:
         """Every rank writes its shards of tag `tag` under `directory` (a collective); no `latest`."""
