@@ -232,6 +232,12 @@ def _worker(rank: int, port: int, root: str, queue) -> None:
             _compare(whole, parts, f"ZeRO-{stage} resume", errors, exact=True)
             _check_layout(parts, 16, f"ZeRO-{stage} resumed", errors)
         _check_refusals(root_dir / "resumed3", errors)
+        # A DDP run's last.pt resumes under ZeRO-3 (scattered into the partitions), which then
+        # writes its own checkpoints; the later reads take those, not the older last.pt.
+        mixed = root_dir / "ddp-then-ds3"
+        _train(["method.name=rigl", "backend.name=ddp", f"run.dir={mixed}", "run.stop_at_step=7"])
+        _train(["backend.name=deepspeed", "backend.zero_stage=3"], resume=mixed)
+        _compare(root_dir / "ds3-sgd", mixed, "DDP resumed as ZeRO-3", errors, exact=False)
         bf16 = root_dir / "bf16.json"
         bf16.write_text(json.dumps({"bf16": {"enabled": True}}))
         for stage in STAGES[1:]:
