@@ -248,6 +248,11 @@ def _worker(rank: int, port: int, root: str, queue) -> None:
             dtypes = {param.dtype for param in trainer.masks.params.values()}
             if dtypes != {torch.bfloat16}:
                 errors.append(f"bf16 at ZeRO-{stage}: the model's weights are {dtypes}")
+        parts = root_dir / "bf16-resumed3"  # the bf16 weights come back from the fp32 masters
+        _train(["method.name=rigl", "backend.name=deepspeed", "backend.zero_stage=3",
+                f"backend.deepspeed_config={bf16}", f"run.dir={parts}", "run.stop_at_step=7"])
+        _train([f"run.dir={parts}"], resume=parts)
+        _compare(root_dir / "bf16-ds3", parts, "bf16 ZeRO-3 resume", errors, exact=True)
     except Exception:  # report, then leave: the other rank fails on its collective timeout
         errors.append(traceback.format_exc())
     queue.put((rank, errors))
