@@ -29,6 +29,7 @@ from distsparse.cli import main
 from distsparse.config import load_config
 from distsparse.engine.backends.deepspeed import deepspeed_config
 from distsparse.engine.native_checkpoint import DEEPSPEED_DIR, step_tag
+from distsparse.engine.post_training import resolve_run_dir
 from distsparse.engine.runs import load_run
 from distsparse.errors import CheckpointError, ConfigError
 from tests.conftest import SMALL
@@ -294,6 +295,7 @@ def _check_one_rank_resume_refused(run: Path, capsys) -> None:
 
 def _check_model_file_read(run: Path, crashed: Path) -> None:
     """evaluate/prune read a DeepSpeed run's model.pt; without one of the last step: one line."""
+    assert resolve_run_dir(run / "checkpoints" / "model.pt") == run  # `prune RUN/checkpoints/model.pt`
     loaded, final = load_run(run), _final(run)
     assert loaded.step == 16 and all(torch.equal(loaded.masks[n], m) for n, m in final["masks"].items())
     for name, value in loaded.model.state_dict().items():
