@@ -12,8 +12,11 @@ node_addr() { scontrol show node "$1" | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p'; 
 NODES=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))
 HEAD_ADDR=$(node_addr "${NODES[0]}")
 
+# A checkpoint to resume from: last.pt (single, DDP) or DeepSpeed's own (its `latest` names it).
+has_checkpoint() { [[ -f $RUN_DIR/checkpoints/last.pt || -f $RUN_DIR/checkpoints/deepspeed/latest ]]; }
+
 # A first attempt starts the run; a requeued one (or a rerun) resumes from its checkpoint.
-if [[ -f $RUN_DIR/checkpoints/last.pt ]]; then
+if has_checkpoint; then
   TRAIN_ARGS=(--resume "$RUN_DIR" "${OVERRIDES[@]}")
   echo "[distsparse] attempt ${SLURM_RESTART_COUNT:-0}: resuming $RUN_DIR"
 else
@@ -52,7 +55,7 @@ finish() {
     echo "[distsparse] run complete"
     exit 0
   fi
-  if [[ -f $RUN_DIR/checkpoints/last.pt ]] && { (( STOP_REQUESTED )) || { (( fresh )) && grep -q '"stopped_by_signal"' "$summary"; }; }; then
+  if has_checkpoint && { (( STOP_REQUESTED )) || { (( fresh )) && grep -q '"stopped_by_signal"' "$summary"; }; }; then
     echo "[distsparse] stopped at a checkpoint: requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0

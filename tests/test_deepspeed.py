@@ -3,14 +3,19 @@
 All runs happen in one pair of spawned workers (DeepSpeed's start-up is paid once). Every check
 runs on both ranks in the same order (the read-backs are collectives) and records a message
 instead of raising, so a failed check never leaves the other rank waiting in a collective.
+Checkpoints are DeepSpeed's own (every rank writes its shards); a resumed run must end with every
+tensor of every rank's files equal to an uninterrupted run's, and a resume that cannot load them
+(another world size, ZeRO stage or backend) must stop with one line and change nothing.
 Float32 (and bf16 at stages 1-3 for the every-copy check): DeepSpeed's ZeRO master copy is float32
 whatever the model's dtype.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
+import shutil
 import socket
 import traceback
 from pathlib import Path
@@ -20,9 +25,13 @@ import pytest
 import torch
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+from distsparse.cli import main
 from distsparse.config import load_config
 from distsparse.engine.backends.deepspeed import deepspeed_config
-from distsparse.errors import ConfigError
+from distsparse.engine.native_checkpoint import DEEPSPEED_DIR, step_tag
+from distsparse.engine.post_training import resolve_run_dir
+from distsparse.engine.runs import load_run
+from distsparse.errors import CheckpointError, ConfigError
 from tests.conftest import SMALL
 
 QUICKSTART = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
@@ -113,11 +122,43 @@ def _fingerprints(run: Path) -> list[tuple[int, str]]:
     return [(r["step"], r["fingerprint"]) for r in records if r["kind"] == "mask_update"]
 
 
+def _final(run: Path) -> dict:
+    """The model and masks a run ended with: a DeepSpeed run's model.pt, else its last.pt."""
+    model_file = run / "checkpoints" / "model.pt"
+    return torch.load(model_file if model_file.is_file() else run / "checkpoints" / "last.pt",
+                      weights_only=True)
+
+
+def _native_tensors(run: Path) -> dict[str, torch.Tensor]:
+    """Every tensor in every rank's files of the run's latest DeepSpeed tag, by file and key."""
+    directory = run / DEEPSPEED_DIR
+    found: dict[str, torch.Tensor] = {}
+
+    def collect(value, key: str) -> None:
+        if torch.is_tensor(value):
+            found[key] = value
+        elif isinstance(value, dict):
+            for name, item in value.items():
+                collect(item, f"{key}.{name}")
+        elif isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                collect(item, f"{key}.{index}")
+
+    for file in sorted((directory / (directory / "latest").read_text()).glob("*.pt")):
+        collect(torch.load(file, map_location="cpu", weights_only=False), file.name)
+    return found
+
+
+def _digest(run: Path) -> dict[str, str]:
+    """Every file of a run directory and a hash of its bytes."""
+    return {str(f.relative_to(run)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(run.rglob("*")) if f.is_file()}
+
+
 def _compare(a: Path, b: Path, label: str, errors: list[str], exact: bool) -> None:
     if _fingerprints(a) != _fingerprints(b) or not _fingerprints(a):
         errors.append(f"{label}: masks after the updates differ or there were none")
-    first = torch.load(a / "checkpoints" / "last.pt", weights_only=True)
-    second = torch.load(b / "checkpoints" / "last.pt", weights_only=True)
+    first, second = _final(a), _final(b)
     for name in first["masks"]:
         if not torch.equal(first["masks"][name], second["masks"][name]):
             errors.append(f"{label}: final mask of {name} differs")
@@ -127,11 +168,42 @@ def _compare(a: Path, b: Path, label: str, errors: list[str], exact: bool) -> No
             same = torch.equal(value, other) if exact else torch.allclose(value, other, **WEIGHT_TOLERANCE)
             if not same:
                 errors.append(f"{label}: {part} {name} differs by {float((value - other).abs().max())}")
-    if exact:
-        for index, state in first["optimizer"]["state"].items():
-            for key, value in state.items():
-                if not torch.equal(value, second["optimizer"]["state"][index][key]):
-                    errors.append(f"{label}: optimizer state {index}.{key} differs")
+    if exact:  # all of DeepSpeed's files: weights, fp32 masters, optimizer state, client_state
+        whole, resumed = _native_tensors(a), _native_tensors(b)
+        if not whole or sorted(whole) != sorted(resumed):
+            errors.append(f"{label}: the DeepSpeed checkpoints hold different tensors")
+        errors.extend(f"{label}: {key} differs" for key, value in whole.items()
+                      if key in resumed and not torch.equal(value, resumed[key]))
+
+
+def _check_layout(run: Path, step: int, label: str, errors: list[str]) -> None:
+    """One complete tag (older ones removed), named by `latest`; the model file of that step."""
+    directory = run / DEEPSPEED_DIR
+    tags = sorted(entry.name for entry in directory.iterdir() if entry.is_dir())
+    latest = (directory / "latest").read_text()
+    if tags != [step_tag(step)] or latest != step_tag(step):
+        errors.append(f"{label}: tags {tags}, latest {latest!r}; expected only {step_tag(step)}")
+    if not (directory / latest / "distsparse.json").is_file():
+        errors.append(f"{label}: {latest} has no distsparse.json")
+    if (run / "checkpoints" / "last.pt").exists():
+        errors.append(f"{label}: a DeepSpeed run wrote last.pt")
+    if _final(run)["step"] != step:
+        errors.append(f"{label}: model.pt is of step {_final(run)['step']}, expected {step}")
+
+
+def _check_refusals(run: Path, errors: list[str]) -> None:
+    """Resuming the stage-3 run with another ZeRO stage or backend: one line, nothing changed."""
+    before = _digest(run)
+    for override, expected in (("backend.zero_stage=2", "resume with backend.zero_stage=3 (got 2)"),
+                               ("backend.name=ddp", "resume with backend.name=deepspeed (got ddp)")):
+        try:
+            _train([override], resume=run)
+            errors.append(f"resume with {override} did not stop")
+        except CheckpointError as exc:
+            if expected not in str(exc) or "\n" in str(exc):
+                errors.append(f"resume with {override}: {exc}")
+    if _digest(run) != before:
+        errors.append("a refused resume changed the run directory")
 
 
 def _worker(rank: int, port: int, root: str, queue) -> None:
@@ -156,8 +228,17 @@ def _worker(rank: int, port: int, root: str, queue) -> None:
             common = ["method.name=rigl", "backend.name=deepspeed", f"backend.zero_stage={stage}"]
             whole, parts = root_dir / f"ds{stage}-sgd", root_dir / f"resumed{stage}"
             _train([*common, f"run.dir={parts}", "run.stop_at_step=7"])
+            _check_layout(parts, 7, f"ZeRO-{stage} stopped", errors)
             _train([f"run.dir={parts}"], resume=parts)
             _compare(whole, parts, f"ZeRO-{stage} resume", errors, exact=True)
+            _check_layout(parts, 16, f"ZeRO-{stage} resumed", errors)
+        _check_refusals(root_dir / "resumed3", errors)
+        # A DDP run's last.pt resumes under ZeRO-3 (scattered into the partitions), which then
+        # writes its own checkpoints; the later reads take those, not the older last.pt.
+        mixed = root_dir / "ddp-then-ds3"
+        _train(["method.name=rigl", "backend.name=ddp", f"run.dir={mixed}", "run.stop_at_step=7"])
+        _train(["backend.name=deepspeed", "backend.zero_stage=3"], resume=mixed)
+        _compare(root_dir / "ds3-sgd", mixed, "DDP resumed as ZeRO-3", errors, exact=False)
         bf16 = root_dir / "bf16.json"
         bf16.write_text(json.dumps({"bf16": {"enabled": True}}))
         for stage in STAGES[1:]:
@@ -168,12 +249,17 @@ def _worker(rank: int, port: int, root: str, queue) -> None:
             dtypes = {param.dtype for param in trainer.masks.params.values()}
             if dtypes != {torch.bfloat16}:
                 errors.append(f"bf16 at ZeRO-{stage}: the model's weights are {dtypes}")
+        parts = root_dir / "bf16-resumed3"  # the bf16 weights come back from the fp32 masters
+        _train(["method.name=rigl", "backend.name=deepspeed", "backend.zero_stage=3",
+                f"backend.deepspeed_config={bf16}", f"run.dir={parts}", "run.stop_at_step=7"])
+        _train([f"run.dir={parts}"], resume=parts)
+        _compare(root_dir / "bf16-ds3", parts, "bf16 ZeRO-3 resume", errors, exact=True)
     except Exception:  # report, then leave: the other rank fails on its collective timeout
         errors.append(traceback.format_exc())
     queue.put((rank, errors))
 
 
-def test_masks_hold_in_every_copy_match_ddp_and_resume_exactly(tmp_path):
+def test_masks_hold_in_every_copy_match_ddp_and_resume_exactly(tmp_path, capsys):
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     with socket.socket() as probe:
@@ -191,6 +277,33 @@ def test_masks_hold_in_every_copy_match_ddp_and_resume_exactly(tmp_path):
             if worker.is_alive():
                 worker.terminate()
     assert results == {0: [], 1: []}, "\n".join(results.get(0, [])[:40] + results.get(1, [])[:5])
+    _check_one_rank_resume_refused(tmp_path / "resumed3", capsys)
+    _check_model_file_read(tmp_path / "ds3-sgd", tmp_path / "crashed")
+    _check_ray_report_and_restore(tmp_path / "ds3-sgd", tmp_path)
+
+
+def _check_one_rank_resume_refused(run: Path, capsys) -> None:
+    """A ZeRO-3 checkpoint of 2 ranks resumed by 1: one line naming both, exit 2, nothing changed."""
+    before = _digest(run)
+    capsys.readouterr()
+    status = main(["train", "--resume", str(run)])
+    expected = (f"distsparse: error: checkpoint {run / DEEPSPEED_DIR} was written by 2 ranks at "
+                "ZeRO stage 3; resume with --nproc 2 (got 1)")
+    assert (status, capsys.readouterr().err.strip()) == (2, expected)
+    assert _digest(run) == before
+
+
+def _check_model_file_read(run: Path, crashed: Path) -> None:
+    """evaluate/prune read a DeepSpeed run's model.pt; without one of the last step: one line."""
+    assert resolve_run_dir(run / "checkpoints" / "model.pt") == run  # `prune RUN/checkpoints/model.pt`
+    loaded, final = load_run(run), _final(run)
+    assert loaded.step == 16 and all(torch.equal(loaded.masks[n], m) for n, m in final["masks"].items())
+    for name, value in loaded.model.state_dict().items():
+        assert torch.equal(value, final["model"][name]), name
+    shutil.copytree(run, crashed)
+    (crashed / "checkpoints" / "model.pt").unlink()  # as if the run died before it ended
+    with pytest.raises(CheckpointError, match=r"at step 16 but no checkpoints/model.pt .*--resume"):
+        load_run(crashed)
 
 
 def test_config_merge_keeps_distsparse_keys_and_rejects_conflicts(tmp_path):
@@ -212,3 +325,19 @@ def test_config_merge_keeps_distsparse_keys_and_rejects_conflicts(tmp_path):
     assert deepspeed_config(1, 64, 2, str(path))["bf16"] == {"enabled": True}
     with pytest.raises(ConfigError, match="'backend.zero_stage' = 0 with bf16/fp16"):
         deepspeed_config(0, 64, 2, str(path))
+
+
+def _check_ray_report_and_restore(run: Path, tmp_path: Path) -> None:
+    """Ray reports every rank's shards of the latest tag and `latest` (last); restored, they are
+    the checkpoint a resume reads."""
+    from distsparse.orchestrate.ray_train import _reported_files, _restore_reported, _stage_reported
+
+    names = _reported_files(run)
+    shards = {str(f.relative_to(run)) for f in (run / DEEPSPEED_DIR / step_tag(16)).rglob("*")
+              if f.is_file()}
+    assert names[0] == "config.yaml" and names[-1] == f"{DEEPSPEED_DIR}/latest"
+    assert set(names[1:-1]) == shards and any("zero_pp_rank_1_" in name for name in shards)
+    _stage_reported(run, tmp_path / "staged")
+    assert _restore_reported(tmp_path / "staged", tmp_path / "restored") == 16
+    assert _digest(tmp_path / "restored") == {name: digest for name, digest in _digest(run).items()
+                                              if name in names}

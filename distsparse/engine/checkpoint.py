@@ -10,12 +10,17 @@ import torch
 
 from distsparse.errors import CheckpointError
 
-__all__ = ["CHECKPOINT_NAME", "CHECKPOINT_FORMAT", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CHECKPOINT_NAME", "CHECKPOINT_FORMAT", "MODEL_KEYS", "MODEL_NAME", "load_checkpoint",
+           "save_checkpoint"]
 
 CHECKPOINT_NAME = "checkpoints/last.pt"
-"""Where a run directory keeps its latest checkpoint."""
+"""Where a run directory keeps its latest checkpoint (single and DDP; DeepSpeed: native_checkpoint)."""
+MODEL_NAME = "checkpoints/model.pt"
+"""Where a DeepSpeed run keeps the model and masks it ended with, in the single-process layout."""
 CHECKPOINT_FORMAT = 1
 _REQUIRED = ("format", "config", "step", "model", "optimizer", "scheduler", "masks", "method", "rng")
+MODEL_KEYS = ("format", "config", "step", "model", "masks")
+"""What evaluation and pruning read: every checkpoint and model file holds these."""
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
@@ -33,8 +38,8 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
         raise
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load and check a checkpoint; CheckpointError names the file and what is wrong."""
+def load_checkpoint(path: Path, required: tuple[str, ...] = _REQUIRED) -> dict[str, Any]:
+    """Load a checkpoint holding `required`; CheckpointError names the file and what is wrong."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
@@ -44,7 +49,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({detail})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a distsparse checkpoint of format {CHECKPOINT_FORMAT}")
-    missing = [key for key in _REQUIRED if key not in state]
+    missing = [key for key in required if key not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}")
     return state

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from distsparse.config import Config, TrainConfig, schedule_relevant, to_yaml
 from distsparse.data.loader import TensorLoader
 from distsparse.engine.backends import SingleBackend
-from distsparse.engine.checkpoint import CHECKPOINT_NAME, save_checkpoint
+from distsparse.engine.checkpoint import CHECKPOINT_NAME, MODEL_NAME, save_checkpoint
 from distsparse.engine.flops import FlopCounter
 from distsparse.engine.metrics import MetricsLog
 from distsparse.engine.optim import build_lr_scheduler, build_optimizer
@@ -120,10 +120,10 @@ class PruneSettings:
 
 
 def resolve_run_dir(path: Path) -> Path:
-    """A run directory, given either it or its checkpoints/last.pt."""
+    """A run directory, given either it or its checkpoints/last.pt (or a DeepSpeed run's model.pt)."""
     path = Path(path)
     if path.suffix == ".pt":
-        if path.parts[-2:] != tuple(Path(CHECKPOINT_NAME).parts):
+        if path.parts[-2:] not in (Path(CHECKPOINT_NAME).parts, Path(MODEL_NAME).parts):
             raise CheckpointError(f"{path}: expected a run directory or its {CHECKPOINT_NAME}")
         if not path.is_file():
             raise CheckpointError(f"checkpoint {path} does not exist")

@@ -28,9 +28,17 @@ from distsparse.dist.process_group import (
     leave_process_group,
 )
 from distsparse.engine.backends import Backend, DDPBackend, SingleBackend
-from distsparse.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from distsparse.engine.checkpoint import CHECKPOINT_NAME, MODEL_NAME, load_checkpoint, save_checkpoint
 from distsparse.engine.flops import FlopCounter
 from distsparse.engine.metrics import MetricsLog, truncate_metrics
+from distsparse.engine.native_checkpoint import (
+    DEEPSPEED_DIR,
+    NativeCheckpoint,
+    check_native_resume,
+    commit_native,
+    latest_native,
+    step_tag,
+)
 from distsparse.engine.optim import build_lr_scheduler, build_optimizer
 from distsparse.engine.report import format_table, plot_run, write_summary
 from distsparse.engine.stop_signal import StopSignal
@@ -90,7 +98,9 @@ class Trainer:
         self.method: SparsityMethod = build_method(config.method, self.schedule, config.seed)
         self.config = dataclasses.replace(config, method=self.method.config)
         self.deepspeed_settings = None  # merged and checked before anything is written
-        if config.backend.name == "deepspeed" and self.env.world_size > 1:
+        # DeepSpeed on several ranks checkpoints through its own sharded save/load.
+        self.native = config.backend.name == "deepspeed" and self.env.world_size > 1
+        if self.native:
             from distsparse.engine.backends.deepspeed import deepspeed_config
 
             self.deepspeed_settings = deepspeed_config(
@@ -119,9 +129,11 @@ class Trainer:
         self.flops = FlopCounter(model, self._to_device(sample))
         if checkpoint is None:
             self.masks.update(self.method.initial_masks(self.masks.shapes(), self._init_context(model)))
-        else:
+        elif not isinstance(checkpoint, NativeCheckpoint):
             self._restore(model, optimizer, checkpoint)
         self.backend: Backend = self._build_backend(model, optimizer)
+        if isinstance(checkpoint, NativeCheckpoint):
+            self._restore_native(checkpoint)
         self.input_dtype = self.backend.input_dtype or self.input_dtype
         self._mask_all()
         verify_identical_masks(self.masks, self.device, self.step)
@@ -187,10 +199,18 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16,
                               enabled=self.config.train.autocast == "bf16")
 
-    def _check_resume(self) -> dict[str, Any]:
-        checkpoint = load_checkpoint(self.run_dir / CHECKPOINT_NAME)
+    def _check_resume(self) -> dict[str, Any] | NativeCheckpoint:
+        """The run's DeepSpeed checkpoint if it has one, else its last.pt; checked, not loaded."""
+        checkpoint: dict[str, Any] | NativeCheckpoint | None = latest_native(self.run_dir)
+        if checkpoint is not None:
+            backend = self.config.backend
+            check_native_resume(checkpoint, backend.name, self.env.world_size, backend.zero_stage)
+            written = checkpoint.config
+        else:
+            checkpoint = load_checkpoint(self.run_dir / CHECKPOINT_NAME)
+            written = checkpoint["config"]
         # Keys added to the schema after the run was written count as their defaults.
-        stored = _merged(schedule_relevant(Config()), checkpoint["config"])
+        stored = _merged(schedule_relevant(Config()), written)
         current = schedule_relevant(self.config)
         difference = _first_difference(stored, current)
         if difference is not None:
@@ -218,6 +238,8 @@ class Trainer:
         bar.close()
         if evaluation is None:
             evaluation = self.evaluate()
+        if self.native:
+            self._save_model_file()
         wall = self.previous_wall_s + time.perf_counter() - start_time
         summary = self._summary(evaluation, wall, self.images / self.train_seconds
                                 if self.train_seconds else 0.0)
@@ -323,12 +345,11 @@ class Trainer:
         self._log("train", epoch=epoch + 1, loss=loss, train_top1=accuracy,
                   lr=self.scheduler.get_last_lr()[0], sparsity=self._sparsity())
 
-    def _state(self, wall_s: float) -> dict[str, Any]:
+    def _training_state(self, wall_s: float) -> dict[str, Any]:
+        """Everything a checkpoint holds but the model and optimizer (DeepSpeed's client_state)."""
         return {
             "config": schedule_relevant(self.config),
             "step": self.step,
-            "model": self.model_state(),
-            "optimizer": self.backend.optimizer_state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "masks": self.masks.state_dict(),
             "method": self.method.state_dict(),
@@ -342,24 +363,59 @@ class Trainer:
         return self.backend.model_state_dict()
 
     def _save(self, wall_s: float) -> None:
-        state = self._state(wall_s)  # on every rank: a sharded backend gathers the full state
-        if self.env.is_main:
-            save_checkpoint(state, self.run_dir / CHECKPOINT_NAME)
+        if self.native:
+            self._save_native(wall_s)
+        else:
+            state = {**self._training_state(wall_s), "model": self.model_state(),
+                     "optimizer": self.backend.optimizer_state_dict()}
+            if self.env.is_main:
+                save_checkpoint(state, self.run_dir / CHECKPOINT_NAME)
         if self.on_checkpoint is not None:
             self.on_checkpoint(self.run_dir, {"step": self.step, "sparsity": self._sparsity(),
                                               **self.last_evaluation})
 
+    def _save_native(self, wall_s: float) -> None:
+        """Every rank writes its shards; then rank 0 commits the tag (sidecar, `latest`, cleanup)."""
+        directory, tag = self.run_dir / DEEPSPEED_DIR, step_tag(self.step)
+        self.backend.save_checkpoint(directory, tag, self._training_state(wall_s))
+        if self.env.is_main:
+            commit_native(directory, tag, {
+                "step": self.step, "world_size": self.env.world_size,
+                "zero_stage": self.config.backend.zero_stage, "config": schedule_relevant(self.config),
+            })
+
+    def _save_model_file(self) -> None:
+        """The model and masks in the single-process layout, for evaluate and prune (DeepSpeed)."""
+        model = self.model_state()  # on every rank: ZeRO-3 gathers
+        if self.env.is_main:
+            save_checkpoint({"config": schedule_relevant(self.config), "step": self.step,
+                             "model": model, "masks": self.masks.state_dict()},
+                            self.run_dir / MODEL_NAME)
+
     def _restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  state: dict[str, Any]) -> None:
+        source = self.run_dir / CHECKPOINT_NAME
         try:
             model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise CheckpointError(
+                f"checkpoint {source} does not fit the model: {str(exc).splitlines()[0]}"
+            ) from None
+        optimizer.load_state_dict(state["optimizer"])
+        self._restore_training_state(state, source)
+
+    def _restore_native(self, checkpoint: NativeCheckpoint) -> None:
+        """Model, optimizer and engine state through DeepSpeed; the rest from its client_state."""
+        state = self.backend.load_checkpoint(checkpoint.directory, checkpoint.tag)
+        self._restore_training_state(state, checkpoint.directory / checkpoint.tag)
+
+    def _restore_training_state(self, state: dict[str, Any], source: Path) -> None:
+        try:
             self.masks.load_state_dict(state["masks"])
         except (RuntimeError, ValueError) as exc:
             raise CheckpointError(
-                f"checkpoint {self.run_dir / CHECKPOINT_NAME} does not fit the model: "
-                f"{str(exc).splitlines()[0]}"
+                f"checkpoint {source} does not fit the model: {str(exc).splitlines()[0]}"
             ) from None
-        optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.method.load_state_dict(state["method"])
         self.flops.load_state_dict(state["flops"])

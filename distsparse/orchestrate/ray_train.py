@@ -2,10 +2,12 @@
 
 Ray Train creates the process group (gloo on CPU, NCCL on GPU) and sets RANK / WORLD_SIZE /
 LOCAL_RANK, so the Trainer's own init_process_group does nothing. After every checkpoint the
-Trainer writes, rank 0 reports it to Ray Train (config.yaml and checkpoints/last.pt); when Ray
-restarts the workers after a failure, rank 0 copies the last *reported* checkpoint back into the
-run directory and every worker resumes from it through the ordinary --resume path, masks included.
-The run directory must be on a file system every worker node sees (as for torchrun across nodes).
+Trainer writes, rank 0 reports it to Ray Train: config.yaml and checkpoints/last.pt, or for a
+DeepSpeed run the latest tag of checkpoints/deepspeed (every rank's shards) and its `latest`.
+When Ray restarts the workers after a failure, rank 0 copies the last *reported* checkpoint back
+into the run directory (`latest` last) and every worker resumes from it through the ordinary
+--resume path, masks included. The run directory must be on a file system every worker node sees
+(as for torchrun across nodes).
 """
 from __future__ import annotations
 
@@ -20,11 +22,10 @@ from typing import Any
 import distsparse
 from distsparse.config import Config, run_directory
 from distsparse.engine.checkpoint import CHECKPOINT_NAME
+from distsparse.engine.native_checkpoint import DEEPSPEED_DIR, latest_native
 from distsparse.errors import DistsparseError
 
 __all__ = ["train_with_ray"]
-
-_REPORTED_FILES = ("config.yaml", CHECKPOINT_NAME)
 
 
 def train_with_ray(config: Config, resume: Path | None = None) -> dict[str, Any]:
@@ -107,29 +108,49 @@ def _report_checkpoint(run_dir: Path, metrics: dict[str, Any]) -> None:
         ray.train.report(metrics, checkpoint=None)
         return
     with tempfile.TemporaryDirectory(prefix="distsparse-report-") as staging:
-        for name in _REPORTED_FILES:
-            target = Path(staging) / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            _link_or_copy(run_dir / name, target)
+        _stage_reported(run_dir, Path(staging))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(staging),
                          checkpoint_dir_name=f"step_{metrics['step']:09d}")
+
+
+def _reported_files(run_dir: Path) -> list[str]:
+    """config.yaml and the checkpoint a resume reads, relative to `run_dir`; `latest` comes last."""
+    native = latest_native(run_dir)
+    if native is None:
+        return ["config.yaml", CHECKPOINT_NAME]
+    shards = sorted(path for path in (native.directory / native.tag).rglob("*") if path.is_file())
+    return ["config.yaml", *(str(path.relative_to(run_dir)) for path in shards),
+            f"{DEEPSPEED_DIR}/latest"]
+
+
+def _stage_reported(run_dir: Path, staging: Path) -> None:
+    """Link (or copy) the reported files into `staging`, in the run directory's layout."""
+    for name in _reported_files(run_dir):
+        target = staging / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _link_or_copy(run_dir / name, target)
 
 
 def _restore_reported(directory: Path, run_dir: Path) -> int:
     """Put a reported checkpoint back into the run directory; return its step."""
     import torch
 
-    for name in _REPORTED_FILES:
+    for name in _reported_files(directory):  # `latest` last: it then names a complete tag
         target = run_dir / name
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.restore")
         shutil.copyfile(directory / name, tmp)
         os.replace(tmp, target)
+    native = latest_native(run_dir)
+    if native is not None:
+        return native.step
     return int(torch.load(run_dir / CHECKPOINT_NAME, map_location="cpu", weights_only=True)["step"])
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
     try:
-        os.link(source, target)  # last.pt is replaced by rename, never rewritten in place
+        # last.pt, `latest` and the sidecar are replaced by rename, DeepSpeed's shards written
+        # once into a new tag directory: never rewritten in place.
+        os.link(source, target)
     except OSError:
         shutil.copyfile(source, target)

@@ -7,10 +7,14 @@ stage 0, the flat fp32 partition of each parameter group at stages 1/2 (located 
 parameter's `_hp_mapping`, the addresses `safe_set_full_fp32_param` writes through, without its
 all-reduce), and the per-rank slice `ds_tensor` at stage 3 (through the `safe_*_local_*` API).
 
-Checkpoints stay backend independent: `model_state_dict` and `optimizer_state_dict` gather the full
-tensors into the single-process layout (collectives: every rank calls them), and an optimizer state
-loaded into the torch optimizer before `deepspeed.initialize` is scattered into the partitions, so
-a run resumes bit for bit at any stage and any world size.
+Checkpoints are DeepSpeed's own: `save_checkpoint` has every rank write its shards through
+`engine.save_checkpoint` (no gather), with the trainer's state (masks, method, scheduler, step,
+RNG) as client_state, and `load_checkpoint` reads them back through `engine.load_checkpoint` into
+an engine of the same stage and, at stages 1-3, the same world size (the layout and the checks
+are in `distsparse.engine.native_checkpoint`). `model_state_dict` gathers the full model one
+parameter at a time, for the model file evaluation and pruning read. A single-process checkpoint
+(`last.pt` of a single or DDP run) still loads: its optimizer state, put into the torch optimizer
+before `deepspeed.initialize`, is scattered into the partitions.
 
 Known cost at stage 3: `weights()` and `grads()` gather full tensors (all-gather) on mask-update
 steps only; the exact sharded selection (`sparsity.sharded_select`) is the follow-up.
@@ -26,11 +30,9 @@ from typing import Any
 
 import deepspeed
 import torch
-import torch.distributed as dist
 from deepspeed.utils import (
     safe_get_full_fp32_param,
     safe_get_full_grad,
-    safe_get_full_optimizer_state,
     safe_get_local_fp32_param,
     safe_get_local_optimizer_state,
     safe_set_local_fp32_param,
@@ -40,7 +42,7 @@ from torch import nn
 
 from distsparse.dist.process_group import DistEnv, all_reduce
 from distsparse.engine.backends.single import SingleBackend
-from distsparse.errors import ConfigError
+from distsparse.errors import CheckpointError, ConfigError
 from distsparse.sparsity.masks import MaskSet
 
 __all__ = ["DeepSpeedBackend", "deepspeed_config"]
@@ -270,45 +272,39 @@ class DeepSpeedBackend(SingleBackend):
         return param.ds_shape if self.stage == 3 else param.shape
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
-        """The full model state dict under canonical names (stage 3 gathers: call on every rank)."""
+        """The full model state dict under canonical names, on the CPU.
+
+        Stage 3 gathers one parameter at a time (a collective: call on every rank), so no rank
+        ever holds more than one full parameter on the device.
+        """
         module = self.model.module
         if self.stage < 3:
-            return module.state_dict()
-        with deepspeed.zero.GatheredParameters(list(module.parameters())):
-            return {key: value.detach().clone() for key, value in module.state_dict().items()}
+            return {key: value.detach().cpu().clone() for key, value in module.state_dict().items()}
+        state = {}
+        for key, value in module.state_dict(keep_vars=True).items():
+            if hasattr(value, "ds_id"):
+                with deepspeed.zero.GatheredParameters([value]):
+                    state[key] = value.data.detach().cpu().clone()
+            else:
+                state[key] = value.detach().cpu().clone()
+        return state
 
     def optimizer_state_dict(self) -> dict[str, Any]:
-        """The optimizer state in the single-process layout (gathered: call on every rank)."""
-        if self.stage == 0:
-            return self.optimizer.state_dict()
-        states = list(self.optimizer.state.values())
-        scalars = {key: value for key, value in states[0].items() if not _is_state_tensor(value)} \
-            if states else {}
-        keys = self._state_keys()
-        state, groups, index = {}, [], 0
-        for group, params in zip(self.optimizer.param_groups, self.groups):
-            start = index
-            for param in params:
-                if states:
-                    state[index] = {**{key: value.clone() for key, value in scalars.items()},
-                                    **{key: self._full_state(param, key) for key in keys}}
-                index += 1
-            settings = {key: value for key, value in group.items() if key != "params"}
-            groups.append({**settings, "params": list(range(start, index))})
-        return {"state": state, "param_groups": groups}
+        """Not gathered: DeepSpeed writes each rank's optimizer partition in `save_checkpoint`."""
+        raise NotImplementedError("a DeepSpeed optimizer state is checkpointed by save_checkpoint")
 
-    def _full_state(self, param: nn.Parameter, key: str) -> torch.Tensor:
-        if self.stage == 3:
-            return safe_get_full_optimizer_state(param, key).reshape(param.ds_shape).cpu().clone()
-        full = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
-        mapping = param._hp_mapping
-        if mapping is not None:
-            lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
-            flat = self._flat_of(param)
-            full.narrow(0, lp.start, lp.numel).copy_(
-                self.optimizer.state[flat][key].narrow(0, hp.start, hp.numel))
-        dist.all_reduce(full)
-        return full.reshape(param.shape).cpu()
+    def save_checkpoint(self, directory: Path, tag: str, client_state: dict[str, Any]) -> None:
+        """Every rank writes its shards of tag `tag` under `directory` (a collective); no `latest`."""
+        self.model.save_checkpoint(str(directory), tag=tag, client_state=client_state,
+                                   save_latest=False)
+
+    def load_checkpoint(self, directory: Path, tag: str) -> dict[str, Any]:
+        """Load model, optimizer and engine state of tag `tag` (a collective); return client_state."""
+        path, client_state = self.model.load_checkpoint(
+            str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
+        if path is None:
+            raise CheckpointError(f"checkpoint {directory}: DeepSpeed could not load tag {tag}")
+        return client_state
 
     def _flat_of(self, param: nn.Parameter) -> torch.Tensor:
         for group, params in zip(self.optimizer.param_groups, self.groups):
