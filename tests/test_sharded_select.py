@@ -372,12 +372,15 @@ def test_layer_topk_equals_topk_mask_of_every_layer(world, kind):
 
 def test_layer_topk_shares_each_round_between_layers():
     # All scores equal in every layer: each layer needs all 8 rounds and the tie exchange, and
-    # still the layers together make 9 collectives, each round one (layers x 257) histogram.
+    # still the layers together make 9 collectives, each round one (layers x 257) histogram. The
+    # 1-element layer (k = 0) is decided by the first round and sends no row after it.
     full = _layers("equal", torch.float32, seed=0)
     ks = [n // 2 for n in NUMELS]
+    assert ks.count(0) == 1
     results = _simulate_layers(full, ks, 3)
     assert results[0].all_reduces == 9
-    assert results[0].bytes_sent == 8 * len(NUMELS) * HISTOGRAM_BYTES + len(NUMELS) * 3 * 8
+    rows = len(NUMELS) + 7 * (len(NUMELS) - 1)
+    assert results[0].bytes_sent == rows * HISTOGRAM_BYTES + len(NUMELS) * 3 * 8
     for layer, k in enumerate(ks):
         assert torch.equal(torch.cat([r.masks[layer] for r in results]),
                            torch.arange(NUMELS[layer]) < k)

@@ -23,8 +23,8 @@ all-reduce.
 
 `sharded_topk` runs several independent selections at once, each over a group of layers with its
 own k (one group: the global top-k; one group per layer: the per-layer top-k of RigL, SET and
-layer-wise GMP). Each round's histogram then has one row per group, and the rounds stop when every
-group has found its threshold: the collectives of one selection, for all layers together.
+layer-wise GMP). Each round's histogram then has one row per group still searching, and the rounds
+stop when every group has found its threshold: the collectives of one selection, for all layers.
 """
 from __future__ import annotations
 
@@ -163,8 +163,8 @@ def sharded_topk(
     Layer `i` belongs to group `groups[i]`; group `g` selects its `ks[g]` highest scores over its
     layers, ties going to the lower global index in (layer, rank, local index) order: one group
     of all layers is the global top-k, one group per layer the per-layer top-k. Each round
-    all-reduces one (groups x (2^bits_per_round + 1)) histogram; a group that has found its
-    threshold stops contributing, and the rounds end when every group has.
+    all-reduces one (open groups x (2^bits_per_round + 1)) histogram: a group that has found its
+    threshold drops out of later rounds, and the rounds end when every group has.
     """
     if KEY_BITS % bits_per_round or not 1 <= bits_per_round <= 16:
         raise ValueError(f"bits_per_round must divide 64 and be at most 16, got {bits_per_round}")
@@ -176,6 +176,8 @@ def sharded_topk(
         raise ValueError(f"{len(groups)} group numbers for {len(shards)} layers and {len(ks)} groups")
     for layer, piece in enumerate(shards):
         _check_piece(piece, None if eligible is None else eligible[layer], layer, rank, world_size)
+    if not ks:
+        return ShardedSelection([], 0, 0)
     device = shards[0].scores.device if shards else torch.device("cpu")
     sent = {"bytes": 0, "calls": 0}
 
@@ -208,14 +210,19 @@ def sharded_topk(
     need, done = list(ks), [False] * len(ks)
     for shift in range(first_shift, -1, -bits_per_round):
         digits = [(key >> shift) & (buckets - 1) for key in keys]
-        histogram = torch.zeros(len(ks), buckets + 1, dtype=torch.int64, device=device)
-        histogram[0, buckets] = nans
+        # Only groups still searching send a row (every rank knows which: `done` is global).
+        open_groups = [group for group, finished_group in enumerate(done) if not finished_group]
+        row = {group: position for position, group in enumerate(open_groups)}
+        rows = torch.zeros(len(open_groups), buckets + 1, dtype=torch.int64, device=device)
+        rows[0, buckets] = nans
         for group, digit in zip(groups, digits):
-            histogram[group, :buckets] += torch.bincount(digit, minlength=buckets)
-        reduce(histogram)
-        if histogram[:, buckets].any():
+            if group in row:
+                rows[row[group], :buckets] += torch.bincount(digit, minlength=buckets)
+        reduce(rows)
+        if rows[:, buckets].any():
             raise ValueError("scores contain NaN; top-k selection needs ordered scores")
-        histogram = histogram[:, :buckets]
+        histogram = torch.zeros(len(ks), buckets, dtype=torch.int64, device=device)
+        histogram[open_groups] = rows[:, :buckets]
         if shift == first_shift:
             for group, total in enumerate(histogram.sum(1).tolist()):
                 if ks[group] > total:
