@@ -122,6 +122,8 @@ class Trainer:
         else:
             self._restore(model, optimizer, checkpoint)
         self.backend: Backend = self._build_backend(model, optimizer)
+        self.masks.use_layout(self.backend.selection_layout(self.masks.shapes()))
+        self.method.layout = self.masks.layout
         self.input_dtype = self.backend.input_dtype or self.input_dtype
         self._mask_all()
         verify_identical_masks(self.masks, self.device, self.step)
@@ -296,9 +298,10 @@ class Trainer:
         self._mask_all()
         verify_identical_masks(self.masks, self.device, step)
         self.flops.set_masks(self.masks)
+        fingerprint = self.masks.fingerprint()  # gathers the bit-packed masks where they are sharded
         if self.log is not None:
             self.log.log("mask_update", step, sparsity=self._sparsity(), layers_changed=len(changed),
-                         fingerprint=self.masks.fingerprint(), seconds=time.perf_counter() - tick)
+                         fingerprint=fingerprint, seconds=time.perf_counter() - tick)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
