@@ -1,5 +1,5 @@
-"""The pieces layout (ZeRO-3) against the full layout on 2 gloo ranks: every selection, count and
-method update, concatenated over the ranks in rank order, equals the full result exactly.
+"""The pieces layout (ZeRO-3) against the full layout on 2 gloo ranks: every selection, count,
+method update and MaskSet report, concatenated over the ranks in rank order, equals the full result.
 
 Layer sizes are odd (not divisible by the world size) and one layer has a single element (rank 1's
 piece is empty); scores are heavily tied. Each rank records mismatches instead of raising, so a
@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 from distsparse.config import load_config
 from distsparse.methods import TrainingSchedule, build_method
 from distsparse.sparsity.layout import FullLayout, PieceLayout
+from distsparse.sparsity.masks import MaskSet
 from distsparse.sparsity.select import drop_and_grow, global_topk_masks, topk_mask
 
 WORLD = 2
@@ -116,6 +117,23 @@ def _methods(full: FullLayout, pieces: PieceLayout, errors: list[str]) -> None:
         _check(label, _gather(pieces, got), expected, errors)
 
 
+def _mask_set(full: FullLayout, pieces: PieceLayout, errors: list[str]) -> None:
+    masks = _masks(31, 0.4)
+    whole = MaskSet({name: torch.zeros(shape) for name, shape in SHAPES.items()})
+    whole.update(masks)
+    sharded = MaskSet({name: torch.zeros(shape) for name, shape in SHAPES.items()})
+    sharded.update(masks)
+    sharded.use_layout(pieces)
+    if not sharded.sharded or sharded.masks["fc"].numel() == full.numel("fc"):
+        errors.append("the MaskSet does not hold pieces")
+    for what in ("fingerprint", "layer_density", "density", "active_counts", "shapes"):
+        if getattr(sharded, what)() != getattr(whole, what)():
+            errors.append(f"MaskSet.{what} differs between pieces and full masks")
+    _check("MaskSet.state_dict", sharded.state_dict(), whole.state_dict(), errors)
+    sharded.load_state_dict(_masks(32, 0.5))
+    _check("MaskSet.load_state_dict", sharded.full_masks(), _masks(32, 0.5), errors)
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
@@ -134,6 +152,7 @@ def _worker(rank: int, port: int, out: str) -> None:
             errors.append("the one-element layer is not empty on rank 1")
         _selections(full, pieces, errors)
         _methods(full, pieces, errors)
+        _mask_set(full, pieces, errors)
     except Exception:  # noqa: BLE001 - recorded for the test to report
         errors.append(traceback.format_exc())
     torch.save(errors, Path(out) / f"rank{rank}.pt")
