@@ -1,5 +1,8 @@
 """DeepSpeed ZeRO 0-3 on 2 gloo processes: masks hold in every copy; same network as DDP; resume.
 
+At stage 3 mask updates work on each rank's pieces: a full weight or gradient gather inside an
+update raises, and the selection's bytes on the wire per update are recorded and bounded.
+
 All runs happen in one pair of spawned workers (DeepSpeed's start-up is paid once). Every check
 runs on both ranks in the same order (the read-backs are collectives) and records a message
 instead of raising, so a failed check never leaves the other rank waiting in a collective.
@@ -27,6 +30,7 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_st
 
 from distsparse.cli import main
 from distsparse.config import load_config
+from distsparse.engine.backends import deepspeed as deepspeed_backend
 from distsparse.engine.backends.deepspeed import deepspeed_config
 from distsparse.engine.native_checkpoint import DEEPSPEED_DIR, step_tag
 from distsparse.engine.post_training import resolve_run_dir
@@ -37,9 +41,18 @@ from tests.conftest import SMALL
 QUICKSTART = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
 BASE = [*SMALL, "model.name=mlp", "launcher.num_workers=2"]
 STAGES = (0, 1, 2, 3)
+SELECTION_BYTES_LIMIT = 64 * 1024
+"""Bytes the stage-3 selection may put on the wire per update for the test model (kilobytes)."""
+FULL_GATHERS = ("safe_get_full_fp32_param", "safe_get_full_grad", "safe_get_full_optimizer_state")
 # RigL skips the optimizer step on update steps (DeepSpeed's step then only clears gradients);
 # GraNet-ST prunes and regrows after the step. Both grow by the dense gradient.
 CASES = (("sgd", "rigl"), ("adamw", "granet_st"))
+STAGE3_METHODS = {
+    "gmp-global": ["method.name=gmp", "method.prune_scope=global"],
+    "gmp-layer": ["method.name=gmp", "method.prune_scope=layer"],
+    "set": ["method.name=set"],
+}
+"""More methods at stage 3 against DDP (SGD): global and layer-wise top-k, random growth by index."""
 WEIGHT_TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
 """DDP vs DeepSpeed weights in float32 (reductions may group differently); masks must be equal."""
 
@@ -83,23 +96,81 @@ def _instrument(trainer, errors: list[str]) -> None:
     train_step, update_masks = trainer._train_step, trainer._update_masks
 
     def checked_update(step):
-        before = {name: mask.clone() for name, mask in trainer.masks.masks.items()}
+        before = trainer.masks.full_masks()
         update_masks(step)
-        regrown = {name: trainer.masks.masks[name] & ~before[name] for name in before}
+        after = trainer.masks.full_masks()
+        regrown = {name: after[name] & ~before[name] for name in before}
         trainer.regrown_total = getattr(trainer, "regrown_total", 0) + sum(
             int(r.sum()) for r in regrown.values())
         _check_zero_at(trainer, regrown, "regrown", step, errors, require_state=True)
 
     def checked_step(x, y):
         result = train_step(x, y)
-        masked_off = {name: ~mask for name, mask in trainer.masks.masks.items()}
+        masked_off = {name: ~mask for name, mask in trainer.masks.full_masks().items()}
         _check_zero_at(trainer, masked_off, "masked-off", trainer.step, errors, require_state=True)
         return result
 
     trainer._update_masks, trainer._train_step = checked_update, checked_step
 
 
-def _train(overrides: list[str], errors: list[str] | None = None, resume: Path | None = None):
+def _refuse(what: str):
+    def refused(*args, **kwargs):
+        raise AssertionError(f"{what} called inside a stage-3 mask update")
+
+    return refused
+
+
+def _forbid_full_gathers(trainer, errors: list[str], notes: list[str]) -> None:
+    """Stage 3: make full gathers raise in update-step backwards and updates; record the bytes.
+
+    Patched: DeepSpeed's full-tensor getters (in `deepspeed.utils` and where the backend imported
+    them) and `deepspeed.zero.GatheredParameters`. The instrumented checks run outside the guard.
+    """
+    backend, update_masks = trainer.backend, trainer._update_masks
+    backward = backend.backward
+    layout = trainer.masks.layout
+    label = trainer.config.run.dir
+
+    def guarded(call):
+        def run(*args):
+            saved = [(module, name, getattr(module, name)) for module in (deepspeed.utils,
+                     deepspeed_backend) for name in FULL_GATHERS if hasattr(module, name)]
+            saved.append((deepspeed.zero, "GatheredParameters", deepspeed.zero.GatheredParameters))
+            for module, name, _ in saved:
+                setattr(module, name, _refuse(name))
+            try:
+                return call(*args)
+            finally:
+                for module, name, original in saved:
+                    setattr(module, name, original)
+
+        return run
+
+    def guarded_backward(loss):
+        return (guarded(backward) if backend.dense_requested else backward)(loss)
+
+    sent_per_update: list[tuple[int, int]] = []
+
+    def measured_update(step):
+        sent, gathered = layout.bytes_sent, layout.bytes_gathered
+        try:
+            guarded(update_masks)(step)
+        except AssertionError as error:
+            errors.append(f"{label} step {step}: {error}")
+            raise
+        selection = layout.bytes_sent - sent
+        sent_per_update.append((selection, layout.bytes_gathered - gathered))
+        if not 0 < selection < SELECTION_BYTES_LIMIT:
+            errors.append(f"{label} step {step}: the selection sent {selection} bytes")
+
+    backend.backward, trainer._update_masks = guarded_backward, measured_update
+    trainer.note = lambda: notes.append(
+        f"{Path(label).name} rank {backend.rank}, bytes per update (selection and counts, "
+        f"bit-packed mask gathers for the fingerprint log and persistent layers): {sent_per_update}")
+
+
+def _train(overrides: list[str], errors: list[str] | None = None, resume: Path | None = None,
+           notes: list[str] | None = None, regrows: bool = True):
     from distsparse.engine.trainer import Trainer
 
     if resume is None:
@@ -108,11 +179,19 @@ def _train(overrides: list[str], errors: list[str] | None = None, resume: Path |
         config = load_config(resume / "config.yaml",
                              ["run.stop_at_step=null", "launcher.num_workers=2", *overrides])
     trainer = Trainer(config, resume)
+    if notes is not None and trainer.backend.stage == 3:
+        if not trainer.masks.sharded:
+            errors.append(f"{config.run.dir}: stage 3 holds full masks")
+        if list(trainer.backend.persistent_masks) != [trainer.masks.names[-1]]:
+            errors.append(f"{config.run.dir}: expected only the small last layer to be persistent")
+        _forbid_full_gathers(trainer, errors, notes)
     if errors is not None:
         _instrument(trainer, errors)
     trainer.fit()
+    if hasattr(trainer, "note"):
+        trainer.note()
     torch.distributed.barrier()  # rank 0 has written the run's last checkpoint
-    if errors is not None and not getattr(trainer, "regrown_total", 0):
+    if errors is not None and regrows and not getattr(trainer, "regrown_total", 0):
         errors.append(f"{config.run.dir}: no update regrew a connection (nothing was shown)")
     return trainer
 
@@ -211,6 +290,7 @@ def _worker(rank: int, port: int, root: str, queue) -> None:
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     errors: list[str] = []
+    notes: list[str] = []
     try:
         root_dir = Path(root)
         for optimizer, method in CASES:
@@ -222,8 +302,14 @@ def _worker(rank: int, port: int, root: str, queue) -> None:
             for stage in STAGES:
                 run = root_dir / f"ds{stage}-{optimizer}"
                 _train([*common, "backend.name=deepspeed", f"backend.zero_stage={stage}",
-                        f"run.dir={run}"], errors)
+                        f"run.dir={run}"], errors, notes=notes)
                 _compare(ddp, run, f"DDP vs ZeRO-{stage} {optimizer}", errors, exact=False)
+        for label, method in STAGE3_METHODS.items():
+            ddp, run = root_dir / f"ddp-{label}", root_dir / f"ds3-{label}"
+            _train([*method, "backend.name=ddp", f"run.dir={ddp}"])
+            _train([*method, "backend.name=deepspeed", "backend.zero_stage=3", f"run.dir={run}"],
+                   errors, notes=notes, regrows=label == "set")
+            _compare(ddp, run, f"DDP vs ZeRO-3 {label}", errors, exact=False)
         for stage in STAGES:
             common = ["method.name=rigl", "backend.name=deepspeed", f"backend.zero_stage={stage}"]
             whole, parts = root_dir / f"ds{stage}-sgd", root_dir / f"resumed{stage}"
@@ -256,7 +342,7 @@ def _worker(rank: int, port: int, root: str, queue) -> None:
         _compare(root_dir / "bf16-ds3", parts, "bf16 ZeRO-3 resume", errors, exact=True)
     except Exception:  # report, then leave: the other rank fails on its collective timeout
         errors.append(traceback.format_exc())
-    queue.put((rank, errors))
+    queue.put((rank, errors, notes))
 
 
 def test_masks_hold_in_every_copy_match_ddp_and_resume_exactly(tmp_path, capsys):
@@ -270,12 +356,14 @@ def test_masks_hold_in_every_copy_match_ddp_and_resume_exactly(tmp_path, capsys)
     for worker in workers:
         worker.start()
     try:
-        results = dict(queue.get(timeout=400) for _ in workers)
+        reports = [queue.get(timeout=500) for _ in workers]
     finally:
         for worker in workers:
             worker.join(timeout=30)
             if worker.is_alive():
                 worker.terminate()
+    results = {rank: errors for rank, errors, _ in reports}
+    print("\n" + "\n".join(note for _, _, notes in sorted(reports) for note in notes))
     assert results == {0: [], 1: []}, "\n".join(results.get(0, [])[:40] + results.get(1, [])[:5])
     _check_one_rank_resume_refused(tmp_path / "resumed3", capsys)
     _check_model_file_read(tmp_path / "ds3-sgd", tmp_path / "crashed")

@@ -1,4 +1,4 @@
-"""Sharded global top-k (ZeRO-3 pieces) equals the single-process selection; bytes are kilobytes."""
+"""Sharded top-k (ZeRO-3 pieces), global and per layer, equals the single-process selection."""
 from __future__ import annotations
 
 import math
@@ -13,12 +13,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from distsparse.sparsity.select import global_topk_masks
+from distsparse.sparsity.select import global_topk_masks, topk_mask
 from distsparse.sparsity.sharded_select import (
     ShardedSelection,
     ShardPiece,
     order_preserving_bits,
     sharded_global_topk,
+    sharded_layer_topk,
     zero3_partition,
 )
 
@@ -261,10 +262,16 @@ def _worker(rank: int, port: int, numels: list[int], out: str) -> None:
         selection = sharded_global_topk(
             pieces, sum(numels) // 10, dist.all_reduce, rank=rank, world_size=WORLD
         )
+        per_layer = sharded_layer_topk(
+            pieces, [numel // 10 for numel in numels], dist.all_reduce, rank=rank, world_size=WORLD
+        )
         results[kind] = {
             "masks": selection.masks,
             "bytes": selection.bytes_sent,
             "all_reduces": selection.all_reduces,
+            "layer_masks": per_layer.masks,
+            "layer_bytes": per_layer.bytes_sent,
+            "layer_all_reduces": per_layer.all_reduces,
         }
     torch.save(results, Path(out) / f"rank{rank}.pt")
     dist.destroy_process_group()
@@ -290,6 +297,11 @@ def test_two_gloo_processes_on_resnet50_layers(tmp_path):
         for layer in range(len(numels)):
             union = torch.cat([ranks[r][kind]["masks"][layer] for r in range(WORLD)])
             assert torch.equal(union, expected[str(layer)]), f"{kind}, layer {layer}"
+            union = torch.cat([ranks[r][kind]["layer_masks"][layer] for r in range(WORLD)])
+            assert torch.equal(union, topk_mask(full[layer], numels[layer] // 10)), f"{kind} {layer}"
+        layer_sent, layer_calls = ranks[0][kind]["layer_bytes"], ranks[0][kind]["layer_all_reduces"]
+        assert layer_calls <= 9
+        assert layer_sent <= 8 * len(numels) * HISTOGRAM_BYTES + len(numels) * WORLD * 8
         sent, calls = ranks[0][kind]["bytes"], ranks[0][kind]["all_reduces"]
         assert (sent, calls) == (ranks[1][kind]["bytes"], ranks[1][kind]["all_reduces"])
         # The payload depends on the number of layers and rounds only, never on the layers' sizes:
@@ -300,5 +312,82 @@ def test_two_gloo_processes_on_resnet50_layers(tmp_path):
         print(
             f"\n{kind}: {len(numels)} layers, {sum(numels)} scores, {calls} all-reduces, {sent} bytes "
             f"per selection on each rank (at most {worst}); gathering full-size ResNet-50's float32 "
-            f"scores: ~{full_size_scores} bytes"
+            f"scores: ~{full_size_scores} bytes; per-layer top-k of every layer at once: "
+            f"{layer_calls} all-reduces, {layer_sent} bytes"
         )
+
+
+# --- per-layer selections batched into one histogram a round -------------------------------------
+
+
+def _simulate_layers(full, ks, world, eligible=None):
+    """As `_simulate`, for `sharded_layer_topk` with one k per layer."""
+    barrier = threading.Barrier(world, timeout=10)
+    slots: list[torch.Tensor | None] = [None] * world
+    results: list[ShardedSelection | BaseException | None] = [None] * world
+
+    def run(rank: int) -> None:
+        def all_reduce_sum(tensor: torch.Tensor) -> None:
+            slots[rank] = tensor.clone()
+            barrier.wait()
+            total = sum(slots[1:], slots[0].clone())
+            barrier.wait()
+            tensor.copy_(total)
+
+        try:
+            results[rank] = sharded_layer_topk(
+                _pieces(full, rank, world), ks, all_reduce_sum, rank=rank, world_size=world,
+                eligible=None if eligible is None else _local(eligible, rank, world))
+        except Exception as error:  # noqa: BLE001 - handed to the test to assert on
+            results[rank] = error
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(world)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("kind", ["random", "ties", "equal", "signed"])
+def test_layer_topk_equals_topk_mask_of_every_layer(world, kind):
+    full = _layers(kind, torch.float32, seed=20 + world)
+    gen = torch.Generator().manual_seed(world)
+    eligible = [torch.rand(n, generator=gen) < 0.7 for n in NUMELS]
+    for restrict in (None, eligible):
+        counts = NUMELS if restrict is None else [int(e.sum()) for e in restrict]
+        for ks in ([0] * len(NUMELS), list(counts), [c // 2 for c in counts],
+                   [0 if i % 2 else c for i, c in enumerate(counts)]):
+            results = _simulate_layers(full, ks, world, restrict)
+            for result in results:
+                assert isinstance(result, ShardedSelection), result
+            for layer, k in enumerate(ks):
+                expected = topk_mask(full[layer], k, None if restrict is None else restrict[layer])
+                union = torch.cat([result.masks[layer] for result in results])
+                assert torch.equal(union, expected), f"world {world}, ks {ks}, layer {layer}"
+            calls = {(r.bytes_sent, r.all_reduces) for r in results}
+            assert len(calls) == 1 and results[0].all_reduces <= 64 // 8 + 1
+
+
+def test_layer_topk_shares_each_round_between_layers():
+    # All scores equal in every layer: each layer needs all 8 rounds and the tie exchange, and
+    # still the layers together make 9 collectives, each round one (layers x 257) histogram. The
+    # 1-element layer (k = 0) is decided by the first round and sends no row after it.
+    full = _layers("equal", torch.float32, seed=0)
+    ks = [n // 2 for n in NUMELS]
+    assert ks.count(0) == 1
+    results = _simulate_layers(full, ks, 3)
+    assert results[0].all_reduces == 9
+    rows = len(NUMELS) + 7 * (len(NUMELS) - 1)
+    assert results[0].bytes_sent == rows * HISTOGRAM_BYTES + len(NUMELS) * 3 * 8
+    for layer, k in enumerate(ks):
+        assert torch.equal(torch.cat([r.masks[layer] for r in results]),
+                           torch.arange(NUMELS[layer]) < k)
+
+
+def test_layer_topk_names_the_group_that_cannot_select():
+    full = _layers("random", torch.float32, seed=1)
+    ks = [0, NUMELS[1] + 1, 0, 0, 0]
+    for error in _simulate_layers(full, ks, 2):
+        assert isinstance(error, ValueError) and f"group 1: cannot select {NUMELS[1] + 1}" in str(error)

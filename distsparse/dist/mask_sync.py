@@ -19,9 +19,11 @@ def verify_identical_masks(masks: MaskSet, device: torch.device, step: int) -> N
     """Raise MaskMismatchError naming the first layer whose mask differs between ranks.
 
     Each layer's 63-bit digest is all-reduced with MIN and with MAX; they agree exactly when
-    every rank holds the same digest (16 bytes a layer on the wire).
+    every rank holds the same digest (16 bytes a layer on the wire). Masks held as ZeRO-3 pieces
+    are not replicas, so there is nothing to compare: every rank's piece comes from the same
+    collective selection, which all ranks leave with the same counts and thresholds.
     """
-    if not is_distributed():
+    if not is_distributed() or masks.sharded:
         return
     names = masks.names
     digests = masks.layer_fingerprints()

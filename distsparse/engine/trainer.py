@@ -132,6 +132,8 @@ class Trainer:
         elif not isinstance(checkpoint, NativeCheckpoint):
             self._restore(model, optimizer, checkpoint)
         self.backend: Backend = self._build_backend(model, optimizer)
+        self.masks.use_layout(self.backend.selection_layout(self.masks.shapes()))
+        self.method.layout = self.masks.layout
         if isinstance(checkpoint, NativeCheckpoint):
             self._restore_native(checkpoint)
         self.input_dtype = self.backend.input_dtype or self.input_dtype
@@ -318,9 +320,10 @@ class Trainer:
         self._mask_all()
         verify_identical_masks(self.masks, self.device, step)
         self.flops.set_masks(self.masks)
+        fingerprint = self.masks.fingerprint()  # gathers the bit-packed masks where they are sharded
         if self.log is not None:
             self.log.log("mask_update", step, sparsity=self._sparsity(), layers_changed=len(changed),
-                         fingerprint=self.masks.fingerprint(), seconds=time.perf_counter() - tick)
+                         fingerprint=fingerprint, seconds=time.perf_counter() - tick)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -386,11 +389,10 @@ class Trainer:
 
     def _save_model_file(self) -> None:
         """The model and masks in the single-process layout, for evaluate and prune (DeepSpeed)."""
-        model = self.model_state()  # on every rank: ZeRO-3 gathers
+        model, masks = self.model_state(), self.masks.state_dict()  # on every rank: ZeRO-3 gathers
         if self.env.is_main:
             save_checkpoint({"config": schedule_relevant(self.config), "step": self.step,
-                             "model": model, "masks": self.masks.state_dict()},
-                            self.run_dir / MODEL_NAME)
+                             "model": model, "masks": masks}, self.run_dir / MODEL_NAME)
 
     def _restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  state: dict[str, Any]) -> None:

@@ -3,6 +3,11 @@
 A method is scores plus a schedule: it says when the mask changes and returns the new masks from
 weights and (dense, all-reduced) gradients. It never touches optimizers, backends or launchers;
 the trainer applies the masks it returns to every copy of every weight.
+
+Masks, weights and gradients come in the layout of the pieces this rank owns (full tensors, or
+ZeRO-3's 1-D pieces); scores are element-wise, and every step that depends on where elements live
+(counts, top-k, drop-and-grow, random scores by global index, full shapes) goes through `layout`,
+so the same method code runs on either.
 """
 from __future__ import annotations
 
@@ -16,8 +21,7 @@ import torch
 from distsparse.config import MethodConfig
 from distsparse.errors import ConfigError
 from distsparse.methods.init_masks import InitContext, initial_masks
-from distsparse.sparsity.scores import random_scores
-from distsparse.sparsity.select import drop_and_grow
+from distsparse.sparsity.layout import FullLayout, full_layout_of
 
 __all__ = [
     "METHODS",
@@ -68,6 +72,12 @@ class SparsityMethod:
         self.config = config
         self.schedule = schedule
         self.seed = seed
+        self.layout: FullLayout | None = None
+        """Where mask elements live, set by the trainer; None: full tensors shaped as the masks."""
+
+    def selection(self, masks: Mapping[str, torch.Tensor]) -> FullLayout:
+        """The layout updates select through: the trainer's, else full tensors of `masks`."""
+        return self.layout if self.layout is not None else full_layout_of(masks)
 
     def initial_density(self) -> float:
         """Overall density of the initial mask."""
@@ -76,7 +86,11 @@ class SparsityMethod:
     def initial_masks(
         self, shapes: Mapping[str, tuple[int, ...]], context: InitContext | None = None
     ) -> Masks:
-        """The mask at step 0 by `method.init` with exact counts; never depends on the rank."""
+        """The mask at step 0 by `method.init` with exact counts; never depends on the rank.
+
+        Full-shape masks computed alike on every rank (pruning-at-init scores included), which a
+        sharded layout then slices to the pieces each rank owns; only updates avoid full tensors.
+        """
         density = self.initial_density()
         if density >= 1.0:
             return {name: torch.ones(shape, dtype=torch.bool) for name, shape in shapes.items()}
@@ -109,18 +123,13 @@ class SparsityMethod:
         grow_scores: Mapping[str, torch.Tensor], counts: Mapping[str, int],
     ) -> Masks:
         """Per layer: drop `counts[name]` active entries by drop score and regrow as many by grow score."""
-        return {
-            name: drop_and_grow(masks[name], drop_scores[name], grow_scores[name], counts[name])[0]
-            for name in masks
-            if counts[name] > 0
-        }
+        return self.selection(masks).drop_and_grow(
+            masks, drop_scores, grow_scores, {name: counts[name] for name in masks})
 
     def random_grow_scores(self, step: int, masks: Mapping[str, torch.Tensor]) -> Masks:
-        """Counter-based random scores keyed by (seed, step, layer, element)."""
-        return {
-            name: random_scores(m.shape, self.seed, step, name, "grow", device=m.device)
-            for name, m in masks.items()
-        }
+        """Counter-based random scores keyed by (seed, step, layer, global element index)."""
+        device = next(iter(masks.values())).device if masks else "cpu"
+        return self.selection(masks).random_scores(self.seed, step, "grow", list(masks), device)
 
 
 def resolve_method_config(config: MethodConfig) -> MethodConfig:

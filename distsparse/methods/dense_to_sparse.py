@@ -22,7 +22,6 @@ from distsparse.methods.base import Masks, SparsityMethod, register
 from distsparse.sparsity.allocation import active_count, layer_densities
 from distsparse.sparsity.schedules import cosine_decay, cubic_sparsity, is_update_step
 from distsparse.sparsity.scores import gradient_scores, magnitude_scores
-from distsparse.sparsity.select import global_topk_masks, topk_mask
 
 __all__ = ["GMP", "GraNet", "GraNetST"]
 
@@ -70,28 +69,31 @@ class GMP(SparsityMethod):
         """Magnitude pruning to the schedule's target, globally or layer by layer."""
         scores = {name: magnitude_scores(w) for name, w in weights.items()}
         sparsity = self.target_sparsity(step)
+        layout = self.selection(masks)
+        active = layout.active_counts(masks)
         if self.config.prune_scope == "global":
-            total = sum(m.numel() for m in masks.values())
+            total = sum(layout.numel(name) for name in masks)
             keep = active_count(total, 1.0 - sparsity)
-            if keep >= sum(int(m.sum()) for m in masks.values()):
+            if keep >= sum(active.values()):
                 return {}
-            return global_topk_masks(scores, keep, eligible=masks)
-        return self._prune_layerwise(step, masks, scores)
+            return layout.global_topk(scores, keep, eligible=masks)
+        return self._prune_layerwise(step, masks, scores, active)
 
-    def _prune_layerwise(self, step, masks, scores) -> Masks:
-        shapes = {name: tuple(m.shape) for name, m in masks.items()}
+    def _prune_layerwise(self, step, masks, scores, active) -> Masks:
+        layout = self.selection(masks)
+        shapes = {name: layout.shapes[name] for name in masks}
         final = layer_densities(self.config.distribution, shapes, 1.0 - self.config.sparsity)
         initial = layer_densities(self.config.distribution, shapes, self.config.init_density) \
             if self.config.init_density < 1.0 else dict.fromkeys(shapes, 1.0)
         span = self.prune_finish - self.prune_begin
-        new = {}
-        for name, mask in masks.items():
-            progress = (step - self.prune_begin) / span if span > 0 else 1.0
+        progress = (step - self.prune_begin) / span if span > 0 else 1.0
+        keep = {}
+        for name in masks:
             layer_sparsity = cubic_sparsity(progress, 1.0 - initial[name], 1.0 - final[name])
-            keep = active_count(mask.numel(), 1.0 - layer_sparsity)
-            if keep < int(mask.sum()):
-                new[name] = topk_mask(scores[name], keep, eligible=mask)
-        return new
+            count = active_count(layout.numel(name), 1.0 - layer_sparsity)
+            if count < active[name]:
+                keep[name] = count
+        return layout.topk_per_layer(scores, keep, eligible=masks) if keep else {}
 
     def update(self, step, masks, weights, grads) -> Masks:
         return self.prune(step, masks, weights)
@@ -117,7 +119,8 @@ class GraNet(GMP):
             return pruned
         rate = self.regrowth_rate(step)
         # GraNet funcs.magnitude_prune: num_remove = ceil(prune_rate * num_nonzero).
-        counts = {name: math.ceil(rate * int(m.sum())) for name, m in pruned.items()}
+        active = self.selection(pruned).active_counts(pruned)
+        counts = {name: math.ceil(rate * active[name]) for name in pruned}
         drop = {name: magnitude_scores(w) for name, w in weights.items()}
         grow = (
             {name: gradient_scores(grads[name]) for name in pruned}

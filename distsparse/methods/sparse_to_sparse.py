@@ -54,7 +54,8 @@ class _DropAndGrow(SparsityMethod):
     def update(self, step, masks, weights, grads) -> Masks:
         fraction = self.drop_fraction(step)
         # rigl: n_prune = int(n_ones * drop_fraction), per layer.
-        counts = {name: math.floor(int(m.sum()) * fraction) for name, m in masks.items()}
+        active = self.selection(masks).active_counts(masks)
+        counts = {name: math.floor(active[name] * fraction) for name in masks}
         drop = {name: magnitude_scores(w) for name, w in weights.items()}
         return self.swap_step(masks, drop, self.grow_scores(step, masks, grads), counts)
 

@@ -1,4 +1,11 @@
-"""MaskSet: one boolean mask per sparsifiable weight, applied in place, counted and fingerprinted."""
+"""MaskSet: one boolean mask per sparsifiable weight, applied in place, counted and fingerprinted.
+
+Masks are held in the layout of the pieces this rank owns (`sparsity.layout`): full tensors, or
+ZeRO-3's 1-D pieces once `use_layout` is given a `PieceLayout`. With pieces, counts and densities
+come from a cache refreshed by one all-reduce whenever masks change (so reading them is free and no
+collective), and `fingerprint` and `state_dict` gather the bit-packed masks (collectives: every
+rank calls them, at checkpoints, summaries and mask-update logs only).
+"""
 from __future__ import annotations
 
 import hashlib
@@ -6,6 +13,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
+
+from distsparse.sparsity.layout import FullLayout
 
 __all__ = ["MaskSet", "canonical_name", "sparsifiable_parameters"]
 
@@ -51,15 +60,31 @@ class MaskSet:
         self.masks = {
             name: torch.ones_like(p, dtype=torch.bool) for name, p in self.params.items()
         }
+        self.layout = FullLayout({name: tuple(p.shape) for name, p in self.params.items()})
+        self.counts: dict[str, int] | None = None  # global active counts, cached for pieces
 
     @property
     def names(self) -> list[str]:
         """Layer names in global-index order."""
         return list(self.params)
 
+    @property
+    def sharded(self) -> bool:
+        """Whether masks are this rank's pieces, not full replicas."""
+        return self.layout.sharded
+
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        """Shape of every masked parameter."""
-        return {name: tuple(p.shape) for name, p in self.params.items()}
+        """Full shape of every masked parameter."""
+        return dict(self.layout.shapes)
+
+    def use_layout(self, layout: FullLayout) -> None:
+        """Hold the masks as this rank's pieces in `layout` (a collective for a `PieceLayout`)."""
+        self.masks = {name: layout.piece(name, mask).clone() for name, mask in self.masks.items()}
+        self.layout = layout
+        self._recount()
+
+    def _recount(self) -> None:
+        self.counts = self.layout.active_counts(self.masks) if self.sharded else None
 
     def update(self, new_masks: Mapping[str, torch.Tensor]) -> None:
         """Replace the masks of the named layers (shapes checked; nothing changes on an error)."""
@@ -73,6 +98,7 @@ class MaskSet:
                 )
         for name, mask in new_masks.items():
             self.masks[name] = mask.to(dtype=torch.bool, device=self.masks[name].device)
+        self._recount()
 
     @torch.no_grad()
     def apply(self, tensors: Mapping[str, torch.Tensor] | None = None) -> None:
@@ -83,36 +109,45 @@ class MaskSet:
             tensor.masked_fill_(~self.masks[name], 0)
 
     def active_counts(self) -> dict[str, int]:
-        """Number of active (unmasked) entries per layer."""
+        """Number of active (unmasked) entries per layer, over the full masks."""
+        if self.counts is not None:
+            return dict(self.counts)
         return {name: int(mask.sum()) for name, mask in self.masks.items()}
 
     def layer_density(self) -> dict[str, float]:
         """Fraction of active entries per layer."""
-        return {name: int(m.sum()) / m.numel() for name, m in self.masks.items()}
+        return {name: count / self.layout.numel(name) for name, count in self.active_counts().items()}
 
     def density(self) -> float:
         """Fraction of active entries over all masked parameters."""
-        total = sum(m.numel() for m in self.masks.values())
+        total = sum(self.layout.numel(name) for name in self.masks)
         return sum(self.active_counts().values()) / total if total else 1.0
 
+    def full_masks(self) -> dict[str, torch.Tensor]:
+        """Full-shape masks (pieces are gathered bit-packed: a collective, numel / 8 bytes)."""
+        return self.layout.full_masks(self.masks)
+
     def layer_fingerprints(self) -> dict[str, int]:
-        """A 63-bit digest of each layer's mask (fits an int64 all-reduce)."""
+        """A 63-bit digest of each layer's mask as held here (fits an int64 all-reduce)."""
         return {name: _digest([mask]) for name, mask in self.masks.items()}
 
     def fingerprint(self) -> str:
-        """Hex SHA-256 over every layer name and mask bit, in order."""
+        """Hex SHA-256 over every layer name and full-mask bit, in order (a collective for pieces)."""
         h = hashlib.sha256()
-        for name, mask in self.masks.items():
+        for name, mask in self.full_masks().items():
             h.update(name.encode())
             h.update(_packed(mask))
         return h.hexdigest()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Masks as CPU bool tensors (loadable with torch.load(weights_only=True))."""
-        return {name: mask.cpu().clone() for name, mask in self.masks.items()}
+        """Full masks as CPU bool tensors (loadable with torch.load(weights_only=True)).
+
+        The single-process layout whatever the backend; pieces are gathered (a collective).
+        """
+        return {name: mask.cpu().clone() for name, mask in self.full_masks().items()}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Load masks; the layer names and shapes must match exactly."""
+        """Load full masks (sliced to this rank's pieces); the layer names and shapes must match."""
         missing = set(self.masks) - set(state)
         unexpected = set(state) - set(self.masks)
         if missing or unexpected:
@@ -120,7 +155,11 @@ class MaskSet:
                 f"mask layers do not match the model: missing {sorted(missing)}, "
                 f"unexpected {sorted(unexpected)}"
             )
-        self.update(state)
+        for name, mask in state.items():
+            if tuple(mask.shape) != self.layout.shapes[name]:
+                raise ValueError(f"mask for '{name}' has shape {tuple(mask.shape)}, "
+                                 f"expected {self.layout.shapes[name]}")
+        self.update({name: self.layout.piece(name, mask) for name, mask in state.items()})
 
 
 def _packed(mask: torch.Tensor) -> bytes:

@@ -1,4 +1,4 @@
-"""Exact global top-k over scores sharded across ranks (DESIGN section 2, "Global top-k across ranks").
+"""Exact top-k over scores sharded across ranks (DESIGN section 2, "Global top-k across ranks").
 
 Under ZeRO-3 every rank owns one contiguous piece of each flattened parameter: the layer's `numel`
 elements are padded to a multiple of the world size and rank r owns [r*chunk, (r+1)*chunk) of them,
@@ -20,6 +20,11 @@ Each histogram is 2^bits_per_round int64 counts plus one NaN count (2,056 bytes 
 bits); at most 64 / bits_per_round rounds plus one tie exchange: kilobytes per update whatever the
 size of the model. `ShardedSelection.bytes_sent` reports the payload this rank handed to the
 all-reduce.
+
+`sharded_topk` runs several independent selections at once, each over a group of layers with its
+own k (one group: the global top-k; one group per layer: the per-layer top-k of RigL, SET and
+layer-wise GMP). Each round's histogram then has one row per group still searching, and the rounds
+stop when every group has found its threshold: the collectives of one selection, for all layers.
 """
 from __future__ import annotations
 
@@ -34,6 +39,8 @@ __all__ = [
     "ShardedSelection",
     "order_preserving_bits",
     "sharded_global_topk",
+    "sharded_layer_topk",
+    "sharded_topk",
     "zero3_partition",
 ]
 
@@ -117,14 +124,60 @@ def sharded_global_topk(
     (`torch.distributed.all_reduce` fits). Every rank must call this with the same k. Returns one
     1-D boolean mask per piece.
     """
+    return sharded_topk(shards, [k], [0] * len(shards), all_reduce_sum, rank=rank,
+                        world_size=world_size, eligible=eligible, bits_per_round=bits_per_round)
+
+
+def sharded_layer_topk(
+    shards: Sequence[ShardPiece],
+    ks: Sequence[int],
+    all_reduce_sum: Callable[[torch.Tensor], object],
+    *,
+    rank: int,
+    world_size: int,
+    eligible: Sequence[torch.Tensor] | None = None,
+    bits_per_round: int = 8,
+) -> ShardedSelection:
+    """Per layer: exactly `topk_mask(full scores, ks[layer], full eligible)`, all layers batched.
+
+    The layers share every round's all-reduce (one histogram row per layer), so the number of
+    collectives is that of one selection, whatever the number of layers.
+    """
+    return sharded_topk(shards, ks, list(range(len(shards))), all_reduce_sum, rank=rank,
+                        world_size=world_size, eligible=eligible, bits_per_round=bits_per_round)
+
+
+def sharded_topk(
+    shards: Sequence[ShardPiece],
+    ks: Sequence[int],
+    groups: Sequence[int],
+    all_reduce_sum: Callable[[torch.Tensor], object],
+    *,
+    rank: int,
+    world_size: int,
+    eligible: Sequence[torch.Tensor] | None = None,
+    bits_per_round: int = 8,
+) -> ShardedSelection:
+    """Independent top-k selections over groups of layers, sharing each round's all-reduce.
+
+    Layer `i` belongs to group `groups[i]`; group `g` selects its `ks[g]` highest scores over its
+    layers, ties going to the lower global index in (layer, rank, local index) order: one group
+    of all layers is the global top-k, one group per layer the per-layer top-k. Each round
+    all-reduces one (open groups x (2^bits_per_round + 1)) histogram: a group that has found its
+    threshold drops out of later rounds, and the rounds end when every group has.
+    """
     if KEY_BITS % bits_per_round or not 1 <= bits_per_round <= 16:
         raise ValueError(f"bits_per_round must divide 64 and be at most 16, got {bits_per_round}")
-    if k < 0:
-        raise ValueError(f"cannot select {k} entries")
+    if any(k < 0 for k in ks):
+        raise ValueError(f"cannot select {min(ks)} entries")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in a world of {world_size}")
+    if len(groups) != len(shards) or any(not 0 <= g < len(ks) for g in groups):
+        raise ValueError(f"{len(groups)} group numbers for {len(shards)} layers and {len(ks)} groups")
     for layer, piece in enumerate(shards):
         _check_piece(piece, None if eligible is None else eligible[layer], layer, rank, world_size)
+    if not ks:
+        return ShardedSelection([], 0, 0)
     device = shards[0].scores.device if shards else torch.device("cpu")
     sent = {"bytes": 0, "calls": 0}
 
@@ -133,6 +186,9 @@ def sharded_global_topk(
         sent["bytes"] += tensor.numel() * tensor.element_size()
         sent["calls"] += 1
         return tensor
+
+    def finished() -> ShardedSelection:
+        return ShardedSelection(masks, sent["bytes"], sent["calls"])
 
     # Per layer: local indices of the undecided candidates and their unsigned-order keys.
     indices, keys = [], []
@@ -144,46 +200,66 @@ def sharded_global_topk(
         indices.append(index)
         keys.append(piece.scores[index])
     masks = [torch.zeros(piece.scores.numel(), dtype=torch.bool, device=device) for piece in shards]
+    empty = torch.zeros(0, dtype=torch.int64, device=device)
 
     # Each rank adds its count of eligible NaNs in one more slot, so that all ranks raise together
     # rather than one leaving the others waiting in the collective.
     nans = sum(int(torch.isnan(key).sum()) for key in keys)
     keys = [_keys(key) ^ SIGN_BIT for key in keys]  # int64 bit patterns in unsigned order
-    buckets, first_shift, need = 2**bits_per_round, KEY_BITS - bits_per_round, k
+    buckets, first_shift = 2**bits_per_round, KEY_BITS - bits_per_round
+    need, done = list(ks), [False] * len(ks)
     for shift in range(first_shift, -1, -bits_per_round):
         digits = [(key >> shift) & (buckets - 1) for key in keys]
-        histogram = torch.zeros(buckets + 1, dtype=torch.int64, device=device)
-        histogram[buckets] = nans
-        for digit in digits:
-            histogram[:buckets] += torch.bincount(digit, minlength=buckets)
-        reduce(histogram)
-        if histogram[buckets]:
+        # Only groups still searching send a row (every rank knows which: `done` is global).
+        open_groups = [group for group, finished_group in enumerate(done) if not finished_group]
+        row = {group: position for position, group in enumerate(open_groups)}
+        rows = torch.zeros(len(open_groups), buckets + 1, dtype=torch.int64, device=device)
+        rows[0, buckets] = nans
+        for group, digit in zip(groups, digits):
+            if group in row:
+                rows[row[group], :buckets] += torch.bincount(digit, minlength=buckets)
+        reduce(rows)
+        if rows[:, buckets].any():
             raise ValueError("scores contain NaN; top-k selection needs ordered scores")
-        histogram = histogram[:buckets]
+        histogram = torch.zeros(len(ks), buckets, dtype=torch.int64, device=device)
+        histogram[open_groups] = rows[:, :buckets]
         if shift == first_shift:
-            total = int(histogram.sum())
-            if k > total:
-                raise ValueError(f"cannot select {k} of {total} eligible entries")
-            if k == 0:
-                return ShardedSelection(masks, sent["bytes"], sent["calls"])
-        at_least = histogram.flip(0).cumsum(0).flip(0)  # candidates with digit >= d
-        bucket = int((at_least >= need).nonzero().max())
-        in_bucket = int(histogram[bucket])
-        need -= int(at_least[bucket]) - in_bucket
-        for layer, digit in enumerate(digits):
-            masks[layer][indices[layer][digit > bucket]] = True
-            keep = digit == bucket
+            for group, total in enumerate(histogram.sum(1).tolist()):
+                if ks[group] > total:
+                    where = f"group {group}: " if len(ks) > 1 else ""
+                    raise ValueError(f"{where}cannot select {ks[group]} of {total} eligible entries")
+                done[group] = ks[group] == 0
+        at_least = histogram.flip(1).cumsum(1).flip(1)  # candidates with digit >= d
+        bucket, complete = [0] * len(ks), [False] * len(ks)
+        for group in range(len(ks)):
+            if done[group]:
+                continue
+            bucket[group] = int((at_least[group] >= need[group]).nonzero().max())
+            in_bucket = int(histogram[group, bucket[group]])
+            need[group] -= int(at_least[group, bucket[group]]) - in_bucket
+            complete[group] = need[group] == in_bucket
+        for layer, (group, digit) in enumerate(zip(groups, digits)):
+            if done[group]:
+                indices[layer], keys[layer] = empty, empty
+                continue
+            masks[layer][indices[layer][digit > bucket[group]]] = True
+            keep = digit == bucket[group]
             indices[layer], keys[layer] = indices[layer][keep], keys[layer][keep]
-        if need == in_bucket:
-            for mask, index in zip(masks, indices):
-                mask[index] = True
-            return ShardedSelection(masks, sent["bytes"], sent["calls"])
+            if complete[group]:
+                masks[layer][indices[layer]] = True
+                indices[layer], keys[layer] = empty, empty
+        done = [was or now for was, now in zip(done, complete)]
+        if all(done):
+            return finished()
 
-    # Every remaining candidate has the threshold key; take `need` of them by global index.
+    # Every remaining candidate of an unfinished group has its threshold key; take what the group
+    # still needs by global index.
     ties = torch.zeros(len(shards), world_size, dtype=torch.int64, device=device)
-    ties[:, rank] = torch.tensor([index.numel() for index in indices], device=device)
-    flat = reduce(ties).reshape(-1)
-    before = (flat.cumsum(0) - flat).view(len(shards), world_size)[:, rank].tolist()
-    for mask, index, earlier in zip(masks, indices, before):
-        mask[index[: max(0, need - earlier)]] = True
-    return ShardedSelection(masks, sent["bytes"], sent["calls"])
+    ties[:, rank] = torch.tensor([index.numel() for index in indices], dtype=torch.int64, device=device)
+    ties = reduce(ties.reshape(-1)).view(len(shards), world_size)
+    earlier_layers = [0] * len(ks)
+    for layer, (group, index) in enumerate(zip(groups, indices)):
+        before = earlier_layers[group] + int(ties[layer, :rank].sum())
+        masks[layer][index[: max(0, need[group] - before)]] = True
+        earlier_layers[group] += int(ties[layer].sum())
+    return finished()

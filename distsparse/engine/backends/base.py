@@ -6,6 +6,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from distsparse.sparsity.layout import FullLayout
 from distsparse.sparsity.masks import MaskSet
 
 __all__ = ["Backend"]
@@ -35,6 +36,9 @@ class Backend(Protocol):
 
     def optimizer_state_dict(self) -> dict:
         """The optimizer state in the single-process layout (a collective where it is sharded)."""
+
+    def selection_layout(self, shapes: dict[str, tuple[int, ...]]) -> FullLayout:
+        """Where this rank's pieces of the masked weights (full `shapes`) live, for masks and selection."""
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The owned piece of every masked weight, by canonical name."""

@@ -7,17 +7,23 @@ stage 0, the flat fp32 partition of each parameter group at stages 1/2 (located 
 parameter's `_hp_mapping`, the addresses `safe_set_full_fp32_param` writes through, without its
 all-reduce), and the per-rank slice `ds_tensor` at stage 3 (through the `safe_*_local_*` API).
 
-Checkpoints are DeepSpeed's own: `save_checkpoint` has every rank write its shards through
-`engine.save_checkpoint` (no gather), with the trainer's state (masks, method, scheduler, step,
-RNG) as client_state, and `load_checkpoint` reads them back through `engine.load_checkpoint` into
-an engine of the same stage and, at stages 1-3, the same world size (the layout and the checks
-are in `distsparse.engine.native_checkpoint`). `model_state_dict` gathers the full model one
-parameter at a time, for the model file evaluation and pruning read. A single-process checkpoint
-(`last.pt` of a single or DDP run) still loads: its optimizer state, put into the torch optimizer
-before `deepspeed.initialize`, is scattered into the partitions.
+At stage 3 masks are held in the layout of `ds_tensor` without its padding (`PieceLayout`): mask
+updates read this rank's fp32 master piece (`safe_get_local_fp32_param`) and its piece of the
+reduced gradient (`safe_get_local_grad`, the average over ranks as DDP's), and select with the
+sharded radix select; no weight or gradient is gathered. What moves per update: the selection's
+histograms and one all-reduce of per-layer counts (kilobytes), and the bit-packed masks of the
+layers DeepSpeed keeps persistent (whole on every rank, so their full mask is needed to mask them;
+small by DeepSpeed's `stage3_param_persistence_threshold`). The logged fingerprint, the summary and
+checkpoints gather all masks bit-packed (numel / 8 bytes) where they are written.
 
-Known cost at stage 3: `weights()` and `grads()` gather full tensors (all-gather) on mask-update
-steps only; the exact sharded selection (`sparsity.sharded_select`) is the follow-up.
+Checkpoints are DeepSpeed's own: `save_checkpoint` has every rank write its shards through
+`engine.save_checkpoint` (no gather of weights or optimizer state), with the trainer's state (full
+masks, method, scheduler, step, RNG) as client_state, and `load_checkpoint` reads them back through
+`engine.load_checkpoint` into an engine of the same stage and, at stages 1-3, the same world size
+(the layout and the checks are in `distsparse.engine.native_checkpoint`). `model_state_dict`
+gathers the full model one parameter at a time, for the model file evaluation and pruning read. A
+single-process checkpoint (`last.pt` of a single or DDP run) still loads: its optimizer state, put
+into the torch optimizer before `deepspeed.initialize`, is scattered into the partitions.
 """
 from __future__ import annotations
 
@@ -30,10 +36,12 @@ from typing import Any
 
 import deepspeed
 import torch
+import torch.distributed as dist
 from deepspeed.utils import (
     safe_get_full_fp32_param,
     safe_get_full_grad,
     safe_get_local_fp32_param,
+    safe_get_local_grad,
     safe_get_local_optimizer_state,
     safe_set_local_fp32_param,
     safe_set_local_optimizer_state,
@@ -43,6 +51,7 @@ from torch import nn
 from distsparse.dist.process_group import DistEnv, all_reduce
 from distsparse.engine.backends.single import SingleBackend
 from distsparse.errors import CheckpointError, ConfigError
+from distsparse.sparsity.layout import FullLayout, PieceLayout
 from distsparse.sparsity.masks import MaskSet
 
 __all__ = ["DeepSpeedBackend", "deepspeed_config"]
@@ -148,6 +157,7 @@ class DeepSpeedBackend(SingleBackend):
         self._wrap_optimizer_step()
         self.dense_requested, self.dense_grads = False, {}
         self.owned_cache: tuple[list[torch.Tensor], dict[Any, torch.Tensor]] = ([], {})
+        self.persistent_masks: dict[str, torch.Tensor] = {}
         if pending:
             self._install_optimizer_state(pending)
 
@@ -166,8 +176,11 @@ class DeepSpeedBackend(SingleBackend):
         """engine.backward (gradients reduced over ranks); keeps the dense gradient if asked for."""
         self.model.backward(loss)
         self.dense_grads = {}
-        if self.dense_requested:
-            self.dense_grads = {name: safe_get_full_grad(p).detach().reshape(self._shape(p)).clone()
+        if self.dense_requested and self.stage == 3:
+            self.dense_grads = {name: self._piece(safe_get_local_grad(p), name).clone()
+                                for name, p in self.mask_set.params.items()}
+        elif self.dense_requested:
+            self.dense_grads = {name: safe_get_full_grad(p).detach().reshape(p.shape).clone()
                                 for name, p in self.mask_set.params.items()}
 
     def step(self) -> None:
@@ -185,15 +198,33 @@ class DeepSpeedBackend(SingleBackend):
     def set_dense_gradients(self, needed: bool) -> None:
         self.dense_requested = needed
 
+    def selection_layout(self, shapes: dict[str, tuple[int, ...]]) -> FullLayout:
+        """Full tensors at stages 0-2; at stage 3 the pieces `ds_tensor` holds, without padding."""
+        if self.stage < 3:
+            return FullLayout(shapes)
+        return PieceLayout(shapes, self.rank, self.world_size, dist.all_reduce, self._all_gather)
+
+    def _all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(parts, tensor)
+        return parts
+
+    def _piece(self, partition: torch.Tensor, name: str) -> torch.Tensor:
+        """Stage 3: this rank's partition of a layer without the padding the last ranks carry."""
+        return partition.detach().reshape(-1)[: self.mask_set.masks[name].numel()]
+
     def weights(self) -> dict[str, torch.Tensor]:
-        """Full weights; in bf16/fp16 or at stage 3 from the fp32 master (update steps only)."""
-        if self.stage < 3 and self.input_dtype is None:
+        """Full weights (in bf16/fp16 from the fp32 master); at stage 3 the local fp32 pieces."""
+        if self.stage == 3:
+            return {name: self._piece(safe_get_local_fp32_param(p), name)
+                    for name, p in self.mask_set.params.items()}
+        if self.input_dtype is None:
             return super().weights()
-        return {name: safe_get_full_fp32_param(p).reshape(self._shape(p))
+        return {name: safe_get_full_fp32_param(p).reshape(p.shape)
                 for name, p in self.mask_set.params.items()}
 
     def grads(self) -> dict[str, torch.Tensor]:
-        """The dense gradient averaged over ranks, kept at the last backward that asked for it."""
+        """The dense gradient (stage 3: its piece) averaged over ranks, from the last backward asking."""
         return self.dense_grads
 
     def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
@@ -220,8 +251,8 @@ class DeepSpeedBackend(SingleBackend):
         for name, param in masks.params.items():
             keep = owned[name]
             param.ds_tensor.masked_fill_(~keep, 0)
-            if param.data.numel() == param.ds_numel:  # a persistent (never released) parameter
-                param.data.masked_fill_(~masks.masks[name].reshape(param.data.shape), 0)
+            if name in self.persistent_masks and param.data.numel() == param.ds_numel:
+                param.data.masked_fill_(~self.persistent_masks[name].reshape(param.data.shape), 0)
             safe_set_local_fp32_param(param, safe_get_local_fp32_param(param).masked_fill(~keep, 0))
             for key in keys:
                 value = safe_get_local_optimizer_state(param, key)
@@ -231,7 +262,8 @@ class DeepSpeedBackend(SingleBackend):
         """Masks in the layout of this rank's pieces, rebuilt when a layer's mask changes.
 
         Stages 1/2: one flat mask per fp32 partition (keyed by the partition tensor); stage 3: the
-        slice of each flattened, padded mask that `ds_tensor` holds (keyed by layer name).
+        mask piece padded (masked off) to the size of `ds_tensor` (keyed by layer name), and the
+        full masks of persistent parameters gathered bit-packed (a collective, on every rank).
         """
         sources, cached = self.owned_cache
         current = list(masks.masks.values())
@@ -252,7 +284,15 @@ class DeepSpeedBackend(SingleBackend):
                     owned[flat] = keep
         else:
             for name, param in masks.params.items():
-                owned[name] = self._owned_slice(masks.masks[name], param, fill=False)
+                keep = torch.zeros(param.ds_tensor.numel(), dtype=torch.bool,
+                                   device=param.ds_tensor.device)
+                keep[: masks.masks[name].numel()] = masks.masks[name]
+                owned[name] = keep
+            # Persistent parameters stay whole on every rank once first gathered (and are
+            # re-gathered after each step), so their whole copy needs the full mask.
+            persistent = {name: mask for name, mask in masks.masks.items()
+                          if getattr(masks.params[name], "ds_persist", False)}
+            self.persistent_masks = masks.layout.full_masks(persistent)
         self.owned_cache = (current, owned)
         return owned
 
@@ -267,9 +307,6 @@ class DeepSpeedBackend(SingleBackend):
     def _state_keys(self) -> list[str]:
         return sorted({key for state in self.optimizer.state.values()
                        for key, value in state.items() if _is_state_tensor(value)})
-
-    def _shape(self, param: nn.Parameter) -> torch.Size:
-        return param.ds_shape if self.stage == 3 else param.shape
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         """The full model state dict under canonical names, on the CPU.

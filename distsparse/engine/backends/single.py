@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from distsparse.sparsity.layout import FullLayout
 from distsparse.sparsity.masks import MaskSet
 
 __all__ = ["SingleBackend"]
@@ -38,6 +39,10 @@ class SingleBackend:
     def optimizer_state_dict(self) -> dict:
         """The torch optimizer's state dict."""
         return self.optimizer.state_dict()
+
+    def selection_layout(self, shapes: dict[str, tuple[int, ...]]) -> FullLayout:
+        """Full tensors: every rank (here the only one) owns each parameter whole."""
+        return FullLayout(shapes)
 
     def weights(self) -> dict[str, torch.Tensor]:
         return {name: p.detach() for name, p in self.mask_set.params.items()}

@@ -1,0 +1,232 @@
+"""Where mask elements live, and every selection that depends on it (DESIGN section 2).
+
+Methods compute scores element-wise and ask a layout for everything else: active counts, per-layer
+and global top-k, RigL's drop-and-grow, counter-based random scores and the layers' full shapes.
+Two layouts give identical masks:
+
+- `FullLayout`: every rank holds each layer's full tensor (one process, DDP, ZeRO 0-2); selection is
+  local (`sparsity.select`) and identical on every rank.
+- `PieceLayout`: every rank holds the 1-D piece `zero3_partition` gives it of each flattened layer
+  (ZeRO-3's `ds_tensor` without its padding). Selections run `sharded_select.sharded_topk` (one
+  histogram all-reduce per round for all layers together), counts are one all-reduce of one int64
+  a layer, and no score, weight or gradient leaves its rank. Only `full_masks` moves masks: one
+  all-gather of the bit-packed pieces (numel / 8 bytes a layer), for checkpoints, fingerprints and
+  persistent parameters, never for a selection.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from distsparse.sparsity.scores import random_scores
+from distsparse.sparsity.select import drop_and_grow, global_topk_masks, topk_mask
+from distsparse.sparsity.sharded_select import ShardPiece, sharded_topk, zero3_partition
+
+__all__ = ["FullLayout", "PieceLayout", "full_layout_of"]
+
+Masks = dict[str, torch.Tensor]
+GLOBAL_BITS_PER_ROUND = 8
+"""Digit width of the global top-k: one 257-count histogram (2 kB) a round, at most 8 rounds."""
+LAYER_BITS_PER_ROUND = 4
+"""Digit width of per-layer top-k: a row of 17 counts a layer a round, at most 16 rounds. The
+payload grows with the number of layers: on ResNet-50's 54 layers one selection sends 53 kB
+(|N(0,1)| scores) to 118 kB (heavy ties) per rank, against 424-889 kB with 8-bit digits, for 9-17
+all-reduces instead of 5-9."""
+AllReduceSum = Callable[[torch.Tensor], object]
+AllGather = Callable[[torch.Tensor], Sequence[torch.Tensor]]
+
+
+class FullLayout:
+    """Full tensors on every rank: selections are local and need no collective."""
+
+    sharded = False
+
+    def __init__(self, shapes: Mapping[str, Sequence[int]]) -> None:
+        self.shapes = {name: tuple(shape) for name, shape in shapes.items()}
+
+    @property
+    def names(self) -> list[str]:
+        """Layer names in global-index order."""
+        return list(self.shapes)
+
+    def numel(self, name: str) -> int:
+        """Elements of a layer's full tensor."""
+        return math.prod(self.shapes[name])
+
+    def piece(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        """This rank's piece of a full tensor of the layer (here the tensor itself)."""
+        return full
+
+    def active_counts(self, masks: Mapping[str, torch.Tensor]) -> dict[str, int]:
+        """Active entries of each given layer's full mask."""
+        return {name: int(mask.sum()) for name, mask in masks.items()}
+
+    def topk_per_layer(
+        self, scores: Mapping[str, torch.Tensor], ks: Mapping[str, int],
+        eligible: Mapping[str, torch.Tensor] | None = None,
+    ) -> Masks:
+        """Per named layer in `ks`: the ks[name] highest scores among eligible entries."""
+        return {name: topk_mask(scores[name], k, None if eligible is None else eligible[name])
+                for name, k in ks.items()}
+
+    def global_topk(
+        self, scores: Mapping[str, torch.Tensor], k: int,
+        eligible: Mapping[str, torch.Tensor] | None = None,
+    ) -> Masks:
+        """The k highest scores over all given layers, in the layout's layer order."""
+        names = [name for name in self.names if name in scores]
+        return global_topk_masks({name: scores[name] for name in names}, k,
+                                 None if eligible is None else {name: eligible[name] for name in names})
+
+    def drop_and_grow(
+        self, masks: Mapping[str, torch.Tensor], drop_scores: Mapping[str, torch.Tensor],
+        grow_scores: Mapping[str, torch.Tensor], counts: Mapping[str, int],
+    ) -> Masks:
+        """`select.drop_and_grow` of every layer with a positive count; new masks of those layers."""
+        return {name: drop_and_grow(masks[name], drop_scores[name], grow_scores[name], count)[0]
+                for name, count in counts.items() if count > 0}
+
+    def random_scores(self, seed: int, step: int, purpose: str, names: Sequence[str],
+                      device: torch.device | str = "cpu") -> Masks:
+        """Counter-based scores keyed by (seed, step, layer, global element index)."""
+        return {name: random_scores(self.shapes[name], seed, step, name, purpose, device=device)
+                for name in names}
+
+    def full_masks(self, masks: Mapping[str, torch.Tensor]) -> Masks:
+        """Full-shape masks of the given layers (here the masks themselves)."""
+        return dict(masks)
+
+
+def full_layout_of(masks: Mapping[str, torch.Tensor]) -> FullLayout:
+    """The full layout of masks held whole, shaped as they are."""
+    return FullLayout({name: tuple(mask.shape) for name, mask in masks.items()})
+
+
+class PieceLayout(FullLayout):
+    """ZeRO-3 pieces: each rank holds [start, stop) of every flattened layer, selections sharded.
+
+    `all_reduce_sum` sums an int64 tensor over ranks in place; `all_gather` returns every rank's
+    copy of an equal-sized uint8 tensor, in rank order. Every method is a collective: all ranks
+    call it with the same layers. `bytes_sent` adds up the all-reduce payload of the counts and
+    selections this rank took part in (not the mask gathers, counted in `bytes_gathered`).
+    """
+
+    sharded = True
+
+    def __init__(self, shapes: Mapping[str, Sequence[int]], rank: int, world_size: int,
+                 all_reduce_sum: AllReduceSum, all_gather: AllGather) -> None:
+        super().__init__(shapes)
+        self.rank, self.world_size = rank, world_size
+        self.all_reduce_sum, self.all_gather = all_reduce_sum, all_gather
+        self.bounds = {name: zero3_partition(self.numel(name), rank, world_size) for name in shapes}
+        self.bytes_sent, self.bytes_gathered = 0, 0
+
+    def piece(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        """This rank's [start, stop) of the flattened tensor."""
+        start, stop = self.bounds[name]
+        return full.reshape(-1)[start:stop]
+
+    def _ordered(self, layers: Mapping[str, object]) -> list[str]:
+        return [name for name in self.names if name in layers]
+
+    def active_counts(self, masks: Mapping[str, torch.Tensor]) -> dict[str, int]:
+        """Active entries of each given layer's full mask: one all-reduce for all layers."""
+        names = self._ordered(masks)
+        device = masks[names[0]].device if names else torch.device("cpu")
+        counts = torch.tensor([int(masks[name].sum()) for name in names], dtype=torch.int64,
+                              device=device)
+        self.all_reduce_sum(counts)
+        self.bytes_sent += counts.numel() * counts.element_size()
+        return dict(zip(names, counts.tolist()))
+
+    def _select(self, scores: Mapping[str, torch.Tensor], names: list[str], ks: list[int],
+                groups: list[int], eligible: Mapping[str, torch.Tensor] | None,
+                bits_per_round: int) -> Masks:
+        shards = [ShardPiece(scores[name].reshape(-1), self.bounds[name][0], self.numel(name))
+                  for name in names]
+        selection = sharded_topk(
+            shards, ks, groups, self.all_reduce_sum, rank=self.rank, world_size=self.world_size,
+            eligible=None if eligible is None else [eligible[name].reshape(-1) for name in names],
+            bits_per_round=bits_per_round)
+        self.bytes_sent += selection.bytes_sent
+        return dict(zip(names, selection.masks))
+
+    def topk_per_layer(
+        self, scores: Mapping[str, torch.Tensor], ks: Mapping[str, int],
+        eligible: Mapping[str, torch.Tensor] | None = None,
+    ) -> Masks:
+        """Per named layer in `ks`, batched: every layer shares each round's all-reduce."""
+        names = self._ordered(ks)
+        return self._select(scores, names, [ks[name] for name in names], list(range(len(names))),
+                            eligible, LAYER_BITS_PER_ROUND)
+
+    def global_topk(
+        self, scores: Mapping[str, torch.Tensor], k: int,
+        eligible: Mapping[str, torch.Tensor] | None = None,
+    ) -> Masks:
+        """The k highest scores over all given layers' pieces, exactly as over the full tensors."""
+        names = self._ordered(scores)
+        return self._select(scores, names, [k], [0] * len(names), eligible, GLOBAL_BITS_PER_ROUND)
+
+    def drop_and_grow(
+        self, masks: Mapping[str, torch.Tensor], drop_scores: Mapping[str, torch.Tensor],
+        grow_scores: Mapping[str, torch.Tensor], counts: Mapping[str, int],
+    ) -> Masks:
+        """`select.drop_and_grow` of every layer with a positive count: two batched selections."""
+        swapping = {name: count for name, count in counts.items() if count > 0}
+        if not swapping:
+            return {}
+        active = self.active_counts({name: masks[name] for name in swapping})
+        kept = self.topk_per_layer(
+            drop_scores, {name: active[name] - count for name, count in swapping.items()}, masks)
+        grown = self.topk_per_layer(grow_scores, swapping, {name: ~kept[name] for name in swapping})
+        return {name: kept[name] | grown[name] for name in swapping}
+
+    def random_scores(self, seed: int, step: int, purpose: str, names: Sequence[str],
+                      device: torch.device | str = "cpu") -> Masks:
+        """Counter-based scores of this rank's pieces, keyed by the global element index."""
+        return {name: random_scores((self.bounds[name][1] - self.bounds[name][0],), seed, step,
+                                    name, purpose, device=device, offset=self.bounds[name][0])
+                for name in names}
+
+    def full_masks(self, masks: Mapping[str, torch.Tensor]) -> Masks:
+        """Full-shape masks from every rank's piece: one all-gather of ceil(numel / world) bits a layer."""
+        names = self._ordered(masks)
+        if not names:
+            return {}
+        chunks = [-(-self.numel(name) // self.world_size) for name in names]
+        device = masks[names[0]].device
+        bits = torch.zeros(-(-sum(chunks) // 8) * 8, dtype=torch.bool, device=device)
+        offset = 0
+        for name, chunk in zip(names, chunks):
+            piece = masks[name].reshape(-1)
+            bits[offset : offset + piece.numel()] = piece
+            offset += chunk
+        packed = _pack_bits(bits)
+        gathered = [_unpack_bits(part) for part in self.all_gather(packed)]
+        self.bytes_gathered += packed.numel()
+        full, offset = {}, 0
+        for name, chunk in zip(names, chunks):
+            parts = []
+            for rank, bits_of_rank in enumerate(gathered):
+                start, stop = zero3_partition(self.numel(name), rank, self.world_size)
+                parts.append(bits_of_rank[offset : offset + stop - start])
+            full[name] = torch.cat(parts).view(self.shapes[name])
+            offset += chunk
+        return full
+
+
+_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Eight booleans a byte (length a multiple of 8), most significant bit first."""
+    weights = _BIT_WEIGHTS.to(bits.device)
+    return (bits.view(-1, 8).to(torch.uint8) * weights).sum(1, dtype=torch.uint8)
+
+
+def _unpack_bits(packed: torch.Tensor) -> torch.Tensor:
+    weights = _BIT_WEIGHTS.to(packed.device)
+    return (packed.unsqueeze(1) & weights).ne(0).reshape(-1)

@@ -1,0 +1,191 @@
+"""The pieces layout (ZeRO-3) against the full layout on 2 gloo ranks: every selection, count,
+method update and MaskSet report, concatenated over the ranks in rank order, equals the full result.
+
+Layer sizes are odd (not divisible by the world size) and one layer has a single element (rank 1's
+piece is empty); scores are heavily tied. Each rank records mismatches instead of raising, so a
+failed check never leaves the other rank waiting in a collective.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from distsparse.config import load_config
+from distsparse.methods import TrainingSchedule, build_method
+from distsparse.sparsity.layout import FullLayout, PieceLayout
+from distsparse.sparsity.masks import MaskSet
+from distsparse.sparsity.select import drop_and_grow, global_topk_masks, topk_mask
+
+WORLD = 2
+SHAPES = {"conv": (3, 5, 3, 3), "one": (1, 1), "fc": (7, 13), "odd": (3,)}
+METHODS = {
+    "rigl": ["method.name=rigl"],
+    "set": ["method.name=set"],
+    "gmp-global": ["method.name=gmp", "method.prune_scope=global"],
+    "gmp-layer": ["method.name=gmp", "method.prune_scope=layer"],
+    "granet": ["method.name=granet"],
+    "granet_st": ["method.name=granet_st", "method.growth=random"],
+}
+
+
+def _tied(seed: int, levels: int = 4) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {name: torch.randint(-levels, levels + 1, shape, generator=gen).float() / levels
+            for name, shape in SHAPES.items()}
+
+
+def _masks(seed: int, density: float) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    masks = {name: torch.rand(shape, generator=gen) < density for name, shape in SHAPES.items()}
+    masks["one"][:] = True
+    return masks
+
+
+def _gather(layout: PieceLayout, pieces: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return layout.full_masks(pieces)
+
+
+def _check(label: str, got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
+           errors: list[str]) -> None:
+    if set(got) != set(expected):
+        errors.append(f"{label}: layers {sorted(got)} instead of {sorted(expected)}")
+        return
+    for name in expected:
+        if not torch.equal(got[name], expected[name]):
+            errors.append(f"{label}: {name} differs")
+
+
+def _selections(full: FullLayout, pieces: PieceLayout, errors: list[str]) -> None:
+    scores, masks = _tied(1), _masks(2, 0.6)
+    sliced = {name: pieces.piece(name, value) for name, value in scores.items()}
+    sliced_masks = {name: pieces.piece(name, mask) for name, mask in masks.items()}
+    if pieces.active_counts(sliced_masks) != full.active_counts(masks):
+        errors.append("active counts differ")
+    numels = {name: full.numel(name) for name in SHAPES}
+    eligible_counts = full.active_counts(masks)
+    for label, ks in {"k=0": dict.fromkeys(SHAPES, 0), "k=all": numels,
+                      "half": {n: c // 2 for n, c in numels.items()}}.items():
+        _check(f"per-layer {label}", _gather(pieces, pieces.topk_per_layer(sliced, ks)),
+               full.topk_per_layer(scores, ks), errors)
+    eligible_ks = {name: (count + 1) // 2 for name, count in eligible_counts.items()}
+    _check("per-layer eligible",
+           _gather(pieces, pieces.topk_per_layer(sliced, eligible_ks, sliced_masks)),
+           full.topk_per_layer(scores, eligible_ks, masks), errors)
+    total = sum(numels.values())
+    for k in (0, 1, total // 3, total):
+        _check(f"global k={k}", _gather(pieces, pieces.global_topk(sliced, k)),
+               full.global_topk(scores, k), errors)
+    counts = {name: count // 3 for name, count in eligible_counts.items()}
+    grow = _tied(3, levels=1)
+    _check("drop and grow",
+           _gather(pieces, pieces.drop_and_grow(sliced_masks, sliced,
+                                                {n: pieces.piece(n, g) for n, g in grow.items()},
+                                                counts)),
+           full.drop_and_grow(masks, scores, grow, counts), errors)
+    randoms = pieces.random_scores(5, 7, "grow", list(SHAPES))
+    for name, expected in full.random_scores(5, 7, "grow", list(SHAPES)).items():
+        parts = [torch.empty(0, dtype=torch.int64)] * WORLD
+        dist.all_gather_object(parts, randoms[name])
+        if not torch.equal(torch.cat(parts), expected.reshape(-1)):
+            errors.append(f"random scores of {name} differ")
+
+
+def _methods(full: FullLayout, pieces: PieceLayout, errors: list[str]) -> None:
+    schedule = TrainingSchedule(total_steps=100, steps_per_epoch=10)
+    weights, grads, masks = _tied(11), _tied(12, levels=2), _masks(13, 0.7)
+    for label, overrides in METHODS.items():
+        config = load_config(None, [*overrides, "method.sparsity=0.8", "method.update_interval=4",
+                                    "method.prune_end=0.5"])
+        reference = build_method(config.method, schedule, seed=3)
+        reference.layout = full
+        sharded = build_method(config.method, schedule, seed=3)
+        sharded.layout = pieces
+        expected = reference.update(20, masks, weights, grads)
+        got = sharded.update(20, {n: pieces.piece(n, m) for n, m in masks.items()},
+                             {n: pieces.piece(n, w) for n, w in weights.items()},
+                             {n: pieces.piece(n, g) for n, g in grads.items()})
+        if not expected:
+            errors.append(f"{label}: the update changed nothing (nothing was shown)")
+        _check(label, _gather(pieces, got), expected, errors)
+
+
+def _mask_set(full: FullLayout, pieces: PieceLayout, errors: list[str]) -> None:
+    masks = _masks(31, 0.4)
+    whole = MaskSet({name: torch.zeros(shape) for name, shape in SHAPES.items()})
+    whole.update(masks)
+    sharded = MaskSet({name: torch.zeros(shape) for name, shape in SHAPES.items()})
+    sharded.update(masks)
+    sharded.use_layout(pieces)
+    if not sharded.sharded or sharded.masks["fc"].numel() == full.numel("fc"):
+        errors.append("the MaskSet does not hold pieces")
+    for what in ("fingerprint", "layer_density", "density", "active_counts", "shapes"):
+        if getattr(sharded, what)() != getattr(whole, what)():
+            errors.append(f"MaskSet.{what} differs between pieces and full masks")
+    _check("MaskSet.state_dict", sharded.state_dict(), whole.state_dict(), errors)
+    sharded.load_state_dict(_masks(32, 0.5))
+    _check("MaskSet.load_state_dict", sharded.full_masks(), _masks(32, 0.5), errors)
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+    torch.set_num_threads(1)
+
+    def all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
+        parts = [torch.empty_like(tensor) for _ in range(WORLD)]
+        dist.all_gather(parts, tensor)
+        return parts
+
+    errors: list[str] = []
+    try:
+        full = FullLayout(SHAPES)
+        pieces = PieceLayout(SHAPES, rank, WORLD, dist.all_reduce, all_gather)
+        if pieces.piece("one", torch.ones(1, 1)).numel() != (1 - rank):
+            errors.append("the one-element layer is not empty on rank 1")
+        _selections(full, pieces, errors)
+        _methods(full, pieces, errors)
+        _mask_set(full, pieces, errors)
+    except Exception:  # noqa: BLE001 - recorded for the test to report
+        errors.append(traceback.format_exc())
+    torch.save(errors, Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo"
+)
+def test_pieces_equal_full_tensors_on_two_gloo_ranks(tmp_path):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    errors = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
+    assert errors == [[], []], "\n".join(errors[0][:20] + errors[1][:5])
+
+
+def test_full_layout_is_select_py():
+    layout = FullLayout(SHAPES)
+    scores, grow, masks = _tied(21), _tied(23), _masks(22, 0.5)
+    ks = {name: int(mask.sum()) // 2 for name, mask in masks.items()}
+    per_layer = layout.topk_per_layer(scores, ks, masks)
+    for name, k in ks.items():
+        assert torch.equal(per_layer[name], topk_mask(scores[name], k, masks[name]))
+    expected = global_topk_masks(scores, 20, masks)
+    _check("global", layout.global_topk(scores, 20, masks), expected, errors := [])
+    counts = {"conv": 3, "one": 0, "fc": 5, "odd": 1}
+    swapped = layout.drop_and_grow(masks, scores, grow, counts)
+    _check("drop and grow", swapped,
+           {name: drop_and_grow(masks[name], scores[name], grow[name], counts[name])[0]
+            for name in ("conv", "fc", "odd")}, errors)
+    assert errors == []
