@@ -205,7 +205,7 @@ def _final(run: Path) -> dict:
     """The model and masks a run ended with: a DeepSpeed run's model.pt, else its last.pt."""
     model_file = run / "checkpoints" / "model.pt"
     return torch.load(model_file if model_file.is_file() else run / "checkpoints" / "last.pt",
-                      weights_only=True)
+                      map_location="cpu", weights_only=True)
 
 
 def _native_tensors(run: Path) -> dict[str, torch.Tensor]:

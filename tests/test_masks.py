@@ -149,6 +149,20 @@ def test_fingerprint_equal_for_equal_masks_and_changes_on_one_bit():
         assert 0 <= value < 2**63
 
 
+@pytest.mark.parametrize("numel", [1, 7, 8, 9, 63, 1000])
+def test_fingerprint_bits_are_packed_alike_by_numpy_and_on_a_device(numel):
+    """Fingerprints hash the packed bits: numpy's packbits on the CPU, `pack_bits` on a GPU."""
+    from distsparse.sparsity.layout import pack_bits
+    from distsparse.sparsity.masks import _packed
+
+    bits = torch.rand(numel, generator=torch.Generator().manual_seed(numel)) < 0.5
+    padded = torch.cat([bits, bits.new_zeros(-numel % 8)])
+    assert _packed(bits) == pack_bits(padded).numpy().tobytes()
+    assert len(_packed(bits)) == -(-numel // 8)
+    if torch.cuda.is_available():
+        assert _packed(bits.cuda()) == _packed(bits)
+
+
 def test_state_dict_round_trip_through_torch_save(tmp_path):
     ms, _ = _maskset()
     path = tmp_path / "masks.pt"

@@ -24,7 +24,7 @@ from distsparse.sparsity.scores import random_scores
 from distsparse.sparsity.select import drop_and_grow, global_topk_masks, topk_mask
 from distsparse.sparsity.sharded_select import ShardPiece, sharded_topk, zero3_partition
 
-__all__ = ["FullLayout", "PieceLayout", "full_layout_of"]
+__all__ = ["FullLayout", "PieceLayout", "full_layout_of", "pack_bits"]
 
 Masks = dict[str, torch.Tensor]
 GLOBAL_BITS_PER_ROUND = 8
@@ -204,7 +204,7 @@ class PieceLayout(FullLayout):
             piece = masks[name].reshape(-1)
             bits[offset : offset + piece.numel()] = piece
             offset += chunk
-        packed = _pack_bits(bits)
+        packed = pack_bits(bits)
         gathered = [_unpack_bits(part) for part in self.all_gather(packed)]
         self.bytes_gathered += packed.numel()
         full, offset = {}, 0
@@ -221,8 +221,8 @@ class PieceLayout(FullLayout):
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
 
-def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
-    """Eight booleans a byte (length a multiple of 8), most significant bit first."""
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Eight booleans a byte (length a multiple of 8), most significant bit first, on their device."""
     weights = _BIT_WEIGHTS.to(bits.device)
     return (bits.view(-1, 8).to(torch.uint8) * weights).sum(1, dtype=torch.uint8)
 

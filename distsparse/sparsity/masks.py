@@ -11,10 +11,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
-from distsparse.sparsity.layout import FullLayout
+from distsparse.sparsity.layout import FullLayout, pack_bits
 
 __all__ = ["MaskSet", "canonical_name", "sparsifiable_parameters"]
 
@@ -163,7 +164,14 @@ class MaskSet:
 
 
 def _packed(mask: torch.Tensor) -> bytes:
-    return mask.detach().reshape(-1).to(torch.uint8).cpu().numpy().tobytes()
+    """The mask's bits, eight a byte, most significant first, zero-padded: packed where the mask
+    lives, so a GPU sends and the hash reads an eighth of the mask (numpy's packbits on the CPU)."""
+    flat = mask.detach().reshape(-1).bool()
+    if flat.device.type == "cpu":
+        return np.packbits(flat.numpy()).tobytes()
+    padding = -flat.numel() % 8
+    bits = torch.cat([flat, flat.new_zeros(padding)]) if padding else flat
+    return pack_bits(bits).cpu().numpy().tobytes()
 
 
 def _digest(masks: Iterable[torch.Tensor]) -> int:
