@@ -153,9 +153,23 @@ def _run_reporting_errors(function, *arguments, quiet: bool = False) -> int:
     return status if isinstance(status, int) else 0
 
 
+_TRAILING = {"train": ("overrides", str), "submit": ("overrides", str), "compare": ("run_dirs", Path)}
+"""Each verb's trailing positional list: its name and item type."""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `distsparse` console script; returns the exit status."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    # argparse ends a positional list at the first option: `train CONFIG --nproc 2 key=value` leaves
+    # what follows the option unparsed. It belongs to the verb's trailing list all the same.
+    trailing = _TRAILING.get(args.verb)
+    unknown = [item for item in rest if item.startswith("-")] or ([] if trailing else rest)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if rest:
+        name, kind = trailing
+        setattr(args, name, [*getattr(args, name), *map(kind, rest)])
     if args.verb == "train":
         if args.nproc < 1:
             print("distsparse: error: --nproc must be at least 1", file=sys.stderr)

@@ -175,8 +175,9 @@ class BackendConfig:
 @dataclass
 class LauncherConfig:
     name: str = "local"
-    """local (this process, or --nproc N processes), torchrun (started by torchrun) or ray (a Ray
-    Train TorchTrainer started by this command)."""
+    """local (this process, or --nproc N processes), torchrun (started by torchrun, or by the
+    deepspeed launcher with --no_local_rank) or ray (a Ray Train TorchTrainer started by this
+    command)."""
     num_workers: int = 1
     """Number of worker processes (the world size)."""
     use_gpu: bool = False

@@ -119,3 +119,22 @@ def test_resume_from_the_run_directory_alone_finishes_the_run(tmp_path, capsys):
     assert status == 0, err
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 16 and summary["completed"]
+
+
+def test_overrides_after_an_option_still_apply_and_unknown_options_are_named(tmp_path, capsys):
+    run = tmp_path / "run"
+    status, err = _run(capsys, "train", QUICKSTART, "--nproc", "1", *SMALL, "model.name=mlp",
+                       f"run.dir={run}")
+    assert status == 0, err
+    assert "name: mlp" in (run / "config.yaml").read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", QUICKSTART, "--nproc", "1", "model.name=mlp", "--bogus"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("unrecognized arguments: --bogus")
+    status, err, out = _run_with_output(capsys, "compare", str(run), "--out", str(tmp_path / "c"),
+                                        str(run))
+    assert status == 0, err
+    assert (tmp_path / "c" / "compare.csv").read_text().count(str(run)) == 2
+    with pytest.raises(SystemExit):
+        main(["evaluate", str(run), "stray"])
+    assert capsys.readouterr().err.strip().endswith("unrecognized arguments: stray")

@@ -20,6 +20,8 @@ import multiprocessing
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import traceback
 from pathlib import Path
 
@@ -429,3 +431,23 @@ def _check_ray_report_and_restore(run: Path, tmp_path: Path) -> None:
     assert _restore_reported(tmp_path / "staged", tmp_path / "restored") == 16
     assert _digest(tmp_path / "restored") == {name: digest for name, digest in _digest(run).items()
                                               if name in names}
+
+
+def test_deepspeed_launcher_trains_as_nproc_does(tmp_path):
+    """DeepSpeed's own launcher sets the variables torchrun sets: the same masks as --nproc 2."""
+    common = [*BASE, "method.name=rigl", "backend.name=deepspeed", "backend.zero_stage=3",
+              "run.progress=false"]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launched, local = tmp_path / "launched", tmp_path / "local"
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--no_local_rank",
+         "--master_port", str(port), "--module", "distsparse.cli", "train", QUICKSTART, *common,
+         "launcher.name=torchrun", f"run.dir={launched}"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert main(["train", QUICKSTART, "--nproc", "2", *common, f"run.dir={local}"]) == 0
+    first, second = (json.loads((run / "summary.json").read_text()) for run in (launched, local))
+    assert first["world_size"] == second["world_size"] == 2 and first["backend"] == "deepspeed"
+    assert first["completed"] and first["mask_fingerprint"] == second["mask_fingerprint"]
