@@ -45,7 +45,7 @@ def _worker(rank: int, port: int, root: str, queue) -> None:
         for key, dtype, options in MIXED:
             settings = root_dir / f"{key}.json"
             settings.write_text(json.dumps({key: {"enabled": True, **options}}))
-            for stage in STAGES[1:]:
+            for stage in STAGES:
                 trainer = _train([*cuda, "backend.name=deepspeed", f"backend.zero_stage={stage}",
                                   f"backend.deepspeed_config={settings}",
                                   f"run.dir={root_dir / f'{key}-ds{stage}'}"], errors)

@@ -3,7 +3,8 @@
 Zeroing the model's weights after a step is not enough at stages 1-3: the fp32 master partition
 and the optimizer state would bring pruned weights back. After every step this backend masks the
 piece of each copy this rank owns, with the mask sliced to that piece's layout: the full tensor at
-stage 0, the flat fp32 partition of each parameter group at stages 1/2 (located through each
+stage 0 (in bf16/fp16 also the fp32 copy of each parameter that DeepSpeed's
+FP16_UnfusedOptimizer steps), the flat fp32 partition of each parameter group at stages 1/2 (located through each
 parameter's `_hp_mapping`, the addresses `safe_set_full_fp32_param` writes through, without its
 all-reduce), and the per-rank slice `ds_tensor` at stage 3 (through the `safe_*_local_*` API).
 
@@ -69,7 +70,6 @@ def deepspeed_config(stage: int, global_batch: int, world_size: int, path: str |
     stage (backend.zero_stage) and zero_allow_untested_optimizer (the optimizer is train.optimizer);
     the JSON may repeat them only with the same values. The JSON may override the defaults
     (gradient_clipping 0, no step printing) and add anything else (bf16, fp16, ZeRO bucket sizes).
-    bf16/fp16 need stage 1-3: at stage 0 DeepSpeed keeps a master layout this backend does not mask.
     """
     ours = {
         "train_batch_size": global_batch,
@@ -88,11 +88,7 @@ def deepspeed_config(stage: int, global_batch: int, world_size: int, path: str |
         if theirs is not None and theirs != mine:
             raise ConfigError(f"DeepSpeed config {path} sets {dotted}={theirs!r}; distsparse sets "
                               f"it to {mine!r} from its own config: remove it from the JSON")
-    merged = _merge(_merge(copy.deepcopy(_DEFAULTS), user), ours)
-    if stage == 0 and _mixed_precision(merged) is not None:
-        raise ConfigError(f"config key 'backend.zero_stage' = 0 with bf16/fp16 enabled in {path}: "
-                          "mixed precision needs ZeRO stage 1, 2 or 3")
-    return merged
+    return _merge(_merge(copy.deepcopy(_DEFAULTS), user), ours)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -150,10 +146,14 @@ class DeepSpeedBackend(SingleBackend):
         self.rank, self.world_size, self.stage = env.rank, env.world_size, stage
         self.groups = [list(group["params"]) for group in optimizer.param_groups]
         self.input_dtype = _mixed_precision(config)
-        # A state loaded from a checkpoint is keyed by the model's parameters; DeepSpeed (stages
-        # 1-3) steps flat partitions instead, so it is scattered into them after initialize.
-        pending = {p: optimizer.state.pop(p) for p in list(optimizer.state)} if stage > 0 else {}
+        # DeepSpeed steps fp32 copies, not the model's parameters, at stages 1-3 (flat partitions)
+        # and at stage 0 in bf16/fp16 (FP16_UnfusedOptimizer: one fp32 copy per parameter).
+        self.flat_master = stage > 0 or self.input_dtype is not None
+        # A state loaded from a checkpoint is keyed by the model's parameters; where DeepSpeed
+        # steps flat copies it is scattered into them after initialize.
+        pending = {p: optimizer.state.pop(p) for p in list(optimizer.state)} if self.flat_master else {}
         self.model, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        self.fragments = self._find_fragments() if self.flat_master and stage < 3 else {}
         self._wrap_optimizer_step()
         self.dense_requested, self.dense_grads = False, {}
         self.owned_cache: tuple[list[torch.Tensor], dict[Any, torch.Tensor]] = ([], {})
@@ -220,6 +220,8 @@ class DeepSpeedBackend(SingleBackend):
                     for name, p in self.mask_set.params.items()}
         if self.input_dtype is None:
             return super().weights()
+        if self.stage == 0:  # each parameter's own fp32 copy
+            return {name: self.fragments[p][0] for name, p in self.mask_set.params.items()}
         return {name: safe_get_full_fp32_param(p).reshape(p.shape)
                 for name, p in self.mask_set.params.items()}
 
@@ -233,7 +235,7 @@ class DeepSpeedBackend(SingleBackend):
     @torch.no_grad()
     def mask_all_copies(self, masks: MaskSet) -> None:
         """Zero masked-off entries in this rank's piece of the weight, fp32 master and state."""
-        if self.stage == 0:
+        if not self.flat_master:
             super().mask_all_copies(masks)
             return
         owned = self._owned_masks(masks)
@@ -261,7 +263,8 @@ class DeepSpeedBackend(SingleBackend):
     def _owned_masks(self, masks: MaskSet) -> dict[Any, torch.Tensor]:
         """Masks in the layout of this rank's pieces, rebuilt when a layer's mask changes.
 
-        Stages 1/2: one flat mask per fp32 partition (keyed by the partition tensor); stage 3: the
+        Stages 1/2 (and 0 in bf16/fp16): one flat mask per fp32 copy the optimizer steps (keyed by
+        that tensor), placed through `fragments`; stage 3: the
         mask piece padded (masked off) to the size of `ds_tensor` (keyed by layer name), and the
         full masks of persistent parameters gathered bit-packed (a collective, on every rank).
         """
@@ -271,17 +274,14 @@ class DeepSpeedBackend(SingleBackend):
             return cached
         owned: dict[Any, torch.Tensor] = {}
         if self.stage < 3:
-            names = {p: name for name, p in masks.params.items()}
-            for group, params in zip(self.optimizer.param_groups, self.groups):
-                for flat in group["params"]:
-                    keep = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
-                    for param in params:
-                        mapping = getattr(param, "_hp_mapping", None)
-                        if param in names and mapping is not None:
-                            lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
-                            keep.narrow(0, hp.start, hp.numel).copy_(
-                                masks.masks[names[param]].reshape(-1).narrow(0, lp.start, lp.numel))
-                    owned[flat] = keep
+            for flat in self._flats():
+                owned[flat] = torch.ones_like(flat, dtype=torch.bool)
+            for name, param in masks.params.items():
+                fragment = self.fragments.get(param)
+                if fragment is not None:
+                    flat, lp_start, hp_start, numel = fragment
+                    owned[flat].view(-1).narrow(0, hp_start, numel).copy_(
+                        masks.masks[name].reshape(-1).narrow(0, lp_start, numel))
         else:
             for name, param in masks.params.items():
                 keep = torch.zeros(param.ds_tensor.numel(), dtype=torch.bool,
@@ -343,15 +343,30 @@ class DeepSpeedBackend(SingleBackend):
             raise CheckpointError(f"checkpoint {directory}: DeepSpeed could not load tag {tag}")
         return client_state
 
-    def _flat_of(self, param: nn.Parameter) -> torch.Tensor:
+    def _find_fragments(self) -> dict[nn.Parameter, tuple[torch.Tensor, int, int, int]]:
+        """Where each parameter's elements sit in the fp32 copies this rank steps.
+
+        (copy, start in the flattened parameter, start in the copy, count): at stages 1/2 from
+        DeepSpeed's `_hp_mapping` into the group's flat partition (parameters with no elements here
+        are left out); at stage 0 in bf16/fp16 the whole per-parameter fp32 copy of the
+        FP16_UnfusedOptimizer DeepSpeed wraps a torch optimizer in.
+        """
+        if self.stage == 0:
+            wrapper = self.model.optimizer
+            return {param: (copy, 0, 0, param.numel())
+                    for params, copies in zip(wrapper.fp16_groups, wrapper.fp32_groups)
+                    for param, copy in zip(params, copies)}
+        fragments = {}
         for group, params in zip(self.optimizer.param_groups, self.groups):
-            if any(param is p for p in params):
-                return group["params"][0]
-        raise KeyError("parameter not in any optimizer group")
+            for param in params:
+                if getattr(param, "_hp_mapping", None) is not None:
+                    lp, hp = param._hp_mapping.lp_fragment_address, param._hp_mapping.hp_fragment_address
+                    fragments[param] = (group["params"][0], lp.start, hp.start, lp.numel)
+        return fragments
 
     @torch.no_grad()
     def _install_optimizer_state(self, pending: Mapping[nn.Parameter, dict[str, Any]]) -> None:
-        """Scatter a single-process optimizer state into DeepSpeed's partitions (stages 1-3)."""
+        """Scatter a single-process optimizer state into DeepSpeed's flat copies."""
         entries = next(iter(pending.values()))
         for flat in self._flats():
             self.optimizer.state[flat] = {
@@ -374,8 +389,8 @@ class DeepSpeedBackend(SingleBackend):
         if self.stage == 3:
             safe_set_local_optimizer_state(param, self._owned_slice(full.float(), param, 0.0), key)
             return
-        mapping = param._hp_mapping
-        if mapping is not None:
-            lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
-            self.optimizer.state[self._flat_of(param)][key].narrow(0, hp.start, hp.numel).copy_(
-                full.reshape(-1).narrow(0, lp.start, lp.numel))
+        fragment = self.fragments.get(param)
+        if fragment is not None:
+            flat, lp_start, hp_start, numel = fragment
+            self.optimizer.state[flat][key].view(-1).narrow(0, hp_start, numel).copy_(
+                full.reshape(-1).narrow(0, lp_start, numel))
