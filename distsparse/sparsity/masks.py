@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -165,10 +164,8 @@ class MaskSet:
 
 def _packed(mask: torch.Tensor) -> bytes:
     """The mask's bits, eight a byte, most significant first, zero-padded: packed where the mask
-    lives, so a GPU sends and the hash reads an eighth of the mask (numpy's packbits on the CPU)."""
+    lives, so a GPU sends and the hash reads an eighth of the mask."""
     flat = mask.detach().reshape(-1).bool()
-    if flat.device.type == "cpu":
-        return np.packbits(flat.numpy()).tobytes()
     padding = -flat.numel() % 8
     bits = torch.cat([flat, flat.new_zeros(padding)]) if padding else flat
     return pack_bits(bits).cpu().numpy().tobytes()
