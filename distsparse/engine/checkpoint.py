@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 from distsparse.errors import CheckpointError
 
 __all__ = ["CHECKPOINT_NAME", "CHECKPOINT_FORMAT", "MODEL_KEYS", "MODEL_NAME", "load_checkpoint",
-           "save_checkpoint"]
+           "save_checkpoint", "write_atomically"]
 
 CHECKPOINT_NAME = "checkpoints/last.pt"
 """Where a run directory keeps its latest checkpoint (single and DDP; DeepSpeed: native_checkpoint)."""
@@ -23,19 +24,24 @@ MODEL_KEYS = ("format", "config", "step", "model", "masks")
 """What evaluation and pruning read: every checkpoint and model file holds these."""
 
 
-def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over `path`."""
+def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write through `write` to a temporary file beside `path`, fsync, then rename over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as file:
-            torch.save({"format": CHECKPOINT_FORMAT, **state}, file)
+            write(file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Write the checkpoint atomically (a crash leaves the previous file whole)."""
+    write_atomically(path, lambda file: torch.save({"format": CHECKPOINT_FORMAT, **state}, file))
 
 
 def load_checkpoint(path: Path, required: tuple[str, ...] = _REQUIRED) -> dict[str, Any]:

@@ -12,13 +12,12 @@ This module imports neither DeepSpeed nor the trainer: evaluation and launchers 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from distsparse.engine.checkpoint import write_atomically
 from distsparse.errors import CheckpointError
 
 __all__ = ["DEEPSPEED_DIR", "NativeCheckpoint", "check_native_resume", "commit_native",
@@ -84,21 +83,8 @@ def check_native_resume(checkpoint: NativeCheckpoint, backend: str, world_size: 
 
 def commit_native(directory: Path, tag: str, record: dict[str, Any]) -> None:
     """Rank 0, once every rank has written `tag`: its sidecar, then `latest`, then older tags go."""
-    _write_atomic(directory / tag / SIDECAR, json.dumps(record))
-    _write_atomic(directory / "latest", tag)
+    write_atomically(directory / tag / SIDECAR, lambda file: file.write(json.dumps(record).encode()))
+    write_atomically(directory / "latest", lambda file: file.write(tag.encode()))
     for entry in directory.iterdir():
         if entry.is_dir() and entry.name.startswith(_TAG_PREFIX) and entry.name != tag:
             shutil.rmtree(entry)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
