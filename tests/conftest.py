@@ -1,9 +1,18 @@
 """Shared fixtures: small, fast configurations on generated data."""
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from distsparse.config import Config, load_config
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a rendezvous or a test service)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
 
 SMALL = [
     "data.name=synthetic",

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,11 +31,6 @@ class RayHead:
     env: dict[str, str]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 def _parse(output: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in output.splitlines() if "=" in line)
@@ -45,8 +41,8 @@ def start_ray_head(state: Path) -> RayHead:
     # Not imported here: Ray reads RAY_AUTH_MODE once, and the head's mode is exported below.
     if importlib.util.find_spec("ray") is None:
         skip_or_fail("ray is not installed (launch/install.sh installs ray[default,train])")
-    env = {**os.environ, "DISTSPARSE_PYTHON": sys.executable, "RAY_PORT": str(_free_port()),
-           "RAY_DASHBOARD_PORT": str(_free_port()), "RAY_NUM_CPUS": "2"}
+    env = {**os.environ, "DISTSPARSE_PYTHON": sys.executable, "RAY_PORT": str(free_port()),
+           "RAY_DASHBOARD_PORT": str(free_port()), "RAY_NUM_CPUS": "2"}
     result = subprocess.run([str(ROOT / "launch" / "ray_local.sh"), "start", str(state)], env=env,
                             capture_output=True, text=True, timeout=180)
     if result.returncode != 0:
@@ -77,7 +73,7 @@ class SlurmCluster:
 def start_slurm(state: Path) -> SlurmCluster:
     """launch/slurm_local.sh start; skip (fail under CI=true) when it cannot start (no root, no
     apt-get)."""
-    env = {**os.environ, "SLURMCTLD_PORT": str(_free_port()), "SLURMD_PORT": str(_free_port())}
+    env = {**os.environ, "SLURMCTLD_PORT": str(free_port()), "SLURMD_PORT": str(free_port())}
     result = subprocess.run([str(ROOT / "launch" / "slurm_local.sh"), "start", str(state)],
                             env=env, capture_output=True, text=True, timeout=600)
     if result.returncode != 0:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from distsparse.dist.comm_hook import register_sparse_allreduce
 from distsparse.sparsity.masks import MaskSet, sparsifiable_parameters
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo"
@@ -78,17 +78,12 @@ def _worker(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     """The results of both ranks from one 2-process run (spawned once for the whole file)."""
     out = tmp_path_factory.mktemp("comm_hook")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 

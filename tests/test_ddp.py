@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from distsparse.cli import main
 from distsparse.methods import METHODS
 from distsparse.methods.pruning_at_init import PRUNING_AT_INIT
-from tests.conftest import SMALL
+from tests.conftest import SMALL, free_port
 
 QUICKSTART = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
 EXACT = [*SMALL, "model.name=mlp", "train.dtype=float64"]
@@ -123,9 +122,7 @@ def _corrupt_worker(rank: int, port: int, queue) -> None:
 def test_a_corrupted_mask_on_one_rank_is_caught_and_named():
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     workers = [context.Process(target=_corrupt_worker, args=(r, port, queue)) for r in range(2)]
     for worker in workers:
         worker.start()

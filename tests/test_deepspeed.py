@@ -19,7 +19,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import traceback
@@ -38,7 +37,7 @@ from distsparse.engine.native_checkpoint import DEEPSPEED_DIR, step_tag
 from distsparse.engine.post_training import resolve_run_dir
 from distsparse.engine.runs import load_run
 from distsparse.errors import CheckpointError, ConfigError
-from tests.conftest import SMALL
+from tests.conftest import SMALL, free_port
 
 QUICKSTART = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
 BASE = [*SMALL, "model.name=mlp", "launcher.num_workers=2"]
@@ -363,23 +362,26 @@ def _worker(rank: int, port: int, root: str, queue) -> None:
     queue.put((rank, errors, notes))
 
 
-def test_masks_hold_in_every_copy_match_ddp_and_resume_exactly(tmp_path, capsys):
+def run_two_ranks(worker, root: Path, timeout: float = 500) -> list:
+    """Spawn `worker(rank, port, root, queue)` on 2 ranks; the reports they put on the queue."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    workers = [context.Process(target=_worker, args=(rank, port, str(tmp_path), queue))
+    port = free_port()
+    workers = [context.Process(target=worker, args=(rank, port, str(root), queue))
                for rank in range(2)]
-    for worker in workers:
-        worker.start()
+    for worker_process in workers:
+        worker_process.start()
     try:
-        reports = [queue.get(timeout=500) for _ in workers]
+        return [queue.get(timeout=timeout) for _ in workers]
     finally:
-        for worker in workers:
-            worker.join(timeout=30)
-            if worker.is_alive():
-                worker.terminate()
+        for worker_process in workers:
+            worker_process.join(timeout=30)
+            if worker_process.is_alive():
+                worker_process.terminate()
+
+
+def test_masks_hold_in_every_copy_match_ddp_and_resume_exactly(tmp_path, capsys):
+    reports = run_two_ranks(_worker, tmp_path)
     results = {rank: errors for rank, errors, _ in reports}
     print("\n" + "\n".join(note for _, _, notes in sorted(reports) for note in notes))
     assert results == {0: [], 1: []}, "\n".join(results.get(0, [])[:40] + results.get(1, [])[:5])
@@ -452,9 +454,7 @@ def test_deepspeed_launcher_trains_as_nproc_does(tmp_path):
     """DeepSpeed's own launcher sets the variables torchrun sets: the same masks as --nproc 2."""
     common = [*BASE, "method.name=rigl", "backend.name=deepspeed", "backend.zero_stage=3",
               "run.progress=false"]
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     launched, local = tmp_path / "launched", tmp_path / "local"
     result = subprocess.run(
         [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--no_local_rank",

@@ -11,16 +11,14 @@ on this model and skips the first steps, which leaves no optimizer state to chec
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
-import socket
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.test_deepspeed import STAGES, _compare, _train
+from tests.test_deepspeed import STAGES, _compare, _train, run_two_ranks
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -62,20 +60,5 @@ def _worker(rank: int, port: int, root: str, queue) -> None:
 
 
 def test_mixed_precision_masks_hold_in_every_copy_on_cuda(tmp_path):
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    workers = [context.Process(target=_worker, args=(rank, port, str(tmp_path), queue))
-               for rank in range(2)]
-    for worker in workers:
-        worker.start()
-    try:
-        results = dict(queue.get(timeout=500) for _ in workers)
-    finally:
-        for worker in workers:
-            worker.join(timeout=30)
-            if worker.is_alive():
-                worker.terminate()
+    results = dict(run_two_ranks(_worker, tmp_path))
     assert results == {0: [], 1: []}, "\n".join(results.get(0, [])[:40] + results.get(1, [])[:5])

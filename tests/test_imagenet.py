@@ -9,7 +9,6 @@ import json
 import math
 import multiprocessing
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ from distsparse.data.imagefolder import ImageFolderLoader
 from distsparse.data.imagenet import IMAGENET_MEAN, IMAGENET_STD, resolution_at
 from distsparse.data.smoke_imagenet import make_smoke_imagenet
 from distsparse.errors import ConfigError
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "configs" / "imagenet" / "smoke.yaml")
@@ -149,11 +149,6 @@ def test_write_beton_bad_input_is_one_line_and_writes_nothing(smoke_folders, tmp
     assert out.read_bytes() == b"keep me"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 def _rank_samples(rank: int, port: int, root: str, result: str) -> None:
     """A gloo rank: the labels and image sides its FFCV loaders give for epochs 0 and 1."""
@@ -191,7 +186,7 @@ def test_ffcv_ranks_see_disjoint_samples_that_cover_the_epoch(tmp_path):
         assert main(["write-beton", "--src", str(root / "train"), "--out",
                      str(root / f"{split}.beton"), "--num-workers", "1"]) == 0
     context = multiprocessing.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     results = [tmp_path / f"rank{rank}.json" for rank in (0, 1)]
     workers = [context.Process(target=_rank_samples, args=(rank, port, str(root), str(results[rank])))
                for rank in (0, 1)]

@@ -8,7 +8,6 @@ failed check never leaves the other rank waiting in a collective.
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -23,6 +22,7 @@ from distsparse.methods import TrainingSchedule, build_method
 from distsparse.sparsity.layout import FullLayout, PieceLayout
 from distsparse.sparsity.masks import MaskSet
 from distsparse.sparsity.select import drop_and_grow, global_topk_masks, topk_mask
+from tests.conftest import free_port
 
 WORLD = 2
 SHAPES = {"conv": (3, 5, 3, 3), "one": (1, 1), "fc": (7, 13), "odd": (3,)}
@@ -159,17 +159,12 @@ def _worker(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo"
 )
 def test_pieces_equal_full_tensors_on_two_gloo_ranks(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     errors = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
     assert errors == [[], []], "\n".join(errors[0][:20] + errors[1][:5])
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import threading
 from datetime import timedelta
 from pathlib import Path
@@ -22,6 +21,7 @@ from distsparse.sparsity.sharded_select import (
     sharded_layer_topk,
     zero3_partition,
 )
+from tests.conftest import free_port
 
 NUMELS = [7, 13, 1, 100, 2]  # none divisible by 3 or 4; the 1- and 2-element layers leave ranks empty
 HISTOGRAM_BYTES = (256 + 1) * 8  # 2^8 counts and the NaN count, int64
@@ -277,18 +277,13 @@ def _worker(rank: int, port: int, numels: list[int], out: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo"
 )
 def test_two_gloo_processes_on_resnet50_layers(tmp_path):
     numels = SMALL + _resnet50_numels()
-    mp.spawn(_worker, args=(_free_port(), numels, str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), numels, str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     k = sum(numels) // 10
     for kind in ("magnitude", "ties"):
