@@ -39,14 +39,9 @@ def _local(full: list[torch.Tensor], rank: int, world: int) -> list[torch.Tensor
     return [piece.scores for piece in _pieces(full, rank, world)]
 
 
-def _simulate(
-    full: list[torch.Tensor],
-    k: int,
-    world: int,
-    eligible: list[torch.Tensor] | None = None,
-    bits_per_round: int = 8,
-) -> list[ShardedSelection | BaseException]:
-    """Run every rank in its own thread; the all-reduce sums the ranks' tensors behind a barrier.
+def _run_ranks(world: int, select) -> list[ShardedSelection | BaseException]:
+    """Run `select(rank, all_reduce_sum)` for every rank in its own thread; the all-reduce sums
+    the ranks' tensors behind a barrier.
 
     A rank that raises leaves the others to time out at the barrier, as a real collective would.
     """
@@ -63,11 +58,7 @@ def _simulate(
             tensor.copy_(total)
 
         try:
-            results[rank] = sharded_global_topk(
-                _pieces(full, rank, world), k, all_reduce_sum, rank=rank, world_size=world,
-                eligible=None if eligible is None else _local(eligible, rank, world),
-                bits_per_round=bits_per_round,
-            )
+            results[rank] = select(rank, all_reduce_sum)
         except Exception as error:  # noqa: BLE001 - handed to the test to assert on
             results[rank] = error
 
@@ -77,6 +68,21 @@ def _simulate(
     for thread in threads:
         thread.join()
     return results
+
+
+def _simulate(
+    full: list[torch.Tensor],
+    k: int,
+    world: int,
+    eligible: list[torch.Tensor] | None = None,
+    bits_per_round: int = 8,
+) -> list[ShardedSelection | BaseException]:
+    """`sharded_global_topk` on every rank's pieces of `full`, in threads."""
+    return _run_ranks(world, lambda rank, all_reduce_sum: sharded_global_topk(
+        _pieces(full, rank, world), k, all_reduce_sum, rank=rank, world_size=world,
+        eligible=None if eligible is None else _local(eligible, rank, world),
+        bits_per_round=bits_per_round,
+    ))
 
 
 def _assert_matches_single_process(
@@ -317,31 +323,9 @@ def test_two_gloo_processes_on_resnet50_layers(tmp_path):
 
 def _simulate_layers(full, ks, world, eligible=None):
     """As `_simulate`, for `sharded_layer_topk` with one k per layer."""
-    barrier = threading.Barrier(world, timeout=10)
-    slots: list[torch.Tensor | None] = [None] * world
-    results: list[ShardedSelection | BaseException | None] = [None] * world
-
-    def run(rank: int) -> None:
-        def all_reduce_sum(tensor: torch.Tensor) -> None:
-            slots[rank] = tensor.clone()
-            barrier.wait()
-            total = sum(slots[1:], slots[0].clone())
-            barrier.wait()
-            tensor.copy_(total)
-
-        try:
-            results[rank] = sharded_layer_topk(
-                _pieces(full, rank, world), ks, all_reduce_sum, rank=rank, world_size=world,
-                eligible=None if eligible is None else _local(eligible, rank, world))
-        except Exception as error:  # noqa: BLE001 - handed to the test to assert on
-            results[rank] = error
-
-    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(world)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return results
+    return _run_ranks(world, lambda rank, all_reduce_sum: sharded_layer_topk(
+        _pieces(full, rank, world), ks, all_reduce_sum, rank=rank, world_size=world,
+        eligible=None if eligible is None else _local(eligible, rank, world)))
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])

@@ -320,7 +320,8 @@ class Trainer:
         self._mask_all()
         verify_identical_masks(self.masks, self.device, step)
         self.flops.set_masks(self.masks)
-        fingerprint = self.masks.fingerprint()  # gathers the bit-packed masks where they are sharded
+        # Only the logging rank needs it, but where masks are pieces every rank joins the gather.
+        fingerprint = self.masks.fingerprint() if self.log is not None or self.masks.sharded else None
         if self.log is not None:
             self.log.log("mask_update", step, sparsity=self._sparsity(), layers_changed=len(changed),
                          fingerprint=fingerprint, seconds=time.perf_counter() - tick)

@@ -135,8 +135,8 @@ class PieceLayout(FullLayout):
         """Active entries of each given layer's full mask: one all-reduce for all layers."""
         names = self._ordered(masks)
         device = masks[names[0]].device if names else torch.device("cpu")
-        counts = torch.tensor([int(masks[name].sum()) for name in names], dtype=torch.int64,
-                              device=device)
+        counts = torch.stack([masks[name].sum() for name in names]) if names else \
+            torch.zeros(0, dtype=torch.int64, device=device)
         self.all_reduce_sum(counts)
         self.bytes_sent += counts.numel() * counts.element_size()
         return dict(zip(names, counts.tolist()))
