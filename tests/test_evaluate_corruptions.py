@@ -3,12 +3,20 @@ from __future__ import annotations
 
 import colorsys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from distsparse.errors import ConfigError
-from distsparse.evaluate.corruptions import CORRUPTIONS, SEVERITIES, SHIFTS, SUITES, corrupt
+from distsparse.evaluate.corruptions import (
+    CORRUPTIONS,
+    SEVERITIES,
+    SHIFTS,
+    SUITES,
+    corrupt,
+    zoom_factors,
+)
 
 NOISE = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise")
 
@@ -117,3 +125,20 @@ def test_gpu_tensors_give_the_cpu_pixels():
         on_gpu = corrupt(images.cuda(), name, 3, seed=0)
         assert on_gpu.device.type == "cuda"
         assert torch.allclose(on_gpu.cpu(), corrupt(images, name, 3, seed=0), atol=1e-5), name
+
+
+@pytest.mark.parametrize(("size", "reference"), [
+    # hendrycks/robustness ImageNet-C/create_c/make_cifar_c.py zoom_blur
+    (28, [np.arange(1, 1.06, 0.01), np.arange(1, 1.11, 0.01), np.arange(1, 1.16, 0.01),
+          np.arange(1, 1.21, 0.01), np.arange(1, 1.26, 0.01)]),
+    # hendrycks/robustness ImageNet-C/create_c/make_imagenet_c.py zoom_blur
+    (64, [np.arange(1, 1.11, 0.01), np.arange(1, 1.16, 0.01), np.arange(1, 1.21, 0.02),
+          np.arange(1, 1.26, 0.02), np.arange(1, 1.31, 0.03)]),
+], ids=["cifar-10-c", "imagenet-c"])
+def test_zoom_blur_factors_are_the_references_float_arange(size, reference):
+    images = torch.zeros(1, 3, size, size)
+    factors = [zoom_factors(images, severity) for severity in SEVERITIES]
+    assert factors == [r.tolist() for r in reference]
+    lengths = {28: [7, 12, 16, 21, 26], 64: [12, 16, 11, 13, 11]}[size]
+    # in float, (1.06 - 1) / 0.01 and (1.11 - 1) / 0.01 exceed 6 and 11: their stop is a factor
+    assert [len(f) for f in factors] == lengths

@@ -23,6 +23,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.io import decode_jpeg, encode_jpeg
@@ -30,9 +31,10 @@ from torchvision.io import decode_jpeg, encode_jpeg
 from distsparse.errors import ConfigError
 
 __all__ = [
-    "CORRUPTIONS", "SEVERITIES", "SHIFTS", "SUITES", "Suite", "brightness", "contrast",
-    "corrupt", "defocus_blur", "gaussian_blur", "gaussian_noise", "generator", "impulse_noise",
-    "jpeg", "pixelate", "rotate_translate", "shot_noise", "speckle_noise", "zoom_blur",
+    "CORRUPTIONS", "SEVERITIES", "SHIFTS", "SUITES", "ZOOM_BLUR_RANGES", "Suite", "brightness",
+    "contrast", "corrupt", "defocus_blur", "gaussian_blur", "gaussian_noise", "generator",
+    "impulse_noise", "jpeg", "pixelate", "rotate_translate", "shot_noise", "speckle_noise",
+    "zoom_blur", "zoom_factors",
 ]
 
 Corruption = Callable[[torch.Tensor, int, int], torch.Tensor]
@@ -147,15 +149,25 @@ def _affine(images: torch.Tensor, theta: torch.Tensor, padding: str) -> torch.Te
     return F.grid_sample(images, grid, mode="bilinear", padding_mode=padding, align_corners=False)
 
 
+ZOOM_BLUR_RANGES = {
+    "cifar": ((1, 1.06, 0.01), (1, 1.11, 0.01), (1, 1.16, 0.01), (1, 1.21, 0.01), (1, 1.26, 0.01)),
+    "imagenet": ((1, 1.11, 0.01), (1, 1.16, 0.01), (1, 1.21, 0.02), (1, 1.26, 0.02),
+                 (1, 1.31, 0.03)),
+}
+"""zoom_blur's `np.arange(start, stop, step)` per severity, as `make_cifar_c.py` and
+`make_imagenet_c.py` write them (in float the stop is often included: 12 factors for 1-1.11)."""
+
+
+def zoom_factors(images: torch.Tensor, severity: int) -> list[float]:
+    """The zoom factors of a severity: the reference's float `np.arange`, factor for factor."""
+    start, stop, step = _table(images, ZOOM_BLUR_RANGES["cifar"], ZOOM_BLUR_RANGES["imagenet"],
+                               severity)
+    return np.arange(start, stop, step).tolist()
+
+
 def zoom_blur(images: torch.Tensor, severity: int, seed: int) -> torch.Tensor:
-    """The mean of the image and its centre zooms by each factor of the severity's range."""
-    start, stop, step = _table(
-        images,
-        ((1, 1.06, 0.01), (1, 1.11, 0.01), (1, 1.16, 0.01), (1, 1.21, 0.01), (1, 1.26, 0.01)),
-        ((1, 1.11, 0.01), (1, 1.16, 0.01), (1, 1.21, 0.02), (1, 1.26, 0.02), (1, 1.31, 0.03)),
-        severity,
-    )
-    factors = [start + i * step for i in range(math.ceil((stop - start) / step - 1e-9))]
+    """The mean of the image and its centre zooms by each factor of `zoom_factors`."""
+    factors = zoom_factors(images, severity)
     total = images.clone()
     for factor in factors:
         theta = torch.tensor([[1 / factor, 0.0, 0.0], [0.0, 1 / factor, 0.0]])
