@@ -576,7 +576,21 @@ def test_global_pruning_keeps_only_active_entries_when_active_weights_are_zero(n
 @pytest.mark.parametrize("step", [200, 300, 600])
 def test_granet_update_matches_prune_then_per_layer_drop_and_grow(name, step):
     u = next(u for u in _run(name)[1] if u.step == step)
-    keep = _cubic_target_active(step, 1.0 - _settings(name)["init_density"])
+    _assert_granet_update(name, u, _granet_rate(step))
+
+
+@pytest.mark.parametrize("name", [n for n in _names("prune") if SETTINGS[n]["regrow"]])
+def test_granet_constant_anneal_keeps_the_drop_fraction(name):
+    # method.drop_fraction_anneal=constant: every update drops and regrows ceil(0.5 * nnz).
+    updates = _simulate(name, drop_fraction_anneal="constant")[1]
+    assert [u.step for u in updates] == PRUNE_UPDATES
+    for u in updates:
+        _assert_granet_update(name, u, 0.5)
+
+
+def _assert_granet_update(name: str, u: Update, rate: float) -> None:
+    """Global prune to the cubic target, then per layer ceil(rate * nnz) dropped and regrown."""
+    keep = _cubic_target_active(u.step, 1.0 - _settings(name)["init_density"])
     before_total = sum(_counts(u.before).values())
     if keep < before_total:
         pruned = _ref_global_prune(u.before, u.weights, keep)
@@ -587,9 +601,9 @@ def test_granet_update_matches_prune_then_per_layer_drop_and_grow(name, step):
         pruned_mask[sorted(pruned[n])] = True
         nnz = len(pruned[n])
         # GraNet funcs.magnitude_prune: ceil(prune_rate * nnz), regrown by |dense gradient|.
-        n_swap = math.ceil(_granet_rate(step) * nnz)
+        n_swap = math.ceil(rate * nnz)
         expected = _ref_swap(pruned_mask, u.weights[n].abs(), u.grads[n].abs(), n_swap)
-        assert _index_set(u.after[n]) == expected, n
+        assert _index_set(u.after[n]) == expected, (u.step, n)
 
 
 def test_granet_rate_by_hand():

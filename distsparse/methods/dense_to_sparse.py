@@ -6,7 +6,9 @@ arXiv 2106.10404; reference Shiweiliuiiiiiii/GraNet `ImageNet/core.py` (`Masking
 `pruning`, `truncate_weights`) and `ImageNet/funcs.py` (`magnitude_prune`, `gradient_growth`).
 At each update step GraNet prunes globally by |w| to the cubic target, then per layer drops
 ceil(rate * nnz) more by |w| and regrows as many by |dense gradient|, with the rate following
-a cosine decay from 0.5 to 0.005 over training (its `CosineDecay`). Deliberate differences:
+a cosine decay from 0.5 to 0.005 over training (its `CosineDecay`, the default
+`method.drop_fraction_anneal=cosine`; `constant` keeps it at method.drop_fraction, as rigl's).
+Deliberate differences:
 - the reference prunes only while iter <= final_iter - 1, so the cubic target is never reached;
   here the first update step at or after prune_end reaches the target exactly;
 - the reference keeps |w| > threshold, so ties make the count inexact; here counts are exact;
@@ -109,7 +111,10 @@ class GraNet(GMP):
         return self.is_update_step(step) and self.config.growth == "gradient"
 
     def regrowth_rate(self, step: int) -> float:
-        """GraNet's prune rate: cosine decay over all of training from drop_fraction to 0.005."""
+        """GraNet's prune rate: by default (`method.drop_fraction_anneal=cosine`) its
+        `CosineDecay` over all of training from drop_fraction to 0.005; constant: drop_fraction."""
+        if self.config.drop_fraction_anneal == "constant":
+            return self.config.drop_fraction
         return cosine_decay(step, self.schedule.total_steps, self.config.drop_fraction,
                             GRANET_MIN_PRUNE_RATE)
 
