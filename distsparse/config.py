@@ -203,6 +203,8 @@ class RunConfig:
     """Steps between checkpoints, in addition to every epoch end."""
     progress: bool = True
     """Show a progress bar."""
+    signal_check_every: int = 1
+    """Steps between the ranks' checks for a stop signal (an asynchronous CPU all-reduce)."""
 
 
 @dataclass
@@ -328,6 +330,8 @@ def validate(config: Config) -> None:
     _check(r.stop_at_step is None or r.stop_at_step >= 1, "run.stop_at_step", r.stop_at_step, ">= 1")
     _check(r.checkpoint_every is None or r.checkpoint_every >= 1, "run.checkpoint_every",
            r.checkpoint_every, ">= 1")
+    _check(r.signal_check_every >= 1, "run.signal_check_every", r.signal_check_every,
+           "an integer >= 1")
     _check(bool(r.name) and "/" not in r.name, "run.name", r.name, "a non-empty name without '/'")
     pairs = {("fashion_mnist", "fmnist"), ("synthetic", "synthetic"), ("imagenet", "ffcv"),
              ("imagenet", "torchvision")}

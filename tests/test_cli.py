@@ -71,6 +71,19 @@ def test_bad_config_is_one_line_and_writes_nothing(tmp_path, capsys, overrides, 
     assert not run.exists()
 
 
+@pytest.mark.parametrize("place", ["under_a_file", "in_proc"])
+def test_a_run_directory_that_cannot_be_made_is_one_line_naming_run_dir(tmp_path, capsys, place):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("kept")
+    # /proc refuses new entries even to root, as a read-only file system would.
+    run = blocker / "run" if place == "under_a_file" else Path("/proc/distsparse-run/run")
+    status, err = _run(capsys, "train", QUICKSTART, *SMALL, f"run.dir={run}")
+    assert status == 2, err
+    assert err.count("\n") == 1 and err.startswith("distsparse: error: config key 'run.dir'"), err
+    assert str(run) in err and "cannot create the run directory" in err
+    assert blocker.read_text() == "kept" and not run.exists()
+
+
 def test_missing_config_file_is_named(tmp_path, capsys):
     status, err = _run(capsys, "train", str(tmp_path / "absent.yaml"))
     assert status == 2 and "absent.yaml does not exist" in err

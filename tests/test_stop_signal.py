@@ -10,6 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from distsparse.engine.stop_signal import StopSignal
+from tests.conftest import free_port
 from tests.test_ddp import QUICKSTART, _assert_same_network, _final, _update_steps
 from tests.test_ray_train import LONG, TOTAL_STEPS
 
@@ -50,3 +57,53 @@ def test_sigterm_checkpoints_at_the_next_step_and_the_run_resumes_exactly(tmp_pa
 def _checkpoint_step(run: Path) -> int:
     """The step of the run's last checkpoint."""
     return int(_final(run)["step"])
+
+
+WORLD = 2
+SIGNALLED = {1: (0, 3), 3: (1, 5)}
+"""check_every -> (the rank that receives SIGTERM, the step after which it arrives)."""
+
+
+def _agreement_worker(rank: int, port: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD)
+    calls = []
+    reduce = dist.all_reduce
+
+    def recording(tensor, *args, **kwargs):
+        calls.append({"device": tensor.device.type, "async": kwargs.get("async_op", False),
+                      "side_group": kwargs.get("group") not in (None, dist.group.WORLD)})
+        return reduce(tensor, *args, **kwargs)
+
+    dist.all_reduce = recording
+    stopped = {}
+    for check_every, (signalled_rank, signal_step) in SIGNALLED.items():
+        with StopSignal(check_every) as signals:
+            for step in range(1, 40):
+                if rank == signalled_rank and step == signal_step:
+                    signals.received = signal.SIGTERM
+                if signals.agreed(step):
+                    stopped[check_every] = step
+                    break
+    torch.save({"stopped": stopped, "calls": calls}, Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ranks_agree_on_the_stop_step_without_a_collective_on_the_device_group(tmp_path):
+    mp.spawn(_agreement_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    # Posted at the first check after the signal, read at the next one.
+    assert [r["stopped"] for r in ranks] == [{1: 4, 3: 9}] * WORLD
+    # Checks only every check_every steps: 4 for check_every=1, 3 (steps 3, 6, 9) for 3.
+    assert [len(r["calls"]) for r in ranks] == [7, 7]
+    assert all(call == {"device": "cpu", "async": True, "side_group": True}
+               for r in ranks for call in r["calls"])
+
+
+def test_one_process_stops_after_the_step_that_saw_the_signal():
+    with StopSignal(check_every=5) as signals:
+        assert not signals.agreed(1)
+        signals.received = signal.SIGUSR1
+        assert signals.agreed(2)
+    with pytest.raises(ValueError, match="check_every"):
+        StopSignal(check_every=0)

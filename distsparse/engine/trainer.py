@@ -234,7 +234,7 @@ class Trainer:
         bar = tqdm(total=total, initial=self.step,
                    disable=not (self.config.run.progress and self.env.is_main),
                    desc=f"{self.method.name} {self.config.method.sparsity:.0%}", unit="step")
-        signals = StopSignal()
+        signals = StopSignal(self.config.run.signal_check_every)
         with signals:
             evaluation = self._loop(stop, per_epoch, total, start_time, bar, signals)
         bar.close()
@@ -276,7 +276,7 @@ class Trainer:
                 if epoch_done:
                     evaluation = self.last_evaluation = self.evaluate()
                     self._log("eval", epoch=epoch + 1, sparsity=self._sparsity(), **evaluation)
-                if signals.agreed(self.device):
+                if signals.agreed(self.step):
                     stop = self.step  # every rank saw the same flag: checkpoint here and stop
                 every = self.config.run.checkpoint_every
                 if epoch_done or self.step == stop or (every and self.step % every == 0):
@@ -466,12 +466,16 @@ def _schedule(config: Config, loader: BatchLoader) -> TrainingSchedule:
 
 
 def _claim_empty(run_dir: Path) -> None:
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise CheckpointError(
-            f"run directory {run_dir} already exists; resume it with --resume {run_dir} "
-            "or choose another run.name or run.dir"
-        )
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    try:
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise CheckpointError(
+                f"run directory {run_dir} already exists; resume it with --resume {run_dir} "
+                "or choose another run.name or run.dir"
+            )
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"config key 'run.dir' = '{run_dir}': cannot create the run directory "
+                          f"({exc.strerror or exc})") from None
 
 
 def _merged(defaults: Any, stored: Any) -> Any:
