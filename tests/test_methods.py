@@ -467,6 +467,12 @@ def test_set_grows_by_counter_based_random_scores():
             assert _index_set(u.after[n]) == expected, (u.step, n)
 
 
+def test_only_rigl_replaces_the_optimizer_step_on_update_steps():
+    # google-research/rigl: SparseRigLOptimizerBase.apply_gradients runs the mask update instead of
+    # the step; SparseSETOptimizerBase.apply_gradients (SET, static) steps, then updates the mask.
+    assert [n for n in ALL if METHODS[n].update_replaces_optimizer_step] == ["rigl"]
+
+
 def test_set_and_rigl_differ_only_in_growth():
     set_updates, rigl_updates = _run("set")[1], _run("rigl")[1]
     first_set, first_rigl = set_updates[0], rigl_updates[0]

@@ -3,6 +3,9 @@
 RigL: Evci et al., "Rigging the Lottery", arXiv 1911.11134; reference google-research/rigl
 `rigl/sparse_optimizers_base.py` (`_get_update_op`, `is_mask_update_iter`, `get_drop_fraction`)
 and `rigl/sparse_optimizers.py`. SET: Mocanu et al. 2018, as in the same file (SparseSETOptimizer).
+As there, SET takes the optimizer step and then drops and grows (`SparseSETOptimizerBase.
+apply_gradients`), while RigL's mask update replaces the step (`SparseRigLOptimizerBase.
+apply_gradients`).
 Deliberate differences from the reference, each pinned by a test:
 - ties in drop/grow scores are broken by global element index instead of rigl's N(0, 1e-5) noise
   on the drop score, so every rank and world size selects the same mask;
@@ -31,7 +34,6 @@ class _DropAndGrow(SparsityMethod):
     """Every update_interval steps until update_end: drop the smallest |w|, regrow as many."""
 
     defaults = {"drop_fraction": 0.3, "update_end": 0.75}
-    update_replaces_optimizer_step = True
 
     def end_step(self) -> int:
         """Last step at which the mask may change."""
@@ -62,7 +64,7 @@ class _DropAndGrow(SparsityMethod):
 
 @register("set")
 class SET(_DropAndGrow):
-    """SET: drop by magnitude, grow at random."""
+    """SET: after the optimizer step, drop by magnitude and grow at random."""
 
     def grow_scores(self, step, masks, grads) -> Masks:
         return self.random_grow_scores(step, masks)
@@ -70,7 +72,10 @@ class SET(_DropAndGrow):
 
 @register("rigl")
 class RigL(_DropAndGrow):
-    """RigL: drop by magnitude, grow by the magnitude of the dense (all-reduced) gradient."""
+    """RigL: drop by magnitude, grow by the magnitude of the dense (all-reduced) gradient; the
+    update takes the place of the optimizer step."""
+
+    update_replaces_optimizer_step = True
 
     def needs_dense_grad(self, step: int) -> bool:
         return self.is_update_step(step)
