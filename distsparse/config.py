@@ -69,6 +69,9 @@ class MethodConfig:
     """Pruning iterations of SynFlow (default 100), Iter-SNIP and FORCE (default 60)."""
     pai_schedule: str = "exp"
     """Density schedule of iterative pruning at init: exp (d^(k/n)) or linear."""
+    grasp_reinit: bool = True
+    """GraSP scores a copy whose nn.Linear weights are redrawn xavier-normal (seeded by `seed`),
+    as alecwangcq/GraSP's default reinit=True; false scores the model's own initialization."""
 
 
 @dataclass

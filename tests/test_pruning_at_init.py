@@ -14,8 +14,10 @@ from distsparse.engine.trainer import Trainer, train
 from distsparse.errors import ConfigError
 from distsparse.methods import build_method
 from distsparse.methods.base import TrainingSchedule
+from distsparse.methods import init_masks
 from distsparse.methods.init_masks import InitContext, initial_masks
 from distsparse.sparsity.allocation import active_count, layer_densities
+from distsparse.sparsity.counter_rng import stream_key
 from distsparse.sparsity.masks import sparsifiable_parameters
 from distsparse.sparsity.schedules import iterative_densities
 from distsparse.sparsity.scores import grasp_scores, mean_gradients, snip_scores, synflow_scores
@@ -91,6 +93,64 @@ def test_grasp_scores_equal_w_times_the_hessian_gradient_product():
     expected = weight * (hessian @ gradient).view_as(weight)
     scores = grasp_scores(model, sparsifiable_parameters(model), batches, 8, temperature=temperature)
     torch.testing.assert_close(scores["0.weight"], expected, rtol=1e-9, atol=1e-18)
+
+
+def _conv_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 2, 3, bias=False), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(8, 5, bias=False), nn.ReLU(), nn.Linear(5, 4, bias=False)).double()
+
+
+def _image_batches(seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 1, 4, 4, generator=generator, dtype=torch.float64),
+             torch.randint(0, 4, (8,), generator=generator)) for _ in range(2)]
+
+
+def _scored_weights(monkeypatch, reinit: bool, seed: int,
+                    global_seed: int = 0) -> dict[str, torch.Tensor]:
+    """The weights GraSP scores with (spied on), for the conv net at seed `seed`; the global RNG
+    (seeded `global_seed`, as another rank might be) is neither read nor changed."""
+    seen = {}
+
+    def spy(model, params, *args):
+        seen.update({name: p.detach().clone() for name, p in params.items()})
+        return grasp_scores(model, params, *args)
+
+    monkeypatch.setattr(init_masks, "grasp_scores", spy)
+    shapes = {"0.weight": (2, 1, 3, 3), "3.weight": (5, 8), "5.weight": (4, 5)}
+    context = _context(_conv_net(), _image_batches(8))
+    torch.manual_seed(global_seed)
+    state = torch.get_rng_state()
+    initial_masks(_config("grasp", grasp_reinit=reinit), shapes, 0.3, seed, context)
+    assert torch.equal(torch.get_rng_state(), state)
+    return seen
+
+
+def test_grasp_scores_xavier_normal_redrawn_linear_weights_by_default(monkeypatch):
+    # alecwangcq/GraSP pruner/GraSP.py reinit=True: nn.init.xavier_normal on every nn.Linear of the
+    # scoring copy (std sqrt(2 / (fan_in + fan_out))); convolutions keep their weights.
+    own = {name: p.detach().clone() for name, p in _conv_net().named_parameters()}
+    seen = _scored_weights(monkeypatch, reinit=True, seed=5)
+    assert torch.equal(seen["0.weight"], own["0.weight"])
+    for name, (fan_out, fan_in) in (("3.weight", (5, 8)), ("5.weight", (4, 5))):
+        generator = torch.Generator().manual_seed(stream_key(5, 0, name, "grasp_reinit"))
+        std = math.sqrt(2.0 / (fan_in + fan_out))
+        expected = torch.empty(fan_out, fan_in, dtype=torch.float64).normal_(0, std, generator=generator)
+        assert torch.equal(seen[name], expected), name
+        assert not torch.equal(seen[name], own[name])
+    another_rank = _scored_weights(monkeypatch, reinit=True, seed=5, global_seed=456)
+    assert all(torch.equal(another_rank[name], seen[name]) for name in seen)
+    other_seed = _scored_weights(monkeypatch, reinit=True, seed=6)
+    assert not torch.equal(other_seed["3.weight"], seen["3.weight"])
+
+
+def test_grasp_without_reinit_scores_the_models_own_weights(monkeypatch):
+    own = {name: p.detach().clone() for name, p in _conv_net().named_parameters()}
+    for seed in (5, 6):
+        seen = _scored_weights(monkeypatch, reinit=False, seed=seed)
+        assert seen.keys() == own.keys()
+        assert all(torch.equal(seen[name], own[name]) for name in own)
 
 
 def test_synflow_scores_equal_the_path_norm_derivative():
@@ -213,3 +273,6 @@ def test_config_errors_name_the_key(small_config):
         Trainer(small_config(*MLP, "method.name=snip", "method.pai_batches=9"))
     with pytest.raises(ConfigError, match="'method.pai_iterations' = 0"):
         small_config("method.pai_iterations=0")
+    with pytest.raises(ConfigError, match="'method.grasp_reinit': Value 'sometimes' is not a valid bool"):
+        small_config("method.grasp_reinit=sometimes")
+    assert small_config("method.grasp_reinit=false").method.grasp_reinit is False

@@ -4,7 +4,9 @@ Every criterion is usable as the mask of a static sparse run (`method.name=snip`
 starting mask of any masked method (`method.init=force` for RigL, GraNet-ST, ...).
 
 - SNIP: Lee et al. 2019, arXiv 1810.02340 — one shot, |w * dL/dw|.
-- GraSP: Wang et al. 2020, arXiv 2002.07376; alecwangcq/GraSP `pruner/GraSP.py` — one shot, w * Hg.
+- GraSP: Wang et al. 2020, arXiv 2002.07376; alecwangcq/GraSP `pruner/GraSP.py` — one shot, w * Hg,
+  scored (as its default `reinit=True`) on a copy whose nn.Linear weights are redrawn
+  xavier-normal; `method.grasp_reinit=false` scores the model's own initialization.
 - SynFlow: Tanaka et al. 2020, arXiv 2006.05467; ganguli-lab/Synaptic-Flow `Pruners.py`,
   `prune.py::prune_loop` — data-free, iterative with an exponential schedule, pruned weights stay
   pruned.
@@ -21,7 +23,10 @@ Deliberate differences from the references:
   references draw `next(iter(loader))` from a shuffled loader on one process;
 - every selection keeps exactly the target count (ties to the lower global index); the references
   keep every score >= the k-th, which can keep more on ties;
-- SynFlow runs on a float64 copy of the model.
+- SynFlow runs on a float64 copy of the model;
+- GraSP's xavier-normal redraw comes from a CPU generator per layer seeded by (seed, layer name)
+  (`reinit_linear_xavier`), so every rank and world size scores the same weights; the reference
+  draws from the global RNG.
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ from tqdm import tqdm
 
 from distsparse.config import INIT_CRITERIA, MethodConfig
 from distsparse.sparsity.allocation import active_count, layer_densities
+from distsparse.sparsity.counter_rng import stream_key
 from distsparse.sparsity.masks import sparsifiable_parameters
 from distsparse.sparsity.schedules import iterative_densities
 from distsparse.sparsity.scores import (
@@ -48,7 +54,8 @@ from distsparse.sparsity.scores import (
 )
 from distsparse.sparsity.select import global_topk_masks, topk_mask
 
-__all__ = ["DEFAULT_ITERATIONS", "INIT_CRITERIA", "InitContext", "initial_masks"]
+__all__ = ["DEFAULT_ITERATIONS", "INIT_CRITERIA", "InitContext", "initial_masks",
+           "reinit_linear_xavier"]
 
 Masks = dict[str, torch.Tensor]
 
@@ -95,6 +102,8 @@ def initial_masks(
     if criterion == "snip":
         return _select(snip_scores(original, _gradients(work, params, context)), density, config)
     if criterion == "grasp":
+        if config.grasp_reinit:
+            reinit_linear_xavier(work, seed)
         scores = grasp_scores(work, params, list(context.batches()), context.global_batch,
                               context.reduce_sum)
         return _select(scores, density, config)
@@ -111,6 +120,22 @@ def initial_masks(
         eligible = None if criterion == "force" else masks
         masks = _select(scores, step_density, config, eligible)
     return masks
+
+
+@torch.no_grad()
+def reinit_linear_xavier(model: nn.Module, seed: int) -> None:
+    """Redraw every nn.Linear weight of `model` (a throwaway copy) xavier-normal in place.
+
+    As alecwangcq/GraSP `pruner/GraSP.py` with `reinit=True` (`nn.init.xavier_normal`); each
+    layer's draw comes from a CPU generator seeded by `stream_key(seed, 0, name, "grasp_reinit")`,
+    so it is the same on every rank, world size and device and the global RNG is untouched.
+    """
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            name = f"{module_name}.weight" if module_name else "weight"
+            generator = torch.Generator().manual_seed(stream_key(seed, 0, name, "grasp_reinit"))
+            draw = torch.empty(module.weight.shape, dtype=module.weight.dtype)
+            module.weight.copy_(nn.init.xavier_normal_(draw, generator=generator))
 
 
 def _gradients(model: nn.Module, params: Mapping[str, torch.Tensor], context: InitContext) -> Masks:
