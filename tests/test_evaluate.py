@@ -119,6 +119,11 @@ def test_evaluate_writes_json_markdown_and_plot(evaluated):
         assert record["excess_error"] == pytest.approx(record["dense_top1"] - record["top1"])
         assert 0.0 <= record["agreement"] <= 1.0
     assert stored["clean_agreement"] == stored["distributions"][0]["agreement"]
+    checkpoint = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    pruned = sum(int((~m).sum()) for m in checkpoint["masks"].values())
+    parameters = sum(p.numel() for p in build_model("mlp", 10, 1).parameters())
+    assert (stored["pruned_parameters"], stored["parameters"]) == (pruned, parameters)
+    assert stored["prune_ratio_all_parameters"] == pruned / parameters < stored["sparsity"]
     markdown = (run / "evaluation.md").read_text()
     assert "| gaussian_noise | 3 |" in markdown and "agreement" in markdown and str(dense) in markdown
     assert (run / "evaluation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -249,30 +254,102 @@ def test_compare_prune_potential_per_method_and_distribution(runs, evaluated, tm
     generous = compare_runs(runs_given, tmp_path / "a", metric="prune_potential", delta=1.0)
     rigl_sparsity = json.loads((rigl / "summary.json").read_text())["sparsity"]
     static_sparsity = json.loads((static / "summary.json").read_text())["sparsity"]
-    assert generous["prune_potential"] == {
-        "rigl": {"clean": rigl_sparsity, "corruptions[default]": rigl_sparsity,
-                 "shift:rotate_translate": rigl_sparsity},
-        "static": {"clean": static_sparsity},
-    }
+    rigl_eval = json.loads((rigl / "evaluation.json").read_text())
+    rigl_all = rigl_eval["prune_ratio_all_parameters"]
+    names = ["clean", *(f"{n}/{s}" for n, ss in SUITES["default"].corruptions.items() for s in ss),
+             "shift:rotate_translate", "corruptions[default]"]
+    assert generous["prune_potential"] == {"rigl": dict.fromkeys(names, rigl_sparsity),
+                                           "static": {"clean": static_sparsity}}
+    # static has no evaluation.json: its ratio over all parameters is unknown
+    assert generous["prune_potential_all_parameters"] == {"rigl": dict.fromkeys(names, rigl_all),
+                                                          "static": {"clean": None}}
     strict = compare_runs(runs_given, tmp_path / "b", metric="prune_potential", delta=-1.0)
     assert all(v == 0.0 for values in strict["prune_potential"].values() for v in values.values())
     # delta 0: hand-computed from the stored accuracies
-    dense_eval, rigl_eval = (json.loads((r / "evaluation.json").read_text()) for r in (dense, rigl))
+    dense_eval = json.loads((dense / "evaluation.json").read_text())
     exact = compare_runs(runs_given, tmp_path / "c", metric="prune_potential", delta=0.0)
     for key, name in (("clean_top1", "clean"), ("mean_corruption_top1", "corruptions[default]"),
                       ("shift_top1", "shift:rotate_translate")):
         within = 1 - rigl_eval[key] <= 1 - dense_eval[key]
         assert exact["prune_potential"]["rigl"][name] == (rigl_sparsity if within else 0.0)
+    for record, dense_record in zip(rigl_eval["distributions"], dense_eval["distributions"]):
+        if record["kind"] == "corruption":
+            within = 1 - record["top1"] <= 1 - dense_record["top1"]
+            name = f"{record['name']}/{record['severity']}"
+            assert exact["prune_potential"]["rigl"][name] == (rigl_sparsity if within else 0.0)
+            assert exact["prune_potential_all_parameters"]["rigl"][name] == \
+                (rigl_all if within else 0.0)
     assert main(["compare", str(dense), str(rigl), "--metric", "prune_potential", "--delta", "100",
                  "--out", str(tmp_path / "d")]) == 0
     with (tmp_path / "d" / "prune_potential.csv").open() as handle:
         table = list(csv.DictReader(handle))
-    assert table == [{"method": "rigl", "clean": str(rigl_sparsity),
-                      "corruptions[default]": str(rigl_sparsity),
-                      "shift:rotate_translate": str(rigl_sparsity)}]
+    assert table == [{"test distribution": name, "rigl": str(rigl_sparsity),
+                      "rigl (all parameters)": str(rigl_all)} for name in names]
     markdown = (tmp_path / "d" / "compare.md").read_text()
     assert "Prune potential (delta = 100 percentage points" in markdown
     capsys.readouterr()
+
+
+def _constructed_run(root: Path, name: str, method: str, sparsity: float, all_ratio: float | None,
+                     top1: dict[str, float]) -> Path:
+    """A run directory holding only summary.json and (with all_ratio) evaluation.json."""
+    run = root / name
+    run.mkdir()
+    summary = {"method": method, "sparsity": sparsity, "test_top1": top1["clean"]}
+    (run / "summary.json").write_text(json.dumps(summary))
+    if all_ratio is not None:
+        records = [{"kind": "clean", "name": "clean", "severity": None, "top1": top1["clean"]}]
+        records += [{"kind": "corruption", "name": label.split("/")[0],
+                     "severity": int(label.split("/")[1]), "top1": top1[label]}
+                    for label in ("gaussian_noise/1", "contrast/5")]
+        records.append({"kind": "shift", "name": "rotate_translate", "severity": None,
+                        "top1": top1["shift"]})
+        evaluation = {"suite": "default", "prune_ratio_all_parameters": all_ratio,
+                      "clean_top1": top1["clean"], "shift_top1": top1["shift"],
+                      "mean_corruption_top1": (top1["gaussian_noise/1"] + top1["contrast/5"]) / 2,
+                      "distributions": records}
+        (run / "evaluation.json").write_text(json.dumps(evaluation))
+    return run
+
+
+def test_prune_potential_is_per_corruption_and_severity_with_both_ratios(tmp_path):
+    # torchprune: each corruption at each severity is its own test distribution. Dyadic accuracies
+    # (exact in float); masked weights are 3/4 of all parameters, so the ratios over all
+    # parameters are 3/4 of the sparsities: 0.5 -> 0.375, 0.75 -> 0.5625.
+    runs = [
+        _constructed_run(tmp_path, "dense", "dense", 0.0, 0.0, {
+            "clean": 0.875, "gaussian_noise/1": 0.75, "contrast/5": 0.5, "shift": 0.625}),
+        _constructed_run(tmp_path, "rigl50", "rigl", 0.5, 0.375, {
+            "clean": 0.875, "gaussian_noise/1": 0.75, "contrast/5": 0.25, "shift": 0.625}),
+        _constructed_run(tmp_path, "rigl75", "rigl", 0.75, 0.5625, {
+            "clean": 0.75, "gaussian_noise/1": 0.5, "contrast/5": 0.75, "shift": 0.5}),
+        _constructed_run(tmp_path, "static50", "static", 0.5, None, {"clean": 0.875}),
+    ]
+    result = compare_runs(runs, tmp_path / "out", metric="prune_potential", delta=0.0)
+    # The suite mean of rigl75 (0.625) equals dense's, so the summary row says 0.75, while on
+    # gaussian_noise/1 rigl75 loses 0.25 and only rigl50 qualifies.
+    assert result["prune_potential"] == {
+        "rigl": {"clean": 0.5, "gaussian_noise/1": 0.5, "contrast/5": 0.75,
+                 "shift:rotate_translate": 0.5, "corruptions[default]": 0.75},
+        "static": {"clean": 0.5},
+    }
+    assert result["prune_potential_all_parameters"] == {
+        "rigl": {"clean": 0.375, "gaussian_noise/1": 0.375, "contrast/5": 0.5625,
+                 "shift:rotate_translate": 0.375, "corruptions[default]": 0.5625},
+        "static": {"clean": None},
+    }
+    with (tmp_path / "out" / "prune_potential.csv").open() as handle:
+        table = list(csv.reader(handle))
+    assert table == [
+        ["test distribution", "rigl", "rigl (all parameters)", "static", "static (all parameters)"],
+        ["clean", "0.5", "0.375", "0.5", ""],
+        ["gaussian_noise/1", "0.5", "0.375", "", ""],
+        ["contrast/5", "0.75", "0.5625", "", ""],
+        ["shift:rotate_translate", "0.5", "0.375", "", ""],
+        ["corruptions[default]", "0.75", "0.5625", "", ""],
+    ]
+    markdown = (tmp_path / "out" / "compare.md").read_text()
+    assert "| gaussian_noise/1 | 0.5000 | 0.3750 |  |  |" in markdown
 
 
 def test_compare_bad_input_is_one_line_and_writes_nothing(runs, tmp_path, capsys):

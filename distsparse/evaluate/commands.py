@@ -33,8 +33,10 @@ def add_parsers(verbs: argparse._SubParsersAction) -> None:
         description="One table across runs (method, sparsity, top-1, training FLOPs and, where "
         "`distsparse evaluate` ran, mean corruption top-1, shift top-1 and agreement) as Markdown "
         "and CSV, and plots of accuracy and robustness against sparsity per method. With "
-        "--metric prune_potential: per method and test distribution, the largest sparsity whose "
-        "error is within --delta of the dense run's (Liebenwein et al., arXiv 2103.03014).",
+        "--metric prune_potential: per method and test distribution (every corruption at every "
+        "severity, each shift, and the suite mean as a summary), the largest prune ratio whose "
+        "error is within --delta of the dense run's, over the masked weights and over all "
+        "parameters (Liebenwein et al., arXiv 2103.03014; lucaslie/torchprune).",
     )
     compare.add_argument("run_dirs", metavar="RUN_DIR", type=Path, nargs="+", help="run directories")
     compare.add_argument("--metric", choices=("top1", "prune_potential"), default="top1",

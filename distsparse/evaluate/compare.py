@@ -1,9 +1,12 @@
 """Compare runs: one table across run directories, plots against sparsity, prune potential.
 
 Prune potential follows "Lost in Pruning" (Liebenwein et al., MLSys 2021, arXiv 2103.03014):
-per method and test distribution, the largest prune ratio (here: the measured sparsity of a run)
-whose error is within delta of the dense network's (lucaslie/torchprune
-`paper/lost/script/generalization.py`, `src/experiment/experiment/logger.py`).
+per method and test distribution, the largest prune ratio whose error is within delta of the
+dense network's (lucaslie/torchprune `paper/lost/script/generalization.py`,
+`src/experiment/experiment/logger.py` `compute_stats`). As there, every corruption at every
+severity is its own test distribution, and the prune ratio is also given over all parameters of
+the model (torchprune's size); beside it, ours over the masked weights (a run's sparsity). The
+prune potential of a suite's mean corruption top-1 is kept as a summary row.
 """
 from __future__ import annotations
 
@@ -26,8 +29,8 @@ __all__ = ["COLUMNS", "METRICS", "compare_runs", "distribution_top1", "load_run_
 
 METRICS = ("top1", "prune_potential")
 COLUMNS = (
-    "run", "method", "target_sparsity", "sparsity", "test_top1", "train_flops_ratio", "suite",
-    "mean_corruption_top1", "shift_top1", "agreement",
+    "run", "method", "target_sparsity", "sparsity", "prune_ratio_all_parameters", "test_top1",
+    "train_flops_ratio", "suite", "mean_corruption_top1", "shift_top1", "agreement",
 )
 
 
@@ -53,11 +56,14 @@ def load_run_results(run_dir: Path) -> dict[str, Any]:
         raise CheckpointError(f"{summary_path} lacks {', '.join(missing)}")
     evaluation_path = run_dir / "evaluation.json"
     evaluation = _read_json(evaluation_path) if evaluation_path.is_file() else {}
+    sparsity = float(summary["sparsity"])
     return {
         "run": str(run_dir),
         "method": str(summary["method"]),
         "target_sparsity": summary.get("target_sparsity"),
-        "sparsity": float(summary["sparsity"]),
+        "sparsity": sparsity,
+        "prune_ratio_all_parameters": 0.0 if sparsity == 0.0
+        else evaluation.get("prune_ratio_all_parameters"),
         "test_top1": float(summary["test_top1"]),
         "train_flops_ratio": summary.get("train_flops_ratio"),
         "suite": evaluation.get("suite"),
@@ -69,15 +75,20 @@ def load_run_results(run_dir: Path) -> dict[str, Any]:
 
 
 def distribution_top1(row: dict[str, Any]) -> dict[str, float]:
-    """Top-1 of a run per test distribution: clean, the mean over its corruption suite (keyed by
-    suite, so only equal suites are compared) and each shift."""
+    """Top-1 of a run per test distribution: clean, every corruption at every severity
+    (`gaussian_noise/3`), each shift (`shift:rotate_translate`), then the summary: the mean over
+    its corruption suite (`corruptions[default]`, keyed by suite so only equal suites meet)."""
     evaluation = row["evaluation"]
     result = {"clean": evaluation.get("clean_top1", row["test_top1"])}
-    if evaluation.get("mean_corruption_top1") is not None:
-        result[f"corruptions[{evaluation['suite']}]"] = evaluation["mean_corruption_top1"]
-    for record in evaluation.get("distributions", []):
+    records = evaluation.get("distributions", [])
+    for record in records:
+        if record["kind"] == "corruption":
+            result[f"{record['name']}/{record['severity']}"] = record["top1"]
+    for record in records:
         if record["kind"] == "shift":
             result[f"shift:{record['name']}"] = record["top1"]
+    if evaluation.get("mean_corruption_top1") is not None:
+        result[f"corruptions[{evaluation['suite']}]"] = evaluation["mean_corruption_top1"]
     return result
 
 
@@ -85,9 +96,13 @@ def _is_dense(row: dict[str, Any]) -> bool:
     return row["method"] == "dense" or row["sparsity"] == 0.0
 
 
+Potentials = dict[str, dict[str, float | None]]
+
+
 def _prune_potentials(rows: list[dict[str, Any]],
-                      delta: float) -> tuple[list[str], dict[str, dict[str, float]]]:
-    """Distributions (columns) and method -> distribution -> prune potential."""
+                      delta: float) -> tuple[list[str], Potentials, Potentials]:
+    """Distributions, and method -> distribution -> prune potential with the prune ratio over the
+    masked weights and over all parameters (None where a run lacks the parameter counts)."""
     dense = [distribution_top1(r) for r in rows if _is_dense(r)]
     if not dense:
         raise DistsparseError(
@@ -98,16 +113,23 @@ def _prune_potentials(rows: list[dict[str, Any]],
     for name in dict.fromkeys(k for d in dense for k in d):
         values = [d[name] for d in dense if name in d]
         dense_error[name] = 1.0 - sum(values) / len(values)
-    table: dict[str, dict[str, float]] = {}
+    masked: Potentials = {}
+    everything: Potentials = {}
     for method in dict.fromkeys(r["method"] for r in rows if not _is_dense(r)):
-        per_run = [(r["sparsity"], distribution_top1(r))
+        per_run = [(r["sparsity"], r["prune_ratio_all_parameters"], distribution_top1(r))
                    for r in rows if r["method"] == method and not _is_dense(r)]
-        table[method] = {}
+        masked[method], everything[method] = {}, {}
         for name, reference in dense_error.items():
-            points = [(ratio, 1.0 - top1[name]) for ratio, top1 in per_run if name in top1]
-            if points:
-                table[method][name] = prune_potential(points, reference, delta)
-    return list(dense_error), table
+            points = [(ratio, all_ratio, 1.0 - top1[name])
+                      for ratio, all_ratio, top1 in per_run if name in top1]
+            if not points:
+                continue
+            masked[method][name] = prune_potential([(r, e) for r, _, e in points], reference, delta)
+            known = all(all_ratio is not None for _, all_ratio, _ in points)
+            everything[method][name] = (
+                prune_potential([(a, e) for _, a, e in points], reference, delta)
+                if known else None)
+    return list(dense_error), masked, everything
 
 
 def _cell(value: Any) -> str:
@@ -194,17 +216,24 @@ def compare_runs(run_dirs: list[Path], out_dir: Path = Path("runs/compare"), met
     }
     result: dict[str, Any] = {"rows": [{c: row[c] for c in COLUMNS} for row in rows]}
     if metric == "prune_potential":
-        distributions, potentials = _prune_potentials(rows, delta)
-        headers = ["method", *distributions]
-        pp_rows = [[method, *(values.get(d) for d in distributions)]
-                   for method, values in potentials.items()]
+        distributions, masked, everything = _prune_potentials(rows, delta)
+        headers = ["test distribution",
+                   *(f"{m}{part}" for m in masked for part in ("", " (all parameters)"))]
+        pp_rows = [[d, *(table[m].get(d) for m in masked for table in (masked, everything))]
+                   for d in distributions]
         lines += [
             "", f"## Prune potential (delta = {delta * 100:g} percentage points of error)", "",
-            "Largest sparsity whose error is at most the dense error + delta; 0 if none.", "",
+            "Per test distribution (every corruption at every severity on its own, as torchprune), "
+            "the largest prune ratio whose error is at most the dense error + delta; 0 if none. "
+            "`METHOD`: the ratio over the masked weights (the run's sparsity); `METHOD (all "
+            "parameters)`: over every parameter of the model, torchprune's (empty where a run has "
+            "no evaluation.json). `corruptions[SUITE]`: the summary row, on the suite's mean "
+            "corruption top-1.", "",
             *_markdown_table(headers, pp_rows),
         ]
         files["prune_potential.csv"] = _csv(headers, pp_rows)
-        result["prune_potential"] = potentials
+        result["prune_potential"] = masked
+        result["prune_potential_all_parameters"] = everything
         result["delta"] = delta
     files["compare.md"] = ("\n".join(lines) + "\n").encode("utf-8")
     out_dir = Path(out_dir)

@@ -206,10 +206,19 @@ def _sparsity(run: TrainedRun) -> float:
     return 1.0 - active / total if total else 0.0
 
 
+def _pruned_parameters(run: TrainedRun) -> tuple[int, int]:
+    """(masked-off weights, all parameters of the model: biases, normalization, dense layers)."""
+    pruned = sum(mask.numel() - int(mask.sum()) for mask in run.masks.values())
+    return pruned, sum(p.numel() for p in run.model.parameters())
+
+
 def evaluate_run(run_dir: Path, dense_dir: Path | None = None, suite: str = "default",
                  device: str = "auto", seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Evaluate RUN_DIR on the suite's test distributions (with DENSE_DIR: agreement and excess
     error too) and write evaluation.json, evaluation.md and evaluation.png into RUN_DIR.
+
+    Besides `sparsity` (over the masked weights) the result holds torchprune's prune ratio, over
+    all parameters of the model (`prune_ratio_all_parameters`, with both counts).
 
     Bad input (no checkpoint, a dense run of another architecture or data) raises a
     DistsparseError before anything is written; evaluation.json is replaced atomically.
@@ -225,11 +234,15 @@ def evaluate_run(run_dir: Path, dense_dir: Path | None = None, suite: str = "def
         for distribution in tqdm(distributions, desc="evaluate", unit="test set",
                                  disable=None if progress else True)
     ]
+    pruned, parameters = _pruned_parameters(run)
     result: dict[str, Any] = {
         "run_dir": str(run.run_dir),
         "dense_dir": None if dense is None else str(dense.run_dir),
         "method": run.summary.get("method", run.config.method.name),
         "sparsity": run.summary.get("sparsity", _sparsity(run)),
+        "parameters": parameters,
+        "pruned_parameters": pruned,
+        "prune_ratio_all_parameters": pruned / parameters,
         "model": run.config.model.name,
         "data": run.config.data.name,
         "step": run.step,
@@ -270,7 +283,8 @@ def format_evaluation(result: dict[str, Any]) -> str:
     lines = [
         f"# Evaluation of `{result['run_dir']}`",
         "",
-        f"method `{result['method']}`, sparsity {result['sparsity']:.4f}, model `{result['model']}`, "
+        f"method `{result['method']}`, sparsity {result['sparsity']:.4f} (over all parameters "
+        f"{result['prune_ratio_all_parameters']:.4f}), model `{result['model']}`, "
         f"data `{result['data']}`, suite `{result['suite']}` (seed {result['seed']})"
         + (f"; dense reference `{result['dense_dir']}`" if dense else ""),
         "",
