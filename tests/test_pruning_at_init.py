@@ -136,7 +136,8 @@ def test_grasp_scores_xavier_normal_redrawn_linear_weights_by_default(monkeypatc
     for name, (fan_out, fan_in) in (("3.weight", (5, 8)), ("5.weight", (4, 5))):
         generator = torch.Generator().manual_seed(stream_key(5, 0, name, "grasp_reinit"))
         std = math.sqrt(2.0 / (fan_in + fan_out))
-        expected = torch.empty(fan_out, fan_in, dtype=torch.float64).normal_(0, std, generator=generator)
+        expected = torch.empty(fan_out, fan_in, dtype=torch.float64)
+        expected.normal_(0, std, generator=generator)
         assert torch.equal(seen[name], expected), name
         assert not torch.equal(seen[name], own[name])
     another_rank = _scored_weights(monkeypatch, reinit=True, seed=5, global_seed=456)
@@ -273,6 +274,6 @@ def test_config_errors_name_the_key(small_config):
         Trainer(small_config(*MLP, "method.name=snip", "method.pai_batches=9"))
     with pytest.raises(ConfigError, match="'method.pai_iterations' = 0"):
         small_config("method.pai_iterations=0")
-    with pytest.raises(ConfigError, match="'method.grasp_reinit': Value 'sometimes' is not a valid bool"):
+    with pytest.raises(ConfigError, match="'method.grasp_reinit': Value 'sometimes' is not a valid"):
         small_config("method.grasp_reinit=sometimes")
     assert small_config("method.grasp_reinit=false").method.grasp_reinit is False
