@@ -8,10 +8,19 @@ entries, grow n by grow score among every entry not kept.
 """
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 
-from distsparse.sparsity.select import drop_and_grow, global_topk_masks, topk_mask
+from distsparse.config import MethodConfig
+from distsparse.methods import build_method, init_masks
+from distsparse.sparsity.layout import FullLayout, PieceLayout, pack_bits
+from distsparse.sparsity.select import drop_and_grow, global_topk_masks, topk_mask, topk_masks
+from tests.test_methods import CONTEXT as METHOD_CONTEXT
+from tests.test_methods import SCHEDULE as METHOD_SCHEDULE
+from tests.test_methods import SETTINGS as METHOD_SETTINGS
+from tests.test_methods import SHAPES as METHOD_SHAPES
 
 
 def _ref_topk(scores: list, k: int, eligible: list[bool] | None = None) -> set[int]:
@@ -195,3 +204,245 @@ def test_drop_and_grow_zero_swap_returns_the_same_mask():
     new, grown = drop_and_grow(mask, torch.randn(5, 5, generator=g), torch.randn(5, 5, generator=g), 0)
     assert torch.equal(new, mask)
     assert not bool(grown.any())
+
+
+# --- equality with the sort-based selection these functions replaced ------------------------------
+
+def _stable_topk_mask(scores: torch.Tensor, k: int, eligible: torch.Tensor | None = None) -> torch.Tensor:
+    """The previous implementation: a stable descending argsort of the eligible scores."""
+    flat = scores.reshape(-1)
+    candidates = (torch.arange(flat.numel()) if eligible is None
+                  else eligible.reshape(-1).nonzero().squeeze(1))
+    order = torch.argsort(flat[candidates], descending=True, stable=True)
+    mask = torch.zeros(flat.numel(), dtype=torch.bool)
+    mask[candidates[order[:k]]] = True
+    return mask.view(scores.shape)
+
+
+def _stable_global(scores, k, eligible=None):
+    names = list(scores)
+    flat = torch.cat([scores[n].reshape(-1).to(torch.float64) for n in names])
+    flat_eligible = None if eligible is None else torch.cat([eligible[n].reshape(-1) for n in names])
+    selected, masks, offset = _stable_topk_mask(flat, k, flat_eligible), {}, 0
+    for name in names:
+        masks[name] = selected[offset : offset + scores[name].numel()].view(scores[name].shape)
+        offset += scores[name].numel()
+    return masks
+
+
+def _stable_drop_and_grow(mask, drop, grow, n_swap):
+    kept = _stable_topk_mask(drop, int(mask.sum()) - n_swap, mask)
+    return kept | _stable_topk_mask(grow, n_swap, ~kept)
+
+
+SPECIAL = [float("nan"), float("-inf"), float("inf"), -0.0, 0.0, 1.0, -1.0, 2.0**-30]
+
+
+def _random_scores(g: torch.Generator, numel: int, regime: str, dtype: torch.dtype) -> torch.Tensor:
+    if regime == "equal":
+        return torch.full((numel,), 0.5, dtype=dtype)
+    if regime == "ties":
+        return (torch.randint(-3, 4, (numel,), generator=g) / 4).to(dtype)
+    if regime == "special":
+        values = torch.tensor(SPECIAL, dtype=torch.float64)
+        return values[torch.randint(0, len(SPECIAL), (numel,), generator=g)].to(dtype)
+    if regime == "integers":
+        return torch.randint(-5, 6, (numel,), generator=g, dtype=dtype)
+    return torch.randn(numel, generator=g, dtype=torch.float64).to(dtype)
+
+
+REGIMES = [("continuous", torch.float32), ("continuous", torch.float64), ("ties", torch.float32),
+           ("ties", torch.float16), ("equal", torch.float32), ("special", torch.float32),
+           ("special", torch.float64), ("integers", torch.int64)]
+
+
+@pytest.mark.parametrize("regime,dtype", REGIMES, ids=[f"{r}-{d}".replace("torch.", "") for r, d in REGIMES])
+def test_selections_equal_the_stable_argsort(regime, dtype):
+    g = torch.Generator().manual_seed(len(regime) * 7 + dtype.itemsize)
+    for trial in range(12):
+        numel = int(torch.randint(1, 3000, (1,), generator=g))
+        scores = _random_scores(g, numel, regime, dtype).view(-1, 1) if trial % 2 else \
+            _random_scores(g, numel, regime, dtype)
+        # Densities on both sides of COMPACT_BELOW, and none.
+        density = [None, 0.05, 0.2, 0.6, 0.97][trial % 5]
+        eligible = None if density is None else (torch.rand(scores.shape, generator=g) < density)
+        n = numel if eligible is None else int(eligible.sum())
+        ks = sorted({0, 1, n // 3, n // 2, n - 1, n} & set(range(n + 1)))
+        batched = topk_masks([scores] * len(ks), ks, None if eligible is None else [eligible] * len(ks),
+                             None if eligible is None else [n] * len(ks))
+        for k, mask in zip(ks, batched):
+            expected = _stable_topk_mask(scores, k, eligible)
+            assert torch.equal(topk_mask(scores, k, eligible), expected), (trial, k)
+            assert torch.equal(mask, expected), (trial, k)
+        if eligible is not None:
+            active = int(eligible.sum())
+            for n_swap in sorted({0, 1, active // 3, active}):
+                grow = _random_scores(g, numel, regime, dtype).view(scores.shape)
+                new, _ = drop_and_grow(eligible, scores, grow, n_swap)
+                assert torch.equal(new, _stable_drop_and_grow(eligible, scores, grow, n_swap))
+
+
+@pytest.mark.parametrize("regime,dtype", REGIMES[:6], ids=[f"{r}-{d}".replace("torch.", "") for r, d in REGIMES[:6]])
+def test_global_selection_equals_the_stable_argsort_of_the_float64_concatenation(regime, dtype):
+    g = torch.Generator().manual_seed(11 + dtype.itemsize)
+    for trial in range(6):
+        scores = {f"l{i}": _random_scores(g, int(torch.randint(1, 700, (1,), generator=g)), regime,
+                                          dtype) for i in range(4)}
+        eligible = None if trial % 2 else {n: torch.rand(s.shape, generator=g) < 0.5
+                                            for n, s in scores.items()}
+        n = sum(s.numel() for s in scores.values()) if eligible is None else \
+            sum(int(e.sum()) for e in eligible.values())
+        for k in sorted({0, 1, n // 4, n // 2, n}):
+            got, expected = global_topk_masks(scores, k, eligible), _stable_global(scores, k, eligible)
+            assert all(torch.equal(got[name], expected[name]) for name in scores), (trial, k)
+
+
+def test_global_selection_of_mixed_dtypes_compares_in_float64():
+    scores = {"a": torch.tensor([2**53 + 1, 3], dtype=torch.int64),
+              "b": torch.tensor([float(2**53), 1.0], dtype=torch.float32)}
+    # In float64, 2**53 + 1 rounds to 2**53: it ties with b[0], and the lower index wins.
+    masks = global_topk_masks(scores, 1)
+    assert masks["a"].tolist() == [True, False] and masks["b"].tolist() == [False, False]
+    half = {"h": torch.tensor([1.0, 0.5], dtype=torch.float16),
+            "f": torch.tensor([1.0, 0.75], dtype=torch.bfloat16)}
+    assert [m.tolist() for m in global_topk_masks(half, 3).values()] == [[True, False], [True, True]]
+
+
+def test_nan_ranks_above_every_number_as_in_the_stable_sort():
+    scores = torch.tensor([1.0, float("nan"), 3.0, float("nan"), float("inf")])
+    assert _indices(topk_mask(scores, 1)) == {1}
+    assert _indices(topk_mask(scores, 3)) == {1, 3, 4}
+    eligible = torch.tensor([True, False, True, True, True])
+    assert _indices(topk_mask(scores, 2, eligible)) == {3, 4}
+
+
+def test_negative_zero_ties_with_zero_by_index():
+    scores = torch.tensor([0.0, -0.0, 0.0, -0.0, -1.0])
+    assert _indices(topk_mask(scores, 3)) == {0, 1, 2}
+    assert _indices(topk_mask(scores, 2, scores.signbit())) == {1, 3}
+
+
+# --- every method's masks: the same fingerprint as with the sort-based selection ------------------
+
+class _StableLayout(FullLayout):
+    """Full tensors, every selection by the stable argsort reference."""
+
+    def topk_per_layer(self, scores, ks, eligible=None):
+        return {n: _stable_topk_mask(scores[n], k, None if eligible is None else eligible[n])
+                for n, k in ks.items()}
+
+    def global_topk(self, scores, k, eligible=None):
+        names = [n for n in self.names if n in scores]
+        return _stable_global({n: scores[n] for n in names}, k,
+                              None if eligible is None else {n: eligible[n] for n in names})
+
+    def drop_and_grow(self, masks, drop_scores, grow_scores, counts):
+        return {n: _stable_drop_and_grow(masks[n], drop_scores[n], grow_scores[n], c)
+                for n, c in counts.items() if c > 0}
+
+
+def _layouts():
+    def identity(tensor):
+        return tensor
+
+    return {"stable": _StableLayout(METHOD_SHAPES), "full": FullLayout(METHOD_SHAPES),
+            "pieces": PieceLayout(METHOD_SHAPES, 0, 1, identity, lambda tensor: [tensor])}
+
+
+def _fingerprint(masks: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(masks):
+        digest.update(name.encode() + pack_bits(torch.cat(
+            [masks[name].reshape(-1), torch.zeros(-masks[name].numel() % 8, dtype=torch.bool)])).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _regime_tensor(g: torch.Generator, shape, regime: str) -> torch.Tensor:
+    if regime == "equal":
+        return torch.ones(shape)
+    if regime == "ties":
+        return torch.randint(-2, 3, shape, generator=g) / 2
+    return torch.randn(shape, generator=g)
+
+
+def _trajectory(name: str, layout_name: str, regime: str) -> list[str]:
+    method = build_method(MethodConfig(name=name, sparsity=0.9, update_interval=100),
+                          METHOD_SCHEDULE, 17)
+    layout = _layouts()[layout_name]
+    method.layout = layout
+    masks = method.initial_masks(METHOD_SHAPES, METHOD_CONTEXT)
+    masks = {n: layout.piece(n, m) for n, m in masks.items()}
+    g = torch.Generator().manual_seed(5)
+    prints = [_fingerprint(layout.full_masks(masks))]
+    for step in range(METHOD_SCHEDULE.total_steps):
+        if not method.is_update_step(step):
+            continue
+        weights = {n: layout.piece(n, _regime_tensor(g, s, regime)) * masks[n]
+                   for n, s in METHOD_SHAPES.items()}
+        grads = {n: layout.piece(n, _regime_tensor(g, s, regime)) for n, s in METHOD_SHAPES.items()}
+        masks = {**masks, **method.update(step, masks, weights, grads)}
+        prints.append(_fingerprint(layout.full_masks(masks)))
+    return prints
+
+
+UPDATING = ("swap", "prune")
+METHOD_REGIMES = [(name, regime) for name in sorted(METHOD_SETTINGS)
+                  for regime in ("continuous", "ties", "equal")
+                  if regime == "continuous" or METHOD_SETTINGS[name]["family"] in UPDATING]
+
+
+@pytest.mark.parametrize("name,regime", METHOD_REGIMES)
+def test_every_method_selects_the_masks_of_the_stable_argsort(name, regime):
+    """Weights and gradients continuous, in five levels, or all equal, at every update step."""
+    expected = _trajectory(name, "stable", regime)
+    assert _trajectory(name, "full", regime) == expected
+    assert _trajectory(name, "pieces", regime) == expected
+
+
+def test_pruning_at_init_selects_the_masks_of_the_stable_argsort(monkeypatch):
+    new = {name: _trajectory(name, "full", "continuous")[0]
+           for name, row in METHOD_SETTINGS.items() if row["family"] == "pai"}
+    monkeypatch.setattr(init_masks, "topk_mask", _stable_topk_mask)
+    monkeypatch.setattr(init_masks, "global_topk_masks", _stable_global)
+    assert new == {name: _trajectory(name, "full", "continuous")[0] for name in new}
+
+
+# --- host reads: one per batch of selections, whatever the number of layers ----------------------
+
+def _count_host_reads(monkeypatch) -> list[str]:
+    reads: list[str] = []
+    tolist = torch.Tensor.tolist
+
+    def counted(tensor):
+        reads.append("tolist")
+        return tolist(tensor)
+
+    def refused(tensor, *args):
+        raise AssertionError("a per-value host read")
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted)
+    for attribute in ("item", "__int__", "__bool__", "__index__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, attribute, refused)
+    return reads
+
+
+def test_layer_selections_read_the_device_once_per_batch(monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    shapes = {f"l{i}": (5 + i, 7) for i in range(12)}
+    layout = FullLayout(shapes)
+    masks = {n: torch.rand(s, generator=g) < 0.4 for n, s in shapes.items()}
+    drop = {n: torch.randint(0, 3, s, generator=g).float() for n, s in shapes.items()}
+    grow = {n: torch.randint(0, 3, s, generator=g).float() for n, s in shapes.items()}
+    counts = {n: int(m.sum()) // 3 for n, m in masks.items()}
+    expected = {n: _stable_drop_and_grow(masks[n], drop[n], grow[n], c) for n, c in counts.items()}
+    reads = _count_host_reads(monkeypatch)
+    layout.active_counts(masks)
+    assert reads == ["tolist"]
+    layout.topk_per_layer(drop, counts, masks)
+    assert len(reads) == 2
+    new = layout.drop_and_grow(masks, drop, grow, counts)
+    assert len(reads) == 5  # active counts, the drop selection, the grow selection
+    layout.global_topk(drop, 40, masks)
+    assert len(reads) == 6
+    monkeypatch.undo()
+    assert all(torch.equal(new[n], expected[n]) for n in shapes)

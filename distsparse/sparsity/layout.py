@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from distsparse.sparsity.scores import random_scores
-from distsparse.sparsity.select import drop_and_grow, global_topk_masks, topk_mask
+from distsparse.sparsity.select import drop_and_grow_masks, global_topk_masks, topk_masks
 from distsparse.sparsity.sharded_select import ShardPiece, sharded_topk, zero3_partition
 
 __all__ = ["FullLayout", "PieceLayout", "full_layout_of", "pack_bits"]
@@ -60,16 +60,21 @@ class FullLayout:
         return full
 
     def active_counts(self, masks: Mapping[str, torch.Tensor]) -> dict[str, int]:
-        """Active entries of each given layer's full mask."""
-        return {name: int(mask.sum()) for name, mask in masks.items()}
+        """Active entries of each given layer's full mask: one host read for all layers."""
+        if not masks:
+            return {}
+        counts = torch.stack([torch.count_nonzero(mask) for mask in masks.values()]).tolist()
+        return dict(zip(masks, counts))
 
     def topk_per_layer(
         self, scores: Mapping[str, torch.Tensor], ks: Mapping[str, int],
         eligible: Mapping[str, torch.Tensor] | None = None,
     ) -> Masks:
         """Per named layer in `ks`: the ks[name] highest scores among eligible entries."""
-        return {name: topk_mask(scores[name], k, None if eligible is None else eligible[name])
-                for name, k in ks.items()}
+        names = list(ks)
+        masks = topk_masks([scores[name] for name in names], [ks[name] for name in names],
+                           None if eligible is None else [eligible[name] for name in names])
+        return dict(zip(names, masks))
 
     def global_topk(
         self, scores: Mapping[str, torch.Tensor], k: int,
@@ -85,8 +90,12 @@ class FullLayout:
         grow_scores: Mapping[str, torch.Tensor], counts: Mapping[str, int],
     ) -> Masks:
         """`select.drop_and_grow` of every layer with a positive count; new masks of those layers."""
-        return {name: drop_and_grow(masks[name], drop_scores[name], grow_scores[name], count)[0]
-                for name, count in counts.items() if count > 0}
+        names = [name for name, count in counts.items() if count > 0]
+        new = drop_and_grow_masks([masks[name] for name in names],
+                                  [drop_scores[name] for name in names],
+                                  [grow_scores[name] for name in names],
+                                  [counts[name] for name in names])
+        return dict(zip(names, new))
 
     def random_scores(self, seed: int, step: int, purpose: str, names: Sequence[str],
                       device: torch.device | str = "cpu") -> Masks:

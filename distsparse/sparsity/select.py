@@ -1,32 +1,162 @@
 """Exact top-k selection with ties broken by global element index, and RigL's drop/grow step.
 
-`torch.topk` does not specify which of several equal scores it returns; here the order is a stable
-descending sort, so among equal scores the lower flat (global) index is chosen first. The result
-depends only on the scores, never on the device, thread count or world size.
+`torch.topk` does not specify which of several equal scores it returns; here the order is that of
+a stable descending sort: among equal scores the lower flat (global) index is chosen first, NaN
+ranks above every number and -0.0 equals +0.0. The result depends only on the scores, never on the
+device, thread count or world size.
+
+No sort: a selection finds the k-th largest eligible score v with one `torch.topk` (ineligible
+entries filled with the dtype's lowest value), takes every entry above v, then the lowest-index
+entries equal to v up to k (a prefix count, only where v is tied). Selections over several
+tensors (per-layer top-k, drop-and-grow) read all their counts from the device in one transfer.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
-__all__ = ["drop_and_grow", "global_topk_masks", "topk_mask"]
+__all__ = ["drop_and_grow", "drop_and_grow_masks", "global_topk_masks", "topk_mask", "topk_masks"]
+
+
+COMPACT_BELOW = 0.25
+"""Where fewer than this fraction of a tensor's entries are eligible and their count is known,
+the threshold comes from a top-k over the gathered eligible scores instead of the whole tensor."""
+
+
+def _lowest(dtype: torch.dtype) -> float | int:
+    return float("-inf") if dtype.is_floating_point else torch.iinfo(dtype).min
+
+
+def _kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest of a 1-D tensor (NaN largest, as topk and sort rank it), 0-d, no sync."""
+    n = values.numel()
+    if k <= n - k + 1:
+        top = torch.topk(values, k, sorted=False).values
+        return torch.topk(top, 1, largest=False).values[0]
+    bottom = torch.topk(values, n - k + 1, largest=False, sorted=False).values
+    return torch.topk(bottom, 1).values[0]
+
+
+class _Selection:
+    """One top-k over a 1-D tensor, in two halves around the one host read of a batch.
+
+    Candidates are the eligible entries not below the k-th largest eligible score v (NaN counts as
+    above every number); when they number k they are the selection. Otherwise v is tied: every
+    entry above v, then the first entries equal to v by index, up to k.
+    """
+
+    def __init__(self, scores: torch.Tensor, k: int, eligible: torch.Tensor | None = None,
+                 excluded: torch.Tensor | None = None, n_eligible: int | None = None,
+                 filled: bool = False) -> None:
+        """`filled`: ineligible entries of `scores` already hold the dtype's lowest value."""
+        self.k, self.eligible, self.excluded, self.restrict = k, eligible, excluded, None
+        device, lowest = scores.device, _lowest(scores.dtype)
+        counted = torch.full((), scores.numel() if n_eligible is None else n_eligible,
+                             dtype=torch.int64, device=device)
+        if n_eligible is None and eligible is not None:
+            counted = torch.count_nonzero(eligible)
+        zero = torch.zeros((), dtype=torch.int64, device=device)
+        self.source = scores
+        if k == 0:
+            self.counts = torch.stack([counted, zero, zero, zero])
+            return
+        if eligible is not None and n_eligible is not None \
+                and n_eligible < COMPACT_BELOW * scores.numel():
+            index = torch.nonzero_static(eligible, size=n_eligible).squeeze(1)
+            self.threshold = _kth_largest(scores[index], k)
+            self.restrict = eligible
+        else:
+            if eligible is not None and not filled:
+                self.source = torch.where(eligible, scores, lowest)
+            elif excluded is not None:
+                self.source = torch.where(excluded, lowest, scores)
+            self.threshold = _kth_largest(self.source, k)
+        self.candidates = torch.lt(self.source, self.threshold).logical_not_()
+        if self.restrict is not None:
+            self.candidates &= self.restrict
+        self.counts = torch.stack([
+            counted, torch.count_nonzero(self.candidates),
+            torch.isnan(self.threshold).to(torch.int64),
+            (self.threshold == lowest).to(torch.int64)])
+
+    def mask(self, counts: Sequence[int]) -> torch.Tensor:
+        """The selected entries, given this selection's counts as read from the device."""
+        n_eligible, n_candidates, nan_threshold, lowest_threshold = counts
+        if self.k > n_eligible:
+            raise ValueError(f"cannot select {self.k} of {n_eligible} eligible entries")
+        if self.k == 0:
+            return torch.zeros(self.source.shape, dtype=torch.bool, device=self.source.device)
+        if n_candidates == self.k:
+            return self.candidates
+        if nan_threshold:  # the k-th largest is NaN: the first k NaNs
+            at = torch.isnan(self.source)
+            if self.restrict is not None:
+                at &= self.restrict
+            return at & (torch.cumsum(at, 0, dtype=_index_dtype(at)) <= self.k)
+        above = torch.le(self.source, self.threshold).logical_not_()
+        at = self.source == self.threshold
+        allowed = self.restrict
+        if allowed is None and lowest_threshold:
+            allowed = self.eligible if self.excluded is None else ~self.excluded
+        if allowed is not None:
+            above &= allowed
+            at &= allowed
+        need = self.k - torch.count_nonzero(above)
+        return above | (at & (torch.cumsum(at, 0, dtype=_index_dtype(at)) <= need))
+
+
+def _index_dtype(tensor: torch.Tensor) -> torch.dtype:
+    return torch.int32 if tensor.numel() < 2**31 else torch.int64
+
+
+def _check_k(scores: torch.Tensor, k: int, eligible: torch.Tensor | None) -> None:
+    if not 0 <= k <= scores.numel():
+        n = scores.numel() if eligible is None else int(torch.count_nonzero(eligible))
+        raise ValueError(f"cannot select {k} of {n} eligible entries")
+
+
+def _masks_of(selections: Sequence[_Selection]) -> list[torch.Tensor]:
+    """Finish a batch of selections with one host read of all their counts."""
+    if not selections:
+        return []
+    counts = torch.stack([selection.counts for selection in selections]).tolist()
+    return [selection.mask(count) for selection, count in zip(selections, counts)]
+
+
+def topk_masks(
+    scores: Sequence[torch.Tensor], ks: Sequence[int],
+    eligible: Sequence[torch.Tensor | None] | None = None,
+    n_eligible: Sequence[int] | None = None,
+) -> list[torch.Tensor]:
+    """Per tensor i: `topk_mask(scores[i], ks[i], eligible[i])`, with one host read for all.
+
+    `n_eligible`, the eligible counts if the caller knows them, spares counting them again.
+    """
+    flats = [s.reshape(-1) for s in scores]
+    allowed = [None if eligible is None or e is None else e.reshape(-1)
+               for e in (eligible or [None] * len(scores))]
+    known = n_eligible or [None] * len(scores)
+    for flat, k, e in zip(flats, ks, allowed):
+        _check_k(flat, k, e)
+    masks = _masks_of([_Selection(flat, k, e, n_eligible=n)
+                       for flat, k, e, n in zip(flats, ks, allowed, known)])
+    return [mask.view(s.shape) for mask, s in zip(masks, scores)]
 
 
 def topk_mask(scores: torch.Tensor, k: int, eligible: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean mask of the `k` highest scores among `eligible` entries; ties go to lower indices."""
-    flat = scores.reshape(-1)
-    candidates = (
-        torch.arange(flat.numel(), device=flat.device)
-        if eligible is None
-        else eligible.reshape(-1).nonzero().squeeze(1)
-    )
-    if not 0 <= k <= candidates.numel():
-        raise ValueError(f"cannot select {k} of {candidates.numel()} eligible entries")
-    order = torch.argsort(flat[candidates], descending=True, stable=True)
-    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-    mask[candidates[order[:k]]] = True
-    return mask.view(scores.shape)
+    return topk_masks([scores], [k], [eligible])[0]
+
+
+def _common_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
+    """A dtype in which every tensor's values compare as in float64 (exact widening)."""
+    if not all(t.dtype.is_floating_point for t in tensors):
+        return torch.float64
+    dtype = tensors[0].dtype
+    for tensor in tensors[1:]:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
 
 
 def global_topk_masks(
@@ -34,19 +164,59 @@ def global_topk_masks(
     k: int,
     eligible: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Top-k over all layers at once; a layer's global indices follow the mapping's order."""
+    """Top-k over all layers at once; a layer's global indices follow the mapping's order.
+
+    Scores are compared as float64 values; layers all of floating dtypes are compared in their
+    promoted dtype, which orders them identically (widening is exact).
+    """
     names = list(scores)
-    flat = torch.cat([scores[n].reshape(-1).to(torch.float64) for n in names])
-    flat_eligible = (
-        None if eligible is None else torch.cat([eligible[n].reshape(-1) for n in names])
-    )
-    selected = topk_mask(flat, k, flat_eligible)
+    if not names:
+        if k:
+            raise ValueError(f"cannot select {k} of 0 eligible entries")
+        return {}
+    dtype = _common_dtype([scores[n] for n in names])
+    total = sum(scores[n].numel() for n in names)
+    values = torch.empty(total, dtype=dtype, device=scores[names[0]].device)
+    flat_eligible = None if eligible is None else torch.cat([eligible[n].reshape(-1) for n in names])
+    lowest = torch.full((), _lowest(dtype), dtype=dtype, device=values.device)
+    offset = 0
+    for name in names:
+        numel = scores[name].numel()
+        flat = scores[name].reshape(-1).to(dtype)
+        if flat_eligible is None:
+            values[offset : offset + numel] = flat
+        else:
+            torch.where(flat_eligible[offset : offset + numel], flat, lowest,
+                        out=values[offset : offset + numel])
+        offset += numel
+    _check_k(values, k, flat_eligible)
+    selected = _masks_of([_Selection(values, k, flat_eligible, filled=True)])[0]
     masks, offset = {}, 0
     for name in names:
         numel = scores[name].numel()
         masks[name] = selected[offset : offset + numel].view(scores[name].shape)
         offset += numel
     return masks
+
+
+def drop_and_grow_masks(
+    masks: Sequence[torch.Tensor], drop_scores: Sequence[torch.Tensor],
+    grow_scores: Sequence[torch.Tensor], n_swaps: Sequence[int],
+) -> list[torch.Tensor]:
+    """`drop_and_grow`'s new mask of every layer: three host reads for all layers together."""
+    if not masks:
+        return []
+    actives = torch.stack([torch.count_nonzero(mask) for mask in masks]).tolist()
+    for active, n_swap in zip(actives, n_swaps):
+        if not 0 <= n_swap <= active:
+            raise ValueError(f"cannot select {active - n_swap} of {active} eligible entries")
+    kept = _masks_of([
+        _Selection(drop.reshape(-1), active - n_swap, mask.reshape(-1), n_eligible=active)
+        for mask, drop, active, n_swap in zip(masks, drop_scores, actives, n_swaps)])
+    grown = _masks_of([
+        _Selection(grow.reshape(-1), n_swap, excluded=keep, n_eligible=keep.numel() - active + n_swap)
+        for grow, keep, active, n_swap in zip(grow_scores, kept, actives, n_swaps)])
+    return [(keep | grow).view(mask.shape) for keep, grow, mask in zip(kept, grown, masks)]
 
 
 def drop_and_grow(
@@ -59,7 +229,5 @@ def drop_and_grow(
     score among all entries not kept (a just-dropped entry may be regrown; it then keeps its value,
     as rigl's default `reinit_when_same=False`). The active count is unchanged.
     """
-    active = int(mask.sum())
-    kept = topk_mask(drop_scores, active - n_swap, eligible=mask)
-    grown = topk_mask(grow_scores, n_swap, eligible=~kept)
-    return kept | grown, grown & ~mask
+    new = drop_and_grow_masks([mask], [drop_scores], [grow_scores], [n_swap])[0]
+    return new, new & ~mask
