@@ -36,12 +36,13 @@ def _parse(output: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in output.splitlines() if "=" in line)
 
 
-def start_ray_head(state: Path) -> RayHead:
-    """launch/ray_local.sh start; skip (fail under CI=true) when Ray is missing or cannot start."""
+def start_ray_head(state: Path, python: str = sys.executable) -> RayHead:
+    """launch/ray_local.sh start with `python` for the head, its workers and job entrypoints;
+    skip (fail under CI=true) when Ray is missing or cannot start."""
     # Not imported here: Ray reads RAY_AUTH_MODE once, and the head's mode is exported below.
     if importlib.util.find_spec("ray") is None:
         skip_or_fail("ray is not installed (launch/install.sh installs ray[default,train])")
-    env = {**os.environ, "DISTSPARSE_PYTHON": sys.executable, "RAY_PORT": str(free_port()),
+    env = {**os.environ, "DISTSPARSE_PYTHON": python, "RAY_PORT": str(free_port()),
            "RAY_DASHBOARD_PORT": str(free_port()), "RAY_NUM_CPUS": "2"}
     result = subprocess.run([str(ROOT / "launch" / "ray_local.sh"), "start", str(state)], env=env,
                             capture_output=True, text=True, timeout=180)

@@ -1,16 +1,63 @@
-"""`distsparse submit / status / stop` against a real Ray head on 127.0.0.1."""
+"""`distsparse submit / status / stop` against a real Ray head on 127.0.0.1 whose Python has
+distsparse's dependencies but not distsparse, as on a cluster: jobs import the uploaded copy."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
+import pytest
+
+from tests.services import skip_or_fail, start_ray_head, stop_ray_head
 from tests.test_ddp import EXACT
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/quickstart.yaml"  # relative: inside the uploaded working directory
+
+# Run in a subprocess: importing Ray here would fix RAY_AUTH_MODE before the head exports it.
+RAY_MATCHER = """import json, sys
+from pathlib import Path
+from ray._private.runtime_env.packaging import _get_excludes
+from distsparse.orchestrate.jobs import WORKING_DIR_EXCLUDES
+excluded = _get_excludes(Path(sys.argv[1]), WORKING_DIR_EXCLUDES)
+print(json.dumps([path for path in sys.argv[2:] if excluded(Path(sys.argv[1], path))]))
+"""
+
+
+def _python_without_distsparse(root: Path) -> str:
+    """A venv that reaches this one's site-packages by a plain path line, so that their .pth
+    files (the editable install of distsparse among them) never run; `ray` starts a head."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
+    python = root / "bin" / "python"
+    site = Path(sysconfig.get_path("purelib", "venv", vars={"base": str(root)}))
+    ours = dict.fromkeys(sysconfig.get_path(key) for key in ("purelib", "platlib"))
+    (site / "dependencies.pth").write_text("".join(f"{path}\n" for path in ours))
+    ray = root / "bin" / "ray"
+    ray.write_text(f"#!{python}\nimport sys\nfrom ray.scripts.scripts import main\n"
+                   "sys.exit(main())\n")
+    ray.chmod(0o755)
+    found = subprocess.run([python, "-c", "import importlib.util as u; "
+                            "print(u.find_spec('distsparse'), u.find_spec('torch') is not None)"],
+                           cwd=root, capture_output=True, text=True, check=True)
+    assert found.stdout.split() == ["None", "True"], found.stdout + found.stderr
+    return str(python)
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """Overrides conftest's: a head (and workers, and job entrypoints) on a Python without
+    distsparse, so a job runs only what `submit` uploaded."""
+    python = _python_without_distsparse(tmp_path_factory.mktemp("cluster-python"))
+    state = tmp_path_factory.mktemp("ray-head")
+    head = start_ray_head(state, python)
+    try:
+        yield head
+    finally:
+        stop_ray_head(state)
 
 
 def _cli(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -82,3 +129,20 @@ def test_stop_ends_a_running_job(tmp_path, ray_head):
     stopped = _cli("stop", job_id, "--address", ray_head.dashboard)
     assert stopped.returncode == 0 and stopped.stdout.strip() == f"{job_id} stopping"
     assert _wait_for_end(job_id, ray_head.dashboard).split()[1] == "STOPPED"
+
+
+def test_ray_uploads_the_package_configs_and_launchers_and_leaves_out_outputs_and_data():
+    """Ray's own gitignore matcher over WORKING_DIR_EXCLUDES (an unanchored `data` would drop
+    distsparse/data/)."""
+    if importlib.util.find_spec("ray") is None:
+        skip_or_fail("ray is not installed (launch/install.sh installs ray[default,train])")
+    kept = sorted(str(path.relative_to(ROOT)) for top in ("distsparse", "configs", "launch")
+                  for path in (ROOT / top).rglob("*") if "__pycache__" not in path.parts)
+    left_out = ["runs/quickstart/summary.json", "data/fashion-mnist/train-images-idx3-ubyte.gz",
+                "data", ".venv/bin/python", "imagenet/train.beton", "benchmarks/out/step.json",
+                "distsparse/__pycache__/cli.cpython-311.pyc", ".git/HEAD"]
+    assert "distsparse/data/fashion_mnist.py" in kept and "configs/quickstart.yaml" in kept
+    result = subprocess.run([sys.executable, "-c", RAY_MATCHER, str(ROOT), "pyproject.toml",
+                             *kept, *left_out], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout) == left_out

@@ -19,9 +19,10 @@ from distsparse.errors import ConfigError, DistsparseError
 
 __all__ = ["WORKING_DIR_EXCLUDES", "job_status", "stop_job", "submit_run"]
 
-WORKING_DIR_EXCLUDES = [".git", ".venv", "runs", "data", "*.beton", "benchmarks/out",
+WORKING_DIR_EXCLUDES = [".git", ".venv", "/runs", "/data", "*.beton", "/benchmarks/out",
                         "__pycache__", ".pytest_cache"]
-"""Never uploaded with the working directory (run outputs, environments, data)."""
+"""Never uploaded with the working directory (run outputs, environments, data). Ray reads these
+as gitignore patterns: a leading `/` anchors at the top, so `/data` keeps `distsparse/data/`."""
 
 
 def _client(address: str | None):

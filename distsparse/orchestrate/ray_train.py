@@ -39,9 +39,7 @@ def train_with_ray(config: Config, resume: Path | None = None) -> dict[str, Any]
     config = dataclasses.replace(config, run=dataclasses.replace(config.run, dir=str(run_dir)))
     storage = Path(launcher.storage_path or run_dir.parent / "ray_results").resolve()
     if not ray.is_initialized():
-        # Ship this distsparse package to the workers, whatever is installed on the nodes.
-        ray.init(address=launcher.address, log_to_driver=True,
-                 runtime_env={"py_modules": [str(Path(distsparse.__file__).parent)]})
+        ray.init(address=launcher.address, log_to_driver=True, runtime_env=_package_runtime_env())
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"config": config, "resume": str(resume) if resume is not None else None},
@@ -60,6 +58,18 @@ def train_with_ray(config: Config, resume: Path | None = None) -> dict[str, Any]
     except ray.train.TrainingFailedError as exc:
         raise DistsparseError(f"Ray Train run {run_dir} failed: {_first_line(exc)}") from None
     return json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+
+
+def _package_runtime_env() -> dict[str, Any]:
+    """Ship this distsparse package to the workers, whatever is installed on the nodes; not from a
+    Ray job with a working_dir (`distsparse submit`): that reaches every worker already, and Ray
+    would apply the job's excludes to the py_module too (`/data` drops distsparse/data/)."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    job = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR, "{}"))
+    if (job.get("runtime_env") or {}).get("working_dir"):
+        return {}
+    return {"py_modules": [str(Path(distsparse.__file__).parent)]}
 
 
 def _first_line(exc: BaseException) -> str:
