@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -41,6 +41,11 @@ class MethodConfig:
     """Keep the first conv dense (rigl's first_layer_sparsity=0; GraNet's --rm_first)."""
     dense_last_layer: bool = False
     """Keep the last linear layer dense."""
+    include: List[str] = field(default_factory=list)
+    """Regular expressions fully matching the parameter names to mask (default: Conv and Linear
+    weights, never embeddings or a head tied to one)."""
+    exclude: List[str] = field(default_factory=list)
+    """Regular expressions of parameter names never masked."""
     update_interval: int = 100
     """Steps between mask updates (Delta T)."""
     drop_fraction: Optional[float] = None

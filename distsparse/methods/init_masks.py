@@ -92,7 +92,8 @@ def initial_masks(
     if context is None:
         raise ValueError(f"method.init={criterion!r} needs the model and training batches")
     work = copy.deepcopy(context.model)
-    params = sparsifiable_parameters(work, config.dense_first_layer, config.dense_last_layer)
+    params = sparsifiable_parameters(work, config.dense_first_layer, config.dense_last_layer,
+                                     config.include, config.exclude)
     if list(params) != list(shapes):
         raise ValueError("the model's sparsifiable layers do not match the masks")
     original = {name: p.detach().clone() for name, p in params.items()}
@@ -145,7 +146,8 @@ def _gradients(model: nn.Module, params: Mapping[str, torch.Tensor], context: In
 def _synflow(model: nn.Module, config: MethodConfig, context: InitContext) -> Masks:
     """SynFlow scores of the current (masked) weights on a float64 copy."""
     linear = copy.deepcopy(model).double()
-    params = sparsifiable_parameters(linear, config.dense_first_layer, config.dense_last_layer)
+    params = sparsifiable_parameters(linear, config.dense_first_layer, config.dense_last_layer,
+                                     config.include, config.exclude)
     return synflow_scores(linear, params, context.input_shape)
 
 

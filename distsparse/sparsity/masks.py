@@ -9,7 +9,8 @@ rank calls them, at checkpoints, summaries and mask-update logs only).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -33,23 +34,54 @@ def canonical_name(name: str) -> str:
 
 
 def sparsifiable_parameters(
-    model: nn.Module, dense_first_layer: bool = False, dense_last_layer: bool = False
+    model: nn.Module, dense_first_layer: bool = False, dense_last_layer: bool = False,
+    include: Sequence[str] = (), exclude: Sequence[str] = (),
 ) -> dict[str, nn.Parameter]:
-    """Weights of Conv2d and Linear layers in module order, minus the layers asked to stay dense.
+    """The weights to mask, by canonical name in module order; each tensor once.
 
-    Biases and normalization parameters are never masked (as in rigl and GraNet).
+    By default the weights of Conv and Linear layers; biases, normalization parameters and
+    embeddings are never masked (as in rigl and GraNet), nor is a Linear weight tied to an
+    embedding. `include` (regular expressions, each fully matching a canonical parameter name)
+    replaces that default with the parameters it names; `exclude` removes matches; then the first
+    and last of the selected layers may stay dense. A tensor under several names (weight tying)
+    is selected once, under its first name. A pattern that matches no parameter raises ValueError.
     """
-    weights = {
-        canonical_name(f"{module_name}.weight"): module.weight
-        for module_name, module in model.named_modules()
-        if isinstance(module, (nn.Conv2d, nn.Linear))
-    }
-    names = list(weights)
+    named = {canonical_name(name): p for name, p in model.named_parameters(remove_duplicate=False)}
+    first_name = {}
+    for name, p in named.items():
+        first_name.setdefault(id(p), name)
+    if include:
+        _check_all_match(include, named, "include")
+        chosen = [p for name, p in named.items() if _matches(include, name, "include")]
+    else:
+        embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+        chosen = [module.weight for module in model.modules()
+                  if isinstance(module, _MASKED_LAYERS) and id(module.weight) not in embedded]
+    selected = {first_name[id(p)]: p for p in chosen}
+    _check_all_match(exclude, named, "exclude")
+    selected = {name: p for name, p in selected.items() if not _matches(exclude, name, "exclude")}
+    names = list(selected)
     if names and dense_first_layer:
-        weights.pop(names[0])
+        selected.pop(names[0])
     if len(names) > 1 and dense_last_layer:
-        weights.pop(names[-1])
-    return weights
+        selected.pop(names[-1])
+    return selected
+
+
+_MASKED_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def _matches(patterns: Sequence[str], name: str, argument: str) -> bool:
+    try:
+        return any(re.fullmatch(pattern, name) for pattern in patterns)
+    except re.error as exc:
+        raise ValueError(f"{argument} pattern is not a regular expression: {exc}") from None
+
+
+def _check_all_match(patterns: Sequence[str], named: Mapping[str, nn.Parameter], argument: str) -> None:
+    for pattern in patterns:
+        if not any(_matches([pattern], name, argument) for name in named):
+            raise ValueError(f"{argument} pattern {pattern!r} matches no parameter of the model")
 
 
 class MaskSet:

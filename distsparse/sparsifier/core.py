@@ -1,0 +1,262 @@
+"""Sparsifier: any registered method applied to any model from the user's own training loop.
+
+    sparsifier = Sparsifier(model, optimizer, method="rigl", sparsity=0.9, total_steps=10_000)
+    for x, y in loader:
+        loss_fn(model(x), y).backward()
+        sparsifier.step()        # the optimizer step (skipped on RigL's update steps), every
+        optimizer.zero_grad()    # copy masked, the mask updated on the method's schedule
+
+The model may be a plain module, DistributedDataParallel, or a DeepSpeed engine (ZeRO 0-3): the
+Sparsifier finds the parameter access that fits it, and the user's loop does not change.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from distsparse.config import Config, MethodConfig, validate
+from distsparse.dist.mask_sync import verify_identical_masks
+from distsparse.dist.process_group import all_reduce
+from distsparse.errors import ConfigError
+from distsparse.methods import SparsityMethod, TrainingSchedule, build_method
+from distsparse.methods.init_masks import InitContext
+from distsparse.sparsifier.access import DDPAccess, ParameterAccess, PlainAccess
+from distsparse.sparsity.masks import MaskSet, sparsifiable_parameters
+
+__all__ = ["MaskUpdate", "Sparsifier"]
+
+Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskUpdate:
+    """What the last mask update changed: its step, the layers with a new mask, its seconds."""
+
+    step: int
+    layers_changed: int
+    seconds: float
+
+
+class Sparsifier:
+    """Masks, a sparsity method and the parameter access of whatever wraps the model.
+
+    `method` is any method of `distsparse train` but `dense`; its config keys are keyword
+    arguments (update_interval, drop_fraction, init, prune_scope, ...). `total_steps` counts
+    optimizer steps of the global batch. Pruning-at-init criteria (`init=...`) score
+    `init_batches()`, an iterable of (inputs, targets) on the model's device. A wrong name or
+    value raises ConfigError naming the argument.
+    """
+
+    def __init__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+        method: str = "rigl", sparsity: float = 0.9, total_steps: int | None = None, *,
+        seed: int = 0, sparse_gradients: bool = False, init_batches: Batches | None = None,
+        global_batch: int | None = None, **options: Any,
+    ) -> None:
+        config = _method_config(method, sparsity, options)
+        if total_steps is None or total_steps < 1:
+            raise ConfigError(f"argument 'total_steps' = {total_steps!r}: expected the number of "
+                              "optimizer steps of training, >= 1")
+        schedule = TrainingSchedule(total_steps=total_steps, steps_per_epoch=total_steps)
+        try:
+            built = build_method(config, schedule, seed)
+        except ConfigError as exc:
+            raise ConfigError(_argument_message(str(exc))) from None
+        access, module = _access_for(model, optimizer, sparse_gradients)
+        context = None
+        if init_batches is not None:
+            sample = next(iter(init_batches()))[0]
+            context = InitContext(module, init_batches, global_batch or len(sample),
+                                  tuple(sample.shape[1:]), all_reduce)
+        self._setup(built, module, access, context)
+
+    @classmethod
+    def from_method(cls, method: SparsityMethod, module: nn.Module, access: ParameterAccess,
+                    init_context: InitContext | None = None,
+                    masks: Mapping[str, torch.Tensor] | None = None) -> Sparsifier:
+        """A Sparsifier over an already built method and access (the trainer's constructor).
+
+        `masks` (full shapes) replace the method's initial masks, e.g. when resuming.
+        """
+        sparsifier = cls.__new__(cls)
+        sparsifier._setup(method, module, access, init_context, masks)
+        return sparsifier
+
+    def _setup(self, method: SparsityMethod, module: nn.Module, access: ParameterAccess,
+               context: InitContext | None,
+               masks: Mapping[str, torch.Tensor] | None = None) -> None:
+        config = method.config
+        try:
+            params = sparsifiable_parameters(module, config.dense_first_layer,
+                                             config.dense_last_layer, config.include, config.exclude)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if not params:
+            raise ConfigError("the model has no parameter to mask (see include / exclude)")
+        self.method, self.access, self.step_count = method, access, 0
+        self.mask_set = MaskSet(params)
+        access.bind(self.mask_set)
+        if masks is None:
+            try:
+                masks = method.initial_masks(self.mask_set.shapes(), context)
+            except ValueError as exc:
+                raise ConfigError(f"argument 'init' = {config.init!r}: {exc}") from None
+        self.mask_set.update(masks)
+        self.mask_set.use_layout(access.selection_layout(self.mask_set.shapes()))
+        method.layout = self.mask_set.layout
+        self.last_update: MaskUpdate | None = None
+        self.mask_all()
+        self._check_identical()
+        self._prepare_next_step()
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """The boolean mask of every masked weight, as this rank holds it (pieces under ZeRO-3)."""
+        return self.mask_set.masks
+
+    def density(self) -> float:
+        """Fraction of active entries over all masked weights."""
+        return self.mask_set.density()
+
+    def layer_density(self) -> dict[str, float]:
+        """Fraction of active entries of each masked weight."""
+        return self.mask_set.layer_density()
+
+    def fingerprint(self) -> str:
+        """SHA-256 over layer names and mask bits (a collective where masks are pieces)."""
+        return self.mask_set.fingerprint()
+
+    def mask_all(self) -> None:
+        """Zero masked-off entries of every copy of every masked weight."""
+        if self.method.uses_masks:
+            self.access.mask_all_copies(self.mask_set)
+
+    def step(self, scaler: torch.amp.GradScaler | None = None) -> bool:
+        """One optimizer step with masks; returns whether the optimizer updated the weights.
+
+        Call after backward (on the last micro-batch when accumulating gradients), before
+        zero_grad. RigL's update steps replace the optimizer step (as rigl does); every other
+        method steps, then updates the mask. With a GradScaler the scaler steps and updates; a
+        step it skips (inf/NaN gradients) changes neither masks nor the method's step count.
+        """
+        step = self.step_count
+        update = self.method.uses_masks and self.method.is_update_step(step)
+        replaces = update and self.method.update_replaces_optimizer_step
+        if scaler is not None and scaler.is_enabled():
+            scale = scaler.get_scale()
+            scaler.unscale_(self.access.optimizer)
+        grads = self.access.grads() if update and self.method.needs_dense_grad(step) else None
+        if scaler is not None and scaler.is_enabled():
+            if not replaces:
+                scaler.step(self.access.optimizer)
+            scaler.update()  # the inf check of unscale_ is enough where no step is taken
+            if scaler.get_scale() < scale:
+                return False
+        elif replaces:
+            self.access.skip_step()
+        else:
+            self.access.step()
+        self.mask_all()
+        if update:
+            self._update_masks(step, grads)
+        self.step_count += 1
+        self._prepare_next_step()
+        return not replaces
+
+    def _update_masks(self, step: int, grads: Mapping[str, torch.Tensor] | None) -> None:
+        tick = time.perf_counter()
+        changed = self.method.update(step, self.mask_set.masks, self.access.weights(), grads)
+        self.mask_set.update(changed)
+        self.mask_all()
+        self._check_identical(step)
+        self.last_update = MaskUpdate(step, len(changed), time.perf_counter() - tick)
+
+    def _check_identical(self, step: int | None = None) -> None:
+        device = next(iter(self.mask_set.masks.values())).device
+        verify_identical_masks(self.mask_set, device, self.step_count if step is None else step)
+
+    def _prepare_next_step(self) -> None:
+        """Ask for dense gradients in the next backward when the next step grows by gradient."""
+        step = self.step_count
+        self.access.set_dense_gradients(
+            self.method.uses_masks and self.method.is_update_step(step)
+            and self.method.needs_dense_grad(step))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Full masks, method state and step count (a collective where masks are pieces)."""
+        return {"masks": self.mask_set.state_dict(), "method": self.method.state_dict(),
+                "step": self.step_count}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore `state_dict()` output and mask every copy with the loaded masks."""
+        self.mask_set.load_state_dict(state["masks"])
+        self.method.load_state_dict(state["method"])
+        self.step_count = int(state["step"])
+        self.mask_all()
+        self._prepare_next_step()
+
+    def summary(self) -> str:
+        """A table of every masked weight: shape, size, active entries and density."""
+        counts = self.mask_set.active_counts()
+        shapes = self.mask_set.shapes()
+        width = max(len(name) for name in shapes)
+        lines = [f"{'layer':<{width}}  {'shape':>18}  {'numel':>10}  {'active':>10}  density",
+                 "-" * (width + 56)]
+        for name, shape in shapes.items():
+            numel = self.mask_set.layout.numel(name)
+            lines.append(f"{name:<{width}}  {str(tuple(shape)):>18}  {numel:>10}  "
+                         f"{counts[name]:>10}  {counts[name] / numel:.4f}")
+        total = sum(self.mask_set.layout.numel(name) for name in shapes)
+        lines.append(f"{'total':<{width}}  {'':>18}  {total:>10}  {sum(counts.values()):>10}  "
+                     f"{self.density():.4f}")
+        return (f"Sparsifier(method={self.method.name}, sparsity={self.method.config.sparsity}, "
+                f"step={self.step_count})\n" + "\n".join(lines))
+
+    __repr__ = summary
+
+
+def _method_config(method: str, sparsity: float, options: Mapping[str, Any]) -> MethodConfig:
+    """The method's config from keyword arguments, validated; ConfigError names the argument."""
+    known = {f.name for f in dataclasses.fields(MethodConfig)} - {"name", "sparsity"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"unknown argument '{unknown[0]}': expected one of "
+                          f"{', '.join(sorted(known))}")
+    if method == "dense":
+        raise ConfigError("argument 'method' = 'dense': a dense run needs no Sparsifier")
+    config = MethodConfig(name=method, sparsity=sparsity,
+                          **{key: list(value) if key in ("include", "exclude") else value
+                             for key, value in options.items()})
+    try:
+        validate(Config(method=config))
+    except ConfigError as exc:
+        raise ConfigError(_argument_message(str(exc))) from None
+    return config
+
+
+def _argument_message(message: str) -> str:
+    """A config error about `method.<key>` worded for the API's keyword argument `<key>`."""
+    return (message.replace("config key 'method.name'", "argument 'method'")
+            .replace("config key 'method.", "argument '"))
+
+
+def _access_for(model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                sparse_gradients: bool) -> tuple[ParameterAccess, nn.Module]:
+    """The parameter access that fits the model's wrapper, and the module it wraps."""
+    if hasattr(model, "zero_optimization_stage"):  # a DeepSpeed engine, without importing it
+        from distsparse.sparsifier.deepspeed_access import DeepSpeedAccess
+
+        return DeepSpeedAccess(model), model.module
+    if optimizer is None:
+        raise ConfigError("argument 'optimizer': expected the torch optimizer of the model")
+    if isinstance(model, DistributedDataParallel):
+        return DDPAccess(model, optimizer, sparse_gradients), model.module
+    if sparse_gradients:
+        raise ConfigError("argument 'sparse_gradients' = True: needs a DistributedDataParallel model")
+    return PlainAccess(optimizer), model
