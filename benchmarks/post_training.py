@@ -48,6 +48,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sparsities", default="0.7,0.9", help="comma-separated, e.g. 0.7,0.9")
     parser.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs of both methods")
     parser.add_argument("--calib-samples", type=int, default=2048)
+    parser.add_argument("--preset", choices=("cpu", "paper"), default="cpu",
+                        help="`distsparse prune --preset` for the search and warm-up; --epochs and "
+                             "--calib-samples here override it (default cpu)")
     parser.add_argument("--seeds", default="0", help="comma-separated prune seeds, e.g. 0,1,2")
     parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     parser.add_argument("--reuse", action="store_true",
@@ -92,7 +95,8 @@ def _prune(dense: Path, label: str, method: str, sparsity: float, epochs: int, s
     if out.exists():
         shutil.rmtree(out)
     seconds = _run([*distsparse_command(), "prune", str(dense), "--method", method, "--sparsity", f"{sparsity}",
-                    "--epochs", str(epochs), "--calib-samples", str(args.calib_samples),
+                    "--preset", args.preset, "--epochs", str(epochs),
+                    "--calib-samples", str(args.calib_samples),
                     "--seed", str(seed), "--out", str(out.relative_to(REPO)), "--no-progress",
                     *args.prune_args], f"{label} {sparsity:g} seed {seed}")
     summary = _summary(out)
@@ -109,6 +113,7 @@ def _same_settings(out: Path, dense: Path, method: str, sparsity: float, epochs:
     summary = _summary(out)
     wanted = {"completed": True, "method": method, "target_sparsity": sparsity,
               "finetune_epochs": epochs, "calib_samples": args.calib_samples, "seed": seed,
+              "preset": args.preset,
               "source_run": str(dense)}
     return all(summary.get(key) == value for key, value in wanted.items())
 
@@ -143,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = (
             f"dense {dense.relative_to(REPO) if dense.is_relative_to(REPO) else dense} "
             f"(small_resnet, Fashion-MNIST{'' if args.dense else f', {args.dense_epochs} epochs'}); "
-            f"`distsparse prune --calib-samples {args.calib_samples} --epochs E` "
+            f"`distsparse prune --preset {args.preset} --calib-samples {args.calib_samples} "
+            f"--epochs E` "
             f"{' '.join(args.prune_args)} (batch 64, SGD lr 0.01 cosine; oneshot: global top-|w|, "
             f"cross-entropy; unipts: search then KD), sparsities {args.sparsities}, prune seeds "
             f"{','.join(map(str, seeds))}, each run a subprocess, one at a time"

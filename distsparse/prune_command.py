@@ -8,10 +8,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from distsparse.errors import DistsparseError
 
-__all__ = ["add_prune_parser", "run_prune"]
+if TYPE_CHECKING:
+    from distsparse.engine.post_training import PruneSettings
+
+__all__ = ["add_prune_parser", "prune_settings", "run_prune"]
 
 _DESCRIPTION = """\
 Make a trained run sparse after training and write the result as a normal run directory
@@ -27,9 +31,19 @@ unipts: UniPTS (arXiv 2405.18810, github xjjxmu/UniPTS): an evolutionary search 
   calibration set by base-decayed distillation from the dense network (the mask is the per-layer
   top-|w| at every forward, straight-through gradients), and a final exact top-|w| mask.
 
-The calibration set is --calib-samples distinct training images drawn with --seed. The overall
-active count is exactly N - floor(S * N) (rigl's count) for global and unipts; uniform and ERK keep rigl's
-per-layer integer counts.
+The calibration set is --calib-samples distinct training images drawn with --seed, through the
+run's own training pipeline (in-memory, FFCV or torchvision). The overall active count is exactly
+N - floor(S * N) (rigl's count) for global and unipts; uniform and ERK keep rigl's per-layer
+integer counts.
+
+--preset cpu (default) is sized for a small network on CPU: 2048 calibration images, unipts 5
+epochs, search population 8, 4 generations, 4 parents, no warm-up. --preset paper is UniPTS's
+ImageNet setting (xjjxmu/UniPTS): 10240 images, 100 epochs, 1 warm-up epoch, population 25,
+25 generations, 10 parents. Both: batch 64, SGD lr 0.01 (momentum 0.9, weight decay 1e-4)
+cosine; oneshot 0 epochs. Options given explicitly override the preset; summary.json records it.
+
+The output is step 0 of a static-mask run (config.yaml: method.name=static): fine-tune it with
+the mask fixed by `distsparse train --resume OUT train.epochs=N [train.lr=...]`.
 """
 
 _EXAMPLES = """\
@@ -37,6 +51,8 @@ examples:
   distsparse prune runs/dense --method oneshot --sparsity 0.9
   distsparse prune runs/dense --method oneshot --sparsity 0.9 --distribution erk --epochs 5
   distsparse prune runs/dense/checkpoints/last.pt --method unipts --sparsity 0.9 --out runs/u90
+  distsparse prune runs/rn50 --method unipts --sparsity 0.9 --preset paper --device cuda
+  distsparse train --resume runs/u90 train.epochs=10 train.lr=0.01
 """
 
 
@@ -55,20 +71,24 @@ def add_prune_parser(verbs: argparse._SubParsersAction) -> None:
                        help="fraction of zeros over the sparsifiable weights, in [0, 1)")
     prune.add_argument("--distribution", choices=("global", "uniform", "erk"),
                        help="oneshot only: one global top-|w| (default) or per-layer densities")
-    prune.add_argument("--calib-samples", type=int, default=2048, metavar="N",
-                       help="calibration images drawn from the training set (default 2048; "
-                            "UniPTS's ImageNet setting is 10240)")
+    prune.add_argument("--preset", choices=("cpu", "paper"), default="cpu",
+                       help="default values of the options below: cpu (default, small and fast) "
+                            "or paper (UniPTS's ImageNet settings)")
+    prune.add_argument("--calib-samples", type=int, metavar="N",
+                       help="calibration images drawn from the training set (cpu 2048, paper 10240)")
     prune.add_argument("--epochs", type=int, metavar="E",
-                       help="epochs over the calibration set (default: oneshot 0, unipts 5)")
-    prune.add_argument("--batch-size", type=int, default=64, help="default 64 (as UniPTS)")
-    prune.add_argument("--lr", type=float, default=0.01,
-                       help="SGD (momentum 0.9, weight decay 1e-4), cosine schedule; default 0.01")
-    prune.add_argument("--population", type=int, default=8,
-                       help="unipts search: candidates per generation (default 8; reference 25)")
-    prune.add_argument("--generations", type=int, default=4,
-                       help="unipts search: generations (default 4; reference 25)")
-    prune.add_argument("--parents", type=int, default=4,
-                       help="unipts search: fittest candidates kept to breed (default 4; reference 10)")
+                       help="epochs over the calibration set (oneshot 0; unipts: cpu 5, paper 100)")
+    prune.add_argument("--batch-size", type=int, help="cpu and paper 64")
+    prune.add_argument("--lr", type=float,
+                       help="SGD (momentum 0.9, weight decay 1e-4), cosine schedule; cpu and paper 0.01")
+    prune.add_argument("--warmup-epochs", type=float, metavar="W",
+                       help="linear LR warm-up before the cosine (cpu 0, paper 1)")
+    prune.add_argument("--population", type=int,
+                       help="unipts search: candidates per generation (cpu 8, paper 25)")
+    prune.add_argument("--generations", type=int,
+                       help="unipts search: generations (cpu 4, paper 25)")
+    prune.add_argument("--parents", type=int,
+                       help="unipts search: fittest candidates kept to breed (cpu 4, paper 10)")
     prune.add_argument("--mutation-rate", type=float, default=0.1,
                        help="unipts search: chance a gene mutates (default 0.1)")
     prune.add_argument("--crossover-rate", type=float, default=1.0,
@@ -83,22 +103,26 @@ def add_prune_parser(verbs: argparse._SubParsersAction) -> None:
     prune.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def prune_settings(args: argparse.Namespace) -> PruneSettings:
+    """The PruneSettings a parsed `prune` command stands for: its preset, overridden by what is given."""
+    from distsparse.engine.post_training import PruneSettings
+
+    return PruneSettings.from_preset(
+        args.preset, args.method, args.sparsity, distribution=args.distribution,
+        calib_samples=args.calib_samples, epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, warmup_epochs=args.warmup_epochs, population=args.population,
+        generations=args.generations, parents=args.parents, mutation_rate=args.mutation_rate,
+        crossover_rate=args.crossover_rate, seed=args.seed, out=args.out, device=args.device,
+        progress=not args.no_progress,
+    )
+
+
 def run_prune(args: argparse.Namespace) -> int:
     """Run a parsed `prune` command; bad input ends with one line and exit status 2."""
     try:
-        from distsparse.engine.post_training import PruneSettings, prune
-        from distsparse.methods.post_training import SearchSettings
+        from distsparse.engine.post_training import prune
 
-        search = SearchSettings(population=args.population, generations=args.generations,
-                                parents=args.parents, mutation_rate=args.mutation_rate,
-                                crossover_rate=args.crossover_rate)
-        settings = PruneSettings(
-            method=args.method, sparsity=args.sparsity, distribution=args.distribution,
-            calib_samples=args.calib_samples, epochs=args.epochs, batch_size=args.batch_size,
-            lr=args.lr, search=search, seed=args.seed, out=args.out, device=args.device,
-            progress=not args.no_progress,
-        )
-        prune(args.run, settings)
+        prune(args.run, prune_settings(args))
     except DistsparseError as exc:
         print(f"distsparse: error: {exc}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ ResNet trained once per module on generated data, at one CPU thread (the cores a
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -18,7 +19,9 @@ from distsparse.cli import main
 from distsparse.config import load_config
 from distsparse.engine.checkpoint import CHECKPOINT_NAME
 from distsparse.engine.runs import load_run
+from distsparse.engine.post_training import PruneSettings
 from distsparse.engine.trainer import train
+from distsparse.errors import ConfigError
 from distsparse.methods.post_training import (
     STE_DECAY,
     SearchSettings,
@@ -30,9 +33,12 @@ from distsparse.methods.post_training import (
     search_layer_counts,
     ste_sparse_weight,
 )
+from distsparse.models import build_model
+from distsparse.prune_command import add_prune_parser, prune_settings
 from distsparse.sparsity.allocation import active_count, layer_densities
 from distsparse.sparsity.masks import sparsifiable_parameters
 from tests.conftest import SMALL
+from tests.test_imagenet import SMOKE, smoke_betons, smoke_folders  # noqa: F401 (fixtures)
 
 SUMMARY_KEYS = {
     "method", "target_sparsity", "sparsity", "layer_density", "test_top1", "world_size",
@@ -217,12 +223,14 @@ def test_ste_forward_masks_and_backward_is_g_plus_decay_on_pruned():
 # ---- the command ----------------------------------------------------------------------------
 
 
-def _check_output(out: Path, method: str, sparsity: float, expected_active: int | None) -> dict:
+def _check_output(out: Path, method: str, sparsity: float, expected_active: int | None,
+                  reevaluate: bool = True) -> dict:
     summary = json.loads((out / "summary.json").read_text())
     assert SUMMARY_KEYS <= summary.keys()
     assert summary["method"] == method and summary["target_sparsity"] == sparsity
     for name in ("config.yaml", "metrics.jsonl", CHECKPOINT_NAME, "training.png"):
         assert (out / name).is_file(), name
+    assert json.loads((out / "prune.json").read_text()) == summary
     state = torch.load(out / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
     model_state, masks = state["model"], state["masks"]
     active = 0
@@ -234,8 +242,13 @@ def _check_output(out: Path, method: str, sparsity: float, expected_active: int 
         assert active == expected_active
     total = sum(m.numel() for m in masks.values())
     assert summary["sparsity"] == 1 - active / total
+    # Step 0 of a static-mask run that `train --resume` fine-tunes.
+    config = load_config(out / "config.yaml")
+    assert config.method.name == "static" and config.method.sparsity == sparsity
+    assert state["step"] == 0 and state["optimizer"]["state"] == {}
+    if not reevaluate:
+        return summary
     run = load_run(out)
-    assert run.config.method.name == method and run.config.method.sparsity == sparsity
     correct = count = 0
     with torch.no_grad():
         for x, y in run.data.test.batches(0):
@@ -243,16 +256,6 @@ def _check_output(out: Path, method: str, sparsity: float, expected_active: int 
             count += len(y)
     assert correct / count == summary["test_top1"]
     return summary
-
-
-def _momentum_is_masked(out: Path) -> None:
-    state = torch.load(out / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
-    run = load_run(out)
-    decay_names = [n for n, p in run.model.named_parameters() if p.dim() > 1]
-    ids = state["optimizer"]["param_groups"][0]["params"]
-    buffers = {name: state["optimizer"]["state"][i]["momentum_buffer"] for name, i in zip(decay_names, ids)}
-    for name, mask in state["masks"].items():
-        assert torch.equal(buffers[name][~mask], torch.zeros(int((~mask).sum()))), name
 
 
 def test_prune_oneshot_with_fine_tuning_writes_a_run(dense_run, tmp_path, capsys):
@@ -263,8 +266,7 @@ def test_prune_oneshot_with_fine_tuning_writes_a_run(dense_run, tmp_path, capsys
     total = sum(w.numel() for w in _weights(dense_run).values())
     summary = _check_output(out, "oneshot", 0.9, _expected_active(total, 0.9))
     assert summary["finetune_epochs"] == 1 and summary["steps"] == 2 and summary["calib_samples"] == 64
-    assert summary["source_run"] == str(dense_run)
-    _momentum_is_masked(out)
+    assert summary["source_run"] == str(dense_run) and summary["preset"] == "cpu"
     config = load_run(out).config
     assert config.method.prune_scope == "global" and config.run.dir == str(out)
 
@@ -290,7 +292,6 @@ def test_prune_unipts_is_exact_and_its_search_deterministic(dense_run, tmp_path,
     total = sum(w.numel() for w in _weights(dense_run).values())
     summary = _check_output(out, "unipts", 0.9, _expected_active(total, 0.9))
     assert summary["steps"] == 2
-    _momentum_is_masked(out)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["generation"] for r in records if r["kind"] == "search"] == [0, 1]
     again = tmp_path / "unipts-again"  # the same seed: the same searched layer densities
@@ -353,3 +354,152 @@ def test_a_failure_mid_run_leaves_no_output(dense_run, tmp_path, capsys, monkeyp
                          "--out", str(tmp_path / "out"), *FAST)
     assert status == 2 and "injected failure" in err
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- presets -------------------------------------------------------------------------------
+
+
+def _settings(*argv: str) -> PruneSettings:
+    parser = argparse.ArgumentParser()
+    add_prune_parser(parser.add_subparsers())
+    return prune_settings(parser.parse_args(["prune", "RUN", *argv]))
+
+
+def test_preset_paper_is_the_references_settings():
+    # xjjxmu/UniPTS: args.py num_samples_for_calib 10240; configs/resnet50.yaml epochs 100,
+    # batch_size 64, lr 0.01 cosine, warmup_length 1, momentum 0.9, weight_decay 1e-4;
+    # main.py genetic_algorithm population 25, generations 25, parents 10, mutation 0.1, crossover 1.
+    paper = _settings("--method", "unipts", "--sparsity", "0.9", "--preset", "paper")
+    assert (paper.preset, paper.calib_samples, paper.epochs, paper.batch_size, paper.lr,
+            paper.warmup_epochs, paper.momentum, paper.weight_decay) == \
+        ("paper", 10240, 100, 64, 0.01, 1.0, 0.9, 1e-4)
+    assert paper.search == SearchSettings(population=25, generations=25, parents=10,
+                                          mutation_rate=0.1, crossover_rate=1.0, margin=0.05)
+    assert _settings("--method", "oneshot", "--sparsity", "0.9", "--preset", "paper").epochs == 0
+    cpu = _settings("--method", "unipts", "--sparsity", "0.9")
+    assert (cpu.preset, cpu.calib_samples, cpu.epochs, cpu.batch_size, cpu.lr,
+            cpu.warmup_epochs) == ("cpu", 2048, 5, 64, 0.01, 0.0)
+    assert (cpu.search.population, cpu.search.generations, cpu.search.parents) == (8, 4, 4)
+
+
+def test_explicit_options_override_the_preset():
+    chosen = _settings("--method", "unipts", "--sparsity", "0.9", "--preset", "paper", "--epochs", "3",
+                       "--calib-samples", "512", "--population", "6", "--warmup-epochs", "0",
+                       "--lr", "0.05", "--batch-size", "32")
+    assert (chosen.epochs, chosen.calib_samples, chosen.search.population,
+            chosen.warmup_epochs, chosen.lr, chosen.batch_size) == (3, 512, 6, 0.0, 0.05, 32)
+    assert (chosen.preset, chosen.search.generations, chosen.search.parents) == ("paper", 25, 10)
+    with pytest.raises(ConfigError, match="^--preset 'gpu': expected one of cpu, paper$"):
+        PruneSettings.from_preset("gpu", "unipts", 0.9)
+
+
+def test_the_summary_records_the_preset(dense_run, tmp_path, capsys):
+    out = tmp_path / "paper"
+    status, err = _prune(capsys, str(dense_run), "--method", "oneshot", "--sparsity", "0.5",
+                         "--preset", "paper", "--calib-samples", "64", "--out", str(out), "--no-progress")
+    assert status == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["preset"], summary["calib_samples"], summary["finetune_epochs"],
+            summary["batch_size"], summary["lr"], summary["warmup_epochs"]) == ("paper", 64, 0, 64, 0.01, 1.0)
+
+
+# ---- fine-tuning a pruned run ----------------------------------------------------------------
+
+
+def test_a_pruned_run_fine_tunes_by_resume_with_exactly_its_mask(dense_run, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    status, err = _prune(capsys, str(dense_run), "--method", "unipts", "--sparsity", "0.8",
+                         "--epochs", "1", "--out", str(out), *FAST)
+    assert status == 0, err
+    pruned = json.loads((out / "summary.json").read_text())
+    before = torch.load(out / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
+    records = (out / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(r)["step"] for r in records]
+    assert min(steps) == -2 and max(steps) == 0  # search at -2, fine-tuning steps -1 and 0
+    # At step 0 only train.* may change; the mask's own keys may not.
+    assert main(["train", "--resume", str(out), "method.sparsity=0.5"]) == 2
+    assert "method.sparsity=0.8" in capsys.readouterr().err
+    status = main(["train", "--resume", str(out), "train.epochs=1", "train.lr=0.01"])
+    assert status == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["completed"] and summary["method"] == "static" and summary["steps"] == 8
+    assert summary["mask_fingerprint"] == pruned["mask_fingerprint"]
+    assert summary["sparsity"] == pruned["sparsity"]
+    after = torch.load(out / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
+    changed = 0
+    for name, mask in before["masks"].items():
+        assert torch.equal(after["masks"][name], mask), name
+        weight = after["model"][name]
+        assert torch.equal(weight[~mask], torch.zeros(int((~mask).sum()))), name
+        changed += int((weight[mask] != before["model"][name][mask]).sum())
+    assert changed > 0
+    config = load_config(out / "config.yaml")  # the fine-tuning schedule is the run's now
+    assert (config.method.name, config.train.epochs, config.train.lr) == ("static", 1, 0.01)
+    now = (out / "metrics.jsonl").read_text().splitlines()
+    assert now[: len(records)] == records  # the pruning's records stay, before step 1
+    fine_tuning = [json.loads(r) for r in now[len(records):]]
+    assert [r["epoch"] for r in fine_tuning if r["kind"] == "eval"] == [1]
+    assert 0 < next(r["lr"] for r in fine_tuning if r["kind"] == "train") <= 0.01
+    assert json.loads((out / "prune.json").read_text()) == pruned
+    # Past step 0 the schedule is fixed again.
+    assert main(["train", "--resume", str(out), "train.epochs=2"]) == 2
+    assert "train.epochs=1" in capsys.readouterr().err
+
+
+# ---- ImageNet-format runs --------------------------------------------------------------------
+
+IMAGENET = ["method.name=dense", "train.epochs=1", "data.imagenet.num_workers=1",
+            "data.imagenet.min_res=32", "data.imagenet.max_res=32", "data.imagenet.val_res=32",
+            "run.progress=false"]
+
+
+@pytest.fixture(scope="module")
+def imagenet_run(request, tmp_path_factory):
+    """A factory of dense runs of the smoke ImageNet config (ResNet-18, 32 px, 5 steps), one per loader."""
+    made: dict[str, Path] = {}
+
+    def make(loader: str) -> Path:
+        if loader not in made:
+            data = request.getfixturevalue("smoke_betons" if loader == "ffcv" else "smoke_folders")
+            made[loader] = tmp_path_factory.mktemp(loader) / "dense"
+            train(load_config(SMOKE, [f"data.path={data}", f"data.loader={loader}",
+                                      f"run.dir={made[loader]}", *IMAGENET]))
+        return made[loader]
+
+    return make
+
+
+@pytest.mark.parametrize("loader", ["torchvision", "ffcv"])
+def test_prune_an_imagenet_format_run_through_its_own_pipeline(loader, imagenet_run, tmp_path, capsys):
+    source = imagenet_run(loader)
+    params = sparsifiable_parameters(build_model("resnet18", 10, 3), True, False)  # smoke: dense first conv
+    expected = _expected_active(sum(p.numel() for p in params.values()), 0.9)
+    for method, epochs in (("oneshot", "0"), ("unipts", "1")):
+        out = tmp_path / method
+        status, err = _prune(capsys, str(source), "--method", method, "--sparsity", "0.9",
+                             "--epochs", epochs, "--out", str(out), *FAST)
+        assert status == 0, err
+        summary = _check_output(out, method, 0.9, expected, reevaluate=False)
+        assert summary["steps"] == 2 * int(epochs) and summary["calib_samples"] == 64
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["generation"] for r in records if r["kind"] == "search"] == [0, 1]
+
+
+def test_imagenet_calibration_is_distinct_seeded_training_images_through_the_run_pipeline(
+        imagenet_run):
+    run = load_run(imagenet_run("torchvision"))
+    settings = _settings("--method", "unipts", "--sparsity", "0.9", "--calib-samples", "64",
+                         "--batch-size", "32", "--seed", "3")
+    augmented, plain = post_training._calibration_loaders(run, settings)
+    chosen = [path for path, _ in plain.dataset.samples]
+    assert len(set(chosen)) == 64 and set(chosen) <= {path for path, _ in run.data.train.dataset.samples}
+    assert augmented.dataset.samples == plain.dataset.samples
+    again = post_training._calibration_loaders(run, settings)[1].dataset.samples
+    assert again == plain.dataset.samples  # seeded
+    batches = list(augmented.batches(0))
+    assert [tuple(x.shape) for x, _ in batches] == [(32, 3, 32, 32)] * 2
+    labels = torch.cat([y for _, y in plain.batches(0)]).tolist()
+    assert labels == [label for _, label in plain.dataset.samples]
+    # The run's seeded augmentation: the same pixels for an epoch again, others the next epoch.
+    assert torch.equal(next(augmented.batches(0))[0], batches[0][0])
+    assert not torch.equal(next(augmented.batches(1))[0], batches[0][0])

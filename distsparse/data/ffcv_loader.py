@@ -88,10 +88,12 @@ def _local_batch(global_batch: int, world_size: int) -> int:
 
 
 def ffcv_train_loader(path: Path, config: ImageNetConfig, global_batch: int, seed: int,
-                      world_size: int, device: torch.device) -> FFCVLoader:
+                      world_size: int, device: torch.device,
+                      indices: np.ndarray | None = None) -> FFCVLoader:
     """Random resized crop, flip, normalize; random order; sharded with FFCV's distributed=True.
 
     With several workers FFCV's DistributedSampler takes the rank from the process group.
+    `indices`: only these samples of the file (a calibration set); default all.
     """
     _open(path)
     side = resolution_at(0, config)
@@ -99,26 +101,30 @@ def ffcv_train_loader(path: Path, config: ImageNetConfig, global_batch: int, see
     loader = Loader(
         str(path), batch_size=_local_batch(global_batch, world_size),
         num_workers=config.num_workers, order=OrderOption.RANDOM, os_cache=config.in_memory,
-        drop_last=True, seed=seed, distributed=world_size > 1,
+        drop_last=True, seed=seed, distributed=world_size > 1, indices=indices,
         pipelines={"image": _image_pipeline(decoder, True, device), "label": _label_pipeline(device)},
     )
     return FFCVLoader(loader, decoder, config)
 
 
 def ffcv_val_loader(path: Path, config: ImageNetConfig, global_batch: int, rank: int,
-                    world_size: int, device: torch.device) -> FFCVLoader:
+                    world_size: int, device: torch.device,
+                    indices: np.ndarray | None = None) -> FFCVLoader:
     """Center crop (crop_ratio of the shorter side) resized to val_res, in file order.
 
     Each rank reads a contiguous slice of the file instead of FFCV's distributed sampler, which
     pads the set to a multiple of the world size and would count repeated images in top-1.
+    `indices`: only these samples of the file, in this order (one rank); default all.
     """
     count = _open(path).num_samples
-    begin, end = rank * count // world_size, (rank + 1) * count // world_size
+    if indices is None:
+        begin, end = rank * count // world_size, (rank + 1) * count // world_size
+        indices = np.arange(begin, end, dtype=np.uint64)
     decoder = CenterCropRGBImageDecoder((config.val_res, config.val_res), ratio=config.crop_ratio)
     loader = Loader(
         str(path), batch_size=_local_batch(global_batch, world_size),
         num_workers=config.num_workers, order=OrderOption.SEQUENTIAL, os_cache=config.in_memory,
-        drop_last=False, indices=np.arange(begin, end, dtype=np.uint64),
+        drop_last=False, indices=indices,
         pipelines={"image": _image_pipeline(decoder, False, device),
                    "label": _label_pipeline(device)},
     )

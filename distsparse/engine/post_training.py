@@ -1,32 +1,41 @@
 """Post-training sparsity from a trained run: one-shot magnitude pruning (+ fine-tuning) and UniPTS.
 
-load the run -> draw the calibration set -> masks (one-shot top-|w|, or UniPTS's layer-sparsity
-search then dynamic sparse training by distillation from the dense network) -> exact zeros ->
-test top-1 -> a normal run directory (config.yaml, checkpoints/last.pt, summary.json,
-metrics.jsonl, training.png), built in a temporary directory and renamed into place only when
-everything succeeded. UniPTS: arXiv 2405.18810, reference xjjxmu/UniPTS `main.py`; the algorithm
-pieces are in `distsparse.methods.post_training`.
+load the run -> draw the calibration set through the run's own training pipeline -> masks
+(one-shot top-|w|, or UniPTS's layer-sparsity search then dynamic sparse training by distillation
+from the dense network) -> exact zeros -> test top-1 -> a run directory (config.yaml,
+checkpoints/last.pt, summary.json, prune.json, metrics.jsonl, training.png), built in a temporary
+directory and renamed into place only when everything succeeded. UniPTS: arXiv 2405.18810,
+reference xjjxmu/UniPTS `main.py`; the algorithm pieces are in `distsparse.methods.post_training`.
+
+The output is step 0 of a `static`-mask run: its config.yaml says method.name=static (train.* as
+the source run's), its checkpoint holds the pruned weights and masks with a fresh optimizer, so
+`distsparse train --resume OUT [train.epochs=N ...]` fine-tunes it with exactly the pruned mask.
+The pruning's own records are numbered up to step 0 (search at step -S, fine-tuning steps
+-S+1..0, epochs -E+1..0), so fine-tuning continues the same timeline from step 1.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 import shutil
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from distsparse.config import Config, TrainConfig, schedule_relevant, to_yaml
-from distsparse.data.loader import TensorLoader
+from distsparse.data.imagenet import resolution_at
+from distsparse.data.loader import BatchLoader, TensorLoader
 from distsparse.engine.backends import SingleBackend
 from distsparse.engine.checkpoint import CHECKPOINT_NAME, MODEL_NAME, save_checkpoint
 from distsparse.engine.flops import FlopCounter
@@ -47,42 +56,65 @@ from distsparse.methods.post_training import (
 )
 from distsparse.sparsity.masks import MaskSet, sparsifiable_parameters
 
-__all__ = ["POST_TRAINING_METHODS", "PruneSettings", "default_output", "prune", "resolve_run_dir"]
+__all__ = ["POST_TRAINING_METHODS", "PRESETS", "PruneSettings", "default_output", "prune",
+           "resolve_run_dir"]
 
 POST_TRAINING_METHODS: tuple[str, ...] = ("oneshot", "unipts")
-DEFAULT_EPOCHS = {"oneshot": 0, "unipts": 5}
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": {"calib_samples": 2048, "unipts_epochs": 5, "batch_size": 64, "lr": 0.01,
+            "warmup_epochs": 0.0, "population": 8, "generations": 4, "parents": 4},
+    "paper": {"calib_samples": 10240, "unipts_epochs": 100, "batch_size": 64, "lr": 0.01,
+              "warmup_epochs": 1.0, "population": 25, "generations": 25, "parents": 10},
+}
+"""`--preset` values. paper: xjjxmu/UniPTS (`args.py` num_samples_for_calib, `configs/resnet50.yaml`
+epochs, batch_size, lr, warmup_length, `main.py` genetic_algorithm); cpu: sized for a small
+network on CPU in seconds. oneshot does not fine-tune (0 epochs) under either preset."""
 
 
 @dataclass(frozen=True)
 class PruneSettings:
-    """What `distsparse prune` does; UniPTS's reference settings are batch 64, SGD lr 0.01 cosine.
+    """What `distsparse prune` does, every value resolved (see `from_preset`).
 
-    Differences from the reference's optimizer: no weight decay on biases and BN (the trainer's
-    `build_optimizer`), and no 1-epoch warm-up (the reference warms up 1 of 100 epochs).
+    Difference from the reference's optimizer: no weight decay on biases and BN (the trainer's
+    `build_optimizer`).
     """
 
     method: str
     sparsity: float
+    calib_samples: int
+    epochs: int
+    """Fine-tuning epochs over the calibration set."""
+    batch_size: int
+    lr: float
+    search: SearchSettings
+    preset: str = "cpu"
+    """The `--preset` the values came from (explicit options override it)."""
+    warmup_epochs: float = 0.0
+    """Linear warm-up of the LR before the cosine decay, in epochs of the calibration set."""
     distribution: str | None = None
     """Oneshot only: global, uniform or erk (default global)."""
-    calib_samples: int = 2048
-    epochs: int | None = None
-    """Fine-tuning epochs over the calibration set (default: oneshot 0, unipts 5)."""
-    batch_size: int = 64
-    lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    search: SearchSettings = field(default_factory=SearchSettings)
     seed: int = 0
     out: Path | None = None
     device: str | None = None
     """cpu, cuda or auto; default: the run's train.device."""
     progress: bool = True
 
-    @property
-    def finetune_epochs(self) -> int:
-        """The epochs actually run."""
-        return DEFAULT_EPOCHS[self.method] if self.epochs is None else self.epochs
+    @classmethod
+    def from_preset(cls, preset: str, method: str, sparsity: float, **options: Any) -> PruneSettings:
+        """A preset's values with every option that is given (not None) overriding it.
+
+        Options are PruneSettings fields, or SearchSettings fields for the UniPTS search.
+        """
+        if preset not in PRESETS:
+            raise ConfigError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
+        values = {**PRESETS[preset], **{k: v for k, v in options.items() if v is not None}}
+        unipts_epochs = values.pop("unipts_epochs")
+        values.setdefault("epochs", unipts_epochs if method == "unipts" else 0)
+        search_keys = {f.name for f in dataclasses.fields(SearchSettings)}
+        search = SearchSettings(**{k: values.pop(k) for k in list(values) if k in search_keys})
+        return cls(method=method, sparsity=sparsity, preset=preset, search=search, **values)
 
     @property
     def allocation(self) -> str:
@@ -103,7 +135,8 @@ class PruneSettings:
                 raise ConfigError(f"--distribution {self.distribution!r}: expected one of "
                                   f"{', '.join(ONESHOT_DISTRIBUTIONS)}")
         checks = (
-            (self.epochs is None or self.epochs >= 0, "--epochs", self.epochs, "an integer >= 0"),
+            (self.epochs >= 0, "--epochs", self.epochs, "an integer >= 0"),
+            (self.warmup_epochs >= 0, "--warmup-epochs", self.warmup_epochs, "a number >= 0"),
             (self.batch_size >= 1, "--batch-size", self.batch_size, "an integer >= 1"),
             (self.calib_samples >= self.batch_size, "--calib-samples", self.calib_samples,
              f"at least --batch-size={self.batch_size}"),
@@ -151,41 +184,90 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _calibration_loaders(run: TrainedRun, settings: PruneSettings) -> tuple[TensorLoader, TensorLoader]:
-    """N distinct training images (seeded); an augmented loader to train, a plain one to score.
+def _training_set_size(run: TrainedRun) -> int:
+    train, loader = run.data.train, run.config.data.loader
+    if isinstance(train, TensorLoader):
+        return len(train.labels)
+    return len(train.dataset) if loader == "torchvision" else len(train.loader.indices)
+
+
+def _calibration_loaders(run: TrainedRun,
+                         settings: PruneSettings) -> tuple[BatchLoader, BatchLoader] | None:
+    """N distinct seeded training images through the run's own pipeline: augmented to train, plain to score.
+
+    None where nothing reads them (oneshot without fine-tuning), after checking N all the same.
 
     The reference draws with replacement (np.random.choice); here without, so no image repeats.
-    The reference also scores search candidates on augmented images; here on plain ones, so that
-    a candidate's fitness does not depend on a random crop.
+    The reference also scores search candidates on augmented images; here on plain ones (the
+    test pipeline's view), so that a candidate's fitness does not depend on a random crop.
     """
-    train = run.data.train
-    available = len(train.labels)
+    available = _training_set_size(run)
     if settings.calib_samples > available:
         raise ConfigError(f"--calib-samples {settings.calib_samples}: larger than the training set "
                           f"({available})")
     generator = torch.Generator().manual_seed(settings.seed)
     index = torch.randperm(available, generator=generator)[: settings.calib_samples]
+    if settings.method == "oneshot" and settings.epochs == 0:
+        return None
+    train = run.data.train
+    if not isinstance(train, TensorLoader):
+        return _imagenet_calibration(run, settings, index.numpy())
     images, labels = train.images[index], train.labels[index]
     common = dict(global_batch=settings.batch_size, seed=settings.seed, mean=train.mean, std=train.std)
     return (TensorLoader(images, labels, train=True, augment=run.config.data.augment, **common),
             TensorLoader(images, labels, train=False, augment=False, **common))
 
 
+def _imagenet_calibration(run: TrainedRun, settings: PruneSettings,
+                          index: np.ndarray) -> tuple[BatchLoader, BatchLoader]:
+    """The run's FFCV or torchvision pipelines over the training images `index`.
+
+    Train: random resized crop and flip at the resolution of the run's last training epoch;
+    plain: the test pipeline (center crop at val_res) on the same training images.
+    """
+    data = run.config.data
+    last_epoch = max(run.step - 1, 0) // len(run.data.train)
+    side = resolution_at(last_epoch, data.imagenet)
+    fixed = dataclasses.replace(data.imagenet, min_res=side, max_res=side, start_ramp=0, end_ramp=0)
+    root, batch, seed = Path(data.path), settings.batch_size, settings.seed
+    if data.loader == "ffcv":
+        from distsparse.data.ffcv_loader import ffcv_train_loader, ffcv_val_loader
+
+        path, cpu, indices = root / "train.beton", torch.device("cpu"), index.astype(np.uint64)
+        return (ffcv_train_loader(path, fixed, batch, seed, 1, cpu, indices),
+                ffcv_val_loader(path, fixed, batch, 0, 1, cpu, indices))
+    from distsparse.data.imagefolder import ImageFolderLoader
+
+    loaders = tuple(ImageFolderLoader(root / "train", fixed, batch, seed, train) for train in (True, False))
+    for loader in loaders:
+        folder = loader.dataset
+        folder.samples = folder.imgs = [folder.samples[i] for i in index.tolist()]
+        folder.targets = [label for _, label in folder.samples]
+    return loaders
+
+
 class _Context:
     """The loaded run, where it runs, and the records being written."""
 
     def __init__(self, run: TrainedRun, device: torch.device, settings: PruneSettings,
-                 log: MetricsLog, calibration: tuple[TensorLoader, TensorLoader]) -> None:
+                 log: MetricsLog, calibration: tuple[BatchLoader, BatchLoader] | None) -> None:
         self.run, self.device, self.settings, self.log = run, device, settings, log
         self.dtype = getattr(torch, run.config.train.dtype)
-        self.calib_train, self.calib_eval = calibration
+        self.calib_train, self.calib_eval = calibration or (None, None)
+        self.per_epoch = len(self.calib_train) if calibration else 0
+        self.phase_steps = settings.epochs * self.per_epoch
+        """Fine-tuning steps: records are numbered from -phase_steps up to 0, the pruned state."""
+
+    def record(self, kind: str, step: int, **values: Any) -> None:
+        """Log a record at fine-tuning step `step`, numbered so that the last step is step 0."""
+        self.log.log(kind, step - self.phase_steps, **values)
 
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(device=self.device, dtype=self.dtype)
 
     @torch.no_grad()
     def evaluate(self, forward: Callable[[torch.Tensor], torch.Tensor],
-                 loader: TensorLoader) -> dict[str, float]:
+                 loader: BatchLoader) -> dict[str, float]:
         """Top-1 and mean cross-entropy of `forward` over a loader (the caller sets eval mode)."""
         correct = loss = count = 0.0
         for x, y in loader.batches(0):
@@ -222,7 +304,7 @@ Scheduler = torch.optim.lr_scheduler.LRScheduler
 def _optimizer(model: nn.Module, settings: PruneSettings, steps: int,
                per_epoch: int) -> tuple[torch.optim.Optimizer, Scheduler]:
     config = TrainConfig(lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay,
-                         lr_schedule="cosine", warmup_epochs=0.0)
+                         lr_schedule="cosine", warmup_epochs=settings.warmup_epochs)
     optimizer = build_optimizer(model, config)
     return optimizer, build_lr_scheduler(optimizer, steps, per_epoch, config)
 
@@ -232,7 +314,7 @@ def _fine_tune(ctx: _Context, model: nn.Module, optimizer: torch.optim.Optimizer
                after_step: Callable[[], None], evaluate_epoch: Callable[[], dict[str, float]],
                sparsity: float, label: str) -> tuple[int, float]:
     """The loop both methods share; returns (steps, training images per second)."""
-    epochs, per_epoch = ctx.settings.finetune_epochs, len(ctx.calib_train)
+    epochs, per_epoch = ctx.settings.epochs, ctx.per_epoch
     bar = tqdm(total=epochs * per_epoch, disable=not ctx.settings.progress, desc=label, unit="step")
     step, seconds, images = 0, 0.0, 0
     log_every = ctx.run.config.train.log_every
@@ -251,12 +333,12 @@ def _fine_tune(ctx: _Context, model: nn.Module, optimizer: torch.optim.Optimizer
             step += 1
             bar.update(1)
             if step % log_every == 0 or step == epochs * per_epoch:
-                ctx.log.log("train", step, epoch=epoch + 1, loss=loss.item(),
-                            lr=scheduler.get_last_lr()[0], sparsity=sparsity)
+                ctx.record("train", step, epoch=epoch + 1 - epochs, loss=loss.item(),
+                           lr=scheduler.get_last_lr()[0], sparsity=sparsity)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
         result = evaluate_epoch()
-        ctx.log.log("eval", step, epoch=epoch + 1, sparsity=sparsity, test_top1=result["top1"],
-                    test_loss=result["loss"])
+        ctx.record("eval", step, epoch=epoch + 1 - epochs, sparsity=sparsity,
+                   test_top1=result["top1"], test_loss=result["loss"])
     bar.close()
     return step, images / seconds if seconds else 0.0
 
@@ -301,8 +383,8 @@ def _search(ctx: _Context, masks: MaskSet) -> SearchResult:
     def on_generation(generation: int, scores: list[float]) -> None:
         bar.update(len(scores))
         bar.set_postfix(best=f"{max(scores):.3f}")
-        ctx.log.log("search", 0, generation=generation, best_fitness=max(scores),
-                    mean_fitness=sum(scores) / len(scores))
+        ctx.record("search", 0, generation=generation, best_fitness=max(scores),
+                   mean_fitness=sum(scores) / len(scores))
 
     numels = {name: p.numel() for name, p in masks.params.items()}
     result = search_layer_counts(numels, settings.sparsity, fitness, search, settings.seed,
@@ -344,13 +426,21 @@ def _unipts(ctx: _Context, masks: MaskSet, optimizer: torch.optim.Optimizer, sch
     return steps, rate
 
 
+def _continuation_optimizer(model: nn.Module, config: Config,
+                            per_epoch: int) -> tuple[torch.optim.Optimizer, Scheduler]:
+    """The optimizer and LR schedule at step 0 of the run's config (as the trainer builds them)."""
+    optimizer = build_optimizer(model, config.train)
+    total = config.train.max_steps or config.train.epochs * per_epoch
+    return optimizer, build_lr_scheduler(optimizer, total, per_epoch, config.train)
+
+
 def _numel(masks: MaskSet) -> int:
     return sum(m.numel() for m in masks.masks.values())
 
 
 def _output_config(config: Config, settings: PruneSettings, out: Path) -> Config:
-    """The run's config with the post-training method, its sparsity and allocation, and `out`."""
-    method = dataclasses.replace(config.method, name=settings.method, sparsity=settings.sparsity,
+    """The run's config as a static-mask run at the pruned sparsity and allocation, in `out`."""
+    method = dataclasses.replace(config.method, name="static", sparsity=settings.sparsity,
                                  prune_scope="global" if settings.allocation == "global" else "layer")
     if settings.allocation in ("uniform", "erk"):
         method = dataclasses.replace(method, distribution=settings.allocation)
@@ -380,6 +470,7 @@ def prune(source: Path, settings: PruneSettings) -> dict[str, Any]:
     try:
         ctx = _Context(run, device, settings, log, calibration)
         summary = _prune_into(staging, out, ctx, started)
+        (staging / "prune.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         log.close()
         plot_run(staging, summary["layer_density"])
         try:
@@ -400,8 +491,7 @@ def _prune_into(staging: Path, out: Path, ctx: _Context, started: float) -> dict
     method_config = run.config.method
     masks = MaskSet(sparsifiable_parameters(model, method_config.dense_first_layer,
                                             method_config.dense_last_layer))
-    per_epoch = len(ctx.calib_train)
-    optimizer, scheduler = _optimizer(model, settings, settings.finetune_epochs * per_epoch, per_epoch)
+    optimizer, scheduler = _optimizer(model, settings, ctx.phase_steps, ctx.per_epoch)
     counter = FlopCounter(model, ctx.to_device(next(run.data.test.batches(0))[0]))
     searched = None
     if settings.method == "oneshot":
@@ -422,6 +512,7 @@ def _prune_into(staging: Path, out: Path, ctx: _Context, started: float) -> dict
         log.log("eval", 0, epoch=0, sparsity=sparsity, test_top1=evaluation["top1"],
                 test_loss=evaluation["loss"])
     config = _output_config(run.config, settings, out)
+    continuation, continuation_scheduler = _continuation_optimizer(model, config, len(run.data.train))
     wall = time.perf_counter() - started
     summary = {
         "method": settings.method,
@@ -435,8 +526,9 @@ def _prune_into(staging: Path, out: Path, ctx: _Context, started: float) -> dict
         "launcher": "local",
         "steps": steps,
         "total_steps": steps,
-        "epochs": settings.finetune_epochs,
+        "epochs": settings.epochs,
         "seed": settings.seed,
+        "preset": settings.preset,
         "wall_s": wall,
         "train_images_per_s": rate,
         "mask_fingerprint": masks.fingerprint(),
@@ -447,25 +539,25 @@ def _prune_into(staging: Path, out: Path, ctx: _Context, started: float) -> dict
         "source_test_top1": run.summary.get("test_top1"),
         "distribution": settings.allocation,
         "calib_samples": settings.calib_samples,
-        "finetune_epochs": settings.finetune_epochs,
+        "finetune_epochs": settings.epochs,
         "batch_size": settings.batch_size,
         "lr": settings.lr,
+        "warmup_epochs": settings.warmup_epochs,
     }
     if searched is not None:
         summary["search"] = {**dataclasses.asdict(settings.search), "best_fitness": searched.fitness,
                              "evaluations": searched.evaluations, "logits": searched.logits}
     (staging / "config.yaml").write_text(to_yaml(config), encoding="utf-8")
-    state = {
+    state = {  # step 0 of the static-mask run `distsparse train --resume` continues
         "config": schedule_relevant(config),
-        "step": steps,
+        "step": 0,
         "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
+        "optimizer": continuation.state_dict(),
+        "scheduler": continuation_scheduler.state_dict(),
         "masks": masks.state_dict(),
-        "method": {"name": settings.method, "source_run": str(run.run_dir),
-                   "layer_active": masks.active_counts()},
+        "method": {},
         "rng": {"torch": torch.get_rng_state()},
-        "flops": {"total": flops_ratio * steps, "steps": steps},
+        "flops": {"total": 0.0, "steps": 0},
         "wall_s": wall,
     }
     save_checkpoint(state, staging / CHECKPOINT_NAME)

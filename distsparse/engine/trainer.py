@@ -53,6 +53,11 @@ __all__ = ["CheckpointCallback", "Trainer", "train"]
 CheckpointCallback = Callable[[Path, dict[str, Any]], None]
 """Called on every rank after each checkpoint with the run directory and the step's metrics."""
 
+_FRESH_SCHEDULE_KEYS = ("epochs", "max_steps", "batch_size", "optimizer", "lr", "momentum",
+                        "nesterov", "weight_decay", "lr_schedule", "warmup_epochs", "lr_milestones",
+                        "lr_gamma", "label_smoothing")
+"""train.* keys a resume from step 0 may change (fine-tuning a pruned run): nothing trained yet."""
+
 
 def train(config: Config, resume: Path | None = None,
           on_checkpoint: CheckpointCallback | None = None) -> dict[str, Any]:
@@ -141,9 +146,9 @@ class Trainer:
         verify_identical_masks(self.masks, self.device, self.step)
         self.flops.set_masks(self.masks)
         self.log: MetricsLog | None = None
+        if self.step == 0 and self.env.is_main:  # a resume from step 0 may change the schedule
+            (self.run_dir / "config.yaml").write_text(to_yaml(self.config), encoding="utf-8")
         if checkpoint is None:
-            if self.env.is_main:
-                (self.run_dir / "config.yaml").write_text(to_yaml(self.config), encoding="utf-8")
             self._save(0.0)  # a run stopped before its first epoch ends can still resume
         if self.env.is_main:
             if checkpoint is not None:
@@ -211,6 +216,10 @@ class Trainer:
         else:
             checkpoint = load_checkpoint(self.run_dir / CHECKPOINT_NAME)
             written = checkpoint["config"]
+            if int(checkpoint["step"]) == 0:  # nothing trained yet: the schedule may change
+                current = schedule_relevant(self.config)["train"]
+                fresh = {key: current[key] for key in _FRESH_SCHEDULE_KEYS}
+                written = {**written, "train": {**written["train"], **fresh}}
         # Keys added to the schema after the run was written count as their defaults.
         stored = _merged(schedule_relevant(Config()), written)
         current = schedule_relevant(self.config)
@@ -404,7 +413,8 @@ class Trainer:
             raise CheckpointError(
                 f"checkpoint {source} does not fit the model: {str(exc).splitlines()[0]}"
             ) from None
-        optimizer.load_state_dict(state["optimizer"])
+        if int(state["step"]) > 0:  # at step 0 the fresh optimizer of the current config
+            optimizer.load_state_dict(state["optimizer"])
         self._restore_training_state(state, source)
 
     def _restore_native(self, checkpoint: NativeCheckpoint) -> None:
@@ -419,7 +429,8 @@ class Trainer:
             raise CheckpointError(
                 f"checkpoint {source} does not fit the model: {str(exc).splitlines()[0]}"
             ) from None
-        self.scheduler.load_state_dict(state["scheduler"])
+        if int(state["step"]) > 0:  # at step 0 the fresh schedule of the current config
+            self.scheduler.load_state_dict(state["scheduler"])
         self.method.load_state_dict(state["method"])
         self.flops.load_state_dict(state["flops"])
         torch.set_rng_state(state["rng"]["torch"])
