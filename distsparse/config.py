@@ -16,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from distsparse.data.fashion_mnist import FASHION_MNIST_DIR
 from distsparse.errors import ConfigError
+from distsparse.models import check_model
 
 __all__ = [
     "INIT_CRITERIA",
@@ -161,7 +162,11 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "small_resnet"
-    """small_resnet, resnet18, resnet50 or mlp."""
+    """small_resnet, resnet18, resnet50, mlp; torchvision:<name> (a torchvision classification
+    model, untrained); or pkg.module:factory, any importable callable returning an nn.Module."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of a torchvision model or a factory (which also receives num_classes and
+    in_channels from the data if its signature names them); none for a built-in model."""
 
 
 @dataclass
@@ -243,7 +248,6 @@ _CHOICES = {
     "train.autocast": ("none", "bf16"),
     "data.name": ("fashion_mnist", "synthetic", "imagenet"),
     "data.loader": ("fmnist", "synthetic", "ffcv", "torchvision"),
-    "model.name": ("mlp", "resnet18", "resnet50", "small_resnet"),
     "backend.name": ("single", "ddp", "deepspeed"),
     "launcher.name": ("local", "torchrun", "ray"),
 }
@@ -347,6 +351,7 @@ def validate(config: Config) -> None:
            f"a loader for data.name={config.data.name!r} (fashion_mnist: fmnist; synthetic: "
            "synthetic; imagenet: ffcv or torchvision)")
     _validate_imagenet(config.data.imagenet)
+    check_model(config.model.name, config.model.kwargs)
 
 
 def _validate_imagenet(i: ImageNetConfig) -> None:

@@ -44,7 +44,7 @@ def load_run(run_dir: Path, device: torch.device | str = "cpu",
     path, checkpoint = _trained_state(run_dir)
     config = load_config(config_path, list(overrides))
     data = build_data(config)
-    model = build_model(config.model.name, data.num_classes, data.in_channels)
+    model = build_model(config.model.name, data.num_classes, data.in_channels, config.model.kwargs)
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as exc:

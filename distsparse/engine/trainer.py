@@ -111,13 +111,14 @@ class Trainer:
             self.deepspeed_settings = deepspeed_config(
                 config.backend.zero_stage, config.train.batch_size, self.env.world_size,
                 config.backend.deepspeed_config)
+        torch.manual_seed(config.seed)  # the model is built before anything is written
+        model = build_model(config.model.name, self.data.num_classes, self.data.in_channels,
+                            config.model.kwargs)
         self.run_dir = resume if resume is not None else run_directory(config)
         checkpoint = self._check_resume() if resume is not None else None
         if checkpoint is None:
             self._on_main_then_agree(lambda: _claim_empty(self.run_dir))
 
-        torch.manual_seed(config.seed)
-        model = build_model(config.model.name, self.data.num_classes, self.data.in_channels)
         model = model.to(device=self.device, dtype=getattr(torch, config.train.dtype))
         if config.train.channels_last:
             model = model.to(memory_format=torch.channels_last)

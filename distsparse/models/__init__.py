@@ -1,12 +1,26 @@
-"""Model registry: build networks by configuration name."""
+"""Model registry: built-in networks, torchvision's classification models, a user's factory.
+
+`model.name` is a built-in name (``MODEL_NAMES``), ``torchvision:<name>`` (torchvision.models
+.get_model, untrained) or ``pkg.module:factory`` (`distsparse.models.user` states the contract).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from torch import nn
 
+from distsparse.errors import ConfigError
 from distsparse.models.small_resnet import SmallResNet
+from distsparse.models.torchvision_models import (
+    TORCHVISION_PREFIX,
+    build_torchvision,
+    check_torchvision_name,
+)
+from distsparse.models.user import build_user_model, check_factory, is_factory_path
 
-__all__ = ["MODEL_NAMES", "SmallResNet", "build_model"]
+__all__ = ["MODEL_NAMES", "SmallResNet", "build_model", "check_model"]
 
 MODEL_NAMES: tuple[str, ...] = ("mlp", "resnet18", "resnet50", "small_resnet")
 
@@ -24,23 +38,41 @@ def _build_mlp(num_classes: int, in_channels: int) -> nn.Module:
     )
 
 
-def _build_torchvision_resnet(name: str, num_classes: int, in_channels: int) -> nn.Module:
-    """Untrained torchvision ResNet whose stem accepts ``in_channels`` channels."""
-    from torchvision import models
+def check_model(name: str, kwargs: Mapping[str, Any]) -> None:
+    """Raise ConfigError naming model.name or model.kwargs unless `build_model` can be called.
 
-    model = getattr(models, name)(weights=None, num_classes=num_classes)
-    if in_channels != 3:
-        model.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
-        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
-    return model
+    A factory is imported here, so a bad one stops before anything is written.
+    """
+    if name in MODEL_NAMES:
+        if kwargs:
+            raise ConfigError(
+                f"config key 'model.kwargs' = {dict(kwargs)!r}: the built-in model {name} takes "
+                "none (they go to a torchvision:<name> model or a pkg.module:factory)")
+    elif name.startswith(TORCHVISION_PREFIX):
+        check_torchvision_name(name, dict(kwargs))
+    elif is_factory_path(name):
+        check_factory(name, dict(kwargs))
+    else:
+        raise ConfigError(
+            f"config key 'model.name' = {name!r}: expected one of {', '.join(MODEL_NAMES)}, "
+            "torchvision:<name> or an importable pkg.module:factory")
 
 
-def build_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
-    """Build the model registered under ``name`` (one of ``MODEL_NAMES``)."""
+def build_model(name: str, num_classes: int, in_channels: int,
+                kwargs: Mapping[str, Any] | None = None) -> nn.Module:
+    """Build model `name` for `num_classes` classes and `in_channels` input channels.
+
+    `kwargs` (model.kwargs) go to a torchvision model or a factory; checked by `check_model`.
+    """
+    kwargs = dict(kwargs or {})
+    check_model(name, kwargs)
     if name == "mlp":
         return _build_mlp(num_classes, in_channels)
     if name in ("resnet18", "resnet50"):
-        return _build_torchvision_resnet(name, num_classes, in_channels)
+        return build_torchvision(name, num_classes, in_channels, {})
     if name == "small_resnet":
         return SmallResNet(num_classes=num_classes, in_channels=in_channels)
-    raise ValueError(f"unknown model.name {name!r}; expected one of {', '.join(MODEL_NAMES)}")
+    if name.startswith(TORCHVISION_PREFIX):
+        return build_torchvision(name.removeprefix(TORCHVISION_PREFIX), num_classes, in_channels,
+                                 kwargs)
+    return build_user_model(name, num_classes, in_channels, kwargs)
