@@ -264,7 +264,7 @@ def test_selections_equal_the_stable_argsort(regime, dtype):
         scores = _random_scores(g, numel, regime, dtype).view(-1, 1) if trial % 2 else \
             _random_scores(g, numel, regime, dtype)
         # Densities on both sides of COMPACT_BELOW, and none.
-        density = [None, 0.05, 0.2, 0.6, 0.97][trial % 5]
+        density = [None, 0.05, 0.3, 0.6, 0.97][trial % 5]
         eligible = None if density is None else (torch.rand(scores.shape, generator=g) < density)
         n = numel if eligible is None else int(eligible.sum())
         ks = sorted({0, 1, n // 3, n // 2, n - 1, n} & set(range(n + 1)))
@@ -443,6 +443,6 @@ def test_layer_selections_read_the_device_once_per_batch(monkeypatch):
     new = layout.drop_and_grow(masks, drop, grow, counts)
     assert len(reads) == 5  # active counts, the drop selection, the grow selection
     layout.global_topk(drop, 40, masks)
-    assert len(reads) == 6
+    assert len(reads) == 7  # the eligible count, the selection
     monkeypatch.undo()
     assert all(torch.equal(new[n], expected[n]) for n in shapes)

@@ -19,7 +19,7 @@ import torch
 __all__ = ["drop_and_grow", "drop_and_grow_masks", "global_topk_masks", "topk_mask", "topk_masks"]
 
 
-COMPACT_BELOW = 0.25
+COMPACT_BELOW = 0.5
 """Where fewer than this fraction of a tensor's entries are eligible and their count is known,
 the threshold comes from a top-k over the gathered eligible scores instead of the whole tensor."""
 
@@ -47,9 +47,7 @@ class _Selection:
     """
 
     def __init__(self, scores: torch.Tensor, k: int, eligible: torch.Tensor | None = None,
-                 excluded: torch.Tensor | None = None, n_eligible: int | None = None,
-                 filled: bool = False) -> None:
-        """`filled`: ineligible entries of `scores` already hold the dtype's lowest value."""
+                 excluded: torch.Tensor | None = None, n_eligible: int | None = None) -> None:
         self.k, self.eligible, self.excluded, self.restrict = k, eligible, excluded, None
         device, lowest = scores.device, _lowest(scores.dtype)
         counted = torch.full((), scores.numel() if n_eligible is None else n_eligible,
@@ -67,7 +65,7 @@ class _Selection:
             self.threshold = _kth_largest(scores[index], k)
             self.restrict = eligible
         else:
-            if eligible is not None and not filled:
+            if eligible is not None:
                 self.source = torch.where(eligible, scores, lowest)
             elif excluded is not None:
                 self.source = torch.where(excluded, lowest, scores)
@@ -89,16 +87,29 @@ class _Selection:
             return torch.zeros(self.source.shape, dtype=torch.bool, device=self.source.device)
         if n_candidates == self.k:
             return self.candidates
-        if nan_threshold:  # the k-th largest is NaN: the first k NaNs
-            at = torch.isnan(self.source)
-            if self.restrict is not None:
-                at &= self.restrict
-            return at & (torch.cumsum(at, 0, dtype=_index_dtype(at)) <= self.k)
-        above = torch.le(self.source, self.threshold).logical_not_()
+        filled = self.restrict is None and (self.eligible is not None or self.excluded is not None)
+        if nan_threshold or (lowest_threshold and filled):
+            return self._first_k(bool(nan_threshold))
+        # v is tied: drop the last n_candidates - k entries equal to v, in index order.
         at = self.source == self.threshold
+        if self.restrict is not None:
+            at &= self.restrict
+        last = torch.nonzero_static(at.flip(0), size=n_candidates - self.k).squeeze(1)
+        self.candidates[at.numel() - 1 - last] = False
+        return self.candidates
+
+    def _first_k(self, nan_threshold: bool) -> torch.Tensor:
+        """Where v is NaN or the fill value: entries above v, then the first ones equal to v."""
+        if nan_threshold:
+            above, at = torch.zeros_like(self.candidates), torch.isnan(self.source)
+        else:
+            above = torch.le(self.source, self.threshold).logical_not_()
+            at = self.source == self.threshold
         allowed = self.restrict
-        if allowed is None and lowest_threshold:
-            allowed = self.eligible if self.excluded is None else ~self.excluded
+        if allowed is None and self.eligible is not None:
+            allowed = self.eligible
+        elif allowed is None and self.excluded is not None:
+            allowed = ~self.excluded
         if allowed is not None:
             above &= allowed
             at &= allowed
@@ -175,22 +186,15 @@ def global_topk_masks(
             raise ValueError(f"cannot select {k} of 0 eligible entries")
         return {}
     dtype = _common_dtype([scores[n] for n in names])
-    total = sum(scores[n].numel() for n in names)
-    values = torch.empty(total, dtype=dtype, device=scores[names[0]].device)
-    flat_eligible = None if eligible is None else torch.cat([eligible[n].reshape(-1) for n in names])
-    lowest = torch.full((), _lowest(dtype), dtype=dtype, device=values.device)
-    offset = 0
-    for name in names:
-        numel = scores[name].numel()
-        flat = scores[name].reshape(-1).to(dtype)
-        if flat_eligible is None:
-            values[offset : offset + numel] = flat
-        else:
-            torch.where(flat_eligible[offset : offset + numel], flat, lowest,
-                        out=values[offset : offset + numel])
-        offset += numel
-    _check_k(values, k, flat_eligible)
-    selected = _masks_of([_Selection(values, k, flat_eligible, filled=True)])[0]
+    values = torch.cat([scores[n].reshape(-1).to(dtype) for n in names])
+    if eligible is None:
+        flat_eligible, n_eligible = None, values.numel()
+    else:
+        flat_eligible = torch.cat([eligible[n].reshape(-1) for n in names])
+        n_eligible = torch.count_nonzero(flat_eligible).tolist()
+    if not 0 <= k <= n_eligible:
+        raise ValueError(f"cannot select {k} of {n_eligible} eligible entries")
+    selected = _masks_of([_Selection(values, k, flat_eligible, n_eligible=n_eligible)])[0]
     masks, offset = {}, 0
     for name in names:
         numel = scores[name].numel()
