@@ -370,3 +370,30 @@ def test_layer_topk_names_the_group_that_cannot_select():
     ks = [0, NUMELS[1] + 1, 0, 0, 0]
     for error in _simulate_layers(full, ks, 2):
         assert isinstance(error, ValueError) and f"group 1: cannot select {NUMELS[1] + 1}" in str(error)
+
+
+@pytest.mark.parametrize("kind", ["random", "equal"])
+def test_local_work_reads_the_device_once_per_collective(kind, monkeypatch):
+    # One rank: the all-reduce is the identity. Every round decides all layers from one transfer
+    # of (digit, above, in bucket, total) per group; no count is read layer by layer.
+    full = _layers(kind, torch.float32, seed=4)
+    ks = [n // 3 for n in NUMELS]
+    reads = []
+    tolist = torch.Tensor.tolist
+
+    def counted(tensor):
+        reads.append(tensor.numel())
+        return tolist(tensor)
+
+    def refused(tensor, *args):
+        raise AssertionError("a per-value host read")
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted)
+    for attribute in ("item", "__int__", "__bool__", "__index__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, attribute, refused)
+    selection = sharded_layer_topk(_pieces(full, 0, 1), ks, lambda tensor: None, rank=0,
+                                   world_size=1)
+    monkeypatch.undo()
+    assert len(reads) == selection.all_reduces
+    for layer, k in enumerate(ks):
+        assert torch.equal(selection.masks[layer], topk_mask(full[layer], k))

@@ -204,7 +204,9 @@ def sharded_topk(
 
     # Each rank adds its count of eligible NaNs in one more slot, so that all ranks raise together
     # rather than one leaving the others waiting in the collective.
-    nans = sum(int(torch.isnan(key).sum()) for key in keys)
+    nans = torch.zeros((), dtype=torch.int64, device=device)
+    for key in keys:
+        nans += torch.isnan(key).sum()
     keys = [_keys(key) ^ SIGN_BIT for key in keys]  # int64 bit patterns in unsigned order
     buckets, first_shift = 2**bits_per_round, KEY_BITS - bits_per_round
     need, done = list(ks), [False] * len(ks)
@@ -219,25 +221,34 @@ def sharded_topk(
             if group in row:
                 rows[row[group], :buckets] += torch.bincount(digit, minlength=buckets)
         reduce(rows)
-        if rows[:, buckets].any():
-            raise ValueError("scores contain NaN; top-k selection needs ordered scores")
         histogram = torch.zeros(len(ks), buckets, dtype=torch.int64, device=device)
         histogram[open_groups] = rows[:, :buckets]
+        # Per group on the device, read in one transfer: the digit of its k-th largest key
+        # (the highest d with at least `need` candidates at digit >= d), the candidates above
+        # that digit and in it, and the group's total.
+        at_least = histogram.flip(1).cumsum(1).flip(1)  # candidates with digit >= d
+        wanted = torch.tensor(need, dtype=torch.int64, device=device).unsqueeze(1)
+        digit_of_kth = ((at_least >= wanted).sum(1, keepdim=True) - 1).clamp_(min=0)
+        in_bucket = histogram.gather(1, digit_of_kth)
+        above = at_least.gather(1, digit_of_kth) - in_bucket
+        report = torch.cat([digit_of_kth, above, in_bucket, histogram.sum(1, keepdim=True)], 1)
+        nan_count, *flat = torch.cat([rows[:, buckets].sum().reshape(1), report.reshape(-1)]).tolist()
+        if nan_count:
+            raise ValueError("scores contain NaN; top-k selection needs ordered scores")
+        per_group = [flat[4 * group : 4 * group + 4] for group in range(len(ks))]
         if shift == first_shift:
-            for group, total in enumerate(histogram.sum(1).tolist()):
+            for group, (*_, total) in enumerate(per_group):
                 if ks[group] > total:
                     where = f"group {group}: " if len(ks) > 1 else ""
                     raise ValueError(f"{where}cannot select {ks[group]} of {total} eligible entries")
                 done[group] = ks[group] == 0
-        at_least = histogram.flip(1).cumsum(1).flip(1)  # candidates with digit >= d
         bucket, complete = [0] * len(ks), [False] * len(ks)
-        for group in range(len(ks)):
+        for group, (digit_value, above_count, in_count, _) in enumerate(per_group):
             if done[group]:
                 continue
-            bucket[group] = int((at_least[group] >= need[group]).nonzero().max())
-            in_bucket = int(histogram[group, bucket[group]])
-            need[group] -= int(at_least[group, bucket[group]]) - in_bucket
-            complete[group] = need[group] == in_bucket
+            bucket[group] = digit_value
+            need[group] -= above_count
+            complete[group] = need[group] == in_count
         for layer, (group, digit) in enumerate(zip(groups, digits)):
             if done[group]:
                 indices[layer], keys[layer] = empty, empty
@@ -256,10 +267,10 @@ def sharded_topk(
     # still needs by global index.
     ties = torch.zeros(len(shards), world_size, dtype=torch.int64, device=device)
     ties[:, rank] = torch.tensor([index.numel() for index in indices], dtype=torch.int64, device=device)
-    ties = reduce(ties.reshape(-1)).view(len(shards), world_size)
+    ties = reduce(ties.reshape(-1)).view(len(shards), world_size).tolist()
     earlier_layers = [0] * len(ks)
     for layer, (group, index) in enumerate(zip(groups, indices)):
-        before = earlier_layers[group] + int(ties[layer, :rank].sum())
+        before = earlier_layers[group] + sum(ties[layer][:rank])
         masks[layer][index[: max(0, need[group] - before)]] = True
-        earlier_layers[group] += int(ties[layer].sum())
+        earlier_layers[group] += sum(ties[layer])
     return finished()
