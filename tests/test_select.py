@@ -208,7 +208,8 @@ def test_drop_and_grow_zero_swap_returns_the_same_mask():
 
 # --- equality with the sort-based selection these functions replaced ------------------------------
 
-def _stable_topk_mask(scores: torch.Tensor, k: int, eligible: torch.Tensor | None = None) -> torch.Tensor:
+def _stable_topk_mask(scores: torch.Tensor, k: int,
+                      eligible: torch.Tensor | None = None) -> torch.Tensor:
     """The previous implementation: a stable descending argsort of the eligible scores."""
     flat = scores.reshape(-1)
     candidates = (torch.arange(flat.numel()) if eligible is None
@@ -256,7 +257,10 @@ REGIMES = [("continuous", torch.float32), ("continuous", torch.float64), ("ties"
            ("special", torch.float64), ("integers", torch.int64)]
 
 
-@pytest.mark.parametrize("regime,dtype", REGIMES, ids=[f"{r}-{d}".replace("torch.", "") for r, d in REGIMES])
+REGIME_IDS = [f"{r}-{d}".replace("torch.", "") for r, d in REGIMES]
+
+
+@pytest.mark.parametrize("regime,dtype", REGIMES, ids=REGIME_IDS)
 def test_selections_equal_the_stable_argsort(regime, dtype):
     g = torch.Generator().manual_seed(len(regime) * 7 + dtype.itemsize)
     for trial in range(12):
@@ -282,7 +286,7 @@ def test_selections_equal_the_stable_argsort(regime, dtype):
                 assert torch.equal(new, _stable_drop_and_grow(eligible, scores, grow, n_swap))
 
 
-@pytest.mark.parametrize("regime,dtype", REGIMES[:6], ids=[f"{r}-{d}".replace("torch.", "") for r, d in REGIMES[:6]])
+@pytest.mark.parametrize("regime,dtype", REGIMES[:6], ids=REGIME_IDS[:6])
 def test_global_selection_equals_the_stable_argsort_of_the_float64_concatenation(regime, dtype):
     g = torch.Generator().manual_seed(11 + dtype.itemsize)
     for trial in range(6):
@@ -352,8 +356,9 @@ def _layouts():
 def _fingerprint(masks: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for name in sorted(masks):
-        digest.update(name.encode() + pack_bits(torch.cat(
-            [masks[name].reshape(-1), torch.zeros(-masks[name].numel() % 8, dtype=torch.bool)])).numpy().tobytes())
+        bits = masks[name].reshape(-1)
+        padded = torch.cat([bits, torch.zeros(-bits.numel() % 8, dtype=torch.bool)])
+        digest.update(name.encode() + pack_bits(padded).numpy().tobytes())
     return digest.hexdigest()
 
 

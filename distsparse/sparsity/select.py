@@ -5,9 +5,10 @@ a stable descending sort: among equal scores the lower flat (global) index is ch
 ranks above every number and -0.0 equals +0.0. The result depends only on the scores, never on the
 device, thread count or world size.
 
-No sort: a selection finds the k-th largest eligible score v with one `torch.topk` (ineligible
-entries filled with the dtype's lowest value), takes every entry above v, then the lowest-index
-entries equal to v up to k (a prefix count, only where v is tied). Selections over several
+No sort: a selection finds the k-th largest eligible score v with one `torch.topk` (over the
+gathered eligible scores where they are few, else over all with ineligible entries at the dtype's
+lowest value) and takes every eligible entry not below v; where that is more than k, v is tied
+and the surplus entries equal to v with the highest indices are dropped. Selections over several
 tensors (per-layer top-k, drop-and-grow) read all their counts from the device in one transfer.
 """
 from __future__ import annotations
@@ -50,10 +51,13 @@ class _Selection:
                  excluded: torch.Tensor | None = None, n_eligible: int | None = None) -> None:
         self.k, self.eligible, self.excluded, self.restrict = k, eligible, excluded, None
         device, lowest = scores.device, _lowest(scores.dtype)
-        counted = torch.full((), scores.numel() if n_eligible is None else n_eligible,
-                             dtype=torch.int64, device=device)
-        if n_eligible is None and eligible is not None:
+        if n_eligible is not None or (eligible is None and excluded is None):
+            counted = torch.full((), scores.numel() if n_eligible is None else n_eligible,
+                                 dtype=torch.int64, device=device)
+        elif eligible is not None:
             counted = torch.count_nonzero(eligible)
+        else:
+            counted = scores.numel() - torch.count_nonzero(excluded)
         zero = torch.zeros((), dtype=torch.int64, device=device)
         self.source = scores
         if k == 0:
