@@ -59,7 +59,7 @@ def _worker(rank: int, port: int, args: argparse.Namespace, workdir: str, queue)
         config = load_config(REPO / "configs" / "quickstart.yaml",
                              [*common, *extra, f"run.dir={workdir}/{name}"])
         trainers[name] = Trainer(config)
-    forced = trainers["rigl-hook-dense"].backend
+    forced = trainers["rigl-hook-dense"].backend.access
     forced.set_dense_gradients = lambda needed: setattr(forced.gradient_state, "dense", True)
     batches = [(x, y) for _, (x, y) in zip(range(8), trainers["dense"].data.train.batches(0))]
 
@@ -76,7 +76,7 @@ def _worker(rank: int, port: int, args: argparse.Namespace, workdir: str, queue)
     for name in trainers:
         run(name, args.warmup)
     for name in ("rigl", "rigl-hook-dense"):
-        trainers[name].backend.gradient_state.reset_counters()
+        trainers[name].backend.access.gradient_state.reset_counters()
     block = args.steps // args.rounds
     times: dict[str, list[float]] = {name: [] for name in trainers}
     for r in range(args.rounds):
@@ -89,7 +89,7 @@ def _worker(rank: int, port: int, args: argparse.Namespace, workdir: str, queue)
     params_total = sum(p.numel() for p in trainers["rigl"].backend.model.parameters())
     result = {
         "times": times,
-        "bytes": {name: trainers[name].backend.gradient_state.bytes_sent / args.steps
+        "bytes": {name: trainers[name].backend.access.gradient_state.bytes_sent / args.steps
                   for name in ("rigl", "rigl-hook-dense")},
         "unmasked": params_total - weights_total,
         "active": weights_active,

@@ -7,7 +7,7 @@ turns in blocks (5 rounds of 12 steps by default, the order rotated each round) 
 the machine's speed falls on all of them alike. Reported: the median seconds per step, the ratio
 sparse / dense of those medians (goal <= 1.03) and its spread over the rounds.
 
-Then, for the methods that prune and regrow (rigl, granet_st), `_update_masks(step)` is timed
+Then, for the methods that prune and regrow (rigl, granet_st), the Sparsifier's mask update is timed
 after a forward and backward on the update steps step = k * update_interval (median of 10), and
 amortized over the interval: update / (interval x that method's step) (goal <= 1 %).
 
@@ -130,7 +130,7 @@ def _interleaved(args, trainers: dict, batches) -> tuple[dict[str, list[float]],
 
 
 def _time_updates(args, trainer, batches) -> tuple[list[float], list[int]]:
-    """Seconds of `_update_masks(step)` after a forward/backward, on the method's update steps."""
+    """Seconds of the Sparsifier's mask update after a forward/backward, on update steps."""
     import torch.nn.functional as F
 
     method = trainer.method
@@ -141,36 +141,35 @@ def _time_updates(args, trainer, batches) -> tuple[list[float], list[int]]:
         raise SystemExit(f"{method.name}: only {len(update_steps)} update steps in a schedule of "
                          f"{trainer.schedule.total_steps} steps; lower --updates")
     model, optimizer = trainer.backend.model, trainer.backend.optimizer
+    sparsifier = trainer.sparsifier
     seconds = []
     for i, step in enumerate(update_steps):
         x, y = batches[i % len(batches)]
-        dense_grad = getattr(trainer.backend, "set_dense_gradients", None)
-        if dense_grad is not None:  # as `_train_step` does before the forward of an update step
-            dense_grad(method.needs_dense_grad(step))
+        trainer.step = step  # asks for dense gradients in the backward where growth needs them
         model.train()
         loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        trainer.step = step
+        grads = sparsifier.access.grads() if method.needs_dense_grad(step) else None
         if not method.update_replaces_optimizer_step:
-            # As `_train_step` does: the optimizer step and masking come first for these methods.
+            # As `Sparsifier.step` does: the optimizer step and masking come first for these methods.
             optimizer.step()
-            trainer._mask_all()
+            sparsifier.mask_all()
         _synchronize()
         tick = time.perf_counter()
-        trainer._update_masks(step)
+        sparsifier._update_masks(step, grads)
         _synchronize()
         seconds.append(time.perf_counter() - tick)
     return seconds, update_steps
 
 
 def _time_masking(trainer, count: int = 50) -> float:
-    """Median seconds of `_mask_all()` alone: the per-step work a mask adds to a dense step."""
+    """Median seconds of `Sparsifier.mask_all()` alone: the per-step work a mask adds to a dense step."""
     seconds = []
     for _ in range(count):
         _synchronize()
         tick = time.perf_counter()
-        trainer._mask_all()
+        trainer.sparsifier.mask_all()
         _synchronize()
         seconds.append(time.perf_counter() - tick)
     return statistics.median(seconds)
@@ -251,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         step_table += (
             f"\n\nSingle rounds' ratios differ from 1 by up to {spread:.1%}, more than the "
             f"{STEP_GOAL - 1.0:.0%} margin of the goal: the ratios are no more precise than that "
-            "noise allows. The masking column times `Trainer._mask_all()` alone (median of 50 "
+            "noise allows. The masking column times `Sparsifier.mask_all()` alone (median of 50 "
             "calls), the only per-step work a masked step adds to the dense one."
         )
     update_rows = []

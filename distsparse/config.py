@@ -14,11 +14,11 @@ from typing import Any, List, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from distsparse.data.fashion_mnist import FASHION_MNIST_DIR
 from distsparse.errors import ConfigError
 from distsparse.models import check_model
 
 __all__ = [
+    "FASHION_MNIST_DIR",
     "INIT_CRITERIA",
     "Config",
     "ConfigError",
@@ -27,6 +27,10 @@ __all__ = [
     "schedule_relevant",
     "to_yaml",
 ]
+
+
+FASHION_MNIST_DIR: str = "/usr/share/datasets/fashion-mnist"
+"""Where Debian's dataset-fashion-mnist package puts the idx files (data.path's default)."""
 
 
 @dataclass

@@ -31,7 +31,7 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_st
 
 from distsparse.cli import main
 from distsparse.config import load_config
-from distsparse.engine.backends import deepspeed as deepspeed_backend
+from distsparse.sparsifier import deepspeed_access
 from distsparse.engine.backends.deepspeed import deepspeed_config
 from distsparse.engine.native_checkpoint import DEEPSPEED_DIR, step_tag
 from distsparse.engine.post_training import resolve_run_dir
@@ -76,7 +76,7 @@ def _copies(trainer) -> dict[str, dict[str, torch.Tensor]]:
                           if torch.is_tensor(value) and value.dim() > 0})
         else:
             found["fp32 master"] = safe_get_full_fp32_param(param).reshape(weight.shape)
-            for key in backend._state_keys():
+            for key in backend.access._state_keys():
                 found[key] = safe_get_full_optimizer_state(param, key).reshape(weight.shape)
         copies[name] = found
     return copies
@@ -110,11 +110,11 @@ def _check_zero_at(trainer, positions: dict[str, torch.Tensor], what: str, step:
 
 def _instrument(trainer, errors: list[str]) -> None:
     """After every step: masked-off entries are 0 in every copy; regrown ones start at 0."""
-    train_step, update_masks = trainer._train_step, trainer._update_masks
+    train_step, update_masks = trainer._train_step, trainer.sparsifier._update_masks
 
-    def checked_update(step):
+    def checked_update(step, grads):
         before = trainer.masks.full_masks()
-        update_masks(step)
+        update_masks(step, grads)
         after = trainer.masks.full_masks()
         regrown = {name: after[name] & ~before[name] for name in before}
         trainer.regrown_total = getattr(trainer, "regrown_total", 0) + sum(
@@ -127,7 +127,7 @@ def _instrument(trainer, errors: list[str]) -> None:
         _check_zero_at(trainer, masked_off, "masked-off", trainer.step, errors, require_state=True)
         return result
 
-    trainer._update_masks, trainer._train_step = checked_update, checked_step
+    trainer.sparsifier._update_masks, trainer._train_step = checked_update, checked_step
 
 
 def _refuse(what: str):
@@ -138,20 +138,20 @@ def _refuse(what: str):
 
 
 def _forbid_full_gathers(trainer, errors: list[str], notes: list[str]) -> None:
-    """Stage 3: make full gathers raise in update-step backwards and updates; record the bytes.
+    """Stage 3: make full gathers raise in gradient reads and updates; record the bytes.
 
-    Patched: DeepSpeed's full-tensor getters (in `deepspeed.utils` and where the backend imported
+    Patched: DeepSpeed's full-tensor getters (in `deepspeed.utils` and where the access imported
     them) and `deepspeed.zero.GatheredParameters`. The instrumented checks run outside the guard.
     """
-    backend, update_masks = trainer.backend, trainer._update_masks
-    backward = backend.backward
+    access, update_masks = trainer.backend.access, trainer.sparsifier._update_masks
+    grads = access.grads
     layout = trainer.masks.layout
     label = trainer.config.run.dir
 
     def guarded(call):
         def run(*args):
             saved = [(module, name, getattr(module, name)) for module in (deepspeed.utils,
-                     deepspeed_backend) for name in FULL_GATHERS if hasattr(module, name)]
+                     deepspeed_access) for name in FULL_GATHERS if hasattr(module, name)]
             saved.append((deepspeed.zero, "GatheredParameters", deepspeed.zero.GatheredParameters))
             for module, name, _ in saved:
                 setattr(module, name, _refuse(name))
@@ -163,15 +163,12 @@ def _forbid_full_gathers(trainer, errors: list[str], notes: list[str]) -> None:
 
         return run
 
-    def guarded_backward(loss):
-        return (guarded(backward) if backend.dense_requested else backward)(loss)
-
     sent_per_update: list[tuple[int, int]] = []
 
-    def measured_update(step):
+    def measured_update(step, grads):
         sent, gathered = layout.bytes_sent, layout.bytes_gathered
         try:
-            guarded(update_masks)(step)
+            guarded(update_masks)(step, grads)
         except AssertionError as error:
             errors.append(f"{label} step {step}: {error}")
             raise
@@ -180,9 +177,9 @@ def _forbid_full_gathers(trainer, errors: list[str], notes: list[str]) -> None:
         if not 0 < selection < SELECTION_BYTES_LIMIT:
             errors.append(f"{label} step {step}: the selection sent {selection} bytes")
 
-    backend.backward, trainer._update_masks = guarded_backward, measured_update
+    access.grads, trainer.sparsifier._update_masks = guarded(grads), measured_update
     trainer.note = lambda: notes.append(
-        f"{Path(label).name} rank {backend.rank}, bytes per update (selection and counts, "
+        f"{Path(label).name} rank {access.rank}, bytes per update (selection and counts, "
         f"bit-packed mask gathers for the fingerprint log and persistent layers): {sent_per_update}")
 
 
@@ -199,7 +196,7 @@ def _train(overrides: list[str], errors: list[str] | None = None, resume: Path |
     if notes is not None and trainer.backend.stage == 3:
         if not trainer.masks.sharded:
             errors.append(f"{config.run.dir}: stage 3 holds full masks")
-        if list(trainer.backend.persistent_masks) != [trainer.masks.names[-1]]:
+        if list(trainer.backend.access.persistent_masks) != [trainer.masks.names[-1]]:
             errors.append(f"{config.run.dir}: expected only the small last layer to be persistent")
         _forbid_full_gathers(trainer, errors, notes)
     if errors is not None:

@@ -348,7 +348,7 @@ def test_bf16_autocast_and_channels_last_keep_fp32_weights_and_exact_zeros(small
     assert model(x).dtype == torch.float32
     summary = trainer.fit()
     assert summary["completed"] and math.isfinite(summary["test_loss"])
-    weights = trainer.backend.weights()
+    weights = trainer.backend.access.weights()
     for name, mask in trainer.masks.masks.items():
         assert weights[name].dtype == torch.float32
         assert int(weights[name][~mask.bool()].count_nonzero()) == 0, name

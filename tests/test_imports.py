@@ -107,3 +107,73 @@ def test_the_engine_never_imports_a_launcher(path):
     bad = [m for m in _imports(path)
            if any(m == f or m.startswith(f + ".") for f in ("distsparse.orchestrate", "ray"))]
     assert bad == [], f"{path.relative_to(PACKAGE.parent)} imports {bad}"
+
+
+LAYERS = {
+    # subpackage or module -> what of distsparse it may import besides itself (DESIGN section 2)
+    "errors": (),
+    "sparsity": (),
+    "models": ("errors",),
+    "config": ("errors", "models"),
+    "data": ("errors", "config"),
+    "methods": ("errors", "config", "sparsity"),
+    "dist": ("errors", "sparsity"),
+    "sparsifier": ("errors", "config", "sparsity", "methods", "dist"),
+}
+
+
+def _layer_files(layer: str) -> list[Path]:
+    single = PACKAGE / f"{layer}.py"
+    return [single] if single.is_file() else _files(layer)
+
+
+@pytest.mark.parametrize("layer", sorted(LAYERS))
+def test_each_layer_imports_only_the_layers_below_it(layer):
+    allowed = {layer, *LAYERS[layer]}
+    for path in _layer_files(layer):
+        inside = [m for m in _imports(path) if m.startswith("distsparse.")]
+        bad = [m for m in inside if m.split(".")[1] not in allowed]
+        assert bad == [], f"{path.relative_to(PACKAGE.parent)} imports {bad}"
+
+
+def test_methods_never_import_torch_distributed():
+    for path in _files("methods"):
+        bad = [m for m in _imports(path) if m == "torch.distributed" or
+               m.startswith("torch.distributed.")]
+        assert bad == [], f"{path.relative_to(PACKAGE.parent)} imports {bad}"
+
+
+def test_only_the_code_that_wraps_models_imports_deepspeed():
+    wrappers = {PACKAGE / "engine" / "backends" / "deepspeed.py",
+                PACKAGE / "sparsifier" / "deepspeed_access.py"}
+    importers = {path for path in PACKAGE.rglob("*.py")
+                 if any(m == "deepspeed" or m.startswith("deepspeed.") for m in _imports(path))}
+    assert importers == wrappers
+
+
+def test_no_import_cycles():
+    modules = {_module_name(path): path for path in PACKAGE.rglob("*.py")}
+
+    def resolve(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]  # `from pkg.mod import name`: the module pkg.mod
+        return name or None
+
+    # Imports inside functions count too: a deferred import hides a cycle, it does not break it.
+    graph = {name: {resolve(m) for m in _imports(path) if m.startswith("distsparse")} - {None, name}
+             for name, path in modules.items()}
+    visiting, done = [], set()
+
+    def visit(name: str) -> None:
+        if name in done:
+            return
+        assert name not in visiting, "import cycle: " + " -> ".join(
+            visiting[visiting.index(name):] + [name])
+        visiting.append(name)
+        for other in sorted(graph[name]):
+            visit(other)
+        visiting.pop()
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name)

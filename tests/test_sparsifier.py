@@ -231,3 +231,25 @@ def test_a_ddp_model_gets_identical_masks_equal_to_one_process(tmp_path):
         # float64: the 2-rank mean and the full-batch mean differ only by rounding.
         torch.testing.assert_close(ranks[0]["state"][name], value, rtol=0, atol=1e-12)
         assert torch.equal(ranks[0]["state"][name], ranks[1]["state"][name])
+
+
+def test_the_readme_example_runs_and_leaves_an_exact_resumable_checkpoint(tmp_path, monkeypatch):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Use it in your own training loop", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    sparsifier, model = namespace["sparsifier"], namespace["model"]
+    assert sparsifier.step_count == 200 and sparsifier.last_update.step == 150
+    assert list(sparsifier.masks) == ["1.weight", "4.weight"]
+    weights = dict(model.named_parameters())
+    for name, mask in sparsifier.masks.items():
+        assert torch.count_nonzero(weights[name].detach()[~mask]) == 0
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert saved["sparsifier"]["step"] == 200
+    shapes = {name: tuple(mask.shape) for name, mask in sparsifier.masks.items()}
+    densities = layer_densities("erk", shapes, 0.1)
+    expected = {name: active_count(math.prod(shape), densities[name])
+                for name, shape in shapes.items()}
+    assert {name: int(m.sum()) for name, m in saved["sparsifier"]["masks"].items()} == expected

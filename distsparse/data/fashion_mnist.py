@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from distsparse.config import FASHION_MNIST_DIR
+
 __all__ = ["FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "load_fashion_mnist"]
 
-FASHION_MNIST_DIR: str = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES: tuple[str, ...] = (
     "T-shirt/top",
     "Trouser",

@@ -1,5 +1,8 @@
 """ImageNet-format data: FFCV's ResNet recipe, or torchvision's ImageFolder as the fallback.
 
+This module holds what both loaders share (pixel statistics, the resolution ramp);
+`distsparse.data.loader.build_imagenet` builds them.
+
 `data.loader=ffcv`: data.path holds train.beton and val.beton (written by `distsparse write-beton`).
 Training follows libffcv/ffcv-imagenet's train_imagenet.py: random resized crop, horizontal flip,
 progressive resizing by epoch, normalization; the test set is a center crop of `crop_ratio` of
@@ -19,17 +22,12 @@ function of (seed, epoch), its augmentation is not, so FFCV runs do not resume b
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
-from distsparse.config import Config, ImageNetConfig
-from distsparse.data.loader import DataBundle
-from distsparse.errors import ConfigError, DataError
+from distsparse.config import ImageNetConfig
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "PIXEL_MEAN", "PIXEL_STD", "build_imagenet",
-           "resolution_at"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "PIXEL_MEAN", "PIXEL_STD", "resolution_at"]
 
 IMAGENET_MEAN: np.ndarray = np.array([0.485, 0.456, 0.406]) * 255
 """Per-channel mean of ImageNet pixels in [0, 255] (RGB)."""
@@ -56,42 +54,3 @@ def resolution_at(epoch: int, config: ImageNetConfig) -> int:
     interpolated = np.interp(epoch, [config.start_ramp, config.end_ramp],
                              [config.min_res, config.max_res])
     return int(np.round(interpolated / _RESOLUTION_STEP)) * _RESOLUTION_STEP
-
-
-def _require(path: Path, what: str, data_path: str) -> Path:
-    exists = path.is_dir() if what == "folder" else path.is_file()
-    if not exists:
-        raise ConfigError(f"config key 'data.path' = {data_path!r}: {what} {path} not found")
-    return path
-
-
-def build_imagenet(config: Config, rank: int, world_size: int, device: torch.device) -> DataBundle:
-    """Train and test loaders for data.name=imagenet (data.loader ffcv or torchvision)."""
-    data, batch = config.data, config.train.batch_size
-    root = Path(data.path)
-    if data.loader == "ffcv":
-        from distsparse.data.ffcv_loader import beton_num_classes, ffcv_train_loader, ffcv_val_loader
-
-        train_file = _require(root / "train.beton", "file", data.path)
-        val_file = _require(root / "val.beton", "file", data.path)
-        train = ffcv_train_loader(train_file, data.imagenet, batch, config.seed, world_size, device)
-        test = ffcv_val_loader(val_file, data.imagenet, batch, rank, world_size, device)
-        num_classes = beton_num_classes(train_file)
-    else:
-        from distsparse.data.imagefolder import ImageFolderLoader
-
-        train_dir = _require(root / "train", "folder", data.path)
-        val_dir = _require(root / "val", "folder", data.path)
-        train = ImageFolderLoader(train_dir, data.imagenet, batch, config.seed, True, rank,
-                                  world_size)
-        test = ImageFolderLoader(val_dir, data.imagenet, batch, config.seed, False, rank,
-                                 world_size)
-        if test.dataset.classes != train.dataset.classes:
-            raise DataError(f"{val_dir} and {train_dir} hold different class folders")
-        num_classes = train.num_classes
-    if len(train) == 0:
-        raise ConfigError(
-            f"config key 'train.batch_size' = {batch}: larger than this rank's share of the "
-            f"training set in {data.path}"
-        )
-    return DataBundle(train=train, test=test, num_classes=num_classes, in_channels=3)

@@ -7,37 +7,20 @@ same global batches as one worker. Resuming at (epoch, batch) replays the same b
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from distsparse.config import Config
+from distsparse.data.bundle import BatchLoader, DataBundle
 from distsparse.data.fashion_mnist import load_fashion_mnist
 from distsparse.data.synthetic import synthetic_classification
-from distsparse.errors import ConfigError
+from distsparse.errors import ConfigError, DataError
 
-__all__ = ["BatchLoader", "DataBundle", "TensorLoader", "build_data"]
+__all__ = ["BatchLoader", "DataBundle", "TensorLoader", "build_data", "build_imagenet"]
 
 _PAD = 2
-
-
-class BatchLoader(Protocol):
-    """What the trainer needs of a loader: batches per epoch and this rank's batches of an epoch.
-
-    `mean` and `std` (shape (1, C, 1, 1)) are the per-channel statistics of [0, 1] pixels the
-    loader normalized with, so evaluation can undo the normalization and corrupt the pixels.
-    """
-
-    mean: torch.Tensor
-    std: torch.Tensor
-
-    def __len__(self) -> int: ...
-
-    def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's (images, int64 labels) of global batches start, start+1, ... of `epoch`."""
-        ...
 
 
 class TensorLoader:
@@ -99,23 +82,11 @@ def _augment(x: torch.Tensor, flips: torch.Tensor, shifts: torch.Tensor) -> torc
     return cropped.permute(0, 3, 1, 2).contiguous()
 
 
-@dataclass
-class DataBundle:
-    """Train and test loaders and what a model needs to know about the data."""
-
-    train: BatchLoader
-    test: BatchLoader
-    num_classes: int
-    in_channels: int
-
-
 def build_data(config: Config, rank: int = 0, world_size: int = 1,
                device: torch.device = torch.device("cpu")) -> DataBundle:
     """Loaders for the configured data set; a missing path raises ConfigError naming data.path."""
     data = config.data
     if data.name == "imagenet":
-        from distsparse.data.imagenet import build_imagenet
-
         return build_imagenet(config, rank, world_size, device)
     if data.loader == "fmnist":
         try:
@@ -149,3 +120,42 @@ def build_data(config: Config, rank: int = 0, world_size: int = 1,
         num_classes=num_classes,
         in_channels=in_channels,
     )
+
+
+def _require(path: Path, what: str, data_path: str) -> Path:
+    exists = path.is_dir() if what == "folder" else path.is_file()
+    if not exists:
+        raise ConfigError(f"config key 'data.path' = {data_path!r}: {what} {path} not found")
+    return path
+
+
+def build_imagenet(config: Config, rank: int, world_size: int, device: torch.device) -> DataBundle:
+    """Train and test loaders for data.name=imagenet (data.loader ffcv or torchvision)."""
+    data, batch = config.data, config.train.batch_size
+    root = Path(data.path)
+    if data.loader == "ffcv":
+        from distsparse.data.ffcv_loader import beton_num_classes, ffcv_train_loader, ffcv_val_loader
+
+        train_file = _require(root / "train.beton", "file", data.path)
+        val_file = _require(root / "val.beton", "file", data.path)
+        train = ffcv_train_loader(train_file, data.imagenet, batch, config.seed, world_size, device)
+        test = ffcv_val_loader(val_file, data.imagenet, batch, rank, world_size, device)
+        num_classes = beton_num_classes(train_file)
+    else:
+        from distsparse.data.imagefolder import ImageFolderLoader
+
+        train_dir = _require(root / "train", "folder", data.path)
+        val_dir = _require(root / "val", "folder", data.path)
+        train = ImageFolderLoader(train_dir, data.imagenet, batch, config.seed, True, rank,
+                                  world_size)
+        test = ImageFolderLoader(val_dir, data.imagenet, batch, config.seed, False, rank,
+                                 world_size)
+        if test.dataset.classes != train.dataset.classes:
+            raise DataError(f"{val_dir} and {train_dir} hold different class folders")
+        num_classes = train.num_classes
+    if len(train) == 0:
+        raise ConfigError(
+            f"config key 'train.batch_size' = {batch}: larger than this rank's share of the "
+            f"training set in {data.path}"
+        )
+    return DataBundle(train=train, test=test, num_classes=num_classes, in_channels=3)

@@ -36,7 +36,6 @@ from tqdm import tqdm
 from distsparse.config import Config, TrainConfig, schedule_relevant, to_yaml
 from distsparse.data.imagenet import resolution_at
 from distsparse.data.loader import BatchLoader, TensorLoader
-from distsparse.engine.backends import SingleBackend
 from distsparse.engine.checkpoint import CHECKPOINT_NAME, MODEL_NAME, save_checkpoint
 from distsparse.engine.flops import FlopCounter
 from distsparse.engine.metrics import MetricsLog
@@ -54,6 +53,7 @@ from distsparse.methods.post_training import (
     search_layer_counts,
     ste_sparse_weight,
 )
+from distsparse.sparsifier.access import PlainAccess
 from distsparse.sparsity.masks import MaskSet, sparsifiable_parameters
 
 __all__ = ["POST_TRAINING_METHODS", "PRESETS", "PruneSettings", "default_output", "prune",
@@ -349,8 +349,9 @@ def _oneshot(ctx: _Context, masks: MaskSet, optimizer: torch.optim.Optimizer,
     model = ctx.run.model
     weights = {name: p.detach() for name, p in masks.params.items()}
     masks.update(oneshot_masks(weights, ctx.settings.sparsity, ctx.settings.allocation))
-    backend = SingleBackend(model, optimizer, masks)
-    backend.mask_all_copies(masks)
+    access = PlainAccess(optimizer)
+    access.bind(masks)
+    access.mask_all_copies(masks)
 
     def loss_of(x: torch.Tensor, y: torch.Tensor, epoch: int) -> torch.Tensor:
         return F.cross_entropy(model(x), y)
@@ -360,7 +361,7 @@ def _oneshot(ctx: _Context, masks: MaskSet, optimizer: torch.optim.Optimizer,
         return ctx.evaluate(model, ctx.run.data.test)
 
     return _fine_tune(ctx, model, optimizer, scheduler, loss_of,
-                      lambda: backend.mask_all_copies(masks), evaluate_epoch,
+                      lambda: access.mask_all_copies(masks), evaluate_epoch,
                       1.0 - masks.density(), f"oneshot {ctx.settings.sparsity:.0%}")
 
 
@@ -422,7 +423,7 @@ def _unipts(ctx: _Context, masks: MaskSet, optimizer: torch.optim.Optimizer, sch
                              evaluate_epoch, 1.0 - sum(counts.values()) / _numel(masks),
                              f"unipts {ctx.settings.sparsity:.0%}")
     masks.update(layer_topk_masks({n: p.detach() for n, p in masks.params.items()}, counts))
-    SingleBackend(model, optimizer, masks).mask_all_copies(masks)
+    PlainAccess(optimizer).mask_all_copies(masks)
     return steps, rate
 
 

@@ -1,8 +1,9 @@
-"""The training loop every backend and launcher shares.
+"""The training loop every backend and launcher shares, a user of `distsparse.Sparsifier`.
 
-load or start -> for each step: forward, backward, [mask update], optimizer step, mask every copy
--> log, checkpoint, evaluate at epoch ends -> summary, plot. Methods only return masks; the backend
-applies them to the weight, master copy and optimizer state.
+load or start -> for each step: forward, backward through the backend's wrapper, Sparsifier.step
+(optimizer step or RigL's skip, every copy masked, the mask updated on schedule), LR step -> log,
+checkpoint, evaluate at epoch ends -> summary, plot. The backend wraps the model; its access
+(handed to the Sparsifier) reaches the weight, master copy and optimizer state.
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ from tqdm import tqdm
 
 from distsparse.config import Config, run_directory, schedule_relevant, to_yaml
 from distsparse.data.loader import BatchLoader, DataBundle, build_data
-from distsparse.dist.mask_sync import verify_identical_masks
 from distsparse.dist.process_group import (
     DistEnv,
     all_reduce,
@@ -46,6 +46,7 @@ from distsparse.errors import CheckpointError, ConfigError, DistsparseError
 from distsparse.methods import SparsityMethod, TrainingSchedule, build_method
 from distsparse.methods.init_masks import InitContext
 from distsparse.models import build_model
+from distsparse.sparsifier import MaskUpdate, Sparsifier
 from distsparse.sparsity.masks import MaskSet, sparsifiable_parameters
 
 __all__ = ["CheckpointCallback", "Trainer", "train"]
@@ -122,29 +123,36 @@ class Trainer:
         model = model.to(device=self.device, dtype=getattr(torch, config.train.dtype))
         if config.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        params = sparsifiable_parameters(
-            model, config.method.dense_first_layer, config.method.dense_last_layer
-        )
-        self.masks = MaskSet(params)
+        method = self.method.config
+        try:
+            shapes = {name: tuple(p.shape) for name, p in sparsifiable_parameters(
+                model, method.dense_first_layer, method.dense_last_layer, method.include,
+                method.exclude).items()}
+        except ValueError as exc:
+            raise ConfigError(f"config key 'method.include' / 'method.exclude': {exc}") from None
         optimizer = build_optimizer(model, config.train)
         self.scheduler = build_lr_scheduler(
             optimizer, self.schedule.total_steps, self.schedule.steps_per_epoch, config.train
         )
-        self.step, self.previous_wall_s = 0, 0.0
+        self.previous_wall_s = 0.0
         sample = next(self.data.test.batches(0))[0]
         self.flops = FlopCounter(model, self._to_device(sample))
-        if checkpoint is None:
-            self.masks.update(self.method.initial_masks(self.masks.shapes(), self._init_context(model)))
-        elif not isinstance(checkpoint, NativeCheckpoint):
-            self._restore(model, optimizer, checkpoint)
+        if checkpoint is None:  # full masks before wrapping: pruning at init scores the model
+            masks = self.method.initial_masks(shapes, self._init_context(model))
+        else:  # replaced by the checkpoint's once the wrapper exists
+            masks = {name: torch.ones(shape, dtype=torch.bool) for name, shape in shapes.items()}
+            if not isinstance(checkpoint, NativeCheckpoint):
+                self._restore_model(model, optimizer, checkpoint)
         self.backend: Backend = self._build_backend(model, optimizer)
-        self.masks.use_layout(self.backend.selection_layout(self.masks.shapes()))
-        self.method.layout = self.masks.layout
+        self.sparsifier = Sparsifier.from_method(
+            self.method, getattr(self.backend.model, "module", self.backend.model),
+            self.backend.access, masks)
+        self.masks: MaskSet = self.sparsifier.mask_set
         if isinstance(checkpoint, NativeCheckpoint):
             self._restore_native(checkpoint)
+        elif checkpoint is not None:
+            self._restore_training_state(checkpoint, self.run_dir / CHECKPOINT_NAME)
         self.input_dtype = self.backend.input_dtype or self.input_dtype
-        self._mask_all()
-        verify_identical_masks(self.masks, self.device, self.step)
         self.flops.set_masks(self.masks)
         self.log: MetricsLog | None = None
         if self.step == 0 and self.env.is_main:  # a resume from step 0 may change the schedule
@@ -169,18 +177,26 @@ class Trainer:
         return InitContext(model, batches, self.config.train.batch_size, input_shape, all_reduce,
                            progress)
 
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken (the Sparsifier's count)."""
+        return self.sparsifier.step_count
+
+    @step.setter
+    def step(self, step: int) -> None:
+        self.sparsifier.step_count = step
+
     def _build_backend(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Backend:
         if self.config.backend.name == "single" or self.env.world_size == 1:
-            return SingleBackend(model, optimizer, self.masks)
+            return SingleBackend(model, optimizer)
         if self.device.type == "cuda" and self.config.backend.sync_batchnorm:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         if self.config.backend.name == "deepspeed":
             from distsparse.engine.backends.deepspeed import DeepSpeedBackend
 
-            return DeepSpeedBackend(model, optimizer, self.masks, self.env,
-                                    self.deepspeed_settings)
+            return DeepSpeedBackend(model, optimizer, self.env, self.deepspeed_settings)
         sparse = self.config.backend.sparse_gradients and self.method.uses_masks
-        return DDPBackend(model, optimizer, self.masks, self.env, self.device, sparse)
+        return DDPBackend(model, optimizer, self.env, self.device, sparse)
 
     def _on_main_then_agree(self, action) -> None:
         """Run a check-and-write on rank 0 only; every rank stops if it failed."""
@@ -232,10 +248,6 @@ class Trainer:
             )
         return checkpoint
 
-    def _mask_all(self) -> None:
-        if self.method.uses_masks:
-            self.backend.mask_all_copies(self.masks)
-
     def fit(self) -> dict[str, Any]:
         """Train to the end of the schedule (or run.stop_at_step); return the summary."""
         start_time = time.perf_counter()
@@ -276,7 +288,6 @@ class Trainer:
                 loss, correct = self._train_step(self._to_device(x), y.to(self.device))
                 self.train_seconds += time.perf_counter() - tick
                 self.images += len(y) * self.env.world_size
-                self.step += 1
                 bar.update(1)
                 if self.step % self.config.train.log_every == 0:
                     loss_value = loss.item()  # the only host sync of a step, on logging steps
@@ -304,37 +315,28 @@ class Trainer:
         model = self.backend.model
         model.train()
         step = self.step
-        update = self.method.uses_masks and self.method.is_update_step(step)
-        self.backend.set_dense_gradients(update and self.method.needs_dense_grad(step))
+        method = self.method
+        dense = method.uses_masks and method.is_update_step(step) and method.needs_dense_grad(step)
         with self._autocast():
             output = model(x)
             loss = F.cross_entropy(output, y, label_smoothing=self.config.train.label_smoothing)
         self.backend.backward(loss)
-        if update and self.method.update_replaces_optimizer_step:
-            self._update_masks(step)
-            self.backend.skip_step()
-        else:
-            self.backend.step()
-            self._mask_all()
-            if update:
-                self._update_masks(step)
+        self.sparsifier.step()
+        update = self.sparsifier.last_update
+        if update is not None and update.step == step:
+            self._log_mask_update(update)
         self.scheduler.step()
-        self.flops.add_step(dense_gradient=update and self.method.needs_dense_grad(step))
+        self.flops.add_step(dense_gradient=dense)
         return loss.detach(), (output.detach().argmax(1) == y).sum()
 
-    def _update_masks(self, step: int) -> None:
-        tick = time.perf_counter()
-        grads = self.backend.grads() if self.method.needs_dense_grad(step) else None
-        changed = self.method.update(step, self.masks.masks, self.backend.weights(), grads)
-        self.masks.update(changed)
-        self._mask_all()
-        verify_identical_masks(self.masks, self.device, step)
+    def _log_mask_update(self, update: MaskUpdate) -> None:
         self.flops.set_masks(self.masks)
         # Only the logging rank needs it, but where masks are pieces every rank joins the gather.
         fingerprint = self.masks.fingerprint() if self.log is not None or self.masks.sharded else None
         if self.log is not None:
-            self.log.log("mask_update", step, sparsity=self._sparsity(), layers_changed=len(changed),
-                         fingerprint=fingerprint, seconds=time.perf_counter() - tick)
+            self.log.log("mask_update", update.step, sparsity=self._sparsity(),
+                         layers_changed=update.layers_changed, fingerprint=fingerprint,
+                         seconds=update.seconds)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -405,8 +407,9 @@ class Trainer:
             save_checkpoint({"config": schedule_relevant(self.config), "step": self.step,
                              "model": model, "masks": masks}, self.run_dir / MODEL_NAME)
 
-    def _restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 state: dict[str, Any]) -> None:
+    def _restore_model(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                       state: dict[str, Any]) -> None:
+        """Model and optimizer state of a last.pt, before the model is wrapped."""
         source = self.run_dir / CHECKPOINT_NAME
         try:
             model.load_state_dict(state["model"])
@@ -416,7 +419,6 @@ class Trainer:
             ) from None
         if int(state["step"]) > 0:  # at step 0 the fresh optimizer of the current config
             optimizer.load_state_dict(state["optimizer"])
-        self._restore_training_state(state, source)
 
     def _restore_native(self, checkpoint: NativeCheckpoint) -> None:
         """Model, optimizer and engine state through DeepSpeed; the rest from its client_state."""
@@ -424,18 +426,18 @@ class Trainer:
         self._restore_training_state(state, checkpoint.directory / checkpoint.tag)
 
     def _restore_training_state(self, state: dict[str, Any], source: Path) -> None:
+        """Masks, method and step (through the Sparsifier), schedule, FLOPs, RNG and wall time."""
         try:
-            self.masks.load_state_dict(state["masks"])
+            self.sparsifier.load_state_dict(state)
         except (RuntimeError, ValueError) as exc:
             raise CheckpointError(
                 f"checkpoint {source} does not fit the model: {str(exc).splitlines()[0]}"
             ) from None
         if int(state["step"]) > 0:  # at step 0 the fresh schedule of the current config
             self.scheduler.load_state_dict(state["scheduler"])
-        self.method.load_state_dict(state["method"])
         self.flops.load_state_dict(state["flops"])
         torch.set_rng_state(state["rng"]["torch"])
-        self.step, self.previous_wall_s = int(state["step"]), float(state["wall_s"])
+        self.previous_wall_s = float(state["wall_s"])
 
     def _summary(self, evaluation: dict[str, float], wall_s: float, images_per_s: float) -> dict[str, Any]:
         config = self.config

@@ -78,14 +78,11 @@ class Sparsifier:
 
     @classmethod
     def from_method(cls, method: SparsityMethod, module: nn.Module, access: ParameterAccess,
-                    init_context: InitContext | None = None,
-                    masks: Mapping[str, torch.Tensor] | None = None) -> Sparsifier:
-        """A Sparsifier over an already built method and access (the trainer's constructor).
-
-        `masks` (full shapes) replace the method's initial masks, e.g. when resuming.
-        """
+                    masks: Mapping[str, torch.Tensor]) -> Sparsifier:
+        """A Sparsifier over a built method, the access of the module's wrapper, and full masks
+        to start from (the trainer computes them before wrapping, or resumes them)."""
         sparsifier = cls.__new__(cls)
-        sparsifier._setup(method, module, access, init_context, masks)
+        sparsifier._setup(method, module, access, None, masks)
         return sparsifier
 
     def _setup(self, method: SparsityMethod, module: nn.Module, access: ParameterAccess,
@@ -99,7 +96,7 @@ class Sparsifier:
             raise ConfigError(str(exc)) from None
         if not params:
             raise ConfigError("the model has no parameter to mask (see include / exclude)")
-        self.method, self.access, self.step_count = method, access, 0
+        self.method, self.access, self._step = method, access, 0
         self.mask_set = MaskSet(params)
         access.bind(self.mask_set)
         if masks is None:
@@ -113,6 +110,16 @@ class Sparsifier:
         self.last_update: MaskUpdate | None = None
         self.mask_all()
         self._check_identical()
+        self._prepare_next_step()
+
+    @property
+    def step_count(self) -> int:
+        """Optimizer steps taken so far (the method's schedule position)."""
+        return self._step
+
+    @step_count.setter
+    def step_count(self, step: int) -> None:
+        self._step = step
         self._prepare_next_step()
 
     @property
@@ -166,7 +173,6 @@ class Sparsifier:
         if update:
             self._update_masks(step, grads)
         self.step_count += 1
-        self._prepare_next_step()
         return not replaces
 
     def _update_masks(self, step: int, grads: Mapping[str, torch.Tensor] | None) -> None:
@@ -199,7 +205,6 @@ class Sparsifier:
         self.method.load_state_dict(state["method"])
         self.step_count = int(state["step"])
         self.mask_all()
-        self._prepare_next_step()
 
     def summary(self) -> str:
         """A table of every masked weight: shape, size, active entries and density."""

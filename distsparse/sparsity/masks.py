@@ -89,10 +89,11 @@ class MaskSet:
 
     def __init__(self, params: Mapping[str, torch.Tensor]) -> None:
         self.params = dict(params)
-        self.masks = {
-            name: torch.ones_like(p, dtype=torch.bool) for name, p in self.params.items()
-        }
-        self.layout = FullLayout({name: tuple(p.shape) for name, p in self.params.items()})
+        # A ZeRO-3 parameter is empty outside gathers; `ds_shape` is its full shape.
+        shapes = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in self.params.items()}
+        self.masks = {name: torch.ones(shapes[name], dtype=torch.bool, device=p.device)
+                      for name, p in self.params.items()}
+        self.layout = FullLayout(shapes)
         self.counts: dict[str, int] | None = None  # global active counts, cached for pieces
 
     @property
