@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from distsparse.dist.comm_hook import register_sparse_allreduce
+from distsparse.distributed.comm_hook import register_sparse_allreduce
 from distsparse.sparsity.masks import MaskSet, sparsifiable_parameters
 from tests.conftest import free_port
 

@@ -103,7 +103,7 @@ def test_resume_under_ddp_is_bit_for_bit_and_may_change_world_size(tmp_path, cap
 def _corrupt_worker(rank: int, port: int, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    from distsparse.dist.mask_sync import MaskMismatchError, verify_identical_masks
+    from distsparse.distributed.mask_sync import MaskMismatchError, verify_identical_masks
     from distsparse.sparsity.masks import MaskSet
 
     params = {"a.weight": torch.zeros(4, 4), "b.weight": torch.zeros(3, 5), "c.weight": torch.zeros(6)}

@@ -117,8 +117,8 @@ LAYERS = {
     "config": ("errors", "models"),
     "data": ("errors", "config"),
     "methods": ("errors", "config", "sparsity"),
-    "dist": ("errors", "sparsity"),
-    "sparsifier": ("errors", "config", "sparsity", "methods", "dist"),
+    "distributed": ("errors", "sparsity"),
+    "sparsifier": ("errors", "config", "sparsity", "methods", "distributed"),
 }
 
 

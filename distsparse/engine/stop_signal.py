@@ -16,7 +16,7 @@ from types import FrameType
 import torch
 import torch.distributed as dist
 
-from distsparse.dist.process_group import is_distributed
+from distsparse.distributed.process_group import is_distributed
 
 __all__ = ["STOP_SIGNALS", "StopSignal"]
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from distsparse.config import Config, run_directory, schedule_relevant, to_yaml
 from distsparse.data.loader import BatchLoader, DataBundle, build_data
-from distsparse.dist.process_group import (
+from distsparse.distributed.process_group import (
     DistEnv,
     all_reduce,
     env_from_variables,

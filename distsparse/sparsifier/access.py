@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from distsparse.dist.comm_hook import SparseGradientState, register_sparse_allreduce
+from distsparse.distributed.comm_hook import SparseGradientState, register_sparse_allreduce
 from distsparse.sparsity.layout import FullLayout
 from distsparse.sparsity.masks import MaskSet
 

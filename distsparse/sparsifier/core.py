@@ -21,8 +21,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from distsparse.config import Config, MethodConfig, validate
-from distsparse.dist.mask_sync import verify_identical_masks
-from distsparse.dist.process_group import all_reduce
+from distsparse.distributed.mask_sync import verify_identical_masks
+from distsparse.distributed.process_group import all_reduce
 from distsparse.errors import ConfigError
 from distsparse.methods import SparsityMethod, TrainingSchedule, build_method
 from distsparse.methods.init_masks import InitContext

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from distsparse.dist.process_group import DistEnv
+from distsparse.distributed.process_group import DistEnv
 from distsparse.engine.backends.single import SingleBackend
 from distsparse.sparsifier.access import DDPAccess
 

@@ -24,7 +24,7 @@ import deepspeed
 import torch
 from torch import nn
 
-from distsparse.dist.process_group import DistEnv
+from distsparse.distributed.process_group import DistEnv
 from distsparse.engine.backends.single import SingleBackend
 from distsparse.errors import CheckpointError, ConfigError
 from distsparse.sparsifier.deepspeed_access import DeepSpeedAccess

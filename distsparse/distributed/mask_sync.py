@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from distsparse.dist.process_group import all_reduce, is_distributed
+from distsparse.distributed.process_group import all_reduce, is_distributed
 from distsparse.errors import DistsparseError
 from distsparse.sparsity.masks import MaskSet
 
