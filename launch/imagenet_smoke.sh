@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The ImageNet path end to end on the CPU in a few minutes: generate a small ImageNet-format data
-# set from Fashion-MNIST, write it as FFCV .beton files, train configs/imagenet/smoke.yaml
-# (FFCV loaders, torchvision ResNet-18 at 64 px, GraNet-ST to 90 %, evaluation every epoch).
+# set from Fashion-MNIST (1000 training, 300 test images), write it as FFCV .beton files, train
+# configs/imagenet/smoke.yaml (FFCV loaders, torchvision ResNet-18 at 64 px, GraNet-ST to 90 %,
+# evaluation every epoch; it ends near top-1 0.9, chance is 0.1).
 # Extra arguments are config overrides, e.g. data.loader=torchvision or run.name=smoke2.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

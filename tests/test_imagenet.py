@@ -22,6 +22,7 @@ from distsparse.data.beton import scan_image_folder
 from distsparse.data.imagefolder import ImageFolderLoader
 from distsparse.data.imagenet import IMAGENET_MEAN, IMAGENET_STD, resolution_at
 from distsparse.data.smoke_imagenet import make_smoke_imagenet
+from distsparse.engine.trainer import Trainer
 from distsparse.errors import ConfigError
 from tests.conftest import free_port
 
@@ -257,6 +258,42 @@ def test_torchvision_fallback_trains_through_the_same_trainer(smoke_folders, tmp
     assert zeros == math.floor(0.9 * total) and summary["sparsity"] == zeros / total
 
 
+@pytest.fixture(scope="module")
+def learning_set(tmp_path_factory) -> Path:
+    """A smoke set big enough to learn: 50 and 20 JPEGs of 32-64 px per class, folders and betons."""
+    _require_ffcv()
+    root = tmp_path_factory.mktemp("learning") / "imagenet"
+    assert make_smoke_imagenet(root, train_per_class=50, val_per_class=20, sides=(32, 64)) == 700
+    for split in ("train", "val"):
+        assert main(["write-beton", "--src", str(root / split), "--out", str(root / f"{split}.beton"),
+                     "--num-workers", "2"]) == 0
+    return root
+
+
+def test_ffcv_and_torchvision_pipelines_learn_the_smoke_set_alike(learning_set, tmp_path):
+    """The smoke recipe at 32 px, 5 epochs: labels and pixel statistics agree between pipelines.
+
+    Both learn well above chance (0.1) to within a few points of each other, and each model
+    scores the same on the other pipeline's test batches (same pixels, same labels, same order).
+    """
+    trainers, top1 = {}, {}
+    for loader in ("ffcv", "torchvision"):
+        trainers[loader] = Trainer(load_config(SMOKE, [
+            f"data.path={learning_set}", f"data.loader={loader}", "data.imagenet.num_workers=1",
+            "data.imagenet.min_res=32", "data.imagenet.max_res=32", "data.imagenet.val_res=32",
+            "train.epochs=5", f"run.dir={tmp_path / loader}", "run.progress=false",
+        ]))
+        summary = trainers[loader].fit()
+        assert summary["completed"] and summary["steps"] == 75
+        assert summary["sparsity"] == pytest.approx(0.9)
+        top1[loader] = summary["test_top1"]
+    assert min(top1.values()) >= 0.7 and abs(top1["ffcv"] - top1["torchvision"]) <= 0.08, top1
+    ffcv, torchvision = trainers["ffcv"], trainers["torchvision"]
+    ffcv.data.test, torchvision.data.test = torchvision.data.test, ffcv.data.test
+    crossed = {loader: trainer.evaluate()["test_top1"] for loader, trainer in trainers.items()}
+    assert all(abs(crossed[loader] - top1[loader]) <= 0.03 for loader in top1), (top1, crossed)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_imagenet_run_trains_and_evaluates_on_cuda_in_bf16(smoke_folders, tmp_path, capsys):
     run = tmp_path / "run"
@@ -334,8 +371,6 @@ def test_missing_data_files_name_data_path(tmp_path, capsys, loader):
 
 
 def test_bf16_autocast_and_channels_last_keep_fp32_weights_and_exact_zeros(small_config):
-    from distsparse.engine.trainer import Trainer
-
     trainer = Trainer(small_config("train.autocast=bf16", "train.channels_last=true",
                                    "method.name=rigl", "train.epochs=1"))
     model = trainer.backend.model

@@ -36,8 +36,8 @@ def add_parsers(verbs: argparse._SubParsersAction) -> None:
         "Fashion-MNIST JPEGs of varied sizes, for smoke runs of the ImageNet path.",
     )
     smoke.add_argument("--out", type=Path, required=True, help="output folder (new or empty)")
-    smoke.add_argument("--train-per-class", type=int, default=32)
-    smoke.add_argument("--val-per-class", type=int, default=10)
+    smoke.add_argument("--train-per-class", type=int, default=100)
+    smoke.add_argument("--val-per-class", type=int, default=30)
     smoke.add_argument("--seed", type=int, default=0)
 
 
