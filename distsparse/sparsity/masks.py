@@ -145,7 +145,7 @@ class MaskSet:
         """Number of active (unmasked) entries per layer, over the full masks."""
         if self.counts is not None:
             return dict(self.counts)
-        return {name: int(mask.sum()) for name, mask in self.masks.items()}
+        return self.layout.active_counts(self.masks)  # one device read for all layers
 
     def layer_density(self) -> dict[str, float]:
         """Fraction of active entries per layer."""
