@@ -4,6 +4,7 @@ from __future__ import annotations
 import socket
 
 import pytest
+import torch
 
 from distsparse.config import Config, load_config
 
@@ -63,3 +64,22 @@ def slurm_cluster(tmp_path_factory):
         yield cluster
     finally:
         stop_slurm(state)
+
+
+def count_host_reads(monkeypatch) -> list[int]:
+    """Record every `tolist` (the one batched device-to-host read allowed) by its element count,
+    and make per-value reads (`item`, `int()`, `bool()`, ...) raise; `monkeypatch.undo()` ends it."""
+    reads: list[int] = []
+    tolist = torch.Tensor.tolist
+
+    def counted(tensor):
+        reads.append(tensor.numel())
+        return tolist(tensor)
+
+    def refused(tensor, *args):
+        raise AssertionError("a per-value host read")
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted)
+    for attribute in ("item", "__int__", "__bool__", "__index__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, attribute, refused)
+    return reads

@@ -17,6 +17,7 @@ from distsparse.config import MethodConfig
 from distsparse.methods import build_method, init_masks
 from distsparse.sparsity.layout import FullLayout, PieceLayout, pack_bits
 from distsparse.sparsity.select import drop_and_grow, global_topk_masks, topk_mask, topk_masks
+from tests.conftest import count_host_reads
 from tests.test_methods import CONTEXT as METHOD_CONTEXT
 from tests.test_methods import SCHEDULE as METHOD_SCHEDULE
 from tests.test_methods import SETTINGS as METHOD_SETTINGS
@@ -414,23 +415,6 @@ def test_pruning_at_init_selects_the_masks_of_the_stable_argsort(monkeypatch):
 
 # --- host reads: one per batch of selections, whatever the number of layers ----------------------
 
-def _count_host_reads(monkeypatch) -> list[str]:
-    reads: list[str] = []
-    tolist = torch.Tensor.tolist
-
-    def counted(tensor):
-        reads.append("tolist")
-        return tolist(tensor)
-
-    def refused(tensor, *args):
-        raise AssertionError("a per-value host read")
-
-    monkeypatch.setattr(torch.Tensor, "tolist", counted)
-    for attribute in ("item", "__int__", "__bool__", "__index__", "__float__"):
-        monkeypatch.setattr(torch.Tensor, attribute, refused)
-    return reads
-
-
 def test_layer_selections_read_the_device_once_per_batch(monkeypatch):
     g = torch.Generator().manual_seed(2)
     shapes = {f"l{i}": (5 + i, 7) for i in range(12)}
@@ -440,9 +424,9 @@ def test_layer_selections_read_the_device_once_per_batch(monkeypatch):
     grow = {n: torch.randint(0, 3, s, generator=g).float() for n, s in shapes.items()}
     counts = {n: int(m.sum()) // 3 for n, m in masks.items()}
     expected = {n: _stable_drop_and_grow(masks[n], drop[n], grow[n], c) for n, c in counts.items()}
-    reads = _count_host_reads(monkeypatch)
+    reads = count_host_reads(monkeypatch)
     layout.active_counts(masks)
-    assert reads == ["tolist"]
+    assert reads == [len(shapes)]  # one read of every layer's count
     layout.topk_per_layer(drop, counts, masks)
     assert len(reads) == 2
     new = layout.drop_and_grow(masks, drop, grow, counts)

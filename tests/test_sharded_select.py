@@ -21,7 +21,7 @@ from distsparse.sparsity.sharded_select import (
     sharded_layer_topk,
     zero3_partition,
 )
-from tests.conftest import free_port
+from tests.conftest import count_host_reads, free_port
 
 NUMELS = [7, 13, 1, 100, 2]  # none divisible by 3 or 4; the 1- and 2-element layers leave ranks empty
 HISTOGRAM_BYTES = (256 + 1) * 8  # 2^8 counts and the NaN count, int64
@@ -378,19 +378,7 @@ def test_local_work_reads_the_device_once_per_collective(kind, monkeypatch):
     # of (digit, above, in bucket, total) per group; no count is read layer by layer.
     full = _layers(kind, torch.float32, seed=4)
     ks = [n // 3 for n in NUMELS]
-    reads = []
-    tolist = torch.Tensor.tolist
-
-    def counted(tensor):
-        reads.append(tensor.numel())
-        return tolist(tensor)
-
-    def refused(tensor, *args):
-        raise AssertionError("a per-value host read")
-
-    monkeypatch.setattr(torch.Tensor, "tolist", counted)
-    for attribute in ("item", "__int__", "__bool__", "__index__", "__float__"):
-        monkeypatch.setattr(torch.Tensor, attribute, refused)
+    reads = count_host_reads(monkeypatch)
     selection = sharded_layer_topk(_pieces(full, 0, 1), ks, lambda tensor: None, rank=0,
                                    world_size=1)
     monkeypatch.undo()

@@ -315,8 +315,7 @@ class Trainer:
         model = self.backend.model
         model.train()
         step = self.step
-        method = self.method
-        dense = method.uses_masks and method.is_update_step(step) and method.needs_dense_grad(step)
+        dense = self.sparsifier.grows_by_gradient(step)
         with self._autocast():
             output = model(x)
             loss = F.cross_entropy(output, y, label_smoothing=self.config.train.label_smoothing)

@@ -11,14 +11,13 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from distsparse.distributed.comm_hook import SparseGradientState, register_sparse_allreduce
 from distsparse.sparsity.layout import FullLayout
 from distsparse.sparsity.masks import MaskSet
 
-__all__ = ["DDPAccess", "ParameterAccess", "PlainAccess", "unwrapped"]
+__all__ = ["DDPAccess", "ParameterAccess", "PlainAccess", "mask_weights_and_state"]
 
 
 class ParameterAccess(Protocol):
@@ -73,20 +72,8 @@ class PlainAccess:
         return {name: p.grad if p.grad is not None else torch.zeros_like(p)
                 for name, p in self.mask_set.params.items()}
 
-    @torch.no_grad()
     def mask_all_copies(self, masks: MaskSet) -> None:
-        """Mask the weight and each optimizer-state tensor of its shape (momentum, exp_avg, ...).
-
-        With element-wise optimizers (SGD, AdamW) this after-step masking equals masking the
-        gradient, and leaves the dense gradient intact for growth criteria.
-        """
-        masks.apply()
-        if self.optimizer is None:
-            return
-        for name, param in masks.params.items():
-            for value in self.optimizer.state.get(param, {}).values():
-                if torch.is_tensor(value) and value.shape == param.shape:
-                    masks.apply({name: value})
+        mask_weights_and_state(masks, self.optimizer)
 
     def step(self) -> None:
         """optimizer.step()."""
@@ -124,6 +111,17 @@ class DDPAccess(PlainAccess):
             self.gradient_state.dense = needed
 
 
-def unwrapped(model: nn.Module) -> nn.Module:
-    """The module DDP (or a DeepSpeed engine) wraps; the model itself otherwise."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
+@torch.no_grad()
+def mask_weights_and_state(masks: MaskSet, optimizer: torch.optim.Optimizer | None) -> None:
+    """Mask each weight and each optimizer-state tensor of its shape (momentum, exp_avg, ...).
+
+    With element-wise optimizers (SGD, AdamW) this after-step masking equals masking the
+    gradient, and leaves the dense gradient intact for growth criteria.
+    """
+    masks.apply()
+    if optimizer is None:
+        return
+    for name, param in masks.params.items():
+        for value in optimizer.state.get(param, {}).values():
+            if torch.is_tensor(value) and value.shape == param.shape:
+                masks.apply({name: value})

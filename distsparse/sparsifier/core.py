@@ -155,11 +155,12 @@ class Sparsifier:
         step = self.step_count
         update = self.method.uses_masks and self.method.is_update_step(step)
         replaces = update and self.method.update_replaces_optimizer_step
-        if scaler is not None and scaler.is_enabled():
+        scaled = scaler is not None and scaler.is_enabled()
+        if scaled:
             scale = scaler.get_scale()
             scaler.unscale_(self.access.optimizer)
-        grads = self.access.grads() if update and self.method.needs_dense_grad(step) else None
-        if scaler is not None and scaler.is_enabled():
+        grads = self.access.grads() if self.grows_by_gradient(step) else None
+        if scaled:
             if not replaces:
                 scaler.step(self.access.optimizer)
             scaler.update()  # the inf check of unscale_ is enough where no step is taken
@@ -187,12 +188,14 @@ class Sparsifier:
         device = next(iter(self.mask_set.masks.values())).device
         verify_identical_masks(self.mask_set, device, self.step_count if step is None else step)
 
+    def grows_by_gradient(self, step: int) -> bool:
+        """Whether the mask update at `step` reads the dense gradient (RigL, GraNet growth)."""
+        method = self.method
+        return method.uses_masks and method.is_update_step(step) and method.needs_dense_grad(step)
+
     def _prepare_next_step(self) -> None:
         """Ask for dense gradients in the next backward when the next step grows by gradient."""
-        step = self.step_count
-        self.access.set_dense_gradients(
-            self.method.uses_masks and self.method.is_update_step(step)
-            and self.method.needs_dense_grad(step))
+        self.access.set_dense_gradients(self.grows_by_gradient(self.step_count))
 
     def state_dict(self) -> dict[str, Any]:
         """Full masks, method state and step count (a collective where masks are pieces)."""

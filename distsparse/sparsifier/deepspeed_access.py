@@ -36,6 +36,7 @@ from deepspeed.utils import (
 )
 from torch import nn
 
+from distsparse.sparsifier.access import mask_weights_and_state
 from distsparse.sparsity.layout import FullLayout, PieceLayout
 from distsparse.sparsity.masks import MaskSet
 
@@ -137,12 +138,8 @@ class DeepSpeedAccess:
     @torch.no_grad()
     def mask_all_copies(self, masks: MaskSet) -> None:
         """Zero masked-off entries in this rank's piece of the weight, fp32 master and state."""
-        if not self.flat_master:
-            masks.apply()
-            for name, param in masks.params.items():
-                for value in self.optimizer.state.get(param, {}).values():
-                    if torch.is_tensor(value) and value.shape == param.shape:
-                        masks.apply({name: value})
+        if not self.flat_master:  # stage 0 in fp32: the torch optimizer steps the weights
+            mask_weights_and_state(masks, self.optimizer)
             return
         owned = self._owned_masks(masks)
         if self.stage < 3:
