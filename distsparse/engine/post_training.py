@@ -53,7 +53,7 @@ from distsparse.methods.post_training import (
     search_layer_counts,
     ste_sparse_weight,
 )
-from distsparse.sparsifier.access import PlainAccess
+from distsparse.sparsifier.access import mask_weights_and_state
 from distsparse.sparsity.masks import MaskSet, sparsifiable_parameters
 
 __all__ = ["POST_TRAINING_METHODS", "PRESETS", "PruneSettings", "default_output", "prune",
@@ -349,9 +349,7 @@ def _oneshot(ctx: _Context, masks: MaskSet, optimizer: torch.optim.Optimizer,
     model = ctx.run.model
     weights = {name: p.detach() for name, p in masks.params.items()}
     masks.update(oneshot_masks(weights, ctx.settings.sparsity, ctx.settings.allocation))
-    access = PlainAccess(optimizer)
-    access.bind(masks)
-    access.mask_all_copies(masks)
+    mask_weights_and_state(masks, optimizer)
 
     def loss_of(x: torch.Tensor, y: torch.Tensor, epoch: int) -> torch.Tensor:
         return F.cross_entropy(model(x), y)
@@ -361,7 +359,7 @@ def _oneshot(ctx: _Context, masks: MaskSet, optimizer: torch.optim.Optimizer,
         return ctx.evaluate(model, ctx.run.data.test)
 
     return _fine_tune(ctx, model, optimizer, scheduler, loss_of,
-                      lambda: access.mask_all_copies(masks), evaluate_epoch,
+                      lambda: mask_weights_and_state(masks, optimizer), evaluate_epoch,
                       1.0 - masks.density(), f"oneshot {ctx.settings.sparsity:.0%}")
 
 
@@ -423,7 +421,7 @@ def _unipts(ctx: _Context, masks: MaskSet, optimizer: torch.optim.Optimizer, sch
                              evaluate_epoch, 1.0 - sum(counts.values()) / _numel(masks),
                              f"unipts {ctx.settings.sparsity:.0%}")
     masks.update(layer_topk_masks({n: p.detach() for n, p in masks.params.items()}, counts))
-    PlainAccess(optimizer).mask_all_copies(masks)
+    mask_weights_and_state(masks, optimizer)
     return steps, rate
 
 
