@@ -11,6 +11,7 @@ FFCV=ffcv==1.0.2
 FFCV_APT=(libopencv-dev libturbojpeg0-dev)
 RAY='ray[default,train]==2.60.0'
 FMNIST_DIR=/usr/share/datasets/fashion-mnist
+FORTUNES_DIR=/usr/share/games/fortunes
 
 stamp_key() { cat "$ROOT/pyproject.toml" "$ROOT/launch/install.sh" | sha256sum | cut -d' ' -f1; }
 
@@ -24,6 +25,15 @@ install_fashion_mnist() {
   fi
 }
 
+# The byte-level text corpus of the language-model recipes (data.name=fortunes).
+install_fortunes() {
+  [[ -f $FORTUNES_DIR/fortunes ]] && return 0
+  echo "[install] Debian package fortunes"
+  if ! { as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fortunes; } >/dev/null; then
+    echo "[install] warning: could not install fortunes (needs apt and root); set data.path to a folder of text files" >&2
+  fi
+}
+
 # FFCV builds against OpenCV and libjpeg-turbo: Debian packages, installed when missing.
 install_ffcv_libraries() {
   dpkg -s "${FFCV_APT[@]}" >/dev/null 2>&1 && return 0
@@ -34,6 +44,7 @@ install_ffcv_libraries() {
 }
 
 install_fashion_mnist
+install_fortunes
 install_ffcv_libraries
 if [[ -f $VENV/.distsparse-installed && $(cat "$VENV/.distsparse-installed") == "$(stamp_key)" ]]; then
   exit 0
