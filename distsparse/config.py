@@ -15,10 +15,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from distsparse.errors import ConfigError
-from distsparse.models import check_model
+from distsparse.models import LANGUAGE_MODELS, MODEL_NAMES, check_model
+from distsparse.models.gpt import check_gpt_kwargs
 
 __all__ = [
     "FASHION_MNIST_DIR",
+    "FORTUNES_DIR",
     "INIT_CRITERIA",
     "Config",
     "ConfigError",
@@ -31,6 +33,9 @@ __all__ = [
 
 FASHION_MNIST_DIR: str = "/usr/share/datasets/fashion-mnist"
 """Where Debian's dataset-fashion-mnist package puts the idx files (data.path's default)."""
+
+FORTUNES_DIR: str = "/usr/share/games/fortunes"
+"""Where Debian's fortunes package puts its plain-text fortune files (data.name=fortunes)."""
 
 
 @dataclass
@@ -93,11 +98,14 @@ class TrainConfig:
     batch_size: int = 128
     """Global batch size (all workers together)."""
     optimizer: str = "sgd"
-    """sgd (momentum, optional Nesterov) or adamw."""
+    """sgd (momentum, optional Nesterov) or adamw (the transformers' optimizer)."""
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5.0e-4
+    """L2 penalty (sgd) or decoupled weight decay (adamw) of weights; never biases or norms."""
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW's two decay rates of the gradient moments, each in [0, 1)."""
     lr_schedule: str = "cosine"
     """cosine, step or constant; per step, after warm-up."""
     warmup_epochs: float = 0.0
@@ -149,28 +157,48 @@ class ImageNetConfig:
 
 
 @dataclass
+class TextConfig:
+    """A byte-level text corpus (data.name=fortunes): blocks of bytes, a held-out split."""
+
+    block_size: int = 128
+    """Bytes per training sequence (the model's context; gpt: at most model.kwargs.n_positions)."""
+    val_fraction: float = 0.1
+    """Fraction of the fortunes held out for validation (the test set of the run)."""
+    split_seed: int = 0
+    """Seed of the train/validation split, kept apart from `seed` so that runs of several seeds
+    share one validation set."""
+
+
+@dataclass
 class DataConfig:
     name: str = "fashion_mnist"
-    """Data set: fashion_mnist, synthetic or imagenet (any ImageNet-format folder or .beton pair)."""
+    """Data set: fashion_mnist, synthetic, imagenet (any ImageNet-format folder or .beton pair)
+    or fortunes (the byte-level text of Debian's fortunes package, for a language model)."""
     loader: str = "fmnist"
-    """Pipeline: fmnist (idx files, in memory), synthetic (generated), or for imagenet ffcv
-    (data.path holds train.beton and val.beton) or torchvision (train/ and val/ ImageFolders)."""
+    """Pipeline: fmnist (idx files, in memory), synthetic (generated), for imagenet ffcv
+    (data.path holds train.beton and val.beton) or torchvision (train/ and val/ ImageFolders),
+    text for fortunes (blocks of bytes, in memory)."""
     path: str = FASHION_MNIST_DIR
     """Directory of the data set's files."""
     augment: bool = True
     """Random crop (2 px padding) and horizontal flip on training batches."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     imagenet: ImageNetConfig = field(default_factory=ImageNetConfig)
+    text: TextConfig = field(default_factory=TextConfig)
 
 
 @dataclass
 class ModelConfig:
     name: str = "small_resnet"
-    """small_resnet, resnet18, resnet50, mlp; torchvision:<name> (a torchvision classification
-    model, untrained); or pkg.module:factory, any importable callable returning an nn.Module."""
+    """small_resnet, resnet18, resnet50, mlp, vit (a small VisionTransformer), gpt (a GPT-2-style
+    byte-level language model, with data.name=fortunes); torchvision:<name> (a torchvision
+    classification model, untrained); or pkg.module:factory, any importable callable returning
+    an nn.Module."""
     kwargs: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments of a torchvision model or a factory (which also receives num_classes and
-    in_channels from the data if its signature names them); none for a built-in model."""
+    """Keyword arguments of gpt (n_layer, n_head, n_embd, n_positions, dropout), vit (image_size,
+    patch_size, num_layers, num_heads, hidden_dim, mlp_dim, dropout), a torchvision model or a
+    factory (which also receives num_classes and in_channels from the data if its signature
+    names them); none for the other built-in models."""
 
 
 @dataclass
@@ -250,8 +278,8 @@ _CHOICES = {
     "train.device": ("cpu", "cuda", "auto"),
     "train.dtype": ("float32", "float64"),
     "train.autocast": ("none", "bf16"),
-    "data.name": ("fashion_mnist", "synthetic", "imagenet"),
-    "data.loader": ("fmnist", "synthetic", "ffcv", "torchvision"),
+    "data.name": ("fashion_mnist", "synthetic", "imagenet", "fortunes"),
+    "data.loader": ("fmnist", "synthetic", "ffcv", "torchvision", "text"),
     "backend.name": ("single", "ddp", "deepspeed"),
     "launcher.name": ("local", "torchrun", "ray"),
 }
@@ -334,6 +362,9 @@ def validate(config: Config) -> None:
         all(0.0 < f < 1.0 for f in t.lr_milestones), "train.lr_milestones", t.lr_milestones,
         "fractions of training in (0, 1)",
     )
+    _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, ">= 0")
+    _check(len(t.betas) == 2 and all(0.0 <= b < 1.0 for b in t.betas), "train.betas", t.betas,
+           "two values in [0, 1)")
     _check(config.backend.zero_stage in (0, 1, 2, 3), "backend.zero_stage", config.backend.zero_stage,
            "one of 0, 1, 2, 3")
     workers = config.launcher.num_workers
@@ -350,12 +381,36 @@ def validate(config: Config) -> None:
            "an integer >= 1")
     _check(bool(r.name) and "/" not in r.name, "run.name", r.name, "a non-empty name without '/'")
     pairs = {("fashion_mnist", "fmnist"), ("synthetic", "synthetic"), ("imagenet", "ffcv"),
-             ("imagenet", "torchvision")}
+             ("imagenet", "torchvision"), ("fortunes", "text")}
     _check((config.data.name, config.data.loader) in pairs, "data.loader", config.data.loader,
            f"a loader for data.name={config.data.name!r} (fashion_mnist: fmnist; synthetic: "
-           "synthetic; imagenet: ffcv or torchvision)")
+           "synthetic; imagenet: ffcv or torchvision; fortunes: text)")
     _validate_imagenet(config.data.imagenet)
+    _validate_text(config.data.text)
     check_model(config.model.name, config.model.kwargs)
+    _validate_model_for_data(config)
+
+
+def _validate_text(x: TextConfig) -> None:
+    key = "data.text."
+    _check(x.block_size >= 1, key + "block_size", x.block_size, "an integer >= 1")
+    _check(0.0 < x.val_fraction < 1.0, key + "val_fraction", x.val_fraction, "a value in (0, 1)")
+    _check(x.split_seed >= 0, key + "split_seed", x.split_seed, "an integer >= 0")
+
+
+def _validate_model_for_data(config: Config) -> None:
+    """A built-in language model takes text and a built-in image model images."""
+    name, text = config.model.name, config.data.name == "fortunes"
+    if name in LANGUAGE_MODELS:
+        _check(text, "model.name", name, "an image model for data.name="
+               f"{config.data.name!r} (gpt needs token data: data.name=fortunes)")
+        positions = check_gpt_kwargs(config.model.kwargs)["n_positions"]
+        block = config.data.text.block_size
+        _check(block <= positions, "data.text.block_size", block,
+               f"at most model.kwargs.n_positions={positions}, the model's longest context")
+    elif text:
+        _check(name not in MODEL_NAMES and not name.startswith("torchvision:"), "model.name",
+               name, "a language model for data.name='fortunes' (gpt, or a pkg.module:factory)")
 
 
 def _validate_imagenet(i: ImageNetConfig) -> None:

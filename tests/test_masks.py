@@ -226,3 +226,53 @@ def test_update_unknown_layer_raises_key_error():
     ms, _ = _maskset()
     with pytest.raises(KeyError, match="nope"):
         ms.update({"nope": torch.ones(3, dtype=torch.bool)})
+
+
+class TinyDecoder(nn.Module):
+    """GPT-2's layer kinds: a tied embedding/head, Hugging Face Conv1D projections, LayerNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.wte = nn.Embedding(11, 6)
+        self.wpe = nn.Embedding(5, 6)
+        self.ln = nn.LayerNorm(6)
+        self.c_attn = Conv1D(18, 6)  # nf=18 outputs, nx=6 inputs: weight (6, 18)
+        self.c_proj = Conv1D(6, 18)
+        self.head = nn.Linear(6, 11, bias=False)
+        self.head.weight = self.wte.weight
+
+
+def test_hugging_face_conv1d_is_masked_and_the_tied_head_embeddings_and_norms_never():
+    model = TinyDecoder()
+    params = sparsifiable_parameters(model)
+    assert list(params) == ["c_attn.weight", "c_proj.weight"]
+    assert params["c_attn.weight"] is model.c_attn.weight and params["c_attn.weight"].shape == (6, 18)
+
+
+def test_multihead_attention_input_projection_is_masked_beside_its_out_proj():
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.class_token = nn.Parameter(torch.zeros(1, 1, 8))
+            self.pos_embedding = nn.Parameter(torch.zeros(1, 5, 8))
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.cross = nn.MultiheadAttention(8, 2, kdim=4, vdim=3)
+            self.norm = nn.LayerNorm(8)
+
+    block = Block()
+    params = sparsifiable_parameters(block)
+    assert list(params) == ["attn.in_proj_weight", "attn.out_proj.weight", "cross.q_proj_weight",
+                            "cross.k_proj_weight", "cross.v_proj_weight", "cross.out_proj.weight"]
+    assert params["attn.in_proj_weight"] is block.attn.in_proj_weight
+
+
+def test_erk_gives_a_transposed_conv1d_weight_the_density_of_the_same_linear():
+    """ERK scores (n_in + n_out) / (n_in * n_out): the stored orientation cannot change it."""
+    from distsparse.sparsity.allocation import layer_densities
+
+    for distribution in ("er", "erk"):
+        conv1d = layer_densities(distribution, {"a": (64, 192), "b": (256, 64), "c": (64, 64)}, 0.2)
+        linear = layer_densities(distribution, {"a": (192, 64), "b": (64, 256), "c": (64, 64)}, 0.2)
+        assert conv1d == linear

@@ -14,7 +14,7 @@ from torch import nn
 from distsparse.cli import main
 from distsparse.engine.runs import load_run
 from distsparse.errors import ConfigError
-from distsparse.models import MODEL_NAMES, SmallResNet, build_model
+from distsparse.models import LANGUAGE_MODELS, MODEL_NAMES, SmallResNet, build_model
 from distsparse.sparsity.allocation import active_count, layer_densities
 from tests.conftest import SMALL
 
@@ -60,10 +60,10 @@ def test_small_resnet_deterministic_init() -> None:
     assert not torch.equal(first.fc.weight, third.fc.weight)
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", [n for n in MODEL_NAMES if n not in LANGUAGE_MODELS])
 @pytest.mark.parametrize("in_channels", [1, 3])
 def test_build_model_forward(name: str, in_channels: int) -> None:
-    size = 28 if name == "mlp" else 32
+    size = 28 if name in ("mlp", "vit") else 32
     model = build_model(name, num_classes=7, in_channels=in_channels).eval()
     with torch.no_grad():
         out = model(torch.randn(2, in_channels, size, size))
@@ -71,15 +71,16 @@ def test_build_model_forward(name: str, in_channels: int) -> None:
 
 
 def test_model_names() -> None:
-    assert MODEL_NAMES == ("mlp", "resnet18", "resnet50", "small_resnet")
+    assert MODEL_NAMES == ("gpt", "mlp", "resnet18", "resnet50", "small_resnet", "vit")
+    assert LANGUAGE_MODELS == ("gpt",)
 
 
 def test_build_model_unknown_name() -> None:
     with pytest.raises(ConfigError) as raised:
         build_model("vgg", num_classes=10, in_channels=1)
     assert str(raised.value) == (
-        "config key 'model.name' = 'vgg': expected one of mlp, resnet18, resnet50, small_resnet, "
-        "torchvision:<name> or an importable pkg.module:factory")
+        "config key 'model.name' = 'vgg': expected one of gpt, mlp, resnet18, resnet50, "
+        "small_resnet, vit, torchvision:<name> or an importable pkg.module:factory")
 
 
 def test_builtin_resnet_keeps_its_initialization() -> None:
@@ -175,11 +176,11 @@ BAD_MODELS = [
      "config key 'model.name' = 'torchvision:no_such_net': torchvision has no classification model "
      "'no_such_net'; see torchvision.models.list_models(module=torchvision.models)"),
     (["model.name=tests/user_models.build"],
-     "config key 'model.name' = 'tests/user_models.build': expected one of mlp, resnet18, resnet50, "
-     "small_resnet, torchvision:<name> or an importable pkg.module:factory"),
+     "config key 'model.name' = 'tests/user_models.build': expected one of gpt, mlp, resnet18, "
+     "resnet50, small_resnet, vit, torchvision:<name> or an importable pkg.module:factory"),
     (["model.kwargs.width=4"],
      "config key 'model.kwargs' = {'width': 4}: the built-in model small_resnet takes none (they go "
-     "to a torchvision:<name> model or a pkg.module:factory)"),
+     "to gpt, vit, a torchvision:<name> model or a pkg.module:factory)"),
     ([f"model.name={USER_MODEL}", "model.kwargs.num_classes=4"],
      "config key 'model.kwargs.num_classes': tests.user_models:build receives num_classes from the "
      "data; remove it"),

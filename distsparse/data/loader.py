@@ -16,6 +16,7 @@ from distsparse.config import Config
 from distsparse.data.bundle import BatchLoader, DataBundle
 from distsparse.data.fashion_mnist import load_fashion_mnist
 from distsparse.data.synthetic import synthetic_classification
+from distsparse.data.text import BYTE_VOCABULARY, fortunes_loaders
 from distsparse.errors import ConfigError, DataError
 
 __all__ = ["BatchLoader", "DataBundle", "TensorLoader", "build_data", "build_imagenet"]
@@ -88,6 +89,11 @@ def build_data(config: Config, rank: int = 0, world_size: int = 1,
     data = config.data
     if data.name == "imagenet":
         return build_imagenet(config, rank, world_size, device)
+    if data.name == "fortunes":
+        train_blocks, validation_blocks = fortunes_loaders(
+            data.path, data.text, config.train.batch_size, config.seed, rank, world_size)
+        return DataBundle(train=train_blocks, test=validation_blocks,
+                          num_classes=BYTE_VOCABULARY, in_channels=1, byte_level=True)
     if data.loader == "fmnist":
         try:
             train = load_fashion_mnist(data.path, "train")

@@ -12,7 +12,8 @@ __all__ = ["build_lr_scheduler", "build_optimizer", "lr_factor"]
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """SGD with momentum or AdamW over all parameters; no weight decay on biases and BN."""
+    """SGD with momentum or AdamW (train.betas) over all parameters; no weight decay on biases
+    and normalization parameters (every tensor of one dimension)."""
     decay = [p for p in model.parameters() if p.dim() > 1]
     no_decay = [p for p in model.parameters() if p.dim() <= 1]
     groups = [
@@ -20,7 +21,7 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
         {"params": no_decay, "weight_decay": 0.0},
     ]
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=config.lr)
+        return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas))
     return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
 
 

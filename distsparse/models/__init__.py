@@ -2,6 +2,8 @@
 
 `model.name` is a built-in name (``MODEL_NAMES``), ``torchvision:<name>`` (torchvision.models
 .get_model, untrained) or ``pkg.module:factory`` (`distsparse.models.user` states the contract).
+Of the built-ins only the transformers take `model.kwargs`: gpt (`distsparse.models.gpt`, a
+byte-level language model) and vit (`distsparse.models.vit`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from distsparse.errors import ConfigError
+from distsparse.models.gpt import GPT, build_gpt, check_gpt_kwargs
 from distsparse.models.small_resnet import SmallResNet
 from distsparse.models.torchvision_models import (
     TORCHVISION_PREFIX,
@@ -19,10 +22,16 @@ from distsparse.models.torchvision_models import (
     check_torchvision_name,
 )
 from distsparse.models.user import build_user_model, check_factory, is_factory_path
+from distsparse.models.vit import build_vit, check_vit_kwargs
 
-__all__ = ["MODEL_NAMES", "SmallResNet", "build_model", "check_model"]
+__all__ = ["GPT", "LANGUAGE_MODELS", "MODEL_NAMES", "SmallResNet", "build_model", "check_model"]
 
-MODEL_NAMES: tuple[str, ...] = ("mlp", "resnet18", "resnet50", "small_resnet")
+MODEL_NAMES: tuple[str, ...] = ("gpt", "mlp", "resnet18", "resnet50", "small_resnet", "vit")
+
+LANGUAGE_MODELS: tuple[str, ...] = ("gpt",)
+"""Built-in models of token sequences (a text data set); the others take images."""
+
+_KWARGS_CHECKS = {"gpt": check_gpt_kwargs, "vit": check_vit_kwargs}
 
 _MLP_INPUT_SIZE = 28
 _MLP_HIDDEN = 128
@@ -43,11 +52,13 @@ def check_model(name: str, kwargs: Mapping[str, Any]) -> None:
 
     A factory is imported here, so a bad one stops before anything is written.
     """
-    if name in MODEL_NAMES:
+    if name in _KWARGS_CHECKS:
+        _KWARGS_CHECKS[name](kwargs)
+    elif name in MODEL_NAMES:
         if kwargs:
             raise ConfigError(
                 f"config key 'model.kwargs' = {dict(kwargs)!r}: the built-in model {name} takes "
-                "none (they go to a torchvision:<name> model or a pkg.module:factory)")
+                "none (they go to gpt, vit, a torchvision:<name> model or a pkg.module:factory)")
     elif name.startswith(TORCHVISION_PREFIX):
         check_torchvision_name(name, dict(kwargs))
     elif is_factory_path(name):
@@ -60,14 +71,20 @@ def check_model(name: str, kwargs: Mapping[str, Any]) -> None:
 
 def build_model(name: str, num_classes: int, in_channels: int,
                 kwargs: Mapping[str, Any] | None = None) -> nn.Module:
-    """Build model `name` for `num_classes` classes and `in_channels` input channels.
+    """Build model `name` for `num_classes` classes (a language model's vocabulary) and
+    `in_channels` input channels.
 
-    `kwargs` (model.kwargs) go to a torchvision model or a factory; checked by `check_model`.
+    `kwargs` (model.kwargs) go to gpt, vit, a torchvision model or a factory; checked by
+    `check_model`.
     """
     kwargs = dict(kwargs or {})
     check_model(name, kwargs)
     if name == "mlp":
         return _build_mlp(num_classes, in_channels)
+    if name == "gpt":
+        return build_gpt(num_classes, kwargs)
+    if name == "vit":
+        return build_vit(num_classes, in_channels, kwargs)
     if name in ("resnet18", "resnet50"):
         return build_torchvision(name, num_classes, in_channels, {})
     if name == "small_resnet":

@@ -17,7 +17,7 @@ from torch import nn
 
 from distsparse.sparsity.layout import FullLayout, pack_bits
 
-__all__ = ["MaskSet", "canonical_name", "sparsifiable_parameters"]
+__all__ = ["MaskSet", "canonical_name", "is_hf_conv1d", "sparsifiable_parameters"]
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -39,9 +39,12 @@ def sparsifiable_parameters(
 ) -> dict[str, nn.Parameter]:
     """The weights to mask, by canonical name in module order; each tensor once.
 
-    By default the weights of Conv and Linear layers; biases, normalization parameters and
-    embeddings are never masked (as in rigl and GraNet), nor is a Linear weight tied to an
-    embedding. `include` (regular expressions, each fully matching a canonical parameter name)
+    By default the weights of Conv and Linear layers, of Hugging Face's `Conv1D` (GPT-2's
+    attention and MLP projections, stored transposed: in x out) and the input projections of
+    `nn.MultiheadAttention` (`in_proj_weight`, or q/k/v_proj_weight; its out_proj is a Linear).
+    Biases, normalization parameters, embeddings, positional embeddings and class tokens are
+    never masked (as in rigl and GraNet), nor is a weight tied to an embedding (a tied LM head).
+    `include` (regular expressions, each fully matching a canonical parameter name)
     replaces that default with the parameters it names; `exclude` removes matches; then the first
     and last of the selected layers may stay dense. A tensor under several names (weight tying)
     is selected once, under its first name. A pattern that matches no parameter raises ValueError.
@@ -55,8 +58,8 @@ def sparsifiable_parameters(
         chosen = [p for name, p in named.items() if _matches(include, name, "include")]
     else:
         embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-        chosen = [module.weight for module in model.modules()
-                  if isinstance(module, _MASKED_LAYERS) and id(module.weight) not in embedded]
+        chosen = [weight for module in model.modules() for weight in _default_weights(module)
+                  if id(weight) not in embedded]
     selected = {first_name[id(p)]: p for p in chosen}
     _check_all_match(exclude, named, "exclude")
     selected = {name: p for name, p in selected.items() if not _matches(exclude, name, "exclude")}
@@ -69,6 +72,23 @@ def sparsifiable_parameters(
 
 
 _MASKED_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_ATTENTION_PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+def _default_weights(module: nn.Module) -> list[nn.Parameter]:
+    """The weights of `module` itself (not its children) that are masked by default."""
+    if isinstance(module, _MASKED_LAYERS) or is_hf_conv1d(module):
+        return [module.weight]
+    if isinstance(module, nn.MultiheadAttention):
+        return [p for p in (getattr(module, key) for key in _ATTENTION_PROJECTIONS) if p is not None]
+    return []
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Whether `module` is Hugging Face's `transformers.pytorch_utils.Conv1D` (a Linear whose
+    weight is stored in x out), recognised by class without importing transformers."""
+    return any(cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
+               for cls in type(module).__mro__)
 
 
 def _matches(patterns: Sequence[str], name: str, argument: str) -> bool:
