@@ -23,7 +23,11 @@ class BatchLoader(Protocol):
     def __len__(self) -> int: ...
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's (images, int64 labels) of global batches start, start+1, ... of `epoch`."""
+        """This rank's (inputs, int64 targets) of global batches start, start+1, ... of `epoch`.
+
+        Targets are labels of shape (B,), or next tokens of shape (B, T) for a language model
+        whose output is (B, T, vocabulary).
+        """
         ...
 
 
@@ -36,3 +40,5 @@ class DataBundle:
     test: BatchLoader
     num_classes: int
     in_channels: int
+    byte_level: bool = False
+    """Targets are bytes of text (a byte-level language model): evaluation adds bits per byte."""

@@ -8,6 +8,7 @@ checkpoint, evaluate at epoch ends -> summary, plot. The backend wraps the model
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -291,7 +292,7 @@ class Trainer:
                 bar.update(1)
                 if self.step % self.config.train.log_every == 0:
                     loss_value = loss.item()  # the only host sync of a step, on logging steps
-                    self._log_train(epoch, loss_value, int(correct) / len(y))
+                    self._log_train(epoch, loss_value, int(correct) / y.numel())
                     bar.set_postfix(loss=f"{loss_value:.3f}", sparsity=f"{self._sparsity():.3f}")
                 epoch_done = self.step % per_epoch == 0 or self.step == total
                 if epoch_done:
@@ -318,7 +319,8 @@ class Trainer:
         dense = self.sparsifier.grows_by_gradient(step)
         with self._autocast():
             output = model(x)
-            loss = F.cross_entropy(output, y, label_smoothing=self.config.train.label_smoothing)
+            loss = F.cross_entropy(output.flatten(0, -2), y.flatten(),
+                                   label_smoothing=self.config.train.label_smoothing)
         self.backend.backward(loss)
         self.sparsifier.step()
         update = self.sparsifier.last_update
@@ -326,7 +328,7 @@ class Trainer:
             self._log_mask_update(update)
         self.scheduler.step()
         self.flops.add_step(dense_gradient=dense)
-        return loss.detach(), (output.detach().argmax(1) == y).sum()
+        return loss.detach(), (output.detach().argmax(-1) == y).sum()
 
     def _log_mask_update(self, update: MaskUpdate) -> None:
         self.flops.set_masks(self.masks)
@@ -339,7 +341,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Top-1 and mean loss on the whole test set."""
+        """Top-1 and mean loss on the whole test set (per token for a language model)."""
         model = self.backend.model
         model.eval()
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)
@@ -347,11 +349,15 @@ class Trainer:
             x, y = self._to_device(x), y.to(self.device)
             with self._autocast():
                 output = model(x)
-            totals[0] += (output.argmax(1) == y).sum()
-            totals[1] += F.cross_entropy(output.float(), y, reduction="sum").double()
-            totals[2] += len(y)
+            totals[0] += (output.argmax(-1) == y).sum()
+            totals[1] += F.cross_entropy(output.flatten(0, -2).float(), y.flatten(),
+                                         reduction="sum").double()
+            totals[2] += y.numel()
         correct, loss_sum, count = all_reduce(totals).tolist()
-        return {"test_top1": correct / count, "test_loss": loss_sum / count}
+        result = {"test_top1": correct / count, "test_loss": loss_sum / count}
+        if self.data.byte_level:  # nats per byte to bits per byte
+            result["test_bits_per_byte"] = result["test_loss"] / math.log(2)
+        return result
 
     def _sparsity(self) -> float:
         return 1.0 - self.masks.density() if self.method.uses_masks else 0.0
@@ -449,6 +455,8 @@ class Trainer:
             "layer_density": layer_density,
             "test_top1": evaluation["test_top1"],
             "test_loss": evaluation["test_loss"],
+            **({"test_bits_per_byte": evaluation["test_bits_per_byte"]}
+               if "test_bits_per_byte" in evaluation else {}),
             "world_size": self.env.world_size,
             "backend": config.backend.name,
             "launcher": config.launcher.name,
