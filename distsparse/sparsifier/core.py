@@ -6,8 +6,9 @@
         sparsifier.step()        # the optimizer step (skipped on RigL's update steps), every
         optimizer.zero_grad()    # copy masked, the mask updated on the method's schedule
 
-The model may be a plain module, DistributedDataParallel, or a DeepSpeed engine (ZeRO 0-3): the
-Sparsifier finds the parameter access that fits it, and the user's loop does not change.
+The model may be a plain module, DistributedDataParallel, an FSDP2 module (`fully_shard`, the
+optimizer built after it) or a DeepSpeed engine (ZeRO 0-3): the Sparsifier finds the parameter
+access that fits it, and the user's loop does not change.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
 from distsparse.config import Config, MethodConfig, validate
@@ -27,6 +29,7 @@ from distsparse.errors import ConfigError
 from distsparse.methods import SparsityMethod, TrainingSchedule, build_method
 from distsparse.methods.init_masks import InitContext
 from distsparse.sparsifier.access import DDPAccess, ParameterAccess, PlainAccess
+from distsparse.sparsifier.fsdp_access import FSDPAccess
 from distsparse.sparsity.masks import MaskSet, sparsifiable_parameters
 
 __all__ = ["MaskUpdate", "Sparsifier"]
@@ -261,6 +264,8 @@ def _access_for(model: nn.Module, optimizer: torch.optim.Optimizer | None,
         from distsparse.sparsifier.deepspeed_access import DeepSpeedAccess
 
         return DeepSpeedAccess(model), model.module
+    if isinstance(model, FSDPModule):  # fully_shard applied (FSDP2): DTensor parameters
+        return FSDPAccess(model, optimizer), model
     if optimizer is None:
         raise ConfigError("argument 'optimizer': expected the torch optimizer of the model")
     if isinstance(model, DistributedDataParallel):

@@ -6,8 +6,9 @@ Two layouts give identical masks:
 
 - `FullLayout`: every rank holds each layer's full tensor (one process, DDP, ZeRO 0-2); selection is
   local (`sparsity.select`) and identical on every rank.
-- `PieceLayout`: every rank holds the 1-D piece `zero3_partition` gives it of each flattened layer
-  (ZeRO-3's `ds_tensor` without its padding). Selections run `sharded_select.sharded_topk` (one
+- `PieceLayout`: every rank holds one contiguous 1-D piece of each flattened layer, in rank order
+  (`contiguous_partition`): ZeRO-3's `ds_tensor` without its padding, or, with a row as the unit,
+  the local shard of FSDP2's Shard(0) DTensor (uneven when rows do not divide). Selections run `sharded_select.sharded_topk` (one
   histogram all-reduce per round for all layers together), counts are one all-reduce of one int64
   a layer, and no score, weight or gradient leaves its rank. Only `full_masks` moves masks: one
   all-gather of the bit-packed pieces (numel / 8 bytes a layer), for checkpoints, fingerprints and
@@ -22,7 +23,7 @@ import torch
 
 from distsparse.sparsity.scores import random_scores
 from distsparse.sparsity.select import drop_and_grow_masks, global_topk_masks, topk_masks
-from distsparse.sparsity.sharded_select import ShardPiece, sharded_topk, zero3_partition
+from distsparse.sparsity.sharded_select import ShardPiece, contiguous_partition, sharded_topk
 
 __all__ = ["FullLayout", "PieceLayout", "full_layout_of", "pack_bits"]
 
@@ -114,23 +115,31 @@ def full_layout_of(masks: Mapping[str, torch.Tensor]) -> FullLayout:
 
 
 class PieceLayout(FullLayout):
-    """ZeRO-3 pieces: each rank holds [start, stop) of every flattened layer, selections sharded.
+    """Pieces: each rank holds [start, stop) of every flattened layer, selections sharded.
 
-    `all_reduce_sum` sums an int64 tensor over ranks in place; `all_gather` returns every rank's
-    copy of an equal-sized uint8 tensor, in rank order. Every method is a collective: all ranks
-    call it with the same layers. `bytes_sent` adds up the all-reduce payload of the counts and
-    selections this rank took part in (not the mask gathers, counted in `bytes_gathered`).
+    A layer's `units[name]` elements (default 1: ZeRO-3; a row: FSDP2's Shard(0)) are split
+    over the ranks as `contiguous_partition` says. `all_reduce_sum` sums an int64 tensor over
+    ranks in place; `all_gather` returns every rank's copy of an equal-sized uint8 tensor, in rank
+    order. Every method is a collective: all ranks call it with the same layers. `bytes_sent` adds
+    up the all-reduce payload of the counts and selections this rank took part in (not the mask
+    gathers, counted in `bytes_gathered`).
     """
 
     sharded = True
 
     def __init__(self, shapes: Mapping[str, Sequence[int]], rank: int, world_size: int,
-                 all_reduce_sum: AllReduceSum, all_gather: AllGather) -> None:
+                 all_reduce_sum: AllReduceSum, all_gather: AllGather,
+                 units: Mapping[str, int] | None = None) -> None:
         super().__init__(shapes)
         self.rank, self.world_size = rank, world_size
         self.all_reduce_sum, self.all_gather = all_reduce_sum, all_gather
-        self.bounds = {name: zero3_partition(self.numel(name), rank, world_size) for name in shapes}
+        self.units = {name: (units or {}).get(name, 1) for name in shapes}
+        self.bounds = {name: self.bounds_of(name, rank) for name in shapes}
         self.bytes_sent, self.bytes_gathered = 0, 0
+
+    def bounds_of(self, name: str, rank: int) -> tuple[int, int]:
+        """[start, stop) of the flattened layer that `rank` holds."""
+        return contiguous_partition(self.numel(name), rank, self.world_size, self.units[name])
 
     def piece(self, name: str, full: torch.Tensor) -> torch.Tensor:
         """This rank's [start, stop) of the flattened tensor."""
@@ -153,8 +162,8 @@ class PieceLayout(FullLayout):
     def _select(self, scores: Mapping[str, torch.Tensor], names: list[str], ks: list[int],
                 groups: list[int], eligible: Mapping[str, torch.Tensor] | None,
                 bits_per_round: int) -> Masks:
-        shards = [ShardPiece(scores[name].reshape(-1), self.bounds[name][0], self.numel(name))
-                  for name in names]
+        shards = [ShardPiece(scores[name].reshape(-1), self.bounds[name][0], self.numel(name),
+                             self.units[name]) for name in names]
         selection = sharded_topk(
             shards, ks, groups, self.all_reduce_sum, rank=self.rank, world_size=self.world_size,
             eligible=None if eligible is None else [eligible[name].reshape(-1) for name in names],
@@ -201,11 +210,11 @@ class PieceLayout(FullLayout):
                 for name in names}
 
     def full_masks(self, masks: Mapping[str, torch.Tensor]) -> Masks:
-        """Full-shape masks from every rank's piece: one all-gather of ceil(numel / world) bits a layer."""
+        """Full-shape masks from every rank's piece: one all-gather of the largest piece's bits a layer."""
         names = self._ordered(masks)
         if not names:
             return {}
-        chunks = [-(-self.numel(name) // self.world_size) for name in names]
+        chunks = [self.bounds_of(name, 0)[1] for name in names]  # rank 0's piece is the largest
         device = masks[names[0]].device
         bits = torch.zeros(-(-sum(chunks) // 8) * 8, dtype=torch.bool, device=device)
         offset = 0
@@ -220,7 +229,7 @@ class PieceLayout(FullLayout):
         for name, chunk in zip(names, chunks):
             parts = []
             for rank, bits_of_rank in enumerate(gathered):
-                start, stop = zero3_partition(self.numel(name), rank, self.world_size)
+                start, stop = self.bounds_of(name, rank)
                 parts.append(bits_of_rank[offset : offset + stop - start])
             full[name] = torch.cat(parts).view(self.shapes[name])
             offset += chunk

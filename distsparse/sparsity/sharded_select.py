@@ -2,8 +2,9 @@
 
 Under ZeRO-3 every rank owns one contiguous piece of each flattened parameter: the layer's `numel`
 elements are padded to a multiple of the world size and rank r owns [r*chunk, (r+1)*chunk) of them,
-chunk = ceil(numel / world_size), clipped to [0, numel) (a piece may be partial or empty). The
-selection here equals `global_topk_masks` on the full scores, restricted to this rank's pieces, and
+chunk = ceil(numel / world_size), clipped to [0, numel) (a piece may be partial or empty). FSDP2's
+Shard(0) DTensors split whole rows the same way (`contiguous_partition` with the row as its unit).
+The selection here equals `global_topk_masks` on the full scores, restricted to this rank's pieces, and
 moves no scores or weights:
 
 1. Every score becomes a 64-bit key whose integer order is the float order (`order_preserving_bits`).
@@ -37,6 +38,7 @@ import torch
 __all__ = [
     "ShardPiece",
     "ShardedSelection",
+    "contiguous_partition",
     "order_preserving_bits",
     "sharded_global_topk",
     "sharded_layer_topk",
@@ -50,11 +52,13 @@ LOW_BITS = 2**63 - 1  # int64 with every bit but the sign bit set
 
 
 class ShardPiece(NamedTuple):
-    """This rank's piece of one layer: 1-D local scores, offset in the flattened layer, layer numel."""
+    """This rank's piece of one layer: 1-D local scores, offset in the flattened layer, layer numel,
+    and the elements of the unit the layer is split by (`contiguous_partition`)."""
 
     scores: torch.Tensor
     offset: int
     numel: int
+    unit: int = 1
 
 
 @dataclass(frozen=True)
@@ -66,10 +70,18 @@ class ShardedSelection:
     all_reduces: int  # collective calls (histogram rounds plus the tie-count exchange)
 
 
+def contiguous_partition(numel: int, rank: int, world_size: int, unit: int = 1) -> tuple[int, int]:
+    """[start, stop) of the flattened layer that `rank` owns when its units of `unit` elements are
+    split as `torch.chunk` splits them: ceil(units / world_size) units a rank, the last ranks short
+    or empty. unit 1 is ZeRO-3's `ds_tensor`; the row size is FSDP2's Shard(0) local shard."""
+    units = numel // unit
+    chunk = -(-units // world_size) * unit
+    return min(rank * chunk, numel), min((rank + 1) * chunk, numel)
+
+
 def zero3_partition(numel: int, rank: int, world_size: int) -> tuple[int, int]:
     """[start, stop) of the flattened layer that `rank` owns under ZeRO-3 (DeepSpeed `ds_tensor`)."""
-    chunk = -(-numel // world_size)
-    return min(rank * chunk, numel), min((rank + 1) * chunk, numel)
+    return contiguous_partition(numel, rank, world_size)
 
 
 def _keys(scores: torch.Tensor) -> torch.Tensor:
@@ -94,7 +106,9 @@ def order_preserving_bits(scores: torch.Tensor) -> torch.Tensor:
 def _check_piece(
     piece: ShardPiece, eligible: torch.Tensor | None, layer: int, rank: int, world_size: int
 ) -> None:
-    start, stop = zero3_partition(piece.numel, rank, world_size)
+    if piece.unit < 1 or piece.numel % piece.unit:
+        raise ValueError(f"layer {layer}: {piece.numel} elements do not split into units of {piece.unit}")
+    start, stop = contiguous_partition(piece.numel, rank, world_size, piece.unit)
     size = piece.scores.numel()
     if piece.scores.dim() != 1 or size != stop - start or (size and piece.offset != start):
         raise ValueError(
@@ -118,8 +132,8 @@ def sharded_global_topk(
     """Masks of this rank's pieces: exactly `global_topk_masks(full scores, k, full eligible)`.
 
     `shards` lists this rank's piece of every layer in the order shared by all ranks (the order of
-    `global_topk_masks`'s mapping), laid out as `zero3_partition(numel, rank, world_size)` (checked:
-    the tie order relies on it); `eligible` optionally restricts candidates with one local boolean
+    `global_topk_masks`'s mapping), laid out as `contiguous_partition(numel, rank, world_size, unit)`
+    (checked: the tie order relies on it); `eligible` optionally restricts candidates with one local boolean
     tensor per piece. `all_reduce_sum` sums an int64 tensor over all ranks in place
     (`torch.distributed.all_reduce` fits). Every rank must call this with the same k. Returns one
     1-D boolean mask per piece.
