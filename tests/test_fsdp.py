@@ -11,7 +11,8 @@ and redistribute, FSDP2's parameter all-gather, torch.distributed's all-gathers)
 ranks make both reductions exact, so weights equal DDP's bit for bit. Checkpoints: a run saved
 at step 7 and resumed on 2 ranks ends bit for bit equal to the uninterrupted one (every local shard
 of weights and optimizer state); loaded on 1 rank it has the same masks and weights. The tied
-embedding/head is never masked and still tied after a resume. Each rank records failures instead
+embedding/head is never masked and still tied after a resume. distsparse's GPT (Hugging Face
+GPT2, Conv1D weights) under FSDP2 gets DDP's RigL masks, its head still tied. Each rank records failures instead
 of raising, so a failed check never leaves the other rank waiting in a collective.
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ import distsparse
 from distsparse.distributed.process_group import DistEnv
 from distsparse.engine.backends.fsdp import FSDPBackend
 from distsparse.errors import ConfigError
+from distsparse.models.gpt import build_gpt
 from distsparse.sparsifier.fsdp_access import FSDPAccess, local_shard
 from distsparse.sparsity.masks import MaskSet
 from tests.conftest import free_port
@@ -91,6 +93,12 @@ def _model() -> TinyLM:
     return TinyLM().double()
 
 
+def _gpt() -> nn.Module:
+    """distsparse's GPT (Hugging Face GPT2 from GPT2Config): Conv1D weights of 5 and 20 rows."""
+    torch.manual_seed(0)
+    return build_gpt(VOCAB, {"n_layer": 2, "n_head": 1, "n_embd": 5, "n_positions": CONTEXT}).double()
+
+
 def _batches(rank: int, world: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's part of each global batch of token sequences and next-token targets."""
     generator = torch.Generator().manual_seed(1)
@@ -106,9 +114,9 @@ def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(model(x).reshape(-1, VOCAB), y.reshape(-1))
 
 
-def _fsdp(optimizer: str, rank: int, world: int) -> FSDPBackend:
+def _fsdp(optimizer: str, rank: int, world: int, build=_model) -> FSDPBackend:
     factory = OPTIMIZERS[optimizer][0]
-    return FSDPBackend(_model(), lambda model: factory(model.parameters()), DistEnv(rank, world, rank),
+    return FSDPBackend(build(), lambda model: factory(model.parameters()), DistEnv(rank, world, rank),
                        torch.device("cpu"))
 
 
@@ -191,8 +199,8 @@ def _train(sparsifier: distsparse.Sparsifier, model: nn.Module, optimizer, batch
             errors += [f"{label} step {step}: {message}" for message in _zero_everywhere(sparsifier, keys)]
 
 
-def _ddp_run(method: str, rank: int) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    model = _model()
+def _ddp_run(method: str, rank: int, build) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    model = build()
     ddp = nn.parallel.DistributedDataParallel(model)
     optimizer = OPTIMIZERS[CASES[method]][0](model.parameters())
     sparsifier = distsparse.Sparsifier(ddp, optimizer, method=method, **OPTIONS)
@@ -201,11 +209,12 @@ def _ddp_run(method: str, rank: int) -> tuple[list[dict], dict[str, torch.Tensor
     return updates, {key: value.clone() for key, value in model.state_dict().items()}
 
 
-def _compare_with_ddp(method: str, rank: int, errors: list[str]) -> None:
-    expected, ddp_state = _ddp_run(method, rank)
-    backend = _fsdp(CASES[method], rank, WORLD)
+def _compare_with_ddp(method: str, rank: int, errors: list[str],
+                      build=_model) -> distsparse.Sparsifier:
+    expected, ddp_state = _ddp_run(method, rank, build)
+    backend = _fsdp(CASES[method], rank, WORLD, build)
     sparsifier = distsparse.Sparsifier(backend.model, backend.optimizer, method=method, **OPTIONS)
-    label = f"fsdp {method}"
+    label = f"fsdp {build.__name__} {method}"
     if not isinstance(sparsifier.access, FSDPAccess) or not sparsifier.mask_set.sharded:
         errors.append(f"{label}: access {type(sparsifier.access).__name__}, masks not pieces")
     initial = sparsifier.mask_set.active_counts()
@@ -225,6 +234,20 @@ def _compare_with_ddp(method: str, rank: int, errors: list[str]) -> None:
     state = backend.model_state_dict()  # a collective: full tensors on rank 0
     if rank == 0 and any(not torch.equal(state[key], value) for key, value in ddp_state.items()):
         errors.append(f"{label}: weights differ from DDP's")
+    return sparsifier
+
+
+def _gpt_under_fsdp(rank: int, errors: list[str]) -> None:
+    """The GPT's Conv1D weights (stored in x out, sharded by their 5 or 20 rows) are masked and
+    match DDP under RigL; the head stays tied to the token embedding, unmasked."""
+    sparsifier = _compare_with_ddp("rigl", rank, errors, _gpt)
+    expected = {f"gpt2.transformer.h.{i}.{name}.weight" for i in range(2)
+                for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    if set(sparsifier.masks) != expected:
+        errors.append(f"gpt: masked {sorted(sparsifier.masks)}, expected {sorted(expected)}")
+    gpt2 = sparsifier.access.model.gpt2
+    if gpt2.lm_head.weight is not gpt2.transformer.wte.weight:
+        errors.append("gpt: the head is no longer tied to the token embedding")
 
 
 def _local_state(backend: FSDPBackend) -> dict[str, torch.Tensor]:
@@ -300,6 +323,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         _guard_works(rank, errors)
         for method in CASES:
             _compare_with_ddp(method, rank, errors)
+        _gpt_under_fsdp(rank, errors)
         result["saved"] = _resume(rank, Path(out) / "checkpoint", errors)
     except Exception:  # noqa: BLE001 - recorded for the test to report
         errors.append(traceback.format_exc())
