@@ -17,6 +17,7 @@ depend on the world size).
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,8 +31,8 @@ __all__ = ["BYTE_VOCABULARY", "ByteBlockLoader", "fortunes_loaders", "read_fortu
 BYTE_VOCABULARY = 256
 """Tokens of a byte-level model: one per byte value."""
 
-SEPARATOR = b"\n%\n"
-"""Between two fortunes of a fortune file (the line `%`)."""
+_SEPARATOR_LINE = re.compile(rb"^%$\n?", re.MULTILINE)
+"""A line holding only `%`: it ends one fortune of a fortune file."""
 
 
 def read_fortunes(directory: Path) -> list[bytes]:
@@ -40,8 +41,7 @@ def read_fortunes(directory: Path) -> list[bytes]:
     for path in sorted(directory.iterdir()):
         if path.suffix or path.is_symlink() or not path.is_file():
             continue
-        text = path.read_bytes().replace(b"\r\n", b"\n")
-        chunks = (b"\n" + text).split(SEPARATOR)  # a leading `%` line opens some files
+        chunks = _SEPARATOR_LINE.split(path.read_bytes().replace(b"\r\n", b"\n"))
         fortunes.extend(chunk.strip(b"\n") + b"\n" for chunk in chunks if chunk.strip())
     return fortunes
 
