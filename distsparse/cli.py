@@ -11,6 +11,7 @@ from pathlib import Path
 from distsparse.data import commands as data_commands
 from distsparse.errors import DistsparseError
 from distsparse.evaluate import commands as evaluate_commands
+from distsparse.export.command import add_export_parser, run_export
 from distsparse.prune_command import add_prune_parser, run_prune
 
 __all__ = ["main"]
@@ -32,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="start N local worker processes (DDP, or backend.name=deepspeed; gloo on "
                        "CPU, NCCL on GPU)")
     add_prune_parser(verbs)
+    add_export_parser(verbs)
     evaluate_commands.add_parsers(verbs)
     data_commands.add_parsers(verbs)
     _add_job_parsers(verbs)
@@ -185,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run_reporting_errors(_train, *arguments)
     if args.verb == "prune":
         return run_prune(args)
+    if args.verb == "export":
+        return run_export(args)
     if args.verb in evaluate_commands.VERBS:
         return _run_reporting_errors(evaluate_commands.run, args)
     if args.verb in data_commands.VERBS:
