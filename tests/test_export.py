@@ -347,3 +347,18 @@ def test_bad_input_is_one_line_and_writes_nothing(runs, tmp_path, capsys, damage
     assert status == 2 and err.count("\n") == 1 and err.startswith("distsparse: error: "), err
     assert re.search(message, err), err
     assert _snapshot(tmp_path) == before and list(outputs.iterdir()) == []
+
+
+def test_the_readme_reader_loads_the_layout_without_distsparse(runs, tmp_path, capsys):
+    """The README's reader (safetensors and torch only) gives what load_sparse gives."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("A reader without distsparse:", 1)[1]
+    source = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "distsparse" not in source
+    namespace: dict = {}
+    exec(compile(source, "README.md", "exec"), namespace)
+    out = tmp_path / "model.safetensors"
+    assert _export(capsys, runs["resnet"], out, "--format", "sparse", "--dtype", "bfloat16") == (0, "")
+    read, loaded = namespace["load"](out), distsparse.load_sparse(out)
+    assert list(read) == list(loaded)
+    assert all(torch.equal(_bits(read[key]), _bits(loaded[key])) for key in loaded)

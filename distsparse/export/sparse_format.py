@@ -93,6 +93,4 @@ def _read(file, key: str, layers: Mapping[str, list[int]]) -> torch.Tensor:
     values = file.get_tensor(values_key(key))
     if values.dim() != 1 or values.numel() != int(mask.sum()):
         raise ValueError(f"{key}: {values.numel()} values for {int(mask.sum())} active entries")
-    dense = values.new_zeros(shape)
-    dense[mask] = values
-    return dense
+    return values.new_zeros(shape).masked_scatter_(mask, values)  # row-major, as weight[mask]
