@@ -36,9 +36,13 @@ from distsparse.export.sparse_format import SPARSE_LAYOUT, mask_key, pack_mask, 
 from distsparse.export.files import ExportError
 from distsparse.models import build_model
 from tests.conftest import SMALL
+from tests.test_text_data import TEXT, tiny_fortunes
 
 MLP = ("model.name=mlp", "data.synthetic.image_size=28")
 RESNET = ("model.name=small_resnet", "data.synthetic.image_size=16", "data.augment=false")
+GPT = (*TEXT, "model.kwargs.n_layer=2", "model.kwargs.n_head=2", "model.kwargs.n_embd=32",
+       "train.max_steps=4", "method.name=rigl", "method.sparsity=0.8")
+"""A tiny byte-level GPT-2 (Hugging Face GPT2LMHeadModel, head tied to the token embedding)."""
 BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
 
@@ -61,7 +65,8 @@ def branching(num_classes: int, in_channels: int) -> nn.Module:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """Trained runs: RigL MLP, static small ResNet, a DeepSpeed-layout run, a prune output."""
+    """Trained runs: RigL MLP, static small ResNet, a tiny GPT, a model torch.export cannot trace,
+    a DeepSpeed-layout run and a prune output."""
     root = tmp_path_factory.mktemp("runs")
     settings = {
         "rigl": (*MLP, "method.name=rigl", "method.sparsity=0.9"),
@@ -70,6 +75,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         "branching": ("model.name=tests.test_export:branching", "data.synthetic.image_size=28",
                       "method.name=static", "method.sparsity=0.5", "train.max_steps=2"),
     }
+    settings["gpt"] = (*GPT, f"data.path={tiny_fortunes(root / 'fortunes')}")
     for name, overrides in settings.items():
         train(load_config(None, [*SMALL, f"run.dir={root / name}", *overrides]))
     runs = {name: root / name for name in settings}
@@ -362,3 +368,42 @@ def test_the_readme_reader_loads_the_layout_without_distsparse(runs, tmp_path, c
     read, loaded = namespace["load"](out), distsparse.load_sparse(out)
     assert list(read) == list(loaded)
     assert all(torch.equal(_bits(read[key]), _bits(loaded[key])) for key in loaded)
+
+
+# ---- the Hugging Face GPT ----------------------------------------------------------------------
+
+def test_gpt_dense_export_is_a_folder_from_pretrained_loads_with_exact_zeros(runs, tmp_path, capsys):
+    from transformers import GPT2LMHeadModel
+
+    out = tmp_path / "gpt"
+    status, err = _export(capsys, runs["gpt"], out, "--format", "dense")
+    assert (status, err) == (0, "")
+    pretrained = GPT2LMHeadModel.from_pretrained(out)
+    final = _final(runs["gpt"])
+    state = pretrained.state_dict()
+    assert {f"gpt2.{key}" for key in state} == set(final["model"])
+    for key, value in state.items():
+        assert torch.equal(_bits(value), _bits(final["model"][f"gpt2.{key}"])), key
+    for name, mask in final["masks"].items():
+        off = state[name.removeprefix("gpt2.")][~mask]
+        assert off.numel() and torch.equal(_bits(off), torch.zeros_like(_bits(off))), name
+    assert pretrained.lm_head.weight is pretrained.transformer.wte.weight
+    run = load_run(runs["gpt"])
+    tokens = next(iter(run.data.test.batches(0)))[0]
+    with torch.no_grad():
+        assert torch.equal(pretrained.eval()(input_ids=tokens).logits, run.model(tokens))
+    info = json.loads((out / "distsparse_export.json").read_text())
+    assert (info["method"], info["step"], info["dtype"]) == ("rigl", final["step"], "float32")
+    assert [p.name for p in tmp_path.iterdir()] == ["gpt"]
+
+
+def test_gpt_sparse_export_stores_the_tied_head_once(runs, tmp_path, capsys):
+    out = tmp_path / "gpt.safetensors"
+    assert _export(capsys, runs["gpt"], out, "--format", "sparse") == (0, "")
+    loaded, final = distsparse.load_sparse(out), _final(runs["gpt"])
+    assert loaded["gpt2.lm_head.weight"] is loaded["gpt2.transformer.wte.weight"]
+    for key, value in final["model"].items():
+        assert torch.equal(_bits(loaded[key]), _bits(value)), key
+    with safe_open(out, framework="pt") as file:
+        assert "gpt2.lm_head.weight" not in file.keys()
+        assert json.loads(file.metadata()["aliases"]) == {"gpt2.lm_head.weight": "gpt2.transformer.wte.weight"}

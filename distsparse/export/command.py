@@ -22,7 +22,8 @@ sparse: one safetensors file holding, for every masked weight, its bit-packed ma
   at active positions, every other tensor dense, and metadata (method, sparsity, per-layer
   density, config, step); read it with distsparse.load_sparse(PATH) (needs only safetensors and
   torch; layout in the README).
-dense:  the state dict with exact zeros as safetensors (safetensors.torch.load_file).
+dense:  the state dict with exact zeros as safetensors (safetensors.torch.load_file); for a
+  Hugging Face model (model.name=gpt) a save_pretrained folder that from_pretrained loads.
 onnx:   torch.onnx.export of the model in eval mode, kept only if onnxruntime agrees with torch on
   the test set's first batch; float32 only.
 
@@ -67,5 +68,7 @@ def run_export(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("distsparse: interrupted", file=sys.stderr)
         return 130
-    print(f"wrote {out} ({args.format}, {args.dtype}, {out.stat().st_size / 1e6:.2f} MB)")
+    files = [path for path in out.rglob("*") if path.is_file()] if out.is_dir() else [out]
+    size = sum(path.stat().st_size for path in files)
+    print(f"wrote {out} ({args.format}, {args.dtype}, {size / 1e6:.2f} MB)")
     return 0

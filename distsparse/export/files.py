@@ -1,7 +1,9 @@
-"""Where an export writes: a temporary file beside the target, renamed onto it when complete."""
+"""Where an export writes: a temporary file or folder beside the target, renamed onto it when
+complete."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,18 +27,26 @@ def refuse_existing(out: Path) -> None:
 
 
 @contextmanager
-def staged(out: Path) -> Iterator[Path]:
-    """A temporary path beside `out`, renamed onto `out` (fsynced) if the block ends without error;
-    removed otherwise."""
+def staged(out: Path, directory: bool = False) -> Iterator[Path]:
+    """A temporary file (or folder) beside `out`, renamed onto `out` (fsynced) if the block ends
+    without error; removed otherwise."""
     refuse_existing(out)
-    handle, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(handle)
-    temporary = Path(name)
+    if directory:
+        temporary = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    else:
+        handle, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        os.close(handle)
+        temporary = Path(name)
     try:
         yield temporary
-        with temporary.open("rb+") as file:
-            os.fsync(file.fileno())
+        for path in [*temporary.rglob("*")] if directory else [temporary]:
+            if path.is_file():
+                with path.open("rb+") as file:
+                    os.fsync(file.fileno())
         refuse_existing(out)  # made while this export ran: keep the other file
         os.replace(temporary, out)
     finally:
-        temporary.unlink(missing_ok=True)
+        if temporary.is_dir():
+            shutil.rmtree(temporary)
+        else:
+            temporary.unlink(missing_ok=True)

@@ -27,15 +27,14 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 def export_onnx(model: nn.Module, state: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor],
                 inputs: torch.Tensor, out: Path) -> None:
-    """`torch.onnx.export` (dynamo) of `model` in eval mode with the masked float32 `state`, checked
+    """`torch.onnx.export` (dynamo) of `model` (unwrapped) in eval mode with the masked float32 `state`, checked
     against onnxruntime on `inputs`, masked-off initializer entries checked to be exact zeros; the
     file is renamed onto `out` only when both checks pass."""
     import onnx
     import onnxruntime
     from onnx import numpy_helper
 
-    module = _unwrapped(model)
-    module = copy.deepcopy(module).to(device="cpu", dtype=torch.float32).eval()
+    module = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
     module.load_state_dict({key: value.float() if value.is_floating_point() else value
                             for key, value in state.items()})
     inputs = inputs.detach().cpu()
@@ -85,13 +84,6 @@ def _cause(exc: Exception) -> str:
     summary = re.search(r"## Exception summary\s+(.+)", text)
     line = summary.group(1) if summary else (text.strip().splitlines() or [type(exc).__name__])[0]
     return re.sub(r"<class '(?:[\w]+\.)*(\w+)'>", r"\1", line).strip()
-
-
-def _unwrapped(model: nn.Module) -> nn.Module:
-    """The module inside DDP or a DeepSpeed engine."""
-    while isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    return model
 
 
 def _first_tensor(output: Any) -> torch.Tensor:

@@ -17,10 +17,11 @@ from torch import nn
 
 from distsparse.export.files import ExportError, refuse_existing, staged
 from distsparse.export.formats import DTYPE_NAMES, FORMATS
+from distsparse.export.pretrained import pretrained_part, save_pretrained
 from distsparse.export.sparse_format import SPARSE_LAYOUT, mask_key, pack_mask, values_key
 from distsparse.sparsity.masks import canonical_name
 
-__all__ = ["DENSE_LAYOUT", "ExportError", "export_model", "masked_state"]
+__all__ = ["DENSE_LAYOUT", "ExportError", "export_model", "masked_state", "unwrapped"]
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 DENSE_LAYOUT = "distsparse-dense/1"
@@ -52,7 +53,8 @@ def export_model(model: nn.Module, masks: Mapping[str, torch.Tensor], out: str |
     """Write `model` with `masks` (full boolean masks by parameter name) to `out`; return it.
 
     `sparse`: the layout of `distsparse.export.sparse_format` (read with `load_sparse`); `dense`:
-    the state dict as safetensors; `onnx`: `torch.onnx.export` of the model in eval mode, checked
+    the state dict as safetensors, or for a Hugging Face model (or a module wrapping one as its
+    only child, as distsparse's gpt) a `save_pretrained` folder; `onnx`: `torch.onnx.export` of the model in eval mode, checked
     against onnxruntime on `example_inputs` (required) before it is kept. Masked-off entries are
     written as exact zeros. `metadata` (method, config, step, ...) is stored with the safetensors
     files as JSON strings, beside the measured sparsity and per-layer density. Bad input raises
@@ -74,7 +76,7 @@ def export_model(model: nn.Module, masks: Mapping[str, torch.Tensor], out: str |
             raise ExportError("ONNX export needs example inputs (a batch the model takes)")
         from distsparse.export.onnx_export import export_onnx
 
-        export_onnx(model, state, masks, example_inputs, out)
+        export_onnx(unwrapped(model), state, masks, example_inputs, out)
         return out
     tensors = {key: _cast(key, value, DTYPES[dtype]) for key, value in state.items()}
     info = {**_describe(masks), **(metadata or {}), "dtype": dtype}
@@ -82,6 +84,9 @@ def export_model(model: nn.Module, masks: Mapping[str, torch.Tensor], out: str |
                for key, value in info.items()}
     if format == "sparse":
         tensors, strings = _sparse_layout(tensors, masks, strings)
+    elif (pretrained := pretrained_part(unwrapped(model))) is not None:
+        save_pretrained(*pretrained, tensors, info, out)
+        return out
     else:
         tensors = {key: value.clone() if _shares_storage(value, tensors, key) else value
                    for key, value in tensors.items()}
@@ -89,6 +94,13 @@ def export_model(model: nn.Module, masks: Mapping[str, torch.Tensor], out: str |
     with staged(out) as temporary:
         save_file(tensors, str(temporary), metadata=strings)
     return out
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The module inside DDP or a DeepSpeed engine."""
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
 
 
 def _cast(key: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
