@@ -27,9 +27,9 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 def export_onnx(model: nn.Module, state: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor],
                 inputs: torch.Tensor, out: Path) -> None:
-    """`torch.onnx.export` (dynamo) of `model` (unwrapped) in eval mode with the masked float32 `state`, checked
-    against onnxruntime on `inputs`, masked-off initializer entries checked to be exact zeros; the
-    file is renamed onto `out` only when both checks pass."""
+    """`torch.onnx.export` (dynamo) of `model` (unwrapped) in eval mode with the masked float32
+    `state`, checked against onnxruntime on `inputs`, masked-off initializer entries checked to be
+    exact zeros; the file is renamed onto `out` only when both checks pass."""
     import onnx
     import onnxruntime
     from onnx import numpy_helper

@@ -8,8 +8,7 @@ from omegaconf import OmegaConf
 
 from distsparse.engine.post_training import resolve_run_dir
 from distsparse.engine.runs import load_run
-from distsparse.export.files import refuse_existing
-from distsparse.export.writer import export_model
+from distsparse.export.writer import check_request, export_model
 
 __all__ = ["export_run"]
 
@@ -24,7 +23,7 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, format: str = "sp
     raises a DistsparseError before anything is written.
     """
     out = Path(out)
-    refuse_existing(out)
+    check_request(format, dtype, out)
     trained = load_run(resolve_run_dir(Path(run)), device="cpu")
     metadata = {
         "method": str(trained.summary.get("method", trained.config.method.name)),

@@ -21,11 +21,24 @@ from distsparse.export.pretrained import pretrained_part, save_pretrained
 from distsparse.export.sparse_format import SPARSE_LAYOUT, mask_key, pack_mask, values_key
 from distsparse.sparsity.masks import canonical_name
 
-__all__ = ["DENSE_LAYOUT", "ExportError", "export_model", "masked_state", "unwrapped"]
+__all__ = ["DENSE_LAYOUT", "ExportError", "check_request", "export_model", "masked_state",
+           "unwrapped"]
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 DENSE_LAYOUT = "distsparse-dense/1"
 """The `layout` metadata of a dense export."""
+
+
+def check_request(format: str, dtype: str, out: Path) -> None:
+    """ExportError unless `format` and `dtype` go together and `out` is free."""
+    if format not in FORMATS:
+        raise ExportError(f"format {format!r}: expected one of {', '.join(FORMATS)}")
+    if dtype not in DTYPE_NAMES:
+        raise ExportError(f"dtype {dtype!r}: expected one of {', '.join(DTYPE_NAMES)}")
+    if format == "onnx" and dtype != "float32":
+        raise ExportError(f"--dtype {dtype}: ONNX export is float32 only "
+                          "(onnxruntime on the CPU checks it)")
+    refuse_existing(out)
 
 
 def masked_state(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -54,24 +67,17 @@ def export_model(model: nn.Module, masks: Mapping[str, torch.Tensor], out: str |
 
     `sparse`: the layout of `distsparse.export.sparse_format` (read with `load_sparse`); `dense`:
     the state dict as safetensors, or for a Hugging Face model (or a module wrapping one as its
-    only child, as distsparse's gpt) a `save_pretrained` folder; `onnx`: `torch.onnx.export` of the model in eval mode, checked
-    against onnxruntime on `example_inputs` (required) before it is kept. Masked-off entries are
-    written as exact zeros. `metadata` (method, config, step, ...) is stored with the safetensors
-    files as JSON strings, beside the measured sparsity and per-layer density. Bad input raises
-    ExportError (a DistsparseError) and writes nothing.
+    only child, as distsparse's gpt) a `save_pretrained` folder; `onnx`: `torch.onnx.export` of
+    the model in eval mode, checked against onnxruntime on `example_inputs` (required) before it
+    is kept. Masked-off entries are written as exact zeros. `metadata` (method, config, step, ...)
+    is stored with the safetensors files as JSON strings, beside the measured sparsity and
+    per-layer density. Bad input raises ExportError (a DistsparseError) and writes nothing.
     """
     out = Path(out)
-    if format not in FORMATS:
-        raise ExportError(f"format {format!r}: expected one of {', '.join(FORMATS)}")
-    if dtype not in DTYPE_NAMES:
-        raise ExportError(f"dtype {dtype!r}: expected one of {', '.join(DTYPE_NAMES)}")
-    refuse_existing(out)
+    check_request(format, dtype, out)
     masks = {canonical_name(name): mask for name, mask in masks.items()}
     state = masked_state(model, masks)
     if format == "onnx":
-        if dtype != "float32":
-            raise ExportError(f"--dtype {dtype}: ONNX export is float32 only "
-                              "(onnxruntime on the CPU checks it)")
         if example_inputs is None:
             raise ExportError("ONNX export needs example inputs (a batch the model takes)")
         from distsparse.export.onnx_export import export_onnx
