@@ -16,7 +16,8 @@ __all__ = ["add_export_parser", "run_export"]
 
 _DESCRIPTION = """\
 Write RUN's trained model (a run directory of any backend, its checkpoints/last.pt, a DeepSpeed
-run's checkpoints/model.pt, or a `distsparse prune` output) to one file:
+run's checkpoints/model.pt, or a `distsparse prune` output) to one file (a folder for the dense
+export of a Hugging Face model):
 
 sparse: one safetensors file holding, for every masked weight, its bit-packed mask and the values
   at active positions, every other tensor dense, and metadata (method, sparsity, per-layer
@@ -27,7 +28,7 @@ dense:  the state dict with exact zeros as safetensors (safetensors.torch.load_f
 onnx:   torch.onnx.export of the model in eval mode, kept only if onnxruntime agrees with torch on
   the test set's first batch; float32 only.
 
-The file is written beside PATH and renamed onto it when complete; an existing PATH is never
+The output is written beside PATH and renamed onto it when complete; an existing PATH is never
 replaced.
 """
 
