@@ -119,6 +119,7 @@ LAYERS = {
     "methods": ("errors", "config", "sparsity"),
     "distributed": ("errors", "sparsity"),
     "sparsifier": ("errors", "config", "sparsity", "methods", "distributed"),
+    "integrations": ("errors", "config", "sparsity", "methods", "distributed", "sparsifier"),
 }
 
 

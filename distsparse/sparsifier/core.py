@@ -53,14 +53,15 @@ class Sparsifier:
     arguments (update_interval, drop_fraction, init, prune_scope, ...). `total_steps` counts
     optimizer steps of the global batch. Pruning-at-init criteria (`init=...`) score
     `init_batches()`, an iterable of (inputs, targets) on the model's device. A wrong name or
-    value raises ConfigError naming the argument.
+    value raises ConfigError naming the argument. `state`: a `state_dict()` to resume from; its
+    masks replace the initial ones before any copy is masked.
     """
 
     def __init__(
         self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
         method: str = "rigl", sparsity: float = 0.9, total_steps: int | None = None, *,
         seed: int = 0, sparse_gradients: bool = False, init_batches: Batches | None = None,
-        global_batch: int | None = None, **options: Any,
+        global_batch: int | None = None, state: Mapping[str, Any] | None = None, **options: Any,
     ) -> None:
         config = _method_config(method, sparsity, options)
         if total_steps is None or total_steps < 1:
@@ -77,7 +78,12 @@ class Sparsifier:
             sample = next(iter(init_batches()))[0]
             context = InitContext(module, init_batches, global_batch or len(sample),
                                   tuple(sample.shape[1:]), all_reduce)
-        self._setup(built, module, access, context)
+        try:
+            self._setup(built, module, access, context, None if state is None else state["masks"])
+            if state is not None:
+                self.load_state_dict(state)
+        except (KeyError, ValueError) as exc:
+            raise ConfigError(f"argument 'state': {exc.args[0]}") from None
 
     @classmethod
     def from_method(cls, method: SparsityMethod, module: nn.Module, access: ParameterAccess,
@@ -111,6 +117,7 @@ class Sparsifier:
         self.mask_set.use_layout(access.selection_layout(self.mask_set.shapes()))
         method.layout = self.mask_set.layout
         self.last_update: MaskUpdate | None = None
+        self._pending_grads: dict[str, torch.Tensor] | None = None
         self.mask_all()
         self._check_identical()
         self._prepare_next_step()
@@ -155,29 +162,55 @@ class Sparsifier:
         method steps, then updates the mask. With a GradScaler the scaler steps and updates; a
         step it skips (inf/NaN gradients) changes neither masks nor the method's step count.
         """
-        step = self.step_count
-        update = self.method.uses_masks and self.method.is_update_step(step)
+        update = self.method.uses_masks and self.method.is_update_step(self.step_count)
         replaces = update and self.method.update_replaces_optimizer_step
         scaled = scaler is not None and scaler.is_enabled()
         if scaled:
             scale = scaler.get_scale()
             scaler.unscale_(self.access.optimizer)
-        grads = self.access.grads() if self.grows_by_gradient(step) else None
+        self.before_optimizer_step()
         if scaled:
             if not replaces:
                 scaler.step(self.access.optimizer)
             scaler.update()  # the inf check of unscale_ is enough where no step is taken
             if scaler.get_scale() < scale:
+                self.after_optimizer_step(skipped=True)
                 return False
         elif replaces:
             self.access.skip_step()
         else:
             self.access.step()
+        self.after_optimizer_step()
+        return not replaces
+
+    def before_optimizer_step(self) -> None:
+        """Read what this step's mask update needs before the optimizer step clears or changes
+        it: the dense gradient (averaged over ranks) when the update grows by gradient.
+
+        With `after_optimizer_step`, the entry point for loops whose optimizer step someone else
+        takes (a Hugging Face Trainer): call it after backward and clipping, before that step.
+        """
+        self._pending_grads = self.access.grads() if self.grows_by_gradient(self.step_count) else None
+
+    def after_optimizer_step(self, skipped: bool = False) -> None:
+        """After an optimizer step taken outside the Sparsifier: mask every copy, update the masks
+        when the schedule says so (from the gradient `before_optimizer_step` read), count the step.
+
+        The update follows the step for every method, RigL included (`step()` skips RigL's
+        optimizer step instead). `skipped`: the step was not taken (a loss scaler found inf/NaN);
+        masks and the step count stay as they are.
+        """
+        grads, self._pending_grads = self._pending_grads, None
+        if skipped:
+            return
+        step = self.step_count
+        if grads is None and self.grows_by_gradient(step):
+            raise RuntimeError(f"step {step} grows by gradient: call before_optimizer_step() "
+                               "before the optimizer step")
         self.mask_all()
-        if update:
+        if self.method.uses_masks and self.method.is_update_step(step):
             self._update_masks(step, grads)
         self.step_count += 1
-        return not replaces
 
     def _update_masks(self, step: int, grads: Mapping[str, torch.Tensor] | None) -> None:
         tick = time.perf_counter()
