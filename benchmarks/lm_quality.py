@@ -13,6 +13,7 @@ then its summary.json is read. Prints the tables and appends them to RESULTS.md.
 
     .venv/bin/python benchmarks/lm_quality.py            # the full grid (GPU or a quiet machine)
     .venv/bin/python benchmarks/lm_quality.py --quick    # a smaller model, fewer steps, 1 seed
+    .venv/bin/python benchmarks/lm_quality.py --sparsities 0.9 --seeds 0 --skip-vit  # a subset
 """
 from __future__ import annotations
 
@@ -44,6 +45,8 @@ QUICK = {"sparsities": (0.9,), "seeds": (0,),
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the small setting (see QUICK)")
+    parser.add_argument("--sparsities", help="comma-separated, instead of the setting's")
+    parser.add_argument("--seeds", help="comma-separated, instead of the setting's")
     parser.add_argument("--skip-vit", action="store_true", help="only the language model")
     parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     return parser.parse_args(argv)
@@ -110,7 +113,11 @@ def _table(runs: dict[tuple[str, float], list[dict]], metric: str, label: str) -
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    setting = QUICK if args.quick else FULL
+    setting = dict(QUICK if args.quick else FULL)
+    if args.sparsities:
+        setting["sparsities"] = tuple(float(p) for p in args.sparsities.split(","))
+    if args.seeds:
+        setting["seeds"] = tuple(int(s) for s in args.seeds.split(","))
     load_before, started = load_average(), time.perf_counter()
     lm = _lm_runs(setting)
     body = "Fortunes byte LM, validation bits per byte (lower is better):\n\n" + _table(
@@ -121,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + body)
     if not args.no_record:
         lm_keys = " ".join(setting["lm"]) or "as the recipe"
-        settings = (f"{'--quick' if args.quick else 'full grid'}; LM: {LM_CONFIG} (GraNet-ST: "
+        grid = f"sparsities {','.join(map(str, setting['sparsities']))}"
+        settings = (f"{'--quick' if args.quick else 'recipe scale'}, {grid}; LM: {LM_CONFIG} (GraNet-ST: "
                     f"{LM_GRANET_CONFIG}) overrides `{lm_keys}`, same tokens for every method; ViT: "
                     f"{VIT_CONFIG} overrides `{' '.join(setting['vit']) or 'none'}`; seeds "
                     f"{','.join(map(str, setting['seeds']))}; each run a subprocess, one at a time")
