@@ -17,6 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
+from distsparse.config import BackendConfig
 from distsparse.engine.checkpoint import write_atomically
 from distsparse.errors import CheckpointError
 
@@ -39,6 +43,21 @@ class NativeCheckpoint:
     world_size: int
     zero_stage: int
     config: dict[str, Any]
+
+    @property
+    def source(self) -> Path:
+        return self.directory / self.tag
+
+    def check(self, backend: BackendConfig, world_size: int) -> None:
+        """`check_native_resume` with this run's backend keys."""
+        check_native_resume(self, backend.name, world_size, backend.zero_stage)
+
+    def restore_unwrapped(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Nothing: DeepSpeed loads its shards into the engine."""
+
+    def restore_wrapped(self, checkpointer: Any) -> dict[str, Any]:
+        """Model, optimizer and engine state through the DeepSpeed backend's checkpointer."""
+        return checkpointer.load(self)
 
 
 def step_tag(step: int) -> str:

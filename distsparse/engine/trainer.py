@@ -3,7 +3,9 @@
 load or start -> for each step: forward, backward through the backend's wrapper, Sparsifier.step
 (optimizer step or RigL's skip, every copy masked, the mask updated on schedule), LR step -> log,
 checkpoint, evaluate at epoch ends -> summary, plot. The backend wraps the model; its access
-(handed to the Sparsifier) reaches the weight, master copy and optimizer state.
+(handed to the Sparsifier) reaches the weight, master copy and optimizer state, and its
+checkpointer writes the run's stateful parts in the wrapper's format. Nothing here depends on
+which backend runs.
 """
 from __future__ import annotations
 
@@ -28,18 +30,10 @@ from distsparse.distributed.process_group import (
     init_process_group,
     leave_process_group,
 )
-from distsparse.engine.backends import Backend, DDPBackend, SingleBackend
-from distsparse.engine.checkpoint import CHECKPOINT_NAME, MODEL_NAME, load_checkpoint, save_checkpoint
+from distsparse.engine.backends import Backend, backend_settings, build_backend
+from distsparse.engine.checkpointer import SavedCheckpoint, find_checkpoint
 from distsparse.engine.flops import FlopCounter
 from distsparse.engine.metrics import MetricsLog, truncate_metrics
-from distsparse.engine.native_checkpoint import (
-    DEEPSPEED_DIR,
-    NativeCheckpoint,
-    check_native_resume,
-    commit_native,
-    latest_native,
-    step_tag,
-)
 from distsparse.engine.optim import build_lr_scheduler, build_optimizer
 from distsparse.engine.report import format_table, plot_run, write_summary
 from distsparse.engine.stop_signal import StopSignal
@@ -104,15 +98,8 @@ class Trainer:
             )
         self.method: SparsityMethod = build_method(config.method, self.schedule, config.seed)
         self.config = dataclasses.replace(config, method=self.method.config)
-        self.deepspeed_settings = None  # merged and checked before anything is written
-        # DeepSpeed on several ranks checkpoints through its own sharded save/load.
-        self.native = config.backend.name == "deepspeed" and self.env.world_size > 1
-        if self.native:
-            from distsparse.engine.backends.deepspeed import deepspeed_config
-
-            self.deepspeed_settings = deepspeed_config(
-                config.backend.zero_stage, config.train.batch_size, self.env.world_size,
-                config.backend.deepspeed_config)
+        # merged and checked before anything is written
+        self.backend_settings = backend_settings(config, self.env.world_size)
         torch.manual_seed(config.seed)  # the model is built before anything is written
         model = build_model(config.model.name, self.data.num_classes, self.data.in_channels,
                             config.model.kwargs)
@@ -142,17 +129,17 @@ class Trainer:
             masks = self.method.initial_masks(shapes, self._init_context(model))
         else:  # replaced by the checkpoint's once the wrapper exists
             masks = {name: torch.ones(shape, dtype=torch.bool) for name, shape in shapes.items()}
-            if not isinstance(checkpoint, NativeCheckpoint):
-                self._restore_model(model, optimizer, checkpoint)
-        self.backend: Backend = self._build_backend(model, optimizer)
+            checkpoint.restore_unwrapped(model, optimizer)
+        sparse_gradients = config.backend.sparse_gradients and self.method.uses_masks
+        self.backend: Backend = build_backend(config, model, optimizer, self.env, self.device,
+                                              self.backend_settings, sparse_gradients)
         self.sparsifier = Sparsifier.from_method(
             self.method, getattr(self.backend.model, "module", self.backend.model),
             self.backend.access, masks)
         self.masks: MaskSet = self.sparsifier.mask_set
-        if isinstance(checkpoint, NativeCheckpoint):
-            self._restore_native(checkpoint)
-        elif checkpoint is not None:
-            self._restore_training_state(checkpoint, self.run_dir / CHECKPOINT_NAME)
+        if checkpoint is not None:
+            self._restore_training_state(checkpoint.restore_wrapped(self.backend.checkpointer),
+                                         checkpoint.source)
         self.input_dtype = self.backend.input_dtype or self.input_dtype
         self.flops.set_masks(self.masks)
         self.log: MetricsLog | None = None
@@ -187,18 +174,6 @@ class Trainer:
     def step(self, step: int) -> None:
         self.sparsifier.step_count = step
 
-    def _build_backend(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Backend:
-        if self.config.backend.name == "single" or self.env.world_size == 1:
-            return SingleBackend(model, optimizer)
-        if self.device.type == "cuda" and self.config.backend.sync_batchnorm:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        if self.config.backend.name == "deepspeed":
-            from distsparse.engine.backends.deepspeed import DeepSpeedBackend
-
-            return DeepSpeedBackend(model, optimizer, self.env, self.deepspeed_settings)
-        sparse = self.config.backend.sparse_gradients and self.method.uses_masks
-        return DDPBackend(model, optimizer, self.env, self.device, sparse)
-
     def _on_main_then_agree(self, action) -> None:
         """Run a check-and-write on rank 0 only; every rank stops if it failed."""
         error = None
@@ -224,20 +199,15 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16,
                               enabled=self.config.train.autocast == "bf16")
 
-    def _check_resume(self) -> dict[str, Any] | NativeCheckpoint:
-        """The run's DeepSpeed checkpoint if it has one, else its last.pt; checked, not loaded."""
-        checkpoint: dict[str, Any] | NativeCheckpoint | None = latest_native(self.run_dir)
-        if checkpoint is not None:
-            backend = self.config.backend
-            check_native_resume(checkpoint, backend.name, self.env.world_size, backend.zero_stage)
-            written = checkpoint.config
-        else:
-            checkpoint = load_checkpoint(self.run_dir / CHECKPOINT_NAME)
-            written = checkpoint["config"]
-            if int(checkpoint["step"]) == 0:  # nothing trained yet: the schedule may change
-                current = schedule_relevant(self.config)["train"]
-                fresh = {key: current[key] for key in _FRESH_SCHEDULE_KEYS}
-                written = {**written, "train": {**written["train"], **fresh}}
+    def _check_resume(self) -> SavedCheckpoint:
+        """The run's newest checkpoint, checked against this config and backend; not loaded."""
+        checkpoint = find_checkpoint(self.run_dir)
+        checkpoint.check(self.config.backend, self.env.world_size)
+        written = checkpoint.config
+        if checkpoint.step == 0:  # nothing trained yet: the schedule may change
+            current = schedule_relevant(self.config)["train"]
+            fresh = {key: current[key] for key in _FRESH_SCHEDULE_KEYS}
+            written = {**written, "train": {**written["train"], **fresh}}
         # Keys added to the schema after the run was written count as their defaults.
         stored = _merged(schedule_relevant(Config()), written)
         current = schedule_relevant(self.config)
@@ -263,8 +233,8 @@ class Trainer:
         bar.close()
         if evaluation is None:
             evaluation = self.evaluate()
-        if self.native:
-            self._save_model_file()
+        self.backend.checkpointer.finish(self.run_dir, self._training_state(
+            time.perf_counter() - start_time))
         wall = self.previous_wall_s + time.perf_counter() - start_time
         summary = self._summary(evaluation, wall, self.images / self.train_seconds
                                 if self.train_seconds else 0.0)
@@ -367,7 +337,8 @@ class Trainer:
                   lr=self.scheduler.get_last_lr()[0], sparsity=self._sparsity())
 
     def _training_state(self, wall_s: float) -> dict[str, Any]:
-        """Everything a checkpoint holds but the model and optimizer (DeepSpeed's client_state)."""
+        """Everything a checkpoint holds but the model and optimizer (a collective where masks are
+        pieces)."""
         return {
             "config": schedule_relevant(self.config),
             "step": self.step,
@@ -379,56 +350,11 @@ class Trainer:
             "wall_s": self.previous_wall_s + wall_s,
         }
 
-    def model_state(self) -> dict[str, torch.Tensor]:
-        """The full model state dict under canonical names (a collective under ZeRO-3)."""
-        return self.backend.model_state_dict()
-
     def _save(self, wall_s: float) -> None:
-        if self.native:
-            self._save_native(wall_s)
-        else:
-            state = {**self._training_state(wall_s), "model": self.model_state(),
-                     "optimizer": self.backend.optimizer_state_dict()}
-            if self.env.is_main:
-                save_checkpoint(state, self.run_dir / CHECKPOINT_NAME)
+        self.backend.checkpointer.save(self.run_dir, self.step, self._training_state(wall_s))
         if self.on_checkpoint is not None:
             self.on_checkpoint(self.run_dir, {"step": self.step, "sparsity": self._sparsity(),
                                               **self.last_evaluation})
-
-    def _save_native(self, wall_s: float) -> None:
-        """Every rank writes its shards; then rank 0 commits the tag (sidecar, `latest`, cleanup)."""
-        directory, tag = self.run_dir / DEEPSPEED_DIR, step_tag(self.step)
-        self.backend.save_checkpoint(directory, tag, self._training_state(wall_s))
-        if self.env.is_main:
-            commit_native(directory, tag, {
-                "step": self.step, "world_size": self.env.world_size,
-                "zero_stage": self.config.backend.zero_stage, "config": schedule_relevant(self.config),
-            })
-
-    def _save_model_file(self) -> None:
-        """The model and masks in the single-process layout, for evaluate and prune (DeepSpeed)."""
-        model, masks = self.model_state(), self.masks.state_dict()  # on every rank: ZeRO-3 gathers
-        if self.env.is_main:
-            save_checkpoint({"config": schedule_relevant(self.config), "step": self.step,
-                             "model": model, "masks": masks}, self.run_dir / MODEL_NAME)
-
-    def _restore_model(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                       state: dict[str, Any]) -> None:
-        """Model and optimizer state of a last.pt, before the model is wrapped."""
-        source = self.run_dir / CHECKPOINT_NAME
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as exc:
-            raise CheckpointError(
-                f"checkpoint {source} does not fit the model: {str(exc).splitlines()[0]}"
-            ) from None
-        if int(state["step"]) > 0:  # at step 0 the fresh optimizer of the current config
-            optimizer.load_state_dict(state["optimizer"])
-
-    def _restore_native(self, checkpoint: NativeCheckpoint) -> None:
-        """Model, optimizer and engine state through DeepSpeed; the rest from its client_state."""
-        state = self.backend.load_checkpoint(checkpoint.directory, checkpoint.tag)
-        self._restore_training_state(state, checkpoint.directory / checkpoint.tag)
 
     def _restore_training_state(self, state: dict[str, Any], source: Path) -> None:
         """Masks, method and step (through the Sparsifier), schedule, FLOPs, RNG and wall time."""

@@ -1,9 +1,10 @@
 """The wrapping seam: how the trainer builds, steps through and checkpoints the model's wrapper.
 
 A backend wraps model and optimizer (nothing, DDP, a DeepSpeed engine), backpropagates through
-the wrapper and reads the full state for checkpoints. What masks need of the wrapper (the owned
-pieces of the weights, every copy to mask, the optimizer step) is its `access`, which the
-trainer hands to its Sparsifier, as a user hands a wrapped model to theirs.
+the wrapper, reads the full model state and checkpoints in the wrapper's format (its
+`checkpointer`). What masks need of the wrapper (the owned pieces of the weights, every copy to
+mask, the optimizer step) is its `access`, which the trainer hands to its Sparsifier, as a user
+hands a wrapped model to theirs.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from distsparse.engine.checkpointer import Checkpointer
 from distsparse.sparsifier.access import ParameterAccess
 
 __all__ = ["Backend"]
@@ -23,6 +25,8 @@ class Backend(Protocol):
     model: nn.Module
     optimizer: torch.optim.Optimizer
     access: ParameterAccess
+    checkpointer: Checkpointer
+    """Writes the run's checkpoints in this wrapper's format (and loads its own format)."""
     rank: int
     world_size: int
     input_dtype: torch.dtype | None
@@ -33,6 +37,3 @@ class Backend(Protocol):
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         """The full model state dict under canonical names (a collective where state is sharded)."""
-
-    def optimizer_state_dict(self) -> dict:
-        """The optimizer state in the single-process layout (a collective where it is sharded)."""

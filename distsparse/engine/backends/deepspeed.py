@@ -3,14 +3,14 @@
 The masks' side of the engine (every copy of a weight at every stage, the pieces of ZeRO-3) is
 `distsparse.sparsifier.deepspeed_access.DeepSpeedAccess`, this backend's `access`.
 
-Checkpoints are DeepSpeed's own: `save_checkpoint` has every rank write its shards through
+Checkpoints are DeepSpeed's own (`DeepSpeedCheckpointer`): every rank writes its shards through
 `engine.save_checkpoint` (no gather of weights or optimizer state), with the trainer's state (full
-masks, method, scheduler, step, RNG) as client_state, and `load_checkpoint` reads them back through
-`engine.load_checkpoint` into an engine of the same stage and, at stages 1-3, the same world size
-(the layout and the checks are in `distsparse.engine.native_checkpoint`). `model_state_dict`
-gathers the full model one parameter at a time, for the model file evaluation and pruning read. A
-single-process checkpoint (`last.pt` of a single or DDP run) still loads: its optimizer state, put
-into the torch optimizer before `deepspeed.initialize`, is scattered into the partitions.
+masks, method, scheduler, step, RNG) as client_state, read back through `engine.load_checkpoint`
+into an engine of the same stage and, at stages 1-3, the same world size (the layout and the
+checks are in `distsparse.engine.native_checkpoint`). `model_state_dict` gathers the full model one
+parameter at a time, for the model file evaluation and pruning read. A single-process checkpoint
+(`last.pt` of a single or DDP run) still loads: its optimizer state, put into the torch optimizer
+before `deepspeed.initialize`, is scattered into the partitions.
 """
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ from torch import nn
 
 from distsparse.distributed.process_group import DistEnv
 from distsparse.engine.backends.single import SingleBackend
+from distsparse.engine.checkpoint import MODEL_NAME, save_checkpoint
+from distsparse.engine.native_checkpoint import DEEPSPEED_DIR, NativeCheckpoint, commit_native, step_tag
 from distsparse.errors import CheckpointError, ConfigError
 from distsparse.sparsifier.deepspeed_access import DeepSpeedAccess
 
@@ -121,6 +123,7 @@ class DeepSpeedBackend(SingleBackend):
         pending = {p: optimizer.state.pop(p) for p in list(optimizer.state)} if steps_copies else {}
         self.model, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         self.access = DeepSpeedAccess(self.model, optimizer)
+        self.checkpointer = DeepSpeedCheckpointer(self)
         if pending:
             self.access.load_optimizer_state(pending)
 
@@ -146,19 +149,41 @@ class DeepSpeedBackend(SingleBackend):
                 state[key] = value.detach().cpu().clone()
         return state
 
-    def optimizer_state_dict(self) -> dict[str, Any]:
-        """Not gathered: DeepSpeed writes each rank's optimizer partition in `save_checkpoint`."""
-        raise NotImplementedError("a DeepSpeed optimizer state is checkpointed by save_checkpoint")
 
-    def save_checkpoint(self, directory: Path, tag: str, client_state: dict[str, Any]) -> None:
-        """Every rank writes its shards of tag `tag` under `directory` (a collective); no `latest`."""
-        self.model.save_checkpoint(str(directory), tag=tag, client_state=client_state,
-                                   save_latest=False)
 
-    def load_checkpoint(self, directory: Path, tag: str) -> dict[str, Any]:
-        """Load model, optimizer and engine state of tag `tag` (a collective); return client_state."""
-        path, client_state = self.model.load_checkpoint(
-            str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
+class DeepSpeedCheckpointer:
+    """DeepSpeed's own sharded checkpoints in `RUN/checkpoints/deepspeed` (`native_checkpoint`).
+
+    Every rank writes its shards through `engine.save_checkpoint` with the run's other state as
+    client_state (no gather of weights or optimizer state); rank 0 then commits the tag. When
+    training ends or stops, the gathered model and full masks go to `checkpoints/model.pt`, the
+    single-process layout that evaluation and pruning read.
+    """
+
+    def __init__(self, backend: DeepSpeedBackend) -> None:
+        self.backend = backend
+
+    def save(self, run_dir: Path, step: int, state: dict[str, Any]) -> None:
+        backend, directory, tag = self.backend, run_dir / DEEPSPEED_DIR, step_tag(step)
+        backend.model.save_checkpoint(str(directory), tag=tag, client_state=state,
+                                      save_latest=False)
+        if backend.rank == 0:
+            commit_native(directory, tag, {"step": step, "world_size": backend.world_size,
+                                           "zero_stage": backend.stage, "config": state["config"]})
+
+    def load(self, checkpoint: NativeCheckpoint) -> dict[str, Any]:
+        """Model, optimizer and engine state of the tag (a collective); returns client_state."""
+        path, client_state = self.backend.model.load_checkpoint(
+            str(checkpoint.directory), tag=checkpoint.tag, load_optimizer_states=True,
+            load_lr_scheduler_states=False)
         if path is None:
-            raise CheckpointError(f"checkpoint {directory}: DeepSpeed could not load tag {tag}")
+            raise CheckpointError(f"checkpoint {checkpoint.directory}: DeepSpeed could not load "
+                                  f"tag {checkpoint.tag}")
         return client_state
+
+    def finish(self, run_dir: Path, state: dict[str, Any]) -> None:
+        """Rank 0 writes the model (gathered on every rank) and masks as `checkpoints/model.pt`."""
+        model = self.backend.model_state_dict()
+        if self.backend.rank == 0:
+            save_checkpoint({"config": state["config"], "step": state["step"], "model": model,
+                             "masks": state["masks"]}, run_dir / MODEL_NAME)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from distsparse.engine.checkpointer import FileCheckpointer
 from distsparse.sparsifier.access import PlainAccess
 
 __all__ = ["SingleBackend"]
@@ -19,6 +20,7 @@ class SingleBackend:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.model, self.optimizer = model, optimizer
         self.access = PlainAccess(optimizer)
+        self.checkpointer = FileCheckpointer(self)
 
     def backward(self, loss: torch.Tensor) -> None:
         """Clear the previous gradients, then backpropagate."""
@@ -28,7 +30,3 @@ class SingleBackend:
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's state dict under canonical names (no DDP `module.` prefix)."""
         return getattr(self.model, "module", self.model).state_dict()
-
-    def optimizer_state_dict(self) -> dict:
-        """The torch optimizer's state dict."""
-        return self.optimizer.state_dict()
