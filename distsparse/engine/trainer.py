@@ -51,7 +51,7 @@ CheckpointCallback = Callable[[Path, dict[str, Any]], None]
 
 _FRESH_SCHEDULE_KEYS = ("epochs", "max_steps", "batch_size", "optimizer", "lr", "momentum",
                         "nesterov", "weight_decay", "lr_schedule", "warmup_epochs", "lr_milestones",
-                        "lr_gamma", "label_smoothing")
+                        "lr_gamma", "label_smoothing", "betas")
 """train.* keys a resume from step 0 may change (fine-tuning a pruned run): nothing trained yet."""
 
 
@@ -189,6 +189,9 @@ class Trainer:
             raise DistsparseError("rank 0 stopped with an error (see its message)")
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """Inputs on the device; floating-point ones in the model's dtype (tokens stay int64)."""
+        if not x.is_floating_point():
+            return x.to(self.device)
         x = x.to(device=self.device, dtype=self.input_dtype)
         if self.config.train.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
