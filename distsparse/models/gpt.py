@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from distsparse.errors import ConfigError
+from distsparse.models.kwargs import merged_kwargs
 
 __all__ = ["GPT", "GPT_DEFAULTS", "build_gpt", "check_gpt_kwargs"]
 
@@ -54,23 +55,11 @@ class GPT(nn.Module):
 
 def check_gpt_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """`model.kwargs` over `GPT_DEFAULTS`; ConfigError naming model.kwargs.<key> if invalid."""
-    unknown = sorted(set(kwargs) - set(GPT_DEFAULTS))
-    if unknown:
-        raise ConfigError(f"config key 'model.kwargs.{unknown[0]}': model gpt takes "
-                          f"{', '.join(GPT_DEFAULTS)}")
-    merged = {**GPT_DEFAULTS, **kwargs}
-    for key in ("n_layer", "n_head", "n_embd", "n_positions"):
-        value = merged[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"config key 'model.kwargs.{key}' = {value!r}: expected an "
-                              "integer >= 1")
+    merged = merged_kwargs("gpt", kwargs, GPT_DEFAULTS,
+                           ("n_layer", "n_head", "n_embd", "n_positions"))
     if merged["n_embd"] % merged["n_head"]:
         raise ConfigError(f"config key 'model.kwargs.n_embd' = {merged['n_embd']}: expected a "
                           f"multiple of model.kwargs.n_head={merged['n_head']}")
-    dropout = merged["dropout"]
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise ConfigError(f"config key 'model.kwargs.dropout' = {dropout!r}: expected a value in "
-                          "[0, 1)")
     return merged
 
 

@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from distsparse.errors import ConfigError
+from distsparse.models.kwargs import merged_kwargs
 
 __all__ = ["VIT_DEFAULTS", "build_vit", "check_vit_kwargs"]
 
@@ -25,26 +26,13 @@ _INTEGERS = ("image_size", "patch_size", "num_layers", "num_heads", "hidden_dim"
 
 def check_vit_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """`model.kwargs` over `VIT_DEFAULTS`; ConfigError naming model.kwargs.<key> if invalid."""
-    unknown = sorted(set(kwargs) - set(VIT_DEFAULTS))
-    if unknown:
-        raise ConfigError(f"config key 'model.kwargs.{unknown[0]}': model vit takes "
-                          f"{', '.join(VIT_DEFAULTS)}")
-    merged = {**VIT_DEFAULTS, **kwargs}
-    for key in _INTEGERS:
-        value = merged[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"config key 'model.kwargs.{key}' = {value!r}: expected an "
-                              "integer >= 1")
+    merged = merged_kwargs("vit", kwargs, VIT_DEFAULTS, _INTEGERS)
     if merged["image_size"] % merged["patch_size"]:
         raise ConfigError(f"config key 'model.kwargs.patch_size' = {merged['patch_size']}: "
                           f"expected a divisor of model.kwargs.image_size={merged['image_size']}")
     if merged["hidden_dim"] % merged["num_heads"]:
         raise ConfigError(f"config key 'model.kwargs.hidden_dim' = {merged['hidden_dim']}: "
                           f"expected a multiple of model.kwargs.num_heads={merged['num_heads']}")
-    dropout = merged["dropout"]
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise ConfigError(f"config key 'model.kwargs.dropout' = {dropout!r}: expected a value in "
-                          "[0, 1)")
     return merged
 
 
