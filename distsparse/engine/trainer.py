@@ -99,7 +99,7 @@ class Trainer:
         self.method: SparsityMethod = build_method(config.method, self.schedule, config.seed)
         self.config = dataclasses.replace(config, method=self.method.config)
         # merged and checked before anything is written
-        self.backend_settings = backend_settings(config, self.env.world_size)
+        settings = backend_settings(config, self.env.world_size)
         torch.manual_seed(config.seed)  # the model is built before anything is written
         model = build_model(config.model.name, self.data.num_classes, self.data.in_channels,
                             config.model.kwargs)
@@ -132,7 +132,7 @@ class Trainer:
             checkpoint.restore_unwrapped(model, optimizer)
         sparse_gradients = config.backend.sparse_gradients and self.method.uses_masks
         self.backend: Backend = build_backend(config, model, optimizer, self.env, self.device,
-                                              self.backend_settings, sparse_gradients)
+                                              settings, sparse_gradients)
         self.sparsifier = Sparsifier.from_method(
             self.method, getattr(self.backend.model, "module", self.backend.model),
             self.backend.access, masks)

@@ -162,8 +162,7 @@ class Sparsifier:
         method steps, then updates the mask. With a GradScaler the scaler steps and updates; a
         step it skips (inf/NaN gradients) changes neither masks nor the method's step count.
         """
-        update = self.method.uses_masks and self.method.is_update_step(self.step_count)
-        replaces = update and self.method.update_replaces_optimizer_step
+        replaces = self._updates_at(self.step_count) and self.method.update_replaces_optimizer_step
         scaled = scaler is not None and scaler.is_enabled()
         if scaled:
             scale = scaler.get_scale()
@@ -208,7 +207,7 @@ class Sparsifier:
             raise RuntimeError(f"step {step} grows by gradient: call before_optimizer_step() "
                                "before the optimizer step")
         self.mask_all()
-        if self.method.uses_masks and self.method.is_update_step(step):
+        if self._updates_at(step):
             self._update_masks(step, grads)
         self.step_count += 1
 
@@ -226,8 +225,11 @@ class Sparsifier:
 
     def grows_by_gradient(self, step: int) -> bool:
         """Whether the mask update at `step` reads the dense gradient (RigL, GraNet growth)."""
-        method = self.method
-        return method.uses_masks and method.is_update_step(step) and method.needs_dense_grad(step)
+        return self._updates_at(step) and self.method.needs_dense_grad(step)
+
+    def _updates_at(self, step: int) -> bool:
+        """Whether the masks change after optimizer step `step`."""
+        return self.method.uses_masks and self.method.is_update_step(step)
 
     def _prepare_next_step(self) -> None:
         """Ask for dense gradients in the next backward when the next step grows by gradient."""
