@@ -13,9 +13,16 @@ import zlib
 import pytest
 import torch
 
-from distsparse.sparsity.counter_rng import _MUL1, _MUL2, _mul32, random_bits
+from distsparse.sparsity import counter_rng
+from distsparse.sparsity.counter_rng import _MUL1, _MUL2, _mul32_, random_bits, random_bits_range
+from distsparse.sparsity.scores import random_scores
 
 M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """The in-place multiply on a copy, its scratch tensor filled with garbage first."""
+    return _mul32_(x.clone(), c, torch.full_like(x, -1))
 
 
 def _ref_hash32(x: int) -> int:
@@ -168,3 +175,39 @@ def test_mul32_matches_python_integers_for_random_constants():
     for _ in range(20):
         c = rng.getrandbits(32)
         assert _mul32(x, c).tolist() == [(v * c) % 2**32 for v in xs]
+
+
+# --- the in-place, chunked draw: the same values as the Python reference -------------------------
+
+@pytest.mark.parametrize("start,count", [(0, 0), (0, 1), (5, 2500), (2**32 - 700, 1500),
+                                         (2**32 + 3, 900), (3 * 2**40 + 17, 40)])
+def test_range_draw_equals_the_reference_on_every_index(start, count, monkeypatch):
+    """Chunks of 256 (the boundary 2**32 inside a chunk and between chunks) and one chunk."""
+    expected = [_ref_random_bits(9, 21, "fc.weight", "grow", i) for i in range(start, start + count)]
+    for chunk in (256, 1 << 20):
+        monkeypatch.setattr(counter_rng, "CPU_CHUNK", chunk)
+        got = random_bits_range(9, 21, "fc.weight", "grow", start, count)
+        assert got.dtype == torch.int64 and got.tolist() == expected, chunk
+        indices = torch.arange(start, start + count).view(-1, 1)
+        assert random_bits(9, 21, "fc.weight", "grow", indices).view(-1).tolist() == expected
+
+
+def test_chunked_draw_of_arbitrary_indices_equals_one_chunk(monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    indices = torch.randint(0, 2**40, (5, 301), generator=g)
+    whole = random_bits(1, 2, "a", "b", indices)
+    monkeypatch.setattr(counter_rng, "CPU_CHUNK", 64)
+    assert torch.equal(random_bits(1, 2, "a", "b", indices), whole)
+    assert whole.shape == indices.shape
+    assert whole.view(-1)[:50].tolist() == [_ref_random_bits(1, 2, "a", "b", i)
+                                            for i in indices.view(-1)[:50].tolist()]
+
+
+def test_layer_scores_of_a_piece_are_its_slice_of_the_full_layer(monkeypatch):
+    """`random_scores` of [offset, offset + n) is that slice of the whole layer's draw (pieces)."""
+    monkeypatch.setattr(counter_rng, "CPU_CHUNK", 128)
+    full = random_scores((37, 29), 4, 8, "conv.weight", "grow")
+    assert full.shape == (37, 29)
+    for offset, n in [(0, 500), (500, 573), (1000, 73)]:
+        piece = random_scores((n,), 4, 8, "conv.weight", "grow", offset=offset)
+        assert torch.equal(piece, full.view(-1)[offset : offset + n])

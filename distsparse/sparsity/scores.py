@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distsparse.sparsity.counter_rng import random_bits
+from distsparse.sparsity.counter_rng import random_bits_range
 
 __all__ = [
     "GRASP_TEMPERATURE",
@@ -56,8 +56,7 @@ def random_scores(
     numel = 1
     for dim in shape:
         numel *= dim
-    indices = torch.arange(offset, offset + numel, device=device, dtype=torch.int64)
-    return random_bits(seed, step, layer, purpose, indices).view(shape)
+    return random_bits_range(seed, step, layer, purpose, offset, numel, device).view(shape)
 
 
 def _identity(tensor: torch.Tensor) -> torch.Tensor:
