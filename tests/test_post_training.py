@@ -7,8 +7,10 @@ ResNet trained once per module on generated data, at one CPU thread (the cores a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ import torch
 
 import distsparse.engine.post_training as post_training
 from distsparse.cli import main
-from distsparse.config import load_config
+from distsparse.config import load_config, to_yaml
 from distsparse.engine.checkpoint import CHECKPOINT_NAME
 from distsparse.engine.runs import load_run
 from distsparse.engine.post_training import PruneSettings
@@ -269,6 +271,26 @@ def test_prune_oneshot_with_fine_tuning_writes_a_run(dense_run, tmp_path, capsys
     assert summary["source_run"] == str(dense_run) and summary["preset"] == "cpu"
     config = load_run(out).config
     assert config.method.prune_scope == "global" and config.run.dir == str(out)
+
+
+def test_prune_masks_only_the_weights_the_run_masked(dense_run, tmp_path, capsys):
+    """The run's method.include / exclude rules choose the pruned weights; others stay as trained."""
+    source = tmp_path / "source"
+    shutil.copytree(dense_run, source)
+    config = load_config(source / "config.yaml")
+    method = dataclasses.replace(config.method, exclude=[r"stages\.2\..*", r"fc\..*"])
+    (source / "config.yaml").write_text(to_yaml(dataclasses.replace(config, method=method)))
+    out = tmp_path / "pruned"
+    status, err = _prune(capsys, str(source), "--method", "oneshot", "--sparsity", "0.9",
+                         "--epochs", "1", "--out", str(out), *FAST)
+    assert status == 0, err
+    state = torch.load(out / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
+    trained = _weights(dense_run)
+    kept = [name for name in trained if name.startswith(("stages.2.", "fc."))]
+    assert kept and sorted(state["masks"]) == sorted(set(trained) - set(kept))
+    total = sum(trained[name].numel() for name in state["masks"])
+    _check_output(out, "oneshot", 0.9, _expected_active(total, 0.9), reevaluate=False)
+    assert all(torch.count_nonzero(state["model"][name]) == trained[name].numel() for name in kept)
 
 
 def test_prune_oneshot_erk_from_the_checkpoint_path(dense_run, tmp_path, capsys):

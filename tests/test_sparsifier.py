@@ -253,3 +253,45 @@ def test_the_readme_example_runs_and_leaves_an_exact_resumable_checkpoint(tmp_pa
     expected = {name: active_count(math.prod(shape), densities[name])
                 for name, shape in shapes.items()}
     assert {name: int(m.sum()) for name, m in saved["sparsifier"]["masks"].items()} == expected
+
+
+def test_given_masks_are_the_starting_masks_and_a_static_mask_stays_fixed():
+    torch.manual_seed(0)
+    model = TinyLM()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    generator = torch.Generator().manual_seed(3)
+    given = {name: torch.rand(getattr(model.block, name.split(".")[1]).weight.shape,
+                              generator=generator) < 0.3 for name in MASKED}
+    sparsifier = distsparse.Sparsifier(model, optimizer, method="static", total_steps=8,
+                                       masks=given)
+    for x, y in _batches(8, 4):
+        _loss(model, x, y).backward()
+        sparsifier.step()
+        optimizer.zero_grad()
+        for name in MASKED:
+            assert torch.equal(sparsifier.masks[name], given[name]), name
+            weight = model.get_parameter(name)
+            assert torch.count_nonzero(weight[~given[name]]) == 0, name
+            assert torch.count_nonzero(optimizer.state[weight]["momentum_buffer"][~given[name]]) == 0
+    assert sparsifier.step_count == 8
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda masks: masks.pop("block.3.weight"), "argument 'masks': no mask for 'block.3.weight'"),
+    (lambda masks: masks.update(extra=torch.ones(2, dtype=torch.bool)),
+     "argument 'masks': no sparsifiable parameter named 'extra'"),
+    (lambda masks: masks.update({"block.1.weight": torch.ones(3, dtype=torch.bool)}),
+     "argument 'masks': mask for 'block.1.weight' has shape (3,)"),
+])
+def test_wrong_given_masks_are_one_config_error(edit, message):
+    model = TinyLM()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    masks = {name: torch.ones_like(model.get_parameter(name), dtype=torch.bool) for name in MASKED}
+    edit(masks)
+    with pytest.raises(ConfigError) as error:
+        distsparse.Sparsifier(model, optimizer, method="static", total_steps=4, masks=masks)
+    assert message in str(error.value) and "\n" not in str(error.value)
+    state = distsparse.Sparsifier(model, optimizer, method="static", total_steps=4).state_dict()
+    with pytest.raises(ConfigError, match="arguments 'state' and 'masks'"):
+        distsparse.Sparsifier(model, optimizer, method="static", total_steps=4, state=state,
+                              masks=state["masks"])

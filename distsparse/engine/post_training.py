@@ -53,7 +53,7 @@ from distsparse.methods.post_training import (
     search_layer_counts,
     ste_sparse_weight,
 )
-from distsparse.sparsifier.access import mask_weights_and_state
+from distsparse.sparsifier import Sparsifier
 from distsparse.sparsity.masks import MaskSet, sparsifiable_parameters
 
 __all__ = ["POST_TRAINING_METHODS", "PRESETS", "PruneSettings", "default_output", "prune",
@@ -309,11 +309,26 @@ def _optimizer(model: nn.Module, settings: PruneSettings, steps: int,
     return optimizer, build_lr_scheduler(optimizer, steps, per_epoch, config)
 
 
+def _sparsifier(ctx: _Context, optimizer: torch.optim.Optimizer,
+                masks: dict[str, torch.Tensor]) -> Sparsifier:
+    """A static-mask Sparsifier over the run's masked weights (its include / exclude rules)."""
+    method = ctx.run.config.method
+    return Sparsifier(ctx.run.model, optimizer, method="static", sparsity=ctx.settings.sparsity,
+                      total_steps=max(ctx.phase_steps, 1), masks=masks,
+                      dense_first_layer=method.dense_first_layer,
+                      dense_last_layer=method.dense_last_layer, include=method.include,
+                      exclude=method.exclude)
+
+
 def _fine_tune(ctx: _Context, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Scheduler,
                loss_of: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
-               after_step: Callable[[], None], evaluate_epoch: Callable[[], dict[str, float]],
+               step_optimizer: Callable[[], object], evaluate_epoch: Callable[[], dict[str, float]],
                sparsity: float, label: str) -> tuple[int, float]:
-    """The loop both methods share; returns (steps, training images per second)."""
+    """The loop both methods share; returns (steps, training images per second).
+
+    `step_optimizer` takes the optimizer step: `Sparsifier.step` on a fixed mask (oneshot), the
+    plain optimizer step where the mask is re-derived in every forward (UniPTS's STE).
+    """
     epochs, per_epoch = ctx.settings.epochs, ctx.per_epoch
     bar = tqdm(total=epochs * per_epoch, disable=not ctx.settings.progress, desc=label, unit="step")
     step, seconds, images = 0, 0.0, 0
@@ -325,8 +340,7 @@ def _fine_tune(ctx: _Context, model: nn.Module, optimizer: torch.optim.Optimizer
             loss = loss_of(ctx.to_device(x), y.to(ctx.device), epoch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
-            after_step()
+            step_optimizer()
             scheduler.step()
             seconds += time.perf_counter() - tick
             images += len(y)
@@ -343,13 +357,13 @@ def _fine_tune(ctx: _Context, model: nn.Module, optimizer: torch.optim.Optimizer
     return step, images / seconds if seconds else 0.0
 
 
-def _oneshot(ctx: _Context, masks: MaskSet, optimizer: torch.optim.Optimizer,
-             scheduler: Scheduler) -> tuple[int, float]:
+def _oneshot(ctx: _Context, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+             scheduler: Scheduler) -> tuple[Sparsifier, int, float]:
     """Global / uniform / ERK top-|w|, then fine-tuning with cross-entropy on the fixed mask."""
     model = ctx.run.model
-    weights = {name: p.detach() for name, p in masks.params.items()}
-    masks.update(oneshot_masks(weights, ctx.settings.sparsity, ctx.settings.allocation))
-    mask_weights_and_state(masks, optimizer)
+    weights = {name: p.detach() for name, p in params.items()}
+    sparsifier = _sparsifier(ctx, optimizer,
+                             oneshot_masks(weights, ctx.settings.sparsity, ctx.settings.allocation))
 
     def loss_of(x: torch.Tensor, y: torch.Tensor, epoch: int) -> torch.Tensor:
         return F.cross_entropy(model(x), y)
@@ -358,14 +372,16 @@ def _oneshot(ctx: _Context, masks: MaskSet, optimizer: torch.optim.Optimizer,
         model.eval()
         return ctx.evaluate(model, ctx.run.data.test)
 
-    return _fine_tune(ctx, model, optimizer, scheduler, loss_of,
-                      lambda: mask_weights_and_state(masks, optimizer), evaluate_epoch,
-                      1.0 - masks.density(), f"oneshot {ctx.settings.sparsity:.0%}")
+    steps, rate = _fine_tune(ctx, model, optimizer, scheduler, loss_of, sparsifier.step,
+                             evaluate_epoch, 1.0 - sparsifier.density(),
+                             f"oneshot {ctx.settings.sparsity:.0%}")
+    return sparsifier, steps, rate
 
 
-def _search(ctx: _Context, masks: MaskSet) -> SearchResult:
+def _search(ctx: _Context, params: dict[str, torch.Tensor]) -> SearchResult:
     """UniPTS's layer-sparsity search; fitness = calibration top-1 after BN recalibration."""
     model, settings = ctx.run.model, ctx.settings
+    masks = MaskSet(params)
     dense_state = copy.deepcopy(model.state_dict())
     dense_weights = {name: p.detach().clone() for name, p in masks.params.items()}
     search = settings.search
@@ -393,9 +409,10 @@ def _search(ctx: _Context, masks: MaskSet) -> SearchResult:
     return result
 
 
-def _unipts(ctx: _Context, masks: MaskSet, optimizer: torch.optim.Optimizer, scheduler: Scheduler,
-            counts: dict[str, int]) -> tuple[int, float]:
-    """Dynamic sparse training by distillation from the dense net at the searched layer counts.
+def _unipts(ctx: _Context, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+            scheduler: Scheduler, counts: dict[str, int]) -> tuple[Sparsifier, int, float]:
+    """Dynamic sparse training by distillation from the dense net at the searched layer counts;
+    the final top-|w| masks then go to a static Sparsifier, which zeroes every copy.
 
     The teacher runs in train mode (batch statistics), as the reference's `fp_model.train()`.
     """
@@ -405,24 +422,24 @@ def _unipts(ctx: _Context, masks: MaskSet, optimizer: torch.optim.Optimizer, sch
         parameter.requires_grad_(False)
 
     def loss_of(x: torch.Tensor, y: torch.Tensor, epoch: int) -> torch.Tensor:
-        sparse = {name: ste_sparse_weight(p, counts[name]) for name, p in masks.params.items()}
+        sparse = {name: ste_sparse_weight(p, counts[name]) for name, p in params.items()}
         with torch.no_grad():
             target = teacher(x)
         return distillation_loss(torch.func.functional_call(model, sparse, (x,)), target, epoch)
 
     def evaluate_epoch() -> dict[str, float]:
         model.eval()
-        current = layer_topk_masks({n: p.detach() for n, p in masks.params.items()}, counts)
-        sparse = {n: p.detach().masked_fill(~current[n], 0) for n, p in masks.params.items()}
+        current = layer_topk_masks({n: p.detach() for n, p in params.items()}, counts)
+        sparse = {n: p.detach().masked_fill(~current[n], 0) for n, p in params.items()}
         return ctx.evaluate(lambda x: torch.func.functional_call(model, sparse, (x,)),
                             ctx.run.data.test)
 
-    steps, rate = _fine_tune(ctx, model, optimizer, scheduler, loss_of, lambda: None,
-                             evaluate_epoch, 1.0 - sum(counts.values()) / _numel(masks),
+    numel = sum(p.numel() for p in params.values())
+    steps, rate = _fine_tune(ctx, model, optimizer, scheduler, loss_of, optimizer.step,
+                             evaluate_epoch, 1.0 - sum(counts.values()) / numel,
                              f"unipts {ctx.settings.sparsity:.0%}")
-    masks.update(layer_topk_masks({n: p.detach() for n, p in masks.params.items()}, counts))
-    mask_weights_and_state(masks, optimizer)
-    return steps, rate
+    final = layer_topk_masks({n: p.detach() for n, p in params.items()}, counts)
+    return _sparsifier(ctx, optimizer, final), steps, rate
 
 
 def _continuation_optimizer(model: nn.Module, config: Config,
@@ -431,10 +448,6 @@ def _continuation_optimizer(model: nn.Module, config: Config,
     optimizer = build_optimizer(model, config.train)
     total = config.train.max_steps or config.train.epochs * per_epoch
     return optimizer, build_lr_scheduler(optimizer, total, per_epoch, config.train)
-
-
-def _numel(masks: MaskSet) -> int:
-    return sum(m.numel() for m in masks.masks.values())
 
 
 def _output_config(config: Config, settings: PruneSettings, out: Path) -> Config:
@@ -488,16 +501,18 @@ def prune(source: Path, settings: PruneSettings) -> dict[str, Any]:
 def _prune_into(staging: Path, out: Path, ctx: _Context, started: float) -> dict[str, Any]:
     run, settings, log, model = ctx.run, ctx.settings, ctx.log, ctx.run.model
     method_config = run.config.method
-    masks = MaskSet(sparsifiable_parameters(model, method_config.dense_first_layer,
-                                            method_config.dense_last_layer))
+    params = sparsifiable_parameters(model, method_config.dense_first_layer,
+                                     method_config.dense_last_layer, method_config.include,
+                                     method_config.exclude)
     optimizer, scheduler = _optimizer(model, settings, ctx.phase_steps, ctx.per_epoch)
     counter = FlopCounter(model, ctx.to_device(next(run.data.test.batches(0))[0]))
     searched = None
     if settings.method == "oneshot":
-        steps, rate = _oneshot(ctx, masks, optimizer, scheduler)
+        sparsifier, steps, rate = _oneshot(ctx, params, optimizer, scheduler)
     else:
-        searched = _search(ctx, masks)
-        steps, rate = _unipts(ctx, masks, optimizer, scheduler, searched.counts)
+        searched = _search(ctx, params)
+        sparsifier, steps, rate = _unipts(ctx, params, optimizer, scheduler, searched.counts)
+    masks = sparsifier.mask_set
     model.eval()
     evaluation = ctx.evaluate(model, run.data.test)
     counter.set_masks(masks)

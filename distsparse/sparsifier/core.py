@@ -54,14 +54,17 @@ class Sparsifier:
     optimizer steps of the global batch. Pruning-at-init criteria (`init=...`) score
     `init_batches()`, an iterable of (inputs, targets) on the model's device. A wrong name or
     value raises ConfigError naming the argument. `state`: a `state_dict()` to resume from; its
-    masks replace the initial ones before any copy is masked.
+    masks replace the initial ones before any copy is masked. `masks`: full boolean masks of every
+    masked weight to start from instead of the method's initial ones (e.g. `method="static"` to
+    fine-tune a pruned network with its mask fixed).
     """
 
     def __init__(
         self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
         method: str = "rigl", sparsity: float = 0.9, total_steps: int | None = None, *,
         seed: int = 0, sparse_gradients: bool = False, init_batches: Batches | None = None,
-        global_batch: int | None = None, state: Mapping[str, Any] | None = None, **options: Any,
+        global_batch: int | None = None, state: Mapping[str, Any] | None = None,
+        masks: Mapping[str, torch.Tensor] | None = None, **options: Any,
     ) -> None:
         config = _method_config(method, sparsity, options)
         if total_steps is None or total_steps < 1:
@@ -78,12 +81,16 @@ class Sparsifier:
             sample = next(iter(init_batches()))[0]
             context = InitContext(module, init_batches, global_batch or len(sample),
                                   tuple(sample.shape[1:]), all_reduce)
+        if state is not None and masks is not None:
+            raise ConfigError("arguments 'state' and 'masks': give one (a state holds its masks)")
+        argument = "state" if state is not None else "masks"
         try:
-            self._setup(built, module, access, context, None if state is None else state["masks"])
+            self._setup(built, module, access, context,
+                        state["masks"] if state is not None else masks, require_all=True)
             if state is not None:
                 self.load_state_dict(state)
         except (KeyError, ValueError) as exc:
-            raise ConfigError(f"argument 'state': {exc.args[0]}") from None
+            raise ConfigError(f"argument '{argument}': {exc.args[0]}") from None
 
     @classmethod
     def from_method(cls, method: SparsityMethod, module: nn.Module, access: ParameterAccess,
@@ -95,8 +102,8 @@ class Sparsifier:
         return sparsifier
 
     def _setup(self, method: SparsityMethod, module: nn.Module, access: ParameterAccess,
-               context: InitContext | None,
-               masks: Mapping[str, torch.Tensor] | None = None) -> None:
+               context: InitContext | None, masks: Mapping[str, torch.Tensor] | None = None,
+               require_all: bool = False) -> None:
         config = method.config
         try:
             params = sparsifiable_parameters(module, config.dense_first_layer,
@@ -113,6 +120,10 @@ class Sparsifier:
                 masks = method.initial_masks(self.mask_set.shapes(), context)
             except ValueError as exc:
                 raise ConfigError(f"argument 'init' = {config.init!r}: {exc}") from None
+        elif require_all:
+            missing = [name for name in params if name not in masks]
+            if missing:
+                raise KeyError(f"no mask for '{missing[0]}' (every masked weight needs one)")
         self.mask_set.update(masks)
         self.mask_set.use_layout(access.selection_layout(self.mask_set.shapes()))
         method.layout = self.mask_set.layout
