@@ -221,6 +221,11 @@ def _stable_topk_mask(scores: torch.Tensor, k: int,
     return mask.view(scores.shape)
 
 
+def _stable_topk_masks(scores, ks, eligible=None, n_eligible=None):
+    return [_stable_topk_mask(s, k, None if eligible is None else e)
+            for s, k, e in zip(scores, ks, eligible or [None] * len(scores))]
+
+
 def _stable_global(scores, k, eligible=None):
     names = list(scores)
     flat = torch.cat([scores[n].reshape(-1).to(torch.float64) for n in names])
@@ -405,12 +410,22 @@ def test_every_method_selects_the_masks_of_the_stable_argsort(name, regime):
     assert _trajectory(name, "pieces", regime) == expected
 
 
-def test_pruning_at_init_selects_the_masks_of_the_stable_argsort(monkeypatch):
-    new = {name: _trajectory(name, "full", "continuous")[0]
-           for name, row in METHOD_SETTINGS.items() if row["family"] == "pai"}
-    monkeypatch.setattr(init_masks, "topk_mask", _stable_topk_mask)
+def _initial_prints(scope: str, iterations: int | None) -> dict[str, str]:
+    """Fingerprints of the initial masks of the static (random ERK) and pruning-at-init methods."""
+    names = [n for n, row in METHOD_SETTINGS.items() if row["family"] in ("static", "pai")]
+    return {name: _fingerprint(build_method(
+        MethodConfig(name=name, sparsity=0.9, prune_scope=scope, pai_iterations=iterations),
+        METHOD_SCHEDULE, 17,
+    ).initial_masks(METHOD_SHAPES, METHOD_CONTEXT)) for name in names}
+
+
+@pytest.mark.parametrize("scope,iterations", [("global", None), ("layer", 6)])
+def test_pruning_at_init_selects_the_masks_of_the_stable_argsort(monkeypatch, scope, iterations):
+    """Every iteration of FORCE, Iter-SNIP and SynFlow (their default counts on the global scope)."""
+    new = _initial_prints(scope, iterations)
+    monkeypatch.setattr(init_masks, "topk_masks", _stable_topk_masks)
     monkeypatch.setattr(init_masks, "global_topk_masks", _stable_global)
-    assert new == {name: _trajectory(name, "full", "continuous")[0] for name in new}
+    assert new == _initial_prints(scope, iterations)
 
 
 # --- host reads: one per batch of selections, whatever the number of layers ----------------------

@@ -52,7 +52,7 @@ from distsparse.sparsity.scores import (
     snip_scores,
     synflow_scores,
 )
-from distsparse.sparsity.select import global_topk_masks, topk_mask
+from distsparse.sparsity.select import global_topk_masks, topk_masks
 
 __all__ = ["DEFAULT_ITERATIONS", "INIT_CRITERIA", "InitContext", "initial_masks",
            "reinit_linear_xavier"]
@@ -84,11 +84,10 @@ def initial_masks(
     criterion = config.init or "random"
     if criterion == "random":
         densities = layer_densities(config.distribution, shapes, density)
-        return {
-            name: topk_mask(random_scores(shape, seed, 0, name, "init"),
-                            active_count(math.prod(shape), densities[name]))
-            for name, shape in shapes.items()
-        }
+        names = list(shapes)
+        masks = topk_masks([random_scores(shapes[name], seed, 0, name, "init") for name in names],
+                           [active_count(math.prod(shapes[name]), densities[name]) for name in names])
+        return dict(zip(names, masks))
     if context is None:
         raise ValueError(f"method.init={criterion!r} needs the model and training batches")
     work = copy.deepcopy(context.model)
@@ -159,14 +158,15 @@ def _set_masked(params: Mapping[str, torch.Tensor], original: Masks, masks: Mask
 
 
 def _select(scores: Masks, density: float, config: MethodConfig, eligible: Masks | None = None) -> Masks:
-    """Keep the highest scores: globally (the references' scope) or per layer by distribution."""
+    """Keep the highest scores: globally (the references' scope) or per layer by distribution,
+    every layer's selection batched into one host read."""
     shapes = {name: tuple(s.shape) for name, s in scores.items()}
     if config.prune_scope == "global":
         total = sum(math.prod(shape) for shape in shapes.values())
         return global_topk_masks(scores, active_count(total, density), eligible)
     densities = layer_densities(config.distribution, shapes, density)
-    return {
-        name: topk_mask(s, active_count(s.numel(), densities[name]),
-                        None if eligible is None else eligible[name])
-        for name, s in scores.items()
-    }
+    names = list(scores)
+    masks = topk_masks([scores[name] for name in names],
+                       [active_count(scores[name].numel(), densities[name]) for name in names],
+                       None if eligible is None else [eligible[name] for name in names])
+    return dict(zip(names, masks))

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from distsparse.sparsity.allocation import active_count, layer_densities
 from distsparse.sparsity.scores import magnitude_scores
-from distsparse.sparsity.select import global_topk_masks, topk_mask
+from distsparse.sparsity.select import global_topk_masks, topk_mask, topk_masks
 
 __all__ = [
     "ONESHOT_DISTRIBUTIONS",
@@ -42,8 +42,11 @@ STE_DECAY = 5e-5
 def layer_topk_masks(
     weights: Mapping[str, torch.Tensor], counts: Mapping[str, int]
 ) -> dict[str, torch.Tensor]:
-    """Per layer, keep the `counts[name]` largest |w| (ties to the lower flat index)."""
-    return {name: topk_mask(magnitude_scores(w), counts[name]) for name, w in weights.items()}
+    """Per layer, keep the `counts[name]` largest |w| (ties to the lower flat index); one host read."""
+    names = list(weights)
+    masks = topk_masks([magnitude_scores(weights[name]) for name in names],
+                       [counts[name] for name in names])
+    return dict(zip(names, masks))
 
 
 def oneshot_masks(
