@@ -3,7 +3,7 @@
 Same model (the MLP by default, --model), data (Fashion-MNIST, or --synthetic), optimizer (SGD 0.1, momentum 0.9,
 weight decay 5e-4), cosine LR and RigL recipe (90 % sparsity, uniform with the first layer dense as
 rigl-torch's `uniform` does, linear layers masked, delta 100, alpha 0.3, T_end 75 % of training),
-one process. Prints the median step time of each (all steps, update steps included) as ratios to
+one process, the three loops interleaved step by step. Prints the median step time of each (all steps, update steps included) as ratios to
 dense and to rigl-torch, and the test top-1 after training. Needs `pip install rigl-torch==0.5.2`
 (a peer library, not a distsparse dependency). Run: python benchmarks/rigl_torch_compare.py
 """
@@ -17,6 +17,7 @@ import time
 from record import REPO, append_results, load_average, markdown_table, run_info
 
 SPARSITY, DELTA, ALPHA = 0.9, 100, 0.3
+VARIANTS = ("dense", "distsparse", "rigl-torch")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -31,7 +32,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _run(variant: str, args: argparse.Namespace) -> dict:
+def _loop(variant: str, args: argparse.Namespace):
+    """The variant's model, optimizer and data; yields after each step, then its results."""
     import torch
     import torch.nn.functional as F
 
@@ -81,6 +83,7 @@ def _run(variant: str, args: argparse.Namespace) -> dict:
             scheduler.step()
             seconds.append(time.perf_counter() - tick)
             step += 1
+            yield
             if step == args.steps:
                 break
         epoch += 1
@@ -93,16 +96,27 @@ def _run(variant: str, args: argparse.Namespace) -> dict:
     weights = [m.weight for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     zeros = sum(int((w == 0).sum()) for w in weights[1:])
     masked = sum(w.numel() for w in weights[1:])
-    return {"step_ms": statistics.median(seconds) * 1e3, "mean_ms": statistics.fmean(seconds) * 1e3,
-            "top1": correct / total, "sparsity": zeros / masked,
-            "threads": torch.get_num_threads()}
+    yield {"step_ms": statistics.median(seconds) * 1e3, "mean_ms": statistics.fmean(seconds) * 1e3,
+           "top1": correct / total, "sparsity": zeros / masked,
+           "threads": torch.get_num_threads()}
+
+
+def _interleaved(args: argparse.Namespace) -> dict[str, dict]:
+    """Step i of every variant back to back (the order rotating), so that the machine's load
+    falls on all of them alike; then each variant's results."""
+    loops = {variant: _loop(variant, args) for variant in VARIANTS}
+    for step in range(args.steps):
+        shift = step % len(VARIANTS)
+        for variant in VARIANTS[shift:] + VARIANTS[:shift]:
+            next(loops[variant])
+    return {variant: next(loop) for variant, loop in loops.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     sys.path.insert(0, str(REPO))
     before = load_average()
-    results = {variant: _run(variant, args) for variant in ("dense", "distsparse", "rigl-torch")}
+    results = _interleaved(args)
     dense, peer = results["dense"], results["rigl-torch"]
     rows = [[name, f"{r['step_ms']:.1f}", f"{r['mean_ms']:.1f}",
              f"{r['mean_ms'] / dense['mean_ms']:.3f}", f"{r['mean_ms'] / peer['mean_ms']:.3f}",
@@ -115,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     settings = (f"one process, torch threads {dense['threads']}, {args.model}, "
                 f"{'synthetic' if args.synthetic else 'Fashion-MNIST'}, batch {args.batch_size}, "
-                f"{args.steps} steps each (run one after the other), RigL {SPARSITY:.0%} uniform "
+                f"{args.steps} steps each (interleaved step by step, order rotating), RigL {SPARSITY:.0%} uniform "
                 f"(first layer dense), delta {DELTA}, alpha {ALPHA}, rigl-torch 0.5.2")
     append_results("rigl_torch_compare.py: Sparsifier vs rigl-torch's RigLScheduler, same loop",
                    run_info(before, settings, {}), body)

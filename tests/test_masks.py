@@ -276,3 +276,23 @@ def test_erk_gives_a_transposed_conv1d_weight_the_density_of_the_same_linear():
         conv1d = layer_densities(distribution, {"a": (64, 192), "b": (256, 64), "c": (64, 64)}, 0.2)
         linear = layer_densities(distribution, {"a": (192, 64), "b": (64, 256), "c": (64, 64)}, 0.2)
         assert conv1d == linear
+
+
+def test_apply_follows_every_change_of_a_mask_replaced_or_edited_in_place():
+    weight = torch.nn.Parameter(torch.ones(3, 4))
+    masks = MaskSet({"w": weight})
+    masks.update({"w": torch.arange(12).reshape(3, 4) % 2 == 0})
+    masks.apply()
+    assert int(torch.count_nonzero(weight)) == 6
+    masks.masks["w"][0] = False  # edited in place: the cached complement must not be reused
+    with torch.no_grad():
+        weight.fill_(1.0)
+    masks.apply()
+    assert torch.equal(weight != 0, masks.masks["w"]) and int(torch.count_nonzero(weight)) == 4
+    replaced = torch.zeros(3, 4, dtype=torch.bool)
+    replaced[2] = True
+    masks.update({"w": replaced})
+    with torch.no_grad():
+        weight.fill_(1.0)
+    masks.apply()
+    assert torch.equal(weight != 0, replaced)

@@ -111,6 +111,9 @@ class DDPAccess(PlainAccess):
             self.gradient_state.dense = needed
 
 
+_NO_STATE: dict[str, object] = {}
+
+
 @torch.no_grad()
 def mask_weights_and_state(masks: MaskSet, optimizer: torch.optim.Optimizer | None) -> None:
     """Mask each weight and each optimizer-state tensor of its shape (momentum, exp_avg, ...).
@@ -118,10 +121,10 @@ def mask_weights_and_state(masks: MaskSet, optimizer: torch.optim.Optimizer | No
     With element-wise optimizers (SGD, AdamW) this after-step masking equals masking the
     gradient, and leaves the dense gradient intact for growth criteria.
     """
-    masks.apply()
-    if optimizer is None:
-        return
+    state = optimizer.state if optimizer is not None else {}
     for name, param in masks.params.items():
-        for value in optimizer.state.get(param, {}).values():
+        off = masks.off(name)
+        param.masked_fill_(off, 0)  # masked_fill, not mul: nan * 0 is nan, -w * 0 is -0.0
+        for value in state.get(param, _NO_STATE).values():
             if torch.is_tensor(value) and value.shape == param.shape:
-                masks.apply({name: value})
+                value.masked_fill_(off, 0)

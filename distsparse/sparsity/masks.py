@@ -115,6 +115,7 @@ class MaskSet:
                       for name, p in self.params.items()}
         self.layout = FullLayout(shapes)
         self.counts: dict[str, int] | None = None  # global active counts, cached for pieces
+        self._inverted: dict[str, tuple[torch.Tensor, int, torch.Tensor]] = {}
 
     @property
     def names(self) -> list[str]:
@@ -153,13 +154,22 @@ class MaskSet:
             self.masks[name] = mask.to(dtype=torch.bool, device=self.masks[name].device)
         self._recount()
 
+    def off(self, name: str) -> torch.Tensor:
+        """`~mask` of the layer (its masked-off positions), computed once per mask change."""
+        mask = self.masks[name]
+        cached = self._inverted.get(name)
+        if cached is None or cached[0] is not mask or cached[1] != mask._version:
+            cached = (mask, mask._version, ~mask)  # _version: also an in-place edit of the mask
+            self._inverted[name] = cached
+        return cached[2]
+
     @torch.no_grad()
     def apply(self, tensors: Mapping[str, torch.Tensor] | None = None) -> None:
         """Zero masked-off entries in place: in the parameters, or in tensors of the same names."""
         targets = self.params if tensors is None else tensors
         for name, tensor in targets.items():
             # masked_fill, not mul: inf * 0 and nan * 0 are nan, and -w * 0 is -0.0.
-            tensor.masked_fill_(~self.masks[name], 0)
+            tensor.masked_fill_(self.off(name), 0)
 
     def active_counts(self) -> dict[str, int]:
         """Number of active (unmasked) entries per layer, over the full masks."""
