@@ -120,6 +120,14 @@ LAYERS = {
     "distributed": ("errors", "sparsity"),
     "sparsifier": ("errors", "config", "sparsity", "methods", "distributed"),
     "integrations": ("errors", "config", "sparsity", "methods", "distributed", "sparsifier"),
+    "engine": ("errors", "sparsity", "models", "config", "data", "methods", "distributed",
+               "sparsifier"),
+    "evaluate": ("errors", "sparsity", "models", "config", "data", "methods", "distributed",
+                 "sparsifier", "engine"),
+    "export": ("errors", "sparsity", "models", "config", "data", "methods", "distributed",
+               "sparsifier", "engine"),
+    "orchestrate": ("errors", "sparsity", "models", "config", "data", "methods", "distributed",
+                    "sparsifier", "engine"),
 }
 
 
@@ -135,6 +143,14 @@ def test_each_layer_imports_only_the_layers_below_it(layer):
         inside = [m for m in _imports(path) if m.startswith("distsparse.")]
         bad = [m for m in inside if m.split(".")[1] not in allowed]
         assert bad == [], f"{path.relative_to(PACKAGE.parent)} imports {bad}"
+
+
+def test_the_sparse_file_reader_needs_only_torch_safetensors_and_errors():
+    """What `load_sparse` needs is what a user without distsparse's stack has to install."""
+    imports = _imports(PACKAGE / "export" / "sparse_format.py")
+    tops = {m.split(".")[0] for m in imports} - set(sys.stdlib_module_names)
+    assert tops <= {"torch", "safetensors", "numpy", "distsparse"}, tops
+    assert {m for m in imports if m.startswith("distsparse")} == {"distsparse.errors"}
 
 
 def test_methods_never_import_torch_distributed():
