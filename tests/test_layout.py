@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from distsparse.config import load_config
+from distsparse.methods import METHODS as REGISTRY
 from distsparse.methods import TrainingSchedule, build_method
 from distsparse.sparsity.layout import FullLayout, PieceLayout
 from distsparse.sparsity.masks import MaskSet
@@ -26,14 +27,24 @@ from tests.conftest import free_port
 
 WORLD = 2
 SHAPES = {"conv": (3, 5, 3, 3), "one": (1, 1), "fc": (7, 13), "odd": (3,)}
-METHODS = {
-    "rigl": ["method.name=rigl"],
-    "set": ["method.name=set"],
-    "gmp-global": ["method.name=gmp", "method.prune_scope=global"],
-    "gmp-layer": ["method.name=gmp", "method.prune_scope=layer"],
-    "granet": ["method.name=granet"],
-    "granet_st": ["method.name=granet_st", "method.growth=random"],
-}
+VARIANTS = {"gmp": [["method.prune_scope=global"], ["method.prune_scope=layer"]],
+            "granet_st": [["method.growth=gradient"], ["method.growth=random"]]}
+"""Methods whose updates take other paths by option: each path runs on pieces."""
+METHOD_OPTIONS = ["method.sparsity=0.8", "method.update_interval=4", "method.prune_end=0.5"]
+SCHEDULE = TrainingSchedule(total_steps=100, steps_per_epoch=10)
+
+
+def _updates_masks(name: str) -> bool:
+    config = load_config(None, [f"method.name={name}", *METHOD_OPTIONS])
+    method = build_method(config.method, SCHEDULE, seed=3)
+    return method.uses_masks and method.is_update_step(20)
+
+
+METHODS = {f"{name}{''.join('-' + o.split('=')[1] for o in options)}": [f"method.name={name}", *options]
+           for name in sorted(REGISTRY) if _updates_masks(name)
+           for options in VARIANTS.get(name, [[]])}
+"""Every registered method that changes masks during training (taken from the registry, so a new
+method runs here too): its update on pieces must equal the full-tensor update."""
 
 
 def _tied(seed: int, levels: int = 4) -> dict[str, torch.Tensor]:
@@ -99,14 +110,12 @@ def _selections(full: FullLayout, pieces: PieceLayout, errors: list[str]) -> Non
 
 
 def _methods(full: FullLayout, pieces: PieceLayout, errors: list[str]) -> None:
-    schedule = TrainingSchedule(total_steps=100, steps_per_epoch=10)
     weights, grads, masks = _tied(11), _tied(12, levels=2), _masks(13, 0.7)
     for label, overrides in METHODS.items():
-        config = load_config(None, [*overrides, "method.sparsity=0.8", "method.update_interval=4",
-                                    "method.prune_end=0.5"])
-        reference = build_method(config.method, schedule, seed=3)
+        config = load_config(None, [*overrides, *METHOD_OPTIONS])
+        reference = build_method(config.method, SCHEDULE, seed=3)
         reference.layout = full
-        sharded = build_method(config.method, schedule, seed=3)
+        sharded = build_method(config.method, SCHEDULE, seed=3)
         sharded.layout = pieces
         expected = reference.update(20, masks, weights, grads)
         got = sharded.update(20, {n: pieces.piece(n, m) for n, m in masks.items()},
@@ -167,6 +176,10 @@ def test_pieces_equal_full_tensors_on_two_gloo_ranks(tmp_path):
     mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     errors = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
     assert errors == [[], []], "\n".join(errors[0][:20] + errors[1][:5])
+
+
+def test_the_method_table_is_every_method_that_updates_masks():
+    assert {label.split("-")[0] for label in METHODS} == {"gmp", "granet", "granet_st", "rigl", "set"}
 
 
 def test_full_layout_is_select_py():
