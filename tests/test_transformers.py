@@ -14,10 +14,11 @@ import torch
 
 from distsparse.cli import main
 from distsparse.config import load_config
+from distsparse.engine.flops import FlopCounter
 from distsparse.engine.trainer import Trainer
 from distsparse.models import build_model
 from distsparse.sparsity.allocation import active_count, layer_densities
-from distsparse.sparsity.masks import sparsifiable_parameters
+from distsparse.sparsity.masks import MaskSet, sparsifiable_parameters
 from tests.conftest import SMALL
 from tests.test_text_data import RECIPE, TEXT, tiny_fortunes
 
@@ -70,6 +71,32 @@ def test_vit_masks_attention_mlp_patch_projection_and_head_never_tokens_or_norms
     assert model.conv_proj.in_channels == 1
     with torch.no_grad():
         assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_flops_count_each_projection_once_per_token_with_the_tied_head_dense():
+    """f_D and f_S of RigL's accounting for transformers: every weight matrix (HF Conv1D, the
+    attention's in/out projections, the MLP, the head) counts its active entries times tokens."""
+    tokens = 16
+    gpt = build_model("gpt", 256, 1, GPT_KWARGS)
+    counter = FlopCounter(gpt, torch.randint(0, 256, (4, tokens)))
+    params = sparsifiable_parameters(gpt)
+    head = gpt.gpt2.lm_head.weight.numel()
+    assert counter.dense_forward == tokens * (sum(p.numel() for p in params.values()) + head)
+    masks = MaskSet(params)
+    counts = _erk_counts({name: tuple(p.shape) for name, p in params.items()}, 0.2)
+    masks.update({name: torch.arange(p.numel()).reshape(p.shape) < counts[name]
+                  for name, p in params.items()})
+    counter.set_masks(masks)
+    assert counter.sparse_forward == tokens * (sum(counts.values()) + head)
+
+    vit = build_model("vit", 10, 1, {"num_layers": 2, "hidden_dim": 32, "mlp_dim": 64,
+                                     "num_heads": 2})
+    counter = FlopCounter(vit, torch.randn(4, 1, 28, 28))
+    sequence = vit.seq_length  # 16 patches of 7 px and the class token
+    per_token = sum(p.numel() for name, p in sparsifiable_parameters(vit).items()
+                    if name.startswith("encoder."))
+    patches = vit.conv_proj.weight.numel() * (sequence - 1)
+    assert counter.dense_forward == sequence * per_token + patches + vit.heads.head.weight.numel()
 
 
 def _check_gpt_run(trainer: Trainer, summary: dict) -> None:

@@ -1,16 +1,19 @@
 """Training FLOPs relative to dense, counted as RigL (arXiv 1911.11134, appendix H) counts them.
 
 A step costs f_S forward and 2 f_S backward, where f_S counts the multiply-adds of the active
-weights of every Conv2d and Linear layer; a step that needs the dense gradient (RigL/GraNet
-growth) costs f_S + f_D backward instead. Dense training costs 3 f_D a step. Other layers (BN,
-pooling) are left out, as in the paper's accounting.
+weights of every weight matrix: Conv2d and Linear layers, Hugging Face's Conv1D and the
+projections of nn.MultiheadAttention; each weight counts once per output position (a conv) or per
+input row (a token of a sequence, a sample). A step that needs the dense gradient (RigL/GraNet
+growth) costs f_S + f_D backward instead. Dense training costs 3 f_D a step. Weightless layers
+(BN, pooling, softmax, attention's score and value products) are left out, as in the paper's
+accounting, which counts the layers sparsity acts on.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from distsparse.sparsity.masks import MaskSet, canonical_name
+from distsparse.sparsity.masks import MaskSet, canonical_name, is_hf_conv1d
 
 __all__ = ["FlopCounter"]
 
@@ -21,11 +24,8 @@ class FlopCounter:
     def __init__(self, model: nn.Module, sample: torch.Tensor) -> None:
         self.uses_per_weight: dict[str, int] = {}
         self.numel: dict[str, int] = {}
-        hooks = [
-            module.register_forward_hook(self._recorder(canonical_name(f"{name}.weight"), module))
-            for name, module in model.named_modules()
-            if isinstance(module, (nn.Conv2d, nn.Linear))
-        ]
+        hooks = [module.register_forward_hook(self._recorder(name, module))
+                 for name, module in model.named_modules() if _weight_names(module)]
         was_training = model.training
         model.eval()
         with torch.no_grad():
@@ -39,11 +39,19 @@ class FlopCounter:
         self.steps = 0
 
     def _recorder(self, name: str, module: nn.Module):
-        def record(_module, _inputs, output: torch.Tensor) -> None:
-            # A conv weight is used once per output position; a linear weight once per row.
-            self.uses_per_weight[name] = output[0].numel() // output.shape[1] if output.dim() > 2 \
-                else output[0].numel() // output.shape[-1]
-            self.numel[name] = module.weight.numel()
+        prefix = f"{name}." if name else ""
+
+        def record(_module, _inputs, output: torch.Tensor | tuple[torch.Tensor, ...]) -> None:
+            if isinstance(output, tuple):  # MultiheadAttention: (output, attention weights)
+                output = output[0]
+            # The sample is one example: a conv's (1, C, H, W) output holds H * W positions, any
+            # other output (1, features), (1, tokens, features) or (tokens, 1, features) its rows.
+            features = output.shape[1] if isinstance(module, nn.Conv2d) else output.shape[-1]
+            uses = output.numel() // features
+            for weight_name, weight in _weight_names(module).items():
+                key = canonical_name(prefix + weight_name)
+                self.uses_per_weight[key] = uses
+                self.numel[key] = weight.numel()
 
         return record
 
@@ -71,3 +79,14 @@ class FlopCounter:
     def load_state_dict(self, state: dict[str, float]) -> None:
         """Restore accumulated totals."""
         self.total, self.steps = float(state["total"]), int(state["steps"])
+
+
+def _weight_names(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The weight matrices of `module` itself whose multiply-adds are counted, by local name."""
+    if isinstance(module, (nn.Conv2d, nn.Linear)) or is_hf_conv1d(module):
+        return {"weight": module.weight}
+    if isinstance(module, nn.MultiheadAttention):  # its forward reads out_proj.weight directly
+        names = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+        found = {key: getattr(module, key) for key in names if getattr(module, key) is not None}
+        return {**found, "out_proj.weight": module.out_proj.weight}
+    return {}
