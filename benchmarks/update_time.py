@@ -1,14 +1,16 @@
-"""Mask updates on ResNet-50's shapes as a ratio to one `torch.topk` over all scores.
+"""Mask updates on ResNet-50's (or GPT-2 medium's) shapes as a ratio to one `torch.topk` over all scores.
 
-The 54 weight layers of torchvision's ResNet-50 (25.5 M weights) hold random weights and dense
-gradients (N(0, 1), float32). Each round times, in turn: one `torch.topk(k = 10 %)` over all 25.5 M
+The 54 weight layers of torchvision's ResNet-50 (25.5 M weights), or the 4 Conv1D weights of each
+of GPT-2 medium's blocks (24 blocks, 302 M weights; `--blocks` fewer), hold random weights and
+dense gradients (N(0, 1), float32). Each round times, in turn: one `torch.topk(k = 10 %)` over all
 scores (the floor of one selection), then one `method.update` of RigL, SET, GMP, GraNet and
 GraNet-ST at sparsity 0.9 (the methods' own scores, counts and selections; masks as training holds
-them at that step), then FORCE's selections: `pai_iterations` global top-k over fixed scores at
-the exponential schedule's densities, as `method.init=force` runs them between its gradients.
+them at that step), SET's counter-based random grow scores alone, then FORCE's selections:
+`pai_iterations` global top-k over fixed scores at the exponential schedule's densities, as
+`method.init=force` runs them between its gradients.
 Reported per item: the median time and its ratio to the median topk, and the range of the
 per-round ratios (each to that round's topk), against the goals of the issue.
-Run: python benchmarks/update_time.py [--device cuda]
+Run: python benchmarks/update_time.py [--device cuda] [--model gpt2-medium --blocks 4]
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import argparse
 import statistics
 import time
 
+from fsdp_step import GPT2_MEDIUM
 from record import append_results, load_average, markdown_table, run_info
 
 
@@ -31,7 +34,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    parser.add_argument("--force-iterations", type=int, default=60)
+    parser.add_argument("--force-iterations", type=int, default=60, help="0: no FORCE row")
+    parser.add_argument("--model", choices=("resnet50", "gpt2-medium"), default="resnet50")
+    parser.add_argument("--blocks", type=int, default=24, help="GPT-2 medium blocks (the scale)")
+    parser.add_argument("--methods", default=",".join(GOALS),
+                        help=f"comma-separated subset of {','.join(GOALS)}")
     parser.add_argument("--no-record", action="store_true", help="print only, no RESULTS.md entry")
     return parser.parse_args(argv)
 
@@ -43,6 +50,12 @@ def _resnet50_shapes() -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         model = torchvision.models.resnet50()
     return {name: tuple(p.shape) for name, p in model.named_parameters() if p.dim() > 1}
+
+
+def _gpt2_medium_shapes(blocks: int) -> dict[str, tuple[int, ...]]:
+    names = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    return {f"transformer.h.{block}.{name}.weight": shape for block in range(blocks)
+            for name, shape in zip(names, GPT2_MEDIUM)}
 
 
 def _sync(device: str) -> None:
@@ -65,7 +78,11 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    shapes = _resnet50_shapes()
+    shapes = _resnet50_shapes() if args.model == "resnet50" else _gpt2_medium_shapes(args.blocks)
+    chosen = args.methods.split(",")
+    unknown = sorted(set(chosen) - set(GOALS))
+    if unknown:
+        raise SystemExit(f"--methods: unknown {', '.join(unknown)}; expected some of {', '.join(GOALS)}")
     gen = torch.Generator().manual_seed(SEED)
     weights = {n: torch.randn(s, generator=gen).to(args.device) for n, s in shapes.items()}
     grads = {n: torch.randn(s, generator=gen).to(args.device) for n, s in shapes.items()}
@@ -74,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     total = flat.numel()
     schedule = TrainingSchedule(total_steps=TOTAL_STEPS, steps_per_epoch=STEPS_PER_EPOCH)
     methods, masks = {}, {}
-    for name in GOALS:
+    for name in chosen:
         method = build_method(MethodConfig(name=name, sparsity=0.9), schedule, SEED)
         initial = method.initial_masks(shapes)
         masks[name] = {n: m.to(args.device) for n, m in initial.items()}
@@ -92,7 +109,12 @@ def main(argv: list[str] | None = None) -> None:
             global_topk_masks(force_scores, active_count(total, density))
 
     items = {"topk": topk, **{name: (lambda n=name: methods[n].update(
-        UPDATE_STEP[n], masks[n], weights, grads)) for name in GOALS}, "force": force}
+        UPDATE_STEP[n], masks[n], weights, grads)) for name in chosen}}
+    if "set" in chosen:
+        items["set: random grow scores alone"] = lambda: methods["set"].random_grow_scores(
+            UPDATE_STEP["set"], masks["set"])
+    if args.force_iterations:
+        items["force"] = force
     for item in items.values():  # warm-up
         item()
     times: dict[str, list[float]] = {name: [] for name in items}
@@ -118,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
                             "goal", "met"], rows)
     print(table)
     if not args.no_record:
-        settings = (f"ResNet-50's {len(shapes)} weight layers ({total} weights), random N(0, 1) "
+        model = "ResNet-50" if args.model == "resnet50" else f"GPT-2 medium ({args.blocks} blocks)"
+        settings = (f"{model}'s {len(shapes)} weight layers ({total} weights), random N(0, 1) "
                     f"weights and gradients, float32 on {args.device}, sparsity 0.9, ERK init, "
                     f"update steps {UPDATE_STEP} of {TOTAL_STEPS}; topk k = 10 % of all scores; "
                     f"{args.rounds} interleaved rounds after one warm-up; "

@@ -346,7 +346,8 @@ class _StableLayout(FullLayout):
         return _stable_global({n: scores[n] for n in names}, k,
                               None if eligible is None else {n: eligible[n] for n in names})
 
-    def drop_and_grow(self, masks, drop_scores, grow_scores, counts):
+    def drop_and_grow(self, masks, drop_scores, grow_scores, counts, active=None):
+        assert active is None or active == {n: int(m.sum()) for n, m in masks.items()}
         return {n: _stable_drop_and_grow(masks[n], drop_scores[n], grow_scores[n], c)
                 for n, c in counts.items() if c > 0}
 
@@ -439,6 +440,7 @@ def test_layer_selections_read_the_device_once_per_batch(monkeypatch):
     grow = {n: torch.randint(0, 3, s, generator=g).float() for n, s in shapes.items()}
     counts = {n: int(m.sum()) // 3 for n, m in masks.items()}
     expected = {n: _stable_drop_and_grow(masks[n], drop[n], grow[n], c) for n, c in counts.items()}
+    active = {n: int(m.sum()) for n, m in masks.items()}
     reads = count_host_reads(monkeypatch)
     layout.active_counts(masks)
     assert reads == [len(shapes)]  # one read of every layer's count
@@ -448,5 +450,7 @@ def test_layer_selections_read_the_device_once_per_batch(monkeypatch):
     assert len(reads) == 5  # active counts, the drop selection, the grow selection
     layout.global_topk(drop, 40, masks)
     assert len(reads) == 7  # the eligible count, the selection
+    known = layout.drop_and_grow(masks, drop, grow, counts, active)
+    assert len(reads) == 9  # active counts given: the two selections
     monkeypatch.undo()
-    assert all(torch.equal(new[n], expected[n]) for n in shapes)
+    assert all(torch.equal(new[n], expected[n]) and torch.equal(known[n], expected[n]) for n in shapes)

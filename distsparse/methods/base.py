@@ -121,10 +121,12 @@ class SparsityMethod:
     def swap_step(
         self, masks: Mapping[str, torch.Tensor], drop_scores: Mapping[str, torch.Tensor],
         grow_scores: Mapping[str, torch.Tensor], counts: Mapping[str, int],
+        active: Mapping[str, int] | None = None,
     ) -> Masks:
-        """Per layer: drop `counts[name]` active entries by drop score and regrow as many by grow score."""
+        """Per layer: drop `counts[name]` active entries by drop score and regrow as many by grow
+        score; `active`, the layout's active counts of `masks` where known, is not counted again."""
         return self.selection(masks).drop_and_grow(
-            masks, drop_scores, grow_scores, {name: counts[name] for name in masks})
+            masks, drop_scores, grow_scores, {name: counts[name] for name in masks}, active)
 
     def random_grow_scores(self, step: int, masks: Mapping[str, torch.Tensor]) -> Masks:
         """Counter-based random scores keyed by (seed, step, layer, global element index)."""

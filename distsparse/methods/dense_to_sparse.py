@@ -132,7 +132,7 @@ class GraNet(GMP):
             if self.config.growth == "gradient"
             else self.random_grow_scores(step, pruned)
         )
-        return {**pruned, **self.swap_step(pruned, drop, grow, counts)}
+        return {**pruned, **self.swap_step(pruned, drop, grow, counts, active)}
 
 
 @register("granet_st")

@@ -59,7 +59,7 @@ class _DropAndGrow(SparsityMethod):
         active = self.selection(masks).active_counts(masks)
         counts = {name: math.floor(active[name] * fraction) for name in masks}
         drop = {name: magnitude_scores(w) for name, w in weights.items()}
-        return self.swap_step(masks, drop, self.grow_scores(step, masks, grads), counts)
+        return self.swap_step(masks, drop, self.grow_scores(step, masks, grads), counts, active)
 
 
 @register("set")

@@ -89,13 +89,18 @@ class FullLayout:
     def drop_and_grow(
         self, masks: Mapping[str, torch.Tensor], drop_scores: Mapping[str, torch.Tensor],
         grow_scores: Mapping[str, torch.Tensor], counts: Mapping[str, int],
+        active: Mapping[str, int] | None = None,
     ) -> Masks:
-        """`select.drop_and_grow` of every layer with a positive count; new masks of those layers."""
+        """`select.drop_and_grow` of every layer with a positive count; new masks of those layers.
+
+        `active`, the masks' `active_counts` if the caller has them, spares counting them again.
+        """
         names = [name for name, count in counts.items() if count > 0]
         new = drop_and_grow_masks([masks[name] for name in names],
                                   [drop_scores[name] for name in names],
                                   [grow_scores[name] for name in names],
-                                  [counts[name] for name in names])
+                                  [counts[name] for name in names],
+                                  None if active is None else [active[name] for name in names])
         return dict(zip(names, new))
 
     def random_scores(self, seed: int, step: int, purpose: str, names: Sequence[str],
@@ -191,12 +196,15 @@ class PieceLayout(FullLayout):
     def drop_and_grow(
         self, masks: Mapping[str, torch.Tensor], drop_scores: Mapping[str, torch.Tensor],
         grow_scores: Mapping[str, torch.Tensor], counts: Mapping[str, int],
+        active: Mapping[str, int] | None = None,
     ) -> Masks:
-        """`select.drop_and_grow` of every layer with a positive count: two batched selections."""
+        """`select.drop_and_grow` of every layer with a positive count: two batched selections
+        (and one all-reduce of the active counts unless `active` gives them)."""
         swapping = {name: count for name, count in counts.items() if count > 0}
         if not swapping:
             return {}
-        active = self.active_counts({name: masks[name] for name in swapping})
+        if active is None:
+            active = self.active_counts({name: masks[name] for name in swapping})
         kept = self.topk_per_layer(
             drop_scores, {name: active[name] - count for name, count in swapping.items()}, masks)
         grown = self.topk_per_layer(grow_scores, swapping, {name: ~kept[name] for name in swapping})

@@ -210,11 +210,14 @@ def global_topk_masks(
 def drop_and_grow_masks(
     masks: Sequence[torch.Tensor], drop_scores: Sequence[torch.Tensor],
     grow_scores: Sequence[torch.Tensor], n_swaps: Sequence[int],
+    actives: Sequence[int] | None = None,
 ) -> list[torch.Tensor]:
-    """`drop_and_grow`'s new mask of every layer: three host reads for all layers together."""
+    """`drop_and_grow`'s new mask of every layer: three host reads for all layers together, two
+    where the caller passes the masks' active counts."""
     if not masks:
         return []
-    actives = torch.stack([torch.count_nonzero(mask) for mask in masks]).tolist()
+    if actives is None:
+        actives = torch.stack([torch.count_nonzero(mask) for mask in masks]).tolist()
     for active, n_swap in zip(actives, n_swaps):
         if not 0 <= n_swap <= active:
             raise ValueError(f"cannot select {active - n_swap} of {active} eligible entries")
