@@ -1,0 +1,153 @@
+"""torchrun across two simulated nodes on this host: the same network as --nproc 4 on one node.
+
+Each "node" is a torchrun agent bound to its own loopback address (127.0.0.1, 127.0.0.2), started
+in its own copy of the checkout and importing distsparse from that copy; the two share only the
+run directory, as a shared file system would. The agents meet at a c10d rendezvous on node 0's
+address. Only global rank 0 may write (node 1's copy stays untouched, each record is written
+once), SIGTERM to both agents stops every worker after the same step with a checkpoint, and the
+run resumed on the two nodes ends bit for bit as an uninterrupted run on one node.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import free_port
+from tests.test_ddp import QUICKSTART, _assert_same_network, _final, _update_steps
+from tests.test_ray_train import LONG, TOTAL_STEPS
+
+ROOT = Path(__file__).resolve().parents[1]
+ADDRESSES = ("127.0.0.1", "127.0.0.2")
+PER_NODE = 2
+WORLD = len(ADDRESSES) * PER_NODE
+DDP = ["backend.name=ddp", "launcher.name=torchrun", f"launcher.num_workers={WORLD}"]
+
+
+def _copy_checkout(node: Path) -> Path:
+    """The package and configs (not .venv) in a node's own directory."""
+    for tree in ("distsparse", "configs"):
+        shutil.copytree(ROOT / tree, node / tree, ignore=shutil.ignore_patterns("__pycache__"))
+    return node
+
+
+def _node_env(copy: Path) -> dict[str, str]:
+    """The node's environment: its copy first on the import path; gloo on the loopback device."""
+    return {**os.environ, "PYTHONPATH": str(copy), "OMP_NUM_THREADS": "1",
+            "GLOO_SOCKET_IFNAME": "lo"}
+
+
+def _snapshot(tree: Path) -> dict[str, tuple[int, int]]:
+    """Every file under tree (bytecode caches aside) with its size and modification time."""
+    return {str(p.relative_to(tree)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in tree.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+
+
+def _start_agents(copies: list[Path], logs: Path, argv: list[str]) -> list[subprocess.Popen]:
+    """One torchrun agent per node; is_host names the node that serves the rendezvous store
+    (torchrun's own guess calls every loopback address 'this host')."""
+    port, run_id = free_port(), f"multinode{time.monotonic_ns()}"
+    agents = []
+    for node, (address, copy) in enumerate(zip(ADDRESSES, copies)):
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={len(ADDRESSES)}",
+                   f"--nproc-per-node={PER_NODE}", "--rdzv-backend=c10d",
+                   f"--rdzv-endpoint={ADDRESSES[0]}:{port}", f"--rdzv-id={run_id}",
+                   f"--rdzv-conf=is_host={int(node == 0)}", f"--local-addr={address}",
+                   f"--log-dir={logs / f'node{node}'}", "--redirects=3",
+                   "-m", "distsparse.cli", "train", *argv]
+        agents.append(subprocess.Popen(command, cwd=copy, env=_node_env(copy), text=True,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    return agents
+
+
+def _worker_logs(logs: Path, node: int) -> dict[int, tuple[str, str]]:
+    """Local rank -> (stdout, stderr) of the node's workers, from torchrun's --log-dir."""
+    found = {}
+    for stdout in (logs / f"node{node}").rglob("stdout.log"):
+        found[int(stdout.parent.name)] = (stdout.read_text(), stdout.with_name("stderr.log").read_text())
+    assert sorted(found) == list(range(PER_NODE)), found
+    return found
+
+
+def _one_node(nproc: int, *argv: str) -> None:
+    """Train with --nproc NPROC local workers on this node (one thread each)."""
+    command = [sys.executable, "-m", "distsparse.cli", "train", "--nproc", str(nproc), *argv]
+    result = subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_two_nodes_stop_together_resume_and_equal_one_node(tmp_path):
+    copies = [_copy_checkout(tmp_path / f"node{n}") for n in range(len(ADDRESSES))]
+    for copy in copies:
+        imported = subprocess.run([sys.executable, "-c", "import distsparse; print(distsparse.__file__)"],
+                                  cwd=copy, env=_node_env(copy), capture_output=True, text=True)
+        assert imported.stdout.strip() == str(copy / "distsparse" / "__init__.py"), imported.stderr
+    before = [_snapshot(copy) for copy in copies]
+    run, logs = tmp_path / "shared" / "run", tmp_path / "logs"
+
+    # Launch 1, stopped: SIGTERM to both agents once training has logged.
+    agents = _start_agents(copies, logs / "first", ["configs/quickstart.yaml", *LONG, *DDP,
+                                                    f"run.dir={run}"])
+    metrics, deadline = run / "metrics.jsonl", time.monotonic() + 180
+    while not (metrics.exists() and '"train"' in metrics.read_text()):
+        assert all(a.poll() is None for a in agents) and time.monotonic() < deadline, \
+            [a.communicate()[0][-2000:] for a in agents if a.poll() is not None]
+        time.sleep(0.05)
+    for agent in agents:
+        agent.send_signal(signal.SIGTERM)
+    for agent in agents:  # torchrun itself exits 1 after forwarding a signal
+        agent.communicate(timeout=120)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stopped_by_signal"] == "SIGTERM" and not summary["completed"]
+    assert summary["world_size"] == WORLD and 0 < summary["steps"] < TOTAL_STEPS
+    stopped_at = summary["steps"]
+    assert int(_final(run)["step"]) == stopped_at
+    first = {node: _worker_logs(logs / "first", node) for node in range(len(ADDRESSES))}
+    # Every worker ended cleanly after the agreed step: one stuck in a collective with a peer
+    # that had stopped would fail with a gloo error, not leave quietly.
+    for node_logs in first.values():
+        for _, stderr in node_logs.values():
+            assert "Traceback" not in stderr, stderr[-2000:]
+    assert f"stopped by SIGTERM at step {summary['steps']} with a checkpoint" in first[0][0][1]
+
+    # Launch 2: --resume on the same two nodes.
+    agents = _start_agents(copies, logs / "second", ["--resume", str(run)])
+    outputs = [agent.communicate(timeout=300)[0] for agent in agents]
+    assert [agent.returncode for agent in agents] == [0, 0], [o[-2000:] for o in outputs]
+    second = {node: _worker_logs(logs / "second", node) for node in range(len(ADDRESSES))}
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["completed"] and summary["steps"] == TOTAL_STEPS
+
+    # Global rank 0 (node 0, local rank 0) is the only one that reports or writes.
+    for launch in (first, second):
+        assert str(run) in launch[0][0][0]
+        assert [launch[n][r][0] for n, r in ((0, 1), (1, 0), (1, 1))] == ["", "", ""]
+    assert [_snapshot(copy) for copy in copies] == before
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == sorted(set(steps)) and steps[-1] == TOTAL_STEPS
+    assert len(list((run / "tensorboard").rglob("events.out.tfevents.*"))) == 2  # one per launch
+
+    # Bit for bit the network of 4 workers on one node stopped after the same step and resumed.
+    one_node = tmp_path / "one_node"
+    _one_node(WORLD, QUICKSTART, *LONG, f"run.dir={one_node}",
+              f"run.stop_at_step={stopped_at}")
+    _one_node(WORLD, "--resume", str(one_node))
+    _assert_same_network(_final(one_node), _final(run), exact=True)
+    assert _update_steps(run) == _update_steps(one_node)
+    # The masks of one uninterrupted process (no batch norm), the weights up to rounding: 4 ranks
+    # sum gradients in another order than 1, and a restart's first step reduces DDP's initial
+    # bucket layout (forward order) where an uninterrupted run reduces the rebuilt one (reverse).
+    one_process = tmp_path / "one_process"
+    _one_node(1, QUICKSTART, *LONG, f"run.dir={one_process}")
+    _assert_same_network(_final(one_process), _final(run), exact=False)
+    assert _update_steps(run) == _update_steps(one_process)
+    fingerprints = {json.loads((r / "summary.json").read_text())["mask_fingerprint"]
+                    for r in (run, one_node, one_process)}
+    assert len(fingerprints) == 1
