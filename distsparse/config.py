@@ -204,13 +204,15 @@ class ModelConfig:
 @dataclass
 class BackendConfig:
     name: str = "single"
-    """single (one process), ddp (PyTorch DistributedDataParallel) or deepspeed (DeepSpeed ZeRO),
-    one process per worker; with one worker every backend runs as single."""
+    """single (one process), ddp (PyTorch DistributedDataParallel), deepspeed (DeepSpeed ZeRO) or
+    fsdp (FSDP2 fully_shard per ModuleList child and the root; DCP checkpoints), one process per
+    worker; with one worker every backend runs as single."""
     zero_stage: int = 0
-    """DeepSpeed ZeRO stage 0-3 (backend.name=deepspeed)."""
+    """DeepSpeed ZeRO stage 0-3 (backend.name=deepspeed only)."""
     deepspeed_config: Optional[str] = None
-    """DeepSpeed JSON merged over distsparse's defaults; the batch sizes, ZeRO stage and optimizer
-    come from this config and may only be repeated there with the same values."""
+    """DeepSpeed JSON (backend.name=deepspeed only) merged over distsparse's defaults; the batch
+    sizes, ZeRO stage and optimizer come from this config and may only be repeated there with the
+    same values."""
     sparse_gradients: bool = True
     """DDP: all-reduce only the gradient entries at active positions between dense-gradient steps."""
     sync_batchnorm: bool = True
@@ -280,7 +282,7 @@ _CHOICES = {
     "train.autocast": ("none", "bf16"),
     "data.name": ("fashion_mnist", "synthetic", "imagenet", "fortunes"),
     "data.loader": ("fmnist", "synthetic", "ffcv", "torchvision", "text"),
-    "backend.name": ("single", "ddp", "deepspeed"),
+    "backend.name": ("single", "ddp", "deepspeed", "fsdp"),
     "launcher.name": ("local", "torchrun", "ray"),
 }
 
@@ -367,6 +369,11 @@ def validate(config: Config) -> None:
            "two values in [0, 1)")
     _check(config.backend.zero_stage in (0, 1, 2, 3), "backend.zero_stage", config.backend.zero_stage,
            "one of 0, 1, 2, 3")
+    if config.backend.name == "fsdp":  # FSDP2 shards everything: no stage, no DeepSpeed JSON
+        _check(config.backend.zero_stage == 0, "backend.zero_stage", config.backend.zero_stage,
+               "0 (unset): only backend.name=deepspeed takes it")
+        _check(config.backend.deepspeed_config is None, "backend.deepspeed_config",
+               config.backend.deepspeed_config, "unset: only backend.name=deepspeed takes it")
     workers = config.launcher.num_workers
     _check(config.launcher.max_failures >= 0, "launcher.max_failures", config.launcher.max_failures,
            "an integer >= 0")

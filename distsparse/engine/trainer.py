@@ -83,7 +83,7 @@ class Trainer:
         if self.env.world_size > 1 and config.backend.name == "single":
             raise ConfigError(
                 f"config key 'backend.name' = 'single': {self.env.world_size} workers were "
-                "started; expected ddp or deepspeed"
+                "started; expected ddp, deepspeed or fsdp"
             )
         self.device = _device(config.train.device, self.env)
         self.input_dtype: torch.dtype = getattr(torch, config.train.dtype)
@@ -118,10 +118,6 @@ class Trainer:
                 method.exclude).items()}
         except ValueError as exc:
             raise ConfigError(f"config key 'method.include' / 'method.exclude': {exc}") from None
-        optimizer = build_optimizer(model, config.train)
-        self.scheduler = build_lr_scheduler(
-            optimizer, self.schedule.total_steps, self.schedule.steps_per_epoch, config.train
-        )
         self.previous_wall_s = 0.0
         sample = next(self.data.test.batches(0))[0]
         self.flops = FlopCounter(model, self._to_device(sample))
@@ -129,10 +125,10 @@ class Trainer:
             masks = self.method.initial_masks(shapes, self._init_context(model))
         else:  # replaced by the checkpoint's once the wrapper exists
             masks = {name: torch.ones(shape, dtype=torch.bool) for name, shape in shapes.items()}
-            checkpoint.restore_unwrapped(model, optimizer)
+            checkpoint.restore_model(model)
         sparse_gradients = config.backend.sparse_gradients and self.method.uses_masks
-        self.backend: Backend = build_backend(config, model, optimizer, self.env, self.device,
-                                              settings, sparse_gradients)
+        self.backend: Backend = build_backend(config, model, self._optimizer_factory(checkpoint),
+                                              self.env, self.device, settings, sparse_gradients)
         self.sparsifier = Sparsifier.from_method(
             self.method, getattr(self.backend.model, "module", self.backend.model),
             self.backend.access, masks)
@@ -151,6 +147,22 @@ class Trainer:
             if checkpoint is not None:
                 truncate_metrics(self.run_dir, self.step)
             self.log = MetricsLog(self.run_dir)
+
+    def _optimizer_factory(
+        self, checkpoint: SavedCheckpoint | None
+    ) -> Callable[[torch.nn.Module], torch.optim.Optimizer]:
+        """Builds the optimizer over the module a backend gives it (bare or sharded) and the LR
+        scheduler on it, then loads the checkpoint's optimizer state: after the scheduler, which
+        would otherwise reset the saved learning rates."""
+        def build(module: torch.nn.Module) -> torch.optim.Optimizer:
+            optimizer = build_optimizer(module, self.config.train)
+            self.scheduler = build_lr_scheduler(optimizer, self.schedule.total_steps,
+                                                self.schedule.steps_per_epoch, self.config.train)
+            if checkpoint is not None:
+                checkpoint.restore_optimizer(module, optimizer)
+            return optimizer
+
+        return build
 
     def _init_context(self, model: torch.nn.Module) -> InitContext:
         """The model and the first method.pai_batches global batches, for pruning at init."""

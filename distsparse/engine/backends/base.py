@@ -1,6 +1,8 @@
 """The wrapping seam: how the trainer builds, steps through and checkpoints the model's wrapper.
 
-A backend wraps model and optimizer (nothing, DDP, a DeepSpeed engine), backpropagates through
+A backend wraps the model (nothing, DDP, a DeepSpeed engine, FSDP2's `fully_shard`) and builds the
+optimizer from a factory at the moment its wrapper needs it (FSDP2 replaces the parameters by
+sharded ones, so its optimizer comes after wrapping; the others' before), backpropagates through
 the wrapper, reads the full model state and checkpoints in the wrapper's format (its
 `checkpointer`). What masks need of the wrapper (the owned pieces of the weights, every copy to
 mask, the optimizer step) is its `access`, which the trainer hands to its Sparsifier, as a user
@@ -8,6 +10,7 @@ hands a wrapped model to theirs.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -16,14 +19,18 @@ from torch import nn
 from distsparse.engine.checkpointer import Checkpointer
 from distsparse.sparsifier.access import ParameterAccess
 
-__all__ = ["Backend"]
+__all__ = ["Backend", "OptimizerFactory"]
+
+OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
+"""Builds the optimizer over a module's parameters (the bare model's, or the sharded ones)."""
 
 
 class Backend(Protocol):
-    """What every backend (single process, DDP, DeepSpeed) provides to the trainer."""
+    """What every backend (single process, DDP, DeepSpeed, FSDP2) provides to the trainer."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
+    """The torch optimizer the backend built with the trainer's factory."""
     access: ParameterAccess
     checkpointer: Checkpointer
     """Writes the run's checkpoints in this wrapper's format (and loads its own format)."""

@@ -6,6 +6,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from distsparse.distributed.process_group import DistEnv
+from distsparse.engine.backends.base import OptimizerFactory
 from distsparse.engine.backends.single import SingleBackend
 from distsparse.sparsifier.access import DDPAccess
 
@@ -20,11 +21,12 @@ class DDPBackend(SingleBackend):
     """
 
     def __init__(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv,
+        self, model: nn.Module, optimizer_factory: OptimizerFactory, env: DistEnv,
         device: torch.device, sparse_gradients: bool,
     ) -> None:
-        super().__init__(model, optimizer)
+        """The optimizer is built over the bare model's parameters, which DDP keeps."""
+        super().__init__(model, optimizer_factory)
         self.rank, self.world_size = env.rank, env.world_size
         device_ids = [device.index] if device.type == "cuda" else None
         self.model = DistributedDataParallel(model, device_ids=device_ids)
-        self.access = DDPAccess(self.model, optimizer, sparse_gradients)
+        self.access = DDPAccess(self.model, self.optimizer, sparse_gradients)

@@ -25,9 +25,15 @@ import torch
 from torch import nn
 
 from distsparse.distributed.process_group import DistEnv
+from distsparse.engine.backends.base import OptimizerFactory
 from distsparse.engine.backends.single import SingleBackend
-from distsparse.engine.checkpoint import MODEL_NAME, save_checkpoint
-from distsparse.engine.native_checkpoint import DEEPSPEED_DIR, NativeCheckpoint, commit_native, step_tag
+from distsparse.engine.native_checkpoint import (
+    DEEPSPEED_DIR,
+    NativeCheckpoint,
+    commit_native,
+    save_model_file,
+    step_tag,
+)
 from distsparse.errors import CheckpointError, ConfigError
 from distsparse.sparsifier.deepspeed_access import DeepSpeedAccess
 
@@ -108,11 +114,13 @@ class DeepSpeedBackend(SingleBackend):
     """A DeepSpeed engine built from the trainer's model and torch optimizer."""
 
     def __init__(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv,
+        self, model: nn.Module, optimizer_factory: OptimizerFactory, env: DistEnv,
         config: dict[str, Any],
     ) -> None:
-        """`config` is the DeepSpeed config from `deepspeed_config` (it holds the ZeRO stage)."""
-        super().__init__(model, optimizer)
+        """`config` is the DeepSpeed config from `deepspeed_config` (it holds the ZeRO stage); the
+        torch optimizer is built over the bare model before `deepspeed.initialize`."""
+        super().__init__(model, optimizer_factory)
+        optimizer = self.optimizer
         stage = config["zero_optimization"]["stage"]
         self.rank, self.world_size, self.stage = env.rank, env.world_size, stage
         self.input_dtype = _mixed_precision(config)
@@ -185,5 +193,4 @@ class DeepSpeedCheckpointer:
         """Rank 0 writes the model (gathered on every rank) and masks as `checkpoints/model.pt`."""
         model = self.backend.model_state_dict()
         if self.backend.rank == 0:
-            save_checkpoint({"config": state["config"], "step": state["step"], "model": model,
-                             "masks": state["masks"]}, run_dir / MODEL_NAME)
+            save_model_file(run_dir, state, model)

@@ -5,46 +5,53 @@ applied to each child of every `nn.ModuleList` (the transformer blocks: one all-
 then to the root (embeddings, final norm, the tied head). Parameters become DTensors sharded
 Shard(0), so the optimizer is built afterwards from a factory. The masks' side (local shards,
 optimizer state) is `distsparse.sparsifier.fsdp_access.FSDPAccess`, this backend's `access`.
+A `MixedPrecisionPolicy` passes through (`default_mixed_precision`: bf16 compute with fp32
+gradient reduction on a GPU); FSDP2 steps the fp32 shards, the copy masks act on.
 
-Checkpoints go through `torch.distributed.checkpoint` (DCP): every rank writes its shards of the
-model and the optimizer state (no gather), and rank 0 writes the client state (the Sparsifier's
-full masks, method state, step, scheduler, RNG...) beside them. A save goes to a staging directory
-that rank 0 renames to its place once every rank has finished, so a crash mid-save never leaves a
-half checkpoint under the final name. DCP re-shards by global index on load, so another world
-size resumes; the masks are full in the client state and `Sparsifier.load_state_dict` slices
-them to the new shards. The ranks need a shared filesystem for the checkpoint directory.
+Checkpoints go through `torch.distributed.checkpoint` (DCP, `engine.native_checkpoint.save_dcp`):
+every rank writes its shards of the model and the optimizer state (no gather), and rank 0 writes
+the client state (the Sparsifier's full masks, method state, step, scheduler, RNG...) beside them.
+A save goes to a staging directory that rank 0 renames to its place once every rank has finished,
+so a crash mid-save never leaves a half checkpoint under the final name. DCP re-shards by global
+index on load, so another world size resumes; the masks are full in the client state and
+`Sparsifier.load_state_dict` slices them to the new shards. The ranks need a shared filesystem
+for the checkpoint directory. In `distsparse train` the checkpoints are tags of
+`RUN/checkpoints/fsdp/` (`FSDPCheckpointer`), and the run ends with `checkpoints/model.pt`.
 """
 from __future__ import annotations
 
-import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
-    get_state_dict,
-    set_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from distsparse.distributed.process_group import DistEnv
-from distsparse.engine.checkpoint import load_checkpoint, save_checkpoint
-from distsparse.errors import CheckpointError
+from distsparse.engine.backends.base import OptimizerFactory
+from distsparse.engine.native_checkpoint import (
+    CLIENT_STATE,
+    FSDP_DIR,
+    commit_native,
+    load_dcp_model,
+    load_dcp_optimizer,
+    read_dcp_client_state,
+    save_dcp,
+    save_model_file,
+    step_tag,
+)
 from distsparse.sparsifier.fsdp_access import FSDPAccess
 
-__all__ = ["CLIENT_STATE", "FSDPBackend", "OptimizerFactory", "default_mixed_precision"]
+__all__ = ["CLIENT_STATE", "FSDPBackend", "FSDPCheckpointer", "OptimizerFactory",
+           "default_mixed_precision"]
 
-OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
-CLIENT_STATE = "client_state.pt"
-"""The file of a checkpoint directory that holds the client state (rank 0 writes it)."""
 _FULL_ON_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
@@ -84,6 +91,7 @@ class FSDPBackend:
         self.model = model
         self.optimizer = optimizer_factory(model)
         self.access = FSDPAccess(model, self.optimizer)
+        self.checkpointer = FSDPCheckpointer(self)
 
     def backward(self, loss: torch.Tensor) -> None:
         """Clear the previous gradients, then backpropagate (FSDP2 reduce-scatters gradients)."""
@@ -106,37 +114,38 @@ class FSDPBackend:
     def save_checkpoint(self, directory: Path, client_state: dict[str, Any]) -> None:
         """Every rank writes its shards of model and optimizer under `directory`, rank 0 the client
         state (a collective); `directory` appears, or is replaced, only once all are written."""
-        directory = Path(directory)
-        staging = directory.with_name(f".{directory.name}.partial")
-        if self.rank == 0:
-            shutil.rmtree(staging, ignore_errors=True)  # left by a crash
-            staging.mkdir(parents=True)
-        dist.barrier()
-        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=staging)
-        if self.rank == 0:
-            save_checkpoint(client_state, staging / CLIENT_STATE)
-        dist.barrier()
-        if self.rank == 0:
-            previous = directory.with_name(f".{directory.name}.previous")
-            if directory.exists():
-                directory.rename(previous)
-            staging.rename(directory)
-            shutil.rmtree(previous, ignore_errors=True)
-        dist.barrier()
+        save_dcp(Path(directory), self.model, self.optimizer, client_state, self.rank)
 
     def load_checkpoint(self, directory: Path) -> dict[str, Any]:
         """Load model and optimizer shards from `directory` on any world size (a collective);
         return the client state. CheckpointError names the directory when it is not complete."""
-        directory = Path(directory)
-        if not (directory / ".metadata").is_file() or not (directory / CLIENT_STATE).is_file():
-            raise CheckpointError(f"checkpoint {directory} is not a complete FSDP checkpoint "
-                                  f"(expected .metadata and {CLIENT_STATE})")
-        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_state, "optimizer": optimizer_state}
-        dcp.load(state, checkpoint_id=directory)
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"])
-        client_state = load_checkpoint(directory / CLIENT_STATE, required=())
-        client_state.pop("format")
+        client_state = read_dcp_client_state(Path(directory))
+        load_dcp_model(Path(directory), self.model)
+        load_dcp_optimizer(Path(directory), self.model, self.optimizer)
         return client_state
+
+
+class FSDPCheckpointer:
+    """A run's checkpoints as DCP tags of `RUN/checkpoints/fsdp` (`native_checkpoint`'s layout).
+
+    Every rank writes its shards (no gather of weights or optimizer state); rank 0 then commits
+    the tag (sidecar, `latest`, older tags removed). A resume reads the tag on any backend and
+    world size (`native_checkpoint.DCPCheckpoint`). When training ends or stops, the gathered
+    model and full masks go to `checkpoints/model.pt`, which evaluation, pruning and export read.
+    """
+
+    def __init__(self, backend: FSDPBackend) -> None:
+        self.backend = backend
+
+    def save(self, run_dir: Path, step: int, state: dict[str, Any]) -> None:
+        backend, directory, tag = self.backend, Path(run_dir) / FSDP_DIR, step_tag(step)
+        backend.save_checkpoint(directory / tag, state)
+        if backend.rank == 0:
+            commit_native(directory, tag, {"step": step, "world_size": backend.world_size,
+                                           "config": state["config"]})
+
+    def finish(self, run_dir: Path, state: dict[str, Any]) -> None:
+        """Rank 0 writes the model (gathered on every rank) and masks as `checkpoints/model.pt`."""
+        model = self.backend.model_state_dict()
+        if self.backend.rank == 0:
+            save_model_file(run_dir, state, model)

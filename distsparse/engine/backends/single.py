@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from distsparse.engine.backends.base import OptimizerFactory
 from distsparse.engine.checkpointer import FileCheckpointer
 from distsparse.sparsifier.access import PlainAccess
 
@@ -17,9 +18,10 @@ class SingleBackend:
     world_size = 1
     input_dtype: torch.dtype | None = None
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.model, self.optimizer = model, optimizer
-        self.access = PlainAccess(optimizer)
+    def __init__(self, model: nn.Module, optimizer_factory: OptimizerFactory) -> None:
+        """The optimizer is `optimizer_factory(model)`."""
+        self.model, self.optimizer = model, optimizer_factory(model)
+        self.access = PlainAccess(self.optimizer)
         self.checkpointer = FileCheckpointer(self)
 
     def backward(self, loss: torch.Tensor) -> None:
