@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
             masks[name] = {**masks[name], **method.update(
                 UPDATE_STEP[name] - 100, masks[name], weights, grads)}
         methods[name] = method
-    densities = iterative_densities(0.1, args.force_iterations, "exp")
+    densities = iterative_densities(0.1, max(args.force_iterations, 1), "exp")
 
     def topk() -> None:
         torch.topk(flat, total // 10, sorted=False)
