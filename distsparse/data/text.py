@@ -70,7 +70,9 @@ class ByteBlockLoader:
     """No pixels: identity statistics (`BatchLoader` asks for them)."""
 
     def __init__(self, stream: torch.Tensor, block_size: int, global_batch: int, seed: int,
-                 train: bool, rank: int = 0, world_size: int = 1) -> None:
+                 train: bool, rank: int = 0, world_size: int = 1,
+                 chosen: torch.Tensor | None = None) -> None:
+        """`chosen`: only these blocks (indices into the stream's blocks), e.g. a calibration set."""
         if global_batch % world_size:
             raise ConfigError(f"config key 'train.batch_size' = {global_batch}: expected a "
                               f"multiple of the world size {world_size}")
@@ -78,7 +80,8 @@ class ByteBlockLoader:
         self.global_batch, self.seed, self.train = global_batch, seed, train
         self.rank, self.world_size = rank, world_size
         # Blocks per epoch, the same from any offset < block_size (one byte is kept for targets).
-        self.blocks = (len(stream) - block_size) // block_size
+        self.blocks = (len(stream) - block_size) // block_size if chosen is None else len(chosen)
+        self.chosen = chosen
 
     def __len__(self) -> int:
         return self.blocks // self.global_batch
@@ -96,9 +99,15 @@ class ByteBlockLoader:
         positions = torch.arange(size + 1)
         for b in range(start, len(self)):
             begin = b * self.global_batch + self.rank * local
-            starts = offset + order[begin : begin + local] * size
+            picked = order[begin : begin + local]
+            starts = offset + (picked if self.chosen is None else self.chosen[picked]) * size
             window = self.stream[starts[:, None] + positions].long()
             yield window[:, :-1], window[:, 1:]
+
+    def subset(self, index: torch.Tensor, global_batch: int, seed: int, train: bool) -> ByteBlockLoader:
+        """A loader over blocks `index` of this one's stream (one process), e.g. a calibration set."""
+        return ByteBlockLoader(self.stream, self.block_size, global_batch, seed, train,
+                               chosen=index if self.chosen is None else self.chosen[index])
 
 
 def fortunes_loaders(path: str, text: TextConfig, global_batch: int, seed: int, rank: int,

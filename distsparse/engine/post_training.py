@@ -36,6 +36,7 @@ from tqdm import tqdm
 from distsparse.config import Config, TrainConfig, schedule_relevant, to_yaml
 from distsparse.data.imagenet import resolution_at
 from distsparse.data.loader import BatchLoader, TensorLoader
+from distsparse.data.text import ByteBlockLoader
 from distsparse.engine.checkpoint import CHECKPOINT_NAME, MODEL_NAME, save_checkpoint
 from distsparse.engine.flops import FlopCounter
 from distsparse.engine.metrics import MetricsLog
@@ -188,12 +189,15 @@ def _training_set_size(run: TrainedRun) -> int:
     train, loader = run.data.train, run.config.data.loader
     if isinstance(train, TensorLoader):
         return len(train.labels)
+    if isinstance(train, ByteBlockLoader):
+        return train.blocks
     return len(train.dataset) if loader == "torchvision" else len(train.loader.indices)
 
 
 def _calibration_loaders(run: TrainedRun,
                          settings: PruneSettings) -> tuple[BatchLoader, BatchLoader] | None:
-    """N distinct seeded training images through the run's own pipeline: augmented to train, plain to score.
+    """N distinct seeded training images (or text blocks) through the run's own pipeline:
+    augmented to train, plain to score.
 
     None where nothing reads them (oneshot without fine-tuning), after checking N all the same.
 
@@ -210,6 +214,9 @@ def _calibration_loaders(run: TrainedRun,
     if settings.method == "oneshot" and settings.epochs == 0:
         return None
     train = run.data.train
+    if isinstance(train, ByteBlockLoader):  # blocks of text; training reads them at a random offset
+        return tuple(train.subset(index, settings.batch_size, settings.seed, training)
+                     for training in (True, False))
     if not isinstance(train, TensorLoader):
         return _imagenet_calibration(run, settings, index.numpy())
     images, labels = train.images[index], train.labels[index]
@@ -263,7 +270,8 @@ class _Context:
         self.log.log(kind, step - self.phase_steps, **values)
 
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
-        return x.to(device=self.device, dtype=self.dtype)
+        """Inputs on the device; images in the run's dtype, tokens as they are."""
+        return x.to(device=self.device, dtype=self.dtype if x.is_floating_point() else x.dtype)
 
     @torch.no_grad()
     def evaluate(self, forward: Callable[[torch.Tensor], torch.Tensor],
@@ -271,7 +279,7 @@ class _Context:
         """Top-1 and mean cross-entropy of `forward` over a loader (the caller sets eval mode)."""
         correct = loss = count = 0.0
         for x, y in loader.batches(0):
-            output, y = forward(self.to_device(x)), y.to(self.device)
+            output, y = _rows(forward(self.to_device(x))), y.to(self.device).flatten()
             correct += float((output.argmax(1) == y).sum())
             loss += float(F.cross_entropy(output, y, reduction="sum"))
             count += len(y)
@@ -286,6 +294,8 @@ class _Context:
         batches equally, so few batches suffice, and no noise is added.
         """
         norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not norms:
+            return
         momenta = [m.momentum for m in norms]
         for norm in norms:
             norm.reset_running_stats()
@@ -299,6 +309,11 @@ class _Context:
 
 
 Scheduler = torch.optim.lr_scheduler.LRScheduler
+
+
+def _rows(output: torch.Tensor) -> torch.Tensor:
+    """Logits as (predictions, classes): a language model's (B, T, V) becomes (B * T, V)."""
+    return output.flatten(0, -2)
 
 
 def _optimizer(model: nn.Module, settings: PruneSettings, steps: int,
@@ -366,7 +381,7 @@ def _oneshot(ctx: _Context, params: dict[str, torch.Tensor], optimizer: torch.op
                              oneshot_masks(weights, ctx.settings.sparsity, ctx.settings.allocation))
 
     def loss_of(x: torch.Tensor, y: torch.Tensor, epoch: int) -> torch.Tensor:
-        return F.cross_entropy(model(x), y)
+        return F.cross_entropy(_rows(model(x)), y.flatten())
 
     def evaluate_epoch() -> dict[str, float]:
         model.eval()
@@ -425,7 +440,8 @@ def _unipts(ctx: _Context, params: dict[str, torch.Tensor], optimizer: torch.opt
         sparse = {name: ste_sparse_weight(p, counts[name]) for name, p in params.items()}
         with torch.no_grad():
             target = teacher(x)
-        return distillation_loss(torch.func.functional_call(model, sparse, (x,)), target, epoch)
+        return distillation_loss(_rows(torch.func.functional_call(model, sparse, (x,))),
+                                 _rows(target), epoch)
 
     def evaluate_epoch() -> dict[str, float]:
         model.eval()

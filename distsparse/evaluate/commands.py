@@ -56,9 +56,10 @@ def run(args: argparse.Namespace) -> None:
 
         result = evaluate_run(args.run_dir, args.dense, suite=args.suite, device=args.device,
                               seed=args.seed)
-        print(f"clean top-1 {result['clean_top1']:.4f}, mean corruption top-1 "
-              f"{result['mean_corruption_top1']:.4f}, shift top-1 {result['shift_top1']:.4f}"
-              + (f", agreement with dense {result['clean_agreement']:.4f}" if args.dense else ""))
+        shown = (("clean top-1", "clean_top1"), ("mean corruption top-1", "mean_corruption_top1"),
+                 ("shift top-1", "shift_top1"), ("agreement with dense", "clean_agreement"))
+        print(", ".join(f"{label} {result[key]:.4f}" for label, key in shown
+                        if result.get(key) is not None))
         print(f"wrote {args.run_dir / 'evaluation.json'}, evaluation.md and evaluation.png")
     else:
         from distsparse.evaluate.compare import compare_runs

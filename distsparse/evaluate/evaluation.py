@@ -179,7 +179,7 @@ def _evaluate_one(run: TrainedRun, dense: TrainedRun | None, distribution: Distr
     for x, dense_x, y in _inputs(run, dense, distribution, seed, device):
         prediction = _predict_as_trained(run, x)
         correct += int((prediction == y).sum())
-        count += len(y)
+        count += y.numel()  # a language model predicts every position
         if dense_x is not None:
             dense_prediction = _predict_as_trained(dense, dense_x)
             dense_correct += int((dense_prediction == y).sum())
@@ -220,7 +220,8 @@ def evaluate_run(run_dir: Path, dense_dir: Path | None = None, suite: str = "def
     Besides `sparsity` (over the masked weights) the result holds torchprune's prune ratio, over
     all parameters of the model (`prune_ratio_all_parameters`, with both counts).
 
-    Bad input (no checkpoint, a dense run of another architecture or data) raises a
+    A language model (byte-level text) is evaluated on its clean test set only, top-1 over every
+    predicted byte. Bad input (no checkpoint, a dense run of another architecture or data) raises a
     DistsparseError before anything is written; evaluation.json is replaced atomically.
     """
     distributions = suite_distributions(suite)
@@ -229,6 +230,8 @@ def evaluate_run(run_dir: Path, dense_dir: Path | None = None, suite: str = "def
     dense = None if dense_dir is None else load_run(Path(dense_dir), torch_device)
     if dense is not None:
         _check_comparable(run, dense)
+    if run.data.byte_level:  # corruptions and shifts are of images: text has its clean test set
+        distributions = distributions[:1]
     records = [
         _evaluate_one(run, dense, distribution, seed, torch_device)
         for distribution in tqdm(distributions, desc="evaluate", unit="test set",
@@ -296,6 +299,8 @@ def format_evaluation(result: dict[str, Any]) -> str:
                 ("shift (mean)", "shift"))
     for title, part in headline:
         values = [result.get(f"{part}_top1")]
+        if values[0] is None:  # no such test distribution (a language model has only clean)
+            continue
         if dense:
             values += [result.get(f"dense_{part}_top1"), result.get(f"{part}_agreement"),
                        result.get(f"{part}_excess_error")]

@@ -13,9 +13,11 @@ __all__ = ["agreement", "excess_error", "predict", "prune_potential"]
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """Top-1 class of every input, cast to the model's parameter dtype and device."""
+    """Top-1 class of every input (of every position of a sequence model's output), inputs on the
+    model's device and, where they are floating point (not tokens), in its parameter dtype."""
     parameter = next(model.parameters())
-    return model(inputs.to(parameter.device, parameter.dtype)).argmax(1)
+    dtype = parameter.dtype if inputs.is_floating_point() else inputs.dtype
+    return model(inputs.to(parameter.device, dtype)).argmax(-1)
 
 
 def agreement(model_a: torch.nn.Module, model_b: torch.nn.Module,
