@@ -2,8 +2,8 @@
 gloo ranks under FSDP2 against DDP, its DCP checkpoints, resumes and the readers of a run.
 
 One pair of spawned workers runs, in order: DDP; FSDP2 uninterrupted; FSDP2 stopped at step 6 and
-resumed on 2 ranks; DDP stopped at step 6 and resumed under FSDP2 (its `last.pt` sliced into the
-shards). Each rank records failures instead of raising, so a failed check never leaves the other
+resumed on 2 ranks, and a copy resumed under DDP; DDP stopped at step 6 and resumed under FSDP2
+(its `last.pt` sliced into the shards). Each rank records failures instead of raising, so a failed check never leaves the other
 rank waiting in a collective. Then this process resumes a copy of the step-6 FSDP2 checkpoint on
 one rank through the CLI (as `single`, reading the DCP files re-sliced by global index).
 Float64 and 2 ranks make DDP's and FSDP2's gradient averages exact, so weights are compared bit for
@@ -73,10 +73,13 @@ def _worker(rank: int, port: int, root: str, queue) -> None:
         _train(_config(root_dir, "fsdp", ["backend.name=fsdp"]), errors)
         stopped = root_dir / "stopped"
         _train(_config(root_dir, "stopped", ["backend.name=fsdp", f"run.stop_at_step={STOP}"]), errors)
-        if rank == 0:  # the step-6 checkpoint, for the one-rank resume after the workers
+        if rank == 0:  # the step-6 checkpoint, for DDP and for the one-rank resume after the workers
             shutil.copytree(stopped, root_dir / "one-rank")
+            shutil.copytree(stopped, root_dir / "fsdp-then-ddp")
         torch.distributed.barrier()
         _train(_resume_config(stopped), errors, resume=stopped)
+        to_ddp = root_dir / "fsdp-then-ddp"
+        _train(_resume_config(to_ddp, ["backend.name=ddp"]), errors, resume=to_ddp)
         mixed = root_dir / "ddp-then-fsdp"
         _train(_config(root_dir, "ddp-then-fsdp", ["backend.name=ddp", f"run.stop_at_step={STOP}"]),
                errors)
@@ -184,9 +187,12 @@ def test_fsdp2_train_matches_ddp_resumes_bit_for_bit_and_on_one_rank(tmp_path, c
     for key, value in tensors.items():
         assert torch.equal(value, resumed[key]), key
 
-    # DDP's last.pt at step 6, resumed under FSDP2 (full optimizer state sliced into the shards).
-    assert _fingerprints(tmp_path / "ddp-then-fsdp") == _fingerprints(ddp)
-    _same_final(ddp, tmp_path / "ddp-then-fsdp")
+    # DDP's last.pt at step 6 resumed under FSDP2 (full optimizer state sliced into the shards),
+    # and FSDP2's DCP checkpoint at step 6 resumed under DDP (read into the bare model): DDP's run.
+    for mixed in ("ddp-then-fsdp", "fsdp-then-ddp"):
+        assert _fingerprints(tmp_path / mixed) == _fingerprints(ddp), mixed
+        _same_final(ddp, tmp_path / mixed)
+    assert not (tmp_path / "fsdp-then-ddp" / FSDP_DIR).exists()
 
     # The 2-rank step-6 checkpoint resumed on 1 rank (`distsparse train --resume`, as single):
     # the same masks at the next update and at the end; it then writes last.pt and the stale DCP

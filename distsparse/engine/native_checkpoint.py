@@ -224,11 +224,19 @@ def save_dcp(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     dist.barrier()
 
 
-def _client_file(directory: Path) -> dict[str, Any]:
+def _check_complete(directory: Path) -> None:
     if not (directory / ".metadata").is_file() or not (directory / CLIENT_STATE).is_file():
         raise CheckpointError(f"checkpoint {directory} is not a complete DCP checkpoint "
                               f"(expected .metadata and {CLIENT_STATE})")
-    return load_checkpoint(directory / CLIENT_STATE, required=(_GROUPS,))
+
+
+def _client_file(directory: Path) -> dict[str, Any]:
+    """The client state file; without `optimizer_groups` (written before it existed) the DCP
+    files hold the optimizer state."""
+    _check_complete(directory)
+    state = load_checkpoint(directory / CLIENT_STATE, required=())
+    state.setdefault(_GROUPS, None)
+    return state
 
 
 def read_dcp_client_state(directory: Path) -> dict[str, Any]:
@@ -242,7 +250,7 @@ def read_dcp_client_state(directory: Path) -> dict[str, Any]:
 def load_dcp_model(directory: Path, model: nn.Module) -> None:
     """The checkpoint's model into `model`, plain or sharded by `fully_shard` (a collective where
     a process group exists); CheckpointError names the directory when it does not fit."""
-    _client_file(Path(directory))
+    _check_complete(Path(directory))
     state = {"model": get_model_state_dict(model)}
     try:
         dcp.load(state, checkpoint_id=directory, no_dist=not dist.is_initialized())
