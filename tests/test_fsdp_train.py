@@ -3,8 +3,8 @@ gloo ranks under FSDP2 against DDP, its DCP checkpoints, resumes and the readers
 
 One pair of spawned workers runs, in order: DDP; FSDP2 uninterrupted; FSDP2 stopped at step 6 and
 resumed on 2 ranks, and a copy resumed under DDP; DDP stopped at step 6 and resumed under FSDP2
-(its `last.pt` sliced into the shards). Each rank records failures instead of raising, so a failed check never leaves the other
-rank waiting in a collective. Then this process resumes a copy of the step-6 FSDP2 checkpoint on
+(its `last.pt` sliced into the shards). Each rank records failures instead of raising, so a
+failed check never leaves the other rank waiting in a collective. Then this process resumes a copy of the step-6 FSDP2 checkpoint on
 one rank through the CLI (as `single`, reading the DCP files re-sliced by global index).
 Float64 and 2 ranks make DDP's and FSDP2's gradient averages exact, so weights are compared bit for
 bit; the one-rank continuation averages over one rank, so its weights are compared within 1e-9.

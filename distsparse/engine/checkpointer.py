@@ -142,7 +142,8 @@ def _load_full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimiz
     keyed = {"state": {fqns[index]: value for index, value in state["state"].items()},
              "param_groups": [{**group, "params": [fqns[index] for index in group["params"]]}
                               for group in state["param_groups"]]}
-    set_optimizer_state_dict(module, optimizer, keyed, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(module, optimizer, keyed,
+                             options=StateDictOptions(full_state_dict=True))
 
 
 def find_checkpoint(run_dir: Path) -> SavedCheckpoint:

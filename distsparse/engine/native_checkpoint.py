@@ -37,13 +37,18 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from distsparse.config import BackendConfig
-from distsparse.engine.checkpoint import MODEL_NAME, load_checkpoint, save_checkpoint, write_atomically
+from distsparse.engine.checkpoint import (
+    MODEL_NAME,
+    load_checkpoint,
+    save_checkpoint,
+    write_atomically,
+)
 from distsparse.errors import CheckpointError
 
 __all__ = ["CLIENT_STATE", "DCPCheckpoint", "DEEPSPEED_DIR", "FSDP_DIR", "NativeCheckpoint",
            "check_native_resume", "commit_native", "latest_native", "load_dcp_model",
-           "load_dcp_optimizer", "read_dcp_client_state", "remove_native", "save_dcp", "save_model_file",
-           "step_tag"]
+           "load_dcp_optimizer", "read_dcp_client_state", "remove_native", "save_dcp",
+           "save_model_file", "step_tag"]
 
 DEEPSPEED_DIR = "checkpoints/deepspeed"
 """Where a DeepSpeed run directory keeps DeepSpeed's own checkpoints."""
@@ -54,7 +59,7 @@ CLIENT_STATE = "client_state.pt"
 SIDECAR = "distsparse.json"
 _TAG_PREFIX = "step_"
 _GROUPS = "optimizer_groups"
-"""Client-state key of the optimizer's hyperparameters when the DCP files hold no optimizer state."""
+"""Client-state key of the optimizer's hyperparameters where the DCP files hold no state."""
 
 
 @dataclass(frozen=True)
@@ -137,10 +142,12 @@ def latest_native(run_dir: Path) -> NativeCheckpoint | DCPCheckpoint | None:
         try:
             record = json.loads((directory / tag / SIDECAR).read_text(encoding="utf-8"))
             common = (directory, tag, int(record["step"]), int(record["world_size"]))
-            found.append(NativeCheckpoint(*common, int(record["zero_stage"]), dict(record["config"]))
-                         if name == DEEPSPEED_DIR else DCPCheckpoint(*common, dict(record["config"])))
+            config = dict(record["config"])
+            found.append(NativeCheckpoint(*common, int(record["zero_stage"]), config)
+                         if name == DEEPSPEED_DIR else DCPCheckpoint(*common, config))
         except (OSError, ValueError, KeyError, TypeError):
-            raise CheckpointError(f"checkpoint {directory}: {tag}/{SIDECAR} is missing or corrupt") from None
+            raise CheckpointError(
+                f"checkpoint {directory}: {tag}/{SIDECAR} is missing or corrupt") from None
     return max(found, key=lambda checkpoint: checkpoint.step, default=None)
 
 
@@ -175,7 +182,8 @@ def commit_native(directory: Path, tag: str, record: dict[str, Any]) -> None:
 def remove_native(run_dir: Path) -> None:
     """Rank 0, once a newer `last.pt` is written: the native checkpoints and the model file they
     ended with are stale; `latest` goes first, so a crash leaves either format whole."""
-    stale = [Path(run_dir) / name for name in (DEEPSPEED_DIR, FSDP_DIR) if (Path(run_dir) / name).is_dir()]
+    stale = [Path(run_dir) / name for name in (DEEPSPEED_DIR, FSDP_DIR)
+             if (Path(run_dir) / name).is_dir()]
     for directory in stale:
         (directory / "latest").unlink(missing_ok=True)
         shutil.rmtree(directory)
@@ -260,7 +268,8 @@ def load_dcp_model(directory: Path, model: nn.Module) -> None:
     set_model_state_dict(model, state["model"])
 
 
-def load_dcp_optimizer(directory: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def load_dcp_optimizer(directory: Path, module: nn.Module,
+                       optimizer: torch.optim.Optimizer) -> None:
     """The checkpoint's optimizer state into `optimizer` over `module`'s parameters (plain or
     sharded), or only its hyperparameters where none was saved (a collective)."""
     groups = _client_file(Path(directory))[_GROUPS]
