@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Start or stop a one-node SLURM cluster on this machine (tests, and trying the sbatch scripts).
-#   launch/slurm_local.sh start STATE_DIR   # prints SLURM_CONF=STATE_DIR/slurm.conf
+# Start or stop a SLURM cluster on this machine (tests, and trying the sbatch scripts).
+#   launch/slurm_local.sh start STATE_DIR [NODES]  # prints SLURM_CONF=STATE_DIR/slurm.conf
 #   launch/slurm_local.sh stop STATE_DIR
 # Installs Debian's slurm-wlm and munge with apt-get when missing (needs root), starts munged
 # (unless one runs), then slurmctld and slurmd with a slurm.conf written to STATE_DIR. Clients
 # export the printed SLURM_CONF. Ports: SLURMCTLD_PORT (default 6817), SLURMD_PORT (6818).
+# NODES (default 1) > 1 simulates that many nodes: one slurmd each (`slurmd -N nI`), named
+# n1, n2, ... on addresses 127.0.0.1, 127.0.0.2, ... and ports SLURMD_PORT, SLURMD_PORT+1, ...
 # `stop` ends only the daemons this script started (pid files in STATE_DIR).
 set -euo pipefail
 action=${1:?usage: slurm_local.sh start|stop STATE_DIR}
@@ -23,12 +25,14 @@ stop_pidfile() {
 }
 
 if [[ $action == stop ]]; then
-  stop_pidfile "$state/slurmd.pid"
+  for file in "$state"/slurmd*.pid; do stop_pidfile "$file"; done
   stop_pidfile "$state/slurmctld.pid"
   stop_pidfile "$state/munged.pid"
   exit 0
 fi
-[[ $action == start ]] || { echo "usage: slurm_local.sh start|stop STATE_DIR" >&2; exit 2; }
+[[ $action == start ]] || { echo "usage: slurm_local.sh start|stop STATE_DIR [NODES]" >&2; exit 2; }
+nodes=${3:-1}
+[[ $nodes =~ ^[1-9][0-9]?$ ]] || { echo "NODES must be a number from 1 to 99, got '$nodes'" >&2; exit 2; }
 
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
   [[ $(id -u) -eq 0 ]] || { echo "slurm-wlm and munge are missing; installing them needs root" >&2; exit 1; }
@@ -54,23 +58,37 @@ fi
 
 node=$(hostname -s)
 cpus=$(getconf _NPROCESSORS_ONLN)  # not nproc: it follows OMP_NUM_THREADS
+slurmd_port=${SLURMD_PORT:-6818}
 mkdir -p "$state/ctld" "$state/spool"
+if (( nodes == 1 )); then
+  names=$node suffix=""
+  node_lines="NodeName=$node NodeAddr=127.0.0.1 CPUs=$cpus State=UNKNOWN"
+else
+  # Each slurmd is told its node name (-N); %n keeps their spool, pid and log files apart.
+  names=$(seq -s, -f "n%g" 1 "$nodes") suffix="-%n" node_lines=""
+  for i in $(seq 1 "$nodes"); do
+    node_lines+="NodeName=n$i NodeHostname=$node NodeAddr=127.0.0.$i"
+    node_lines+=" Port=$(( slurmd_port + i - 1 )) CPUs=$cpus State=UNKNOWN"$'\n'
+    mkdir -p "$state/spool/n$i"
+  done
+  node_lines=${node_lines%$'\n'}
+fi
 cat >"$conf" <<EOF
 ClusterName=distsparse
 SlurmctldHost=$node(127.0.0.1)
 SlurmctldPort=${SLURMCTLD_PORT:-6817}
-SlurmdPort=${SLURMD_PORT:-6818}
+SlurmdPort=$slurmd_port
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 # A requeued job waits cred_expire seconds (default 120) before it may start again.
 AuthInfo=cred_expire=10
 StateSaveLocation=$state/ctld
-SlurmdSpoolDir=$state/spool
+SlurmdSpoolDir=$state/spool${suffix:+/%n}
 SlurmctldPidFile=$state/slurmctld.pid
-SlurmdPidFile=$state/slurmd.pid
+SlurmdPidFile=$state/slurmd$suffix.pid
 SlurmctldLogFile=$state/slurmctld.log
-SlurmdLogFile=$state/slurmd.log
+SlurmdLogFile=$state/slurmd$suffix.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -79,15 +97,21 @@ MpiDefault=none
 ReturnToService=2
 JobRequeue=1
 SchedulerType=sched/backfill
-NodeName=$node NodeAddr=127.0.0.1 CPUs=$cpus State=UNKNOWN
-PartitionName=debug Nodes=$node Default=YES MaxTime=INFINITE State=UP
+$node_lines
+PartitionName=debug Nodes=$names Default=YES MaxTime=INFINITE State=UP
 EOF
 export SLURM_CONF=$conf
 slurmctld -f "$conf" || { tail -5 "$state/slurmctld.log" >&2; exit 1; }
-slurmd -f "$conf" || { tail -5 "$state/slurmd.log" >&2; exit 1; }
+if (( nodes == 1 )); then
+  slurmd -f "$conf" || { tail -5 "$state/slurmd.log" >&2; exit 1; }
+else
+  for i in $(seq 1 "$nodes"); do
+    slurmd -f "$conf" -N "n$i" || { tail -5 "$state/slurmd-n$i.log" >&2; exit 1; }
+  done
+fi
 for _ in $(seq 60); do
-  [[ $(sinfo -h -N -o %t 2>/dev/null) == idle ]] && { echo "SLURM_CONF=$conf"; exit 0; }
+  [[ $(sinfo -h -N -o %t 2>/dev/null | sort -u) == idle ]] && { echo "SLURM_CONF=$conf"; exit 0; }
   sleep 0.5
 done
-echo "the node did not become idle: $(sinfo -h -N -o '%t %E' 2>&1)" >&2
+echo "the nodes did not become idle: $(sinfo -h -N -o '%N %t %E' 2>&1 | tr '\n' ' ')" >&2
 exit 1

@@ -1,11 +1,15 @@
-"""torchrun across two simulated nodes on this host: the same network as --nproc 4 on one node.
+"""Two simulated nodes on this host: torchrun agents, and a two-node SLURM cluster.
 
 Each "node" is a torchrun agent bound to its own loopback address (127.0.0.1, 127.0.0.2), started
 in its own copy of the checkout and importing distsparse from that copy; the two share only the
 run directory, as a shared file system would. The agents meet at a c10d rendezvous on node 0's
 address. Only global rank 0 may write (node 1's copy stays untouched, each record is written
 once), SIGTERM to both agents stops every worker after the same step with a checkpoint, and the
-run resumed on the two nodes ends bit for bit as an uninterrupted run on one node.
+run resumed on the two nodes ends bit for bit as 4 workers on one node stopped after the same
+step and resumed, with the masks of one uninterrupted process.
+
+The SLURM cluster (launch/slurm_local.sh with 2 nodes) runs one slurmd per node, n1 on 127.0.0.1
+and n2 on 127.0.0.2: `sbatch -N 2 slurm/torchrun.sbatch` gives the network of --nproc 2.
 """
 from __future__ import annotations
 
@@ -16,11 +20,16 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import free_port
-from tests.test_ddp import QUICKSTART, _assert_same_network, _final, _update_steps
+from tests.services import SlurmCluster, skip_or_fail, stop_slurm
+from tests.test_ddp import EXACT, QUICKSTART, _assert_same_network, _final, _update_steps
 from tests.test_ray_train import LONG, TOTAL_STEPS
+from tests.test_slurm import _sbatch, _same_as, _wait
 
 ROOT = Path(__file__).resolve().parents[1]
 ADDRESSES = ("127.0.0.1", "127.0.0.2")
@@ -151,3 +160,34 @@ def test_two_nodes_stop_together_resume_and_equal_one_node(tmp_path):
     fingerprints = {json.loads((r / "summary.json").read_text())["mask_fingerprint"]
                     for r in (run, one_node, one_process)}
     assert len(fingerprints) == 1
+
+
+@pytest.fixture(scope="module")
+def two_node_slurm(tmp_path_factory) -> Iterator[SlurmCluster]:
+    """launch/slurm_local.sh with two nodes, n1 on 127.0.0.1 and n2 on 127.0.0.2 (one slurmd
+    each), on ports of its own: the session's one-node cluster may be running beside it."""
+    state = tmp_path_factory.mktemp("slurm-two-nodes")
+    env = {**os.environ, "SLURMCTLD_PORT": str(free_port()), "SLURMD_PORT": str(free_port())}
+    result = subprocess.run([str(ROOT / "launch" / "slurm_local.sh"), "start", str(state), "2"],
+                            env=env, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        stop_slurm(state)
+        skip_or_fail(f"could not start a two-node SLURM cluster: {result.stderr.strip()[-500:]}")
+    try:
+        yield SlurmCluster({**os.environ, "SLURM_CONF": str(state / "slurm.conf")})
+    finally:
+        stop_slurm(state)
+
+
+def test_sbatch_on_two_slurm_nodes_equals_one_node(tmp_path, two_node_slurm):
+    """One torchrun agent on each node (slurm/torchrun.sbatch), meeting at n1's NodeAddr."""
+    shown = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %o %t"], env=two_node_slurm.env,
+                           capture_output=True, text=True, timeout=30).stdout.split("\n")
+    assert shown[:2] == ["n1 127.0.0.1 idle", "n2 127.0.0.2 idle"], shown
+    reference = tmp_path / "nproc2"
+    _one_node(2, QUICKSTART, *EXACT, "method.name=rigl", f"run.dir={reference}")
+    run = tmp_path / "two_nodes"
+    job = _sbatch(two_node_slurm, "torchrun.sbatch", run, [*EXACT, "method.name=rigl"], "-N", "2")
+    assert _wait(two_node_slurm, job, run)["NodeList"] == "n[1-2]"
+    assert json.loads((run / "summary.json").read_text())["launcher"] == "torchrun"
+    _same_as(reference, run)
