@@ -6,7 +6,9 @@
 # (unless one runs), then slurmctld and slurmd with a slurm.conf written to STATE_DIR. Clients
 # export the printed SLURM_CONF. Ports: SLURMCTLD_PORT (default 6817), SLURMD_PORT (6818).
 # NODES (default 1) > 1 simulates that many nodes: one slurmd each (`slurmd -N nI`), named
-# n1, n2, ... on addresses 127.0.0.1, 127.0.0.2, ... and ports SLURMD_PORT, SLURMD_PORT+1, ...
+# n1, n2, ... on addresses 127.0.0.2, 127.0.0.3, ... and ports SLURMD_PORT, SLURMD_PORT+1, ...
+# (not 127.0.0.1: Ray 2.60 replaces a node address of 127.0.0.1 by the host's outward one,
+# `ray._raylet.is_localhost`, so a Ray head started there by slurm/ray.sbatch would leave lo).
 # `stop` ends only the daemons this script started (pid files in STATE_DIR).
 set -euo pipefail
 action=${1:?usage: slurm_local.sh start|stop STATE_DIR}
@@ -67,7 +69,7 @@ else
   # Each slurmd is told its node name (-N); %n keeps their spool, pid and log files apart.
   names=$(seq -s, -f "n%g" 1 "$nodes") suffix="-%n" node_lines=""
   for i in $(seq 1 "$nodes"); do
-    node_lines+="NodeName=n$i NodeHostname=$node NodeAddr=127.0.0.$i"
+    node_lines+="NodeName=n$i NodeHostname=$node NodeAddr=127.0.0.$(( i + 1 ))"
     node_lines+=" Port=$(( slurmd_port + i - 1 )) CPUs=$cpus State=UNKNOWN"$'\n'
     mkdir -p "$state/spool/n$i"
   done

@@ -8,8 +8,8 @@ once), SIGTERM to both agents stops every worker after the same step with a chec
 run resumed on the two nodes ends bit for bit as 4 workers on one node stopped after the same
 step and resumed, with the masks of one uninterrupted process.
 
-The SLURM cluster (launch/slurm_local.sh with 2 nodes) runs one slurmd per node, n1 on 127.0.0.1
-and n2 on 127.0.0.2: `sbatch -N 2 slurm/torchrun.sbatch` gives the network of --nproc 2.
+The SLURM cluster (launch/slurm_local.sh with 2 nodes) runs one slurmd per node, n1 on 127.0.0.2
+and n2 on 127.0.0.3: `sbatch -N 2 slurm/torchrun.sbatch` gives the network of --nproc 2.
 """
 from __future__ import annotations
 
@@ -164,7 +164,7 @@ def test_two_nodes_stop_together_resume_and_equal_one_node(tmp_path):
 
 @pytest.fixture(scope="module")
 def two_node_slurm(tmp_path_factory) -> Iterator[SlurmCluster]:
-    """launch/slurm_local.sh with two nodes, n1 on 127.0.0.1 and n2 on 127.0.0.2 (one slurmd
+    """launch/slurm_local.sh with two nodes, n1 on 127.0.0.2 and n2 on 127.0.0.3 (one slurmd
     each), on ports of its own: the session's one-node cluster may be running beside it."""
     state = tmp_path_factory.mktemp("slurm-two-nodes")
     env = {**os.environ, "SLURMCTLD_PORT": str(free_port()), "SLURMD_PORT": str(free_port())}
@@ -183,7 +183,7 @@ def test_sbatch_on_two_slurm_nodes_equals_one_node(tmp_path, two_node_slurm):
     """One torchrun agent on each node (slurm/torchrun.sbatch), meeting at n1's NodeAddr."""
     shown = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %o %t"], env=two_node_slurm.env,
                            capture_output=True, text=True, timeout=30).stdout.split("\n")
-    assert shown[:2] == ["n1 127.0.0.1 idle", "n2 127.0.0.2 idle"], shown
+    assert shown[:2] == ["n1 127.0.0.2 idle", "n2 127.0.0.3 idle"], shown
     reference = tmp_path / "nproc2"
     _one_node(2, QUICKSTART, *EXACT, "method.name=rigl", f"run.dir={reference}")
     run = tmp_path / "two_nodes"
