@@ -15,6 +15,7 @@ import torch
 
 from distsparse.config import MethodConfig
 from distsparse.methods import build_method, init_masks
+from distsparse.sparsity import select
 from distsparse.sparsity.layout import FullLayout, PieceLayout, pack_bits
 from distsparse.sparsity.select import drop_and_grow, global_topk_masks, topk_mask, topk_masks
 from tests.conftest import count_host_reads
@@ -268,6 +269,23 @@ REGIME_IDS = [f"{r}-{d}".replace("torch.", "") for r, d in REGIMES]
 
 @pytest.mark.parametrize("regime,dtype", REGIMES, ids=REGIME_IDS)
 def test_selections_equal_the_stable_argsort(regime, dtype):
+    _selections_agree_with_the_stable_argsort(regime, dtype)
+
+
+def _sample_small_tensors(monkeypatch) -> None:
+    """Bracket the k-th largest by a sample from 64 scores on, every 4th score sampled."""
+    monkeypatch.setattr(select, "SAMPLED_FROM", 64)
+    monkeypatch.setattr(select, "SAMPLE_STRIDE", 4)
+
+
+@pytest.mark.parametrize("regime,dtype", REGIMES, ids=REGIME_IDS)
+def test_sampled_selections_equal_the_stable_argsort(regime, dtype, monkeypatch):
+    """The same table with the sample bracket on every tensor of 64 scores or more."""
+    _sample_small_tensors(monkeypatch)
+    _selections_agree_with_the_stable_argsort(regime, dtype)
+
+
+def _selections_agree_with_the_stable_argsort(regime, dtype):
     g = torch.Generator().manual_seed(len(regime) * 7 + dtype.itemsize)
     for trial in range(12):
         numel = int(torch.randint(1, 3000, (1,), generator=g))
@@ -294,6 +312,16 @@ def test_selections_equal_the_stable_argsort(regime, dtype):
 
 @pytest.mark.parametrize("regime,dtype", REGIMES[:6], ids=REGIME_IDS[:6])
 def test_global_selection_equals_the_stable_argsort_of_the_float64_concatenation(regime, dtype):
+    _global_selections_agree_with_the_stable_argsort(regime, dtype)
+
+
+@pytest.mark.parametrize("regime,dtype", REGIMES[:6], ids=REGIME_IDS[:6])
+def test_sampled_global_selection_equals_the_stable_argsort(regime, dtype, monkeypatch):
+    _sample_small_tensors(monkeypatch)
+    _global_selections_agree_with_the_stable_argsort(regime, dtype)
+
+
+def _global_selections_agree_with_the_stable_argsort(regime, dtype):
     g = torch.Generator().manual_seed(11 + dtype.itemsize)
     for trial in range(6):
         scores = {f"l{i}": _random_scores(g, int(torch.randint(1, 700, (1,), generator=g)), regime,
@@ -409,6 +437,39 @@ def test_every_method_selects_the_masks_of_the_stable_argsort(name, regime):
     expected = _trajectory(name, "stable", regime)
     assert _trajectory(name, "full", regime) == expected
     assert _trajectory(name, "pieces", regime) == expected
+
+
+@pytest.mark.parametrize("name,regime", METHOD_REGIMES)
+def test_every_method_with_sampled_selections_selects_the_masks_of_the_stable_argsort(
+        name, regime, monkeypatch):
+    """The same trajectories with the sample bracket on every layer and the global selection."""
+    expected = _trajectory(name, "stable", regime)
+    _sample_small_tensors(monkeypatch)
+    assert _trajectory(name, "full", regime) == expected
+
+
+def test_the_sample_bracket_is_exact_or_says_it_is_not():
+    """Continuous scores: exact from the bracket (no topk); all equal or five levels: flagged."""
+    g = torch.Generator().manual_seed(8)
+    values = torch.randn(1 << 19, generator=g)
+    ordered = torch.sort(values, descending=True).values
+    for k in (1, 2, 1000, 1 << 16, 1 << 18, (1 << 19) - 1):
+        kth, exact = select._bracketed_kth(values, k)
+        assert bool(exact) and kth.item() == ordered[k - 1].item(), k
+    for tied in (torch.ones(1 << 19), torch.randint(0, 5, (1 << 19,), generator=g).float()):
+        assert not bool(select._bracketed_kth(tied, 1 << 17)[1])
+        assert torch.equal(topk_mask(tied, 1 << 17), _stable_topk_mask(tied, 1 << 17))
+
+
+def test_large_selections_at_the_default_sample_equal_the_stable_argsort():
+    g = torch.Generator().manual_seed(9)
+    scores = torch.randn(600, 1000, generator=g).abs()
+    eligible = torch.rand(scores.shape, generator=g) < 0.7
+    for k, allowed in [(60_000, None), (7, None), (1000, eligible), (400_000, eligible)]:
+        assert torch.equal(topk_mask(scores, k, allowed), _stable_topk_mask(scores, k, allowed)), k
+    masks = {"a": scores[:200], "b": scores[200:]}
+    assert all(torch.equal(got, expected) for got, expected in zip(
+        global_topk_masks(masks, 123_457).values(), _stable_global(masks, 123_457).values()))
 
 
 def _initial_prints(scope: str, iterations: int | None) -> dict[str, str]:

@@ -5,14 +5,18 @@ a stable descending sort: among equal scores the lower flat (global) index is ch
 ranks above every number and -0.0 equals +0.0. The result depends only on the scores, never on the
 device, thread count or world size.
 
-No sort: a selection finds the k-th largest eligible score v with one `torch.topk` (over the
-gathered eligible scores where they are few, else over all with ineligible entries at the dtype's
-lowest value) and takes every eligible entry not below v; where that is more than k, v is tied
-and the surplus entries equal to v with the highest indices are dropped. Selections over several
-tensors (per-layer top-k, drop-and-grow) read all their counts from the device in one transfer.
+No sort: a selection finds the k-th largest eligible score v (over the gathered eligible scores
+where they are few, else over all with ineligible entries at the dtype's lowest value) and takes
+every eligible entry not below v; where that is more than k, v is tied and the surplus entries
+equal to v with the highest indices are dropped. v comes from one `torch.topk`, or on tensors of
+`SAMPLED_FROM` scores or more from a sample that brackets it and a sort of the few entries inside
+the bracket, checked exact in the same device read (a topk where the check fails). Selections over
+several tensors (per-layer top-k, drop-and-grow) read all their counts from the device in one
+transfer.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -39,6 +43,58 @@ def _kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(bottom, 1).values[0]
 
 
+SAMPLED_FROM = 1 << 18
+"""Scores from which the k-th largest is bracketed by a sample before any topk (`_bracketed_kth`)."""
+SAMPLE_STRIDE = 64
+"""The sample that brackets it: every 64th score (a topk over 1/64 of the scores)."""
+
+
+def _highest(dtype: torch.dtype) -> float | int:
+    return float("inf") if dtype.is_floating_point else torch.iinfo(dtype).max
+
+
+def _bracketed_kth(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k-th largest of a 1-D tensor, exact where the returned flag is true; no sync.
+
+    A strided sample brackets the k-th largest between two of its values, `high` and `low`, 4
+    standard deviations of the sample rank apart (the dtype's extremes where the bracket passes
+    the sample's ends). Where fewer than k entries rank above `high` (NaN included) and at least k
+    not below `low`, the k-th largest is the (k - above)-th of the entries in [low, high], sorted:
+    a few percent of the tensor, so the cost is a few comparisons over all entries instead of a
+    topk. Otherwise (heavy ties at the bracket, an unlucky sample) the flag is false.
+    """
+    n = values.numel()
+    stride = SAMPLE_STRIDE
+    sample = values[::stride]
+    m = sample.numel()
+    rank = k * m / n
+    margin = 4 * math.sqrt(rank * (1 - rank / m)) + 16
+    high_rank, low_rank = math.floor(rank - margin), math.ceil(rank + margin)
+    bracket = torch.topk(sample, min(m, max(1, low_rank))).values
+    high = bracket[high_rank - 1] if high_rank >= 1 else _highest(values.dtype)
+    low = bracket[low_rank - 1] if low_rank <= m else _lowest(values.dtype)
+    spanned = min(m, low_rank) - max(1, high_rank) + 1
+    size = min(n, 2 * math.ceil(n * spanned / m) + 2 * stride + 1024)
+    not_above = torch.le(values, high)  # false for NaN, which ranks above every number
+    above = n - torch.count_nonzero(not_above)
+    inside = not_above.logical_and_(torch.ge(values, low))
+    n_inside = torch.count_nonzero(inside)
+    index = torch.nonzero_static(inside, size=size).squeeze(1)
+    filled = torch.arange(size, device=values.device) < n_inside
+    window = torch.where(filled, values[index], _lowest(values.dtype))
+    ordered = torch.sort(window, descending=True).values
+    kth = ordered[(k - above).clamp(1, size) - 1]
+    exact = (above < k) & (above + n_inside >= k) & (n_inside <= size)
+    return kth, exact
+
+
+def _threshold(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(k-th largest, exact flag or None where it is exact by construction)."""
+    if values.numel() >= SAMPLED_FROM and 0 < k <= values.numel():
+        return _bracketed_kth(values, k)
+    return _kth_largest(values, k), None
+
+
 class _Selection:
     """One top-k over a 1-D tensor, in two halves around the one host read of a batch.
 
@@ -61,34 +117,42 @@ class _Selection:
         zero = torch.zeros((), dtype=torch.int64, device=device)
         self.source = scores
         if k == 0:
-            self.counts = torch.stack([counted, zero, zero, zero])
+            self.counts = torch.stack([counted, zero, zero, zero, zero + 1])
             return
         if eligible is not None and n_eligible is not None \
                 and n_eligible < COMPACT_BELOW * scores.numel():
             index = torch.nonzero_static(eligible, size=n_eligible).squeeze(1)
-            self.threshold = _kth_largest(scores[index], k)
+            self.values = scores[index]
             self.restrict = eligible
         else:
             if eligible is not None:
                 self.source = torch.where(eligible, scores, lowest)
             elif excluded is not None:
                 self.source = torch.where(excluded, lowest, scores)
-            self.threshold = _kth_largest(self.source, k)
+            self.values = self.source
+        self.threshold, exact = _threshold(self.values, k)
+        self._count_candidates(counted, zero + 1 if exact is None else exact.to(torch.int64))
+
+    def _count_candidates(self, counted: torch.Tensor, exact: torch.Tensor) -> None:
         self.candidates = torch.lt(self.source, self.threshold).logical_not_()
         if self.restrict is not None:
             self.candidates &= self.restrict
         self.counts = torch.stack([
             counted, torch.count_nonzero(self.candidates),
             torch.isnan(self.threshold).to(torch.int64),
-            (self.threshold == lowest).to(torch.int64)])
+            (self.threshold == _lowest(self.source.dtype)).to(torch.int64), exact])
 
     def mask(self, counts: Sequence[int]) -> torch.Tensor:
         """The selected entries, given this selection's counts as read from the device."""
-        n_eligible, n_candidates, nan_threshold, lowest_threshold = counts
+        n_eligible, n_candidates, nan_threshold, lowest_threshold, exact = counts
         if self.k > n_eligible:
             raise ValueError(f"cannot select {self.k} of {n_eligible} eligible entries")
         if self.k == 0:
             return torch.zeros(self.source.shape, dtype=torch.bool, device=self.source.device)
+        if not exact:  # the sample missed: the k-th largest by topk, and one more read
+            self.threshold = _kth_largest(self.values, self.k)
+            self._count_candidates(self.counts[0], torch.ones_like(self.counts[0]))
+            n_candidates, nan_threshold, lowest_threshold = self.counts[1:4].tolist()
         if n_candidates == self.k:
             return self.candidates
         filled = self.restrict is None and (self.eligible is not None or self.excluded is not None)
