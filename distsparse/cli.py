@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN_DIR", type=Path,
                        help="continue the run in RUN_DIR from its last checkpoint")
     train.add_argument("--nproc", type=int, default=1, metavar="N",
-                       help="start N local worker processes (DDP, or backend.name=deepspeed; gloo on "
+                       help="start N local worker processes (DDP, or backend.name=deepspeed or fsdp; gloo on "
                        "CPU, NCCL on GPU)")
     add_prune_parser(verbs)
     add_export_parser(verbs)

@@ -341,7 +341,7 @@ def _broken_run(runs: dict[str, Path], tmp_path: Path, damage: str) -> Path:
     ("no model file", ("--format", "sparse"), r"checkpoint .*checkpoints/last.pt does not exist"),
     ("corrupt", ("--format", "dense"), r"checkpoint .*checkpoints/last.pt is corrupt or truncated"),
     ("deepspeed without model.pt", ("--format", "sparse"),
-     r"has a DeepSpeed checkpoint .* but no checkpoints/model.pt"),
+     r"has a sharded checkpoint \(checkpoints/deepspeed\) .* but no checkpoints/model.pt"),
     ("missing run", ("--format", "sparse"), r"run directory .*absent does not exist"),
     ("out in a missing folder", ("--format", "sparse"), r"--out .*: folder .*nowhere does not exist"),
     ("onnx in bfloat16", ("--format", "onnx", "--dtype", "bfloat16"),

@@ -31,3 +31,14 @@ def test_a_directory_without_checkpoint_is_named(tmp_path):
     (tmp_path / "empty" / "config.yaml").write_text("seed: 1\n")
     with pytest.raises(CheckpointError, match="last.pt does not exist"):
         load_run(tmp_path / "empty")
+
+
+def test_a_float64_run_loads_without_rounding_through_float32(small_config, tmp_path):
+    config = small_config("model.name=mlp", "method.name=rigl", "train.dtype=float64",
+                          "train.max_steps=4", name="f64")
+    train(config)
+    saved = torch.load(tmp_path / "f64" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    loaded = load_run(tmp_path / "f64").model.state_dict()
+    assert all(value.dtype == torch.float64 for value in saved.values())
+    for name, value in saved.items():
+        assert loaded[name].dtype == torch.float64 and torch.equal(loaded[name], value), name

@@ -11,7 +11,7 @@ import torch
 from distsparse.config import Config, load_config
 from distsparse.data.loader import DataBundle, build_data
 from distsparse.engine.checkpoint import CHECKPOINT_NAME, MODEL_KEYS, MODEL_NAME, load_checkpoint
-from distsparse.engine.native_checkpoint import DEEPSPEED_DIR, latest_native
+from distsparse.engine.native_checkpoint import latest_native
 from distsparse.errors import CheckpointError
 from distsparse.models import build_model
 
@@ -33,7 +33,7 @@ class TrainedRun:
 
 def load_run(run_dir: Path, device: torch.device | str = "cpu",
              overrides: list[str] = ()) -> TrainedRun:
-    """Load RUN_DIR's config.yaml and model (checkpoints/last.pt, or a DeepSpeed run's model.pt).
+    """Load RUN_DIR's config.yaml and model (checkpoints/last.pt, or a sharded run's model.pt).
 
     CheckpointError names what is missing.
     """
@@ -45,6 +45,7 @@ def load_run(run_dir: Path, device: torch.device | str = "cpu",
     config = load_config(config_path, list(overrides))
     data = build_data(config)
     model = build_model(config.model.name, data.num_classes, data.in_channels, config.model.kwargs)
+    model = model.to(dtype=getattr(torch, config.train.dtype))  # before loading: float64 stays exact
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as exc:
@@ -52,7 +53,7 @@ def load_run(run_dir: Path, device: torch.device | str = "cpu",
             f"checkpoint {path} does not fit model.name="
             f"{config.model.name!r}: {str(exc).splitlines()[0]}"
         ) from None
-    model = model.to(device=device, dtype=getattr(torch, config.train.dtype)).eval()
+    model = model.to(device=device).eval()
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
     masks = {name: mask.to(device) for name, mask in checkpoint["masks"].items()}
@@ -62,8 +63,9 @@ def load_run(run_dir: Path, device: torch.device | str = "cpu",
 def _trained_state(run_dir: Path) -> tuple[Path, dict[str, Any]]:
     """The file holding the run's latest model and masks, and its contents.
 
-    A DeepSpeed run keeps its shards in checkpoints/deepspeed and writes model.pt when training
-    ends or stops; a run that died in between has no model.pt of its last step.
+    A sharded run (DeepSpeed, FSDP2) keeps its shards in checkpoints/deepspeed or checkpoints/fsdp
+    and writes model.pt when training ends or stops; a run that died in between has no model.pt
+    of its last step.
     """
     native = latest_native(run_dir)
     if native is None:
@@ -73,7 +75,8 @@ def _trained_state(run_dir: Path) -> tuple[Path, dict[str, Any]]:
     state = load_checkpoint(path, MODEL_KEYS) if path.is_file() else None
     if state is None or int(state["step"]) != native.step:
         raise CheckpointError(
-            f"run {run_dir} has a DeepSpeed checkpoint ({DEEPSPEED_DIR}) at step {native.step} but "
+            f"run {run_dir} has a sharded checkpoint ({native.directory.relative_to(run_dir)}) at "
+            f"step {native.step} but "
             f"no {MODEL_NAME} of that step (written when training ends or stops); "
             f"finish it with distsparse train --resume {run_dir}")
     return path, state

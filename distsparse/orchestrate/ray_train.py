@@ -3,7 +3,8 @@
 Ray Train creates the process group (gloo on CPU, NCCL on GPU) and sets RANK / WORLD_SIZE /
 LOCAL_RANK, so the Trainer's own init_process_group does nothing. After every checkpoint the
 Trainer writes, rank 0 reports it to Ray Train: config.yaml and checkpoints/last.pt, or for a
-DeepSpeed run the latest tag of checkpoints/deepspeed (every rank's shards) and its `latest`.
+sharded run (DeepSpeed, FSDP2) the latest tag of checkpoints/deepspeed or checkpoints/fsdp (every
+rank's shards) and its `latest`.
 When Ray restarts the workers after a failure, rank 0 copies the last *reported* checkpoint back
 into the run directory (`latest` last) and every worker resumes from it through the ordinary
 --resume path, masks included. The run directory must be on a file system every worker node sees
@@ -22,7 +23,7 @@ from typing import Any
 import distsparse
 from distsparse.config import Config, run_directory
 from distsparse.engine.checkpoint import CHECKPOINT_NAME
-from distsparse.engine.native_checkpoint import DEEPSPEED_DIR, latest_native
+from distsparse.engine.native_checkpoint import latest_native
 from distsparse.errors import DistsparseError
 
 __all__ = ["train_with_ray"]
@@ -130,7 +131,7 @@ def _reported_files(run_dir: Path) -> list[str]:
         return ["config.yaml", CHECKPOINT_NAME]
     shards = sorted(path for path in (native.directory / native.tag).rglob("*") if path.is_file())
     return ["config.yaml", *(str(path.relative_to(run_dir)) for path in shards),
-            f"{DEEPSPEED_DIR}/latest"]
+            str((native.directory / "latest").relative_to(run_dir))]
 
 
 def _stage_reported(run_dir: Path, staging: Path) -> None:
