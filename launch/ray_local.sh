@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Start or stop a one-node Ray head bound to 127.0.0.1 (tests, and trying Ray on a laptop).
+# Start or stop a one-node Ray head on a loopback address (tests, and trying Ray on a laptop).
 #   launch/ray_local.sh start STATE_DIR   # prints RAY_ADDRESS=... and DASHBOARD=http://...
 #   launch/ray_local.sh stop STATE_DIR
 # Ports: RAY_PORT (default 6379), RAY_DASHBOARD_PORT (8265); CPUs: RAY_NUM_CPUS (all cores).
+# The node address is RAY_NODE_IP (default 127.0.0.2): Ray replaces 127.0.0.1 and localhost by the
+# host's outward address, so a head there would talk to itself off the loopback interface.
 # The dashboard and job server listen on 127.0.0.1 only; Ray's own GCS/raylet ports listen on
 # every interface, so token authentication is on with a fresh token in STATE_DIR/auth_token.
 # Clients export the printed RAY_AUTH_MODE and RAY_AUTH_TOKEN_PATH. All Ray processes run in one
@@ -17,6 +19,7 @@ export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$state/auth_token" RAY_USAGE_STA
 # Job entrypoints run `python`: make it the interpreter that has distsparse's dependencies.
 export PATH="$(dirname "$PY"):$PATH"
 port=${RAY_PORT:-6379}
+node_ip=${RAY_NODE_IP:-127.0.0.2}
 dashboard=${RAY_DASHBOARD_PORT:-8265}
 case $action in
   start)
@@ -24,14 +27,16 @@ case $action in
     temp=$(mktemp -d /tmp/ray-local.XXXXXX)
     echo "$temp" >"$state/temp_dir"
     (umask 077 && "$PY" -c "import secrets; print(secrets.token_hex(32))" >"$RAY_AUTH_TOKEN_PATH")
-    setsid -w "$RAY" start --head --node-ip-address 127.0.0.1 --port "$port" \
+    setsid -w "$RAY" start --head --node-ip-address "$node_ip" --port "$port" \
       --dashboard-host 127.0.0.1 --dashboard-port "$dashboard" --include-dashboard true \
       ${RAY_NUM_CPUS:+--num-cpus "$RAY_NUM_CPUS"} --temp-dir "$temp" --disable-usage-stats \
       >"$state/start.log" 2>&1 &
     leader=$!
     echo "$leader" >"$state/session"
     wait "$leader" || { cat "$state/start.log" >&2; exit 1; }
-    echo "RAY_ADDRESS=127.0.0.1:$port"
+    grep -q "Local node IP.*$node_ip" "$state/start.log" || {
+      echo "ray_local.sh: Ray did not keep the node address $node_ip:" >&2; grep "node IP" "$state/start.log" >&2; exit 1; }
+    echo "RAY_ADDRESS=$node_ip:$port"
     echo "RAY_DASHBOARD=http://127.0.0.1:$dashboard"
     echo "RAY_AUTH_MODE=token"
     echo "RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH"

@@ -5,9 +5,9 @@
 # Installs Debian's slurm-wlm and munge with apt-get when missing (needs root), starts munged
 # (unless one runs), then slurmctld and slurmd with a slurm.conf written to STATE_DIR. Clients
 # export the printed SLURM_CONF. Ports: SLURMCTLD_PORT (default 6817), SLURMD_PORT (6818).
-# NODES (default 1) > 1 simulates that many nodes: one slurmd each (`slurmd -N nI`), named
-# n1, n2, ... on addresses 127.0.0.2, 127.0.0.3, ... and ports SLURMD_PORT, SLURMD_PORT+1, ...
-# (not 127.0.0.1: Ray 2.60 replaces a node address of 127.0.0.1 by the host's outward one,
+# The node is at 127.0.0.2. NODES (default 1) > 1 simulates that many nodes: one slurmd each
+# (`slurmd -N nI`), named n1, n2, ... on addresses 127.0.0.2, 127.0.0.3, ... and ports
+# SLURMD_PORT, SLURMD_PORT+1, ... (never 127.0.0.1: Ray 2.60 replaces a node address of 127.0.0.1 by the host's outward one,
 # `ray._raylet.is_localhost`, so a Ray head started there by slurm/ray.sbatch would leave lo).
 # `stop` ends only the daemons this script started (pid files in STATE_DIR).
 set -euo pipefail
@@ -64,7 +64,7 @@ slurmd_port=${SLURMD_PORT:-6818}
 mkdir -p "$state/ctld" "$state/spool"
 if (( nodes == 1 )); then
   names=$node suffix=""
-  node_lines="NodeName=$node NodeAddr=127.0.0.1 CPUs=$cpus State=UNKNOWN"
+  node_lines="NodeName=$node NodeAddr=127.0.0.2 CPUs=$cpus State=UNKNOWN"
 else
   # Each slurmd is told its node name (-N); %n keeps their spool, pid and log files apart.
   names=$(seq -s, -f "n%g" 1 "$nodes") suffix="-%n" node_lines=""

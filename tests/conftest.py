@@ -41,7 +41,7 @@ def small_config(tmp_path):
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """A one-node Ray head on 127.0.0.1 (launch/ray_local.sh), stopped after the module (a Ray
+    """A one-node Ray head on 127.0.0.2 (launch/ray_local.sh), stopped after the module (a Ray
     started by slurm/ray.sbatch later must not meet it on Ray's fixed default ports)."""
     from tests.services import start_ray_head, stop_ray_head
 

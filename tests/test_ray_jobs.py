@@ -1,4 +1,4 @@
-"""`distsparse submit / status / stop` against a real Ray head on 127.0.0.1 whose Python has
+"""`distsparse submit / status / stop` against a real Ray head on 127.0.0.2 whose Python has
 distsparse's dependencies but not distsparse, as on a cluster: jobs import the uploaded copy."""
 from __future__ import annotations
 
