@@ -5,8 +5,8 @@ sharding draws the same numbers for the same element. The mixer is a 32-bit inte
 (lowbias32); multiplications are split into 16-bit halves so int64 tensors never overflow and the
 result is identical on every device. A draw runs in place on chunks of `CPU_CHUNK` elements on a
 CPU (the whole tensor on an accelerator): every step of the hash rewrites the output, with one
-scratch chunk, instead of allocating a temporary per step (ResNet-50's 25.5 M entries: 0.31 s
-against 1.07 s on one thread of a shared CPU, identical values).
+scratch chunk, instead of allocating a temporary per step (ResNet-50's 25.5 M entries, 2 CPU
+threads: 0.17 s against 1.07 s; 1 thread: 0.35 s against 1.65 s; identical values).
 """
 from __future__ import annotations
 
