@@ -24,6 +24,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=400, help="training steps per variant")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="comma-separated subset of dense,distsparse,rigl-torch")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated; each seed trains all "
                         "three loops (model init, data order, masks)")
     parser.add_argument("--synthetic", action="store_true")
@@ -105,10 +107,11 @@ def _loop(variant: str, args: argparse.Namespace, seed: int):
 def _interleaved(args: argparse.Namespace, seed: int) -> dict[str, dict]:
     """Step i of every variant back to back (the order rotating), so that the machine's load
     falls on all of them alike; then each variant's results."""
-    loops = {variant: _loop(variant, args, seed) for variant in VARIANTS}
+    variants = args.variants.split(",")
+    loops = {variant: _loop(variant, args, seed) for variant in variants}
     for step in range(args.steps):
-        shift = step % len(VARIANTS)
-        for variant in VARIANTS[shift:] + VARIANTS[:shift]:
+        shift = step % len(variants)
+        for variant in variants[shift:] + variants[:shift]:
             next(loops[variant])
     return {variant: next(loop) for variant, loop in loops.items()}
 
@@ -117,7 +120,7 @@ def _over_seeds(args: argparse.Namespace, seeds: list[int]) -> dict[str, dict]:
     """Every seed's interleaved run; step times pooled, top-1 and sparsity per seed."""
     runs = [_interleaved(args, seed) for seed in seeds]
     pooled = {}
-    for variant in VARIANTS:
+    for variant in runs[0]:
         seconds = [s for run in runs for s in run[variant]["seconds"]]
         pooled[variant] = {"step_ms": statistics.median(seconds) * 1e3,
                            "mean_ms": statistics.fmean(seconds) * 1e3,
@@ -133,19 +136,25 @@ def main(argv: list[str] | None = None) -> int:
     before = load_average()
     seeds = [int(seed) for seed in args.seeds.split(",")]
     results = _over_seeds(args, seeds)
-    dense, peer = results["dense"], results["rigl-torch"]
-    rows = [[name, f"{r['step_ms']:.1f}", f"{r['mean_ms']:.1f}",
-             f"{r['mean_ms'] / dense['mean_ms']:.3f}", f"{r['mean_ms'] / peer['mean_ms']:.3f}",
-             f"{r['sparsity']:.4f}", mean_cell(r["top1"], 4, spread=True)] for name, r in results.items()]
-    body = markdown_table(["loop", "median ms/step", "mean ms/step (updates included)",
-                           "mean / dense", "mean / rigl-torch", "sparsity after (not first layer)",
+    references = [name for name in ("dense", "rigl-torch") if name in results]
+
+    def ratios(r: dict, key: str) -> list[str]:
+        return [f"{r[key] / results[name][key]:.3f}" for name in references]
+
+    rows = [[name, f"{r['step_ms']:.3f}", *ratios(r, "step_ms"), f"{r['mean_ms']:.3f}",
+             *ratios(r, "mean_ms"), f"{r['sparsity']:.4f}", mean_cell(r["top1"], 4, spread=True)]
+            for name, r in results.items()]
+    body = markdown_table(["loop", "median ms/step", *(f"median / {n}" for n in references),
+                           "mean ms/step (updates included)", *(f"mean / {n}" for n in references),
+                           "sparsity after (not first layer)",
                            f"test top-1 (mean ± std over {len(seeds)} seeds)"], rows) + "\n"
     print(body)
     if args.no_record:
         return 0
-    settings = (f"one process, torch threads {dense['threads']}, {args.model}, "
+    settings = (f"one process, torch threads {results['distsparse']['threads']}, {args.model}, "
                 f"{'synthetic' if args.synthetic else 'Fashion-MNIST'}, batch {args.batch_size}, "
-                f"{args.steps} steps each (interleaved step by step, order rotating), seeds {args.seeds}, RigL {SPARSITY:.0%} uniform "
+                f"{args.steps} steps each (interleaved step by step, order rotating), loops {args.variants}, "
+                f"seeds {args.seeds}, RigL {SPARSITY:.0%} uniform "
                 f"(first layer dense), delta {DELTA}, alpha {ALPHA}, rigl-torch 0.5.2")
     append_results("rigl_torch_compare.py: Sparsifier vs rigl-torch's RigLScheduler, same loop",
                    run_info(before, settings, {}), body)

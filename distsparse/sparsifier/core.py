@@ -173,7 +173,7 @@ class Sparsifier:
         method steps, then updates the mask. With a GradScaler the scaler steps and updates; a
         step it skips (inf/NaN gradients) changes neither masks nor the method's step count.
         """
-        replaces = self._updates_at(self.step_count) and self.method.update_replaces_optimizer_step
+        replaces = self._updates_next and self.method.update_replaces_optimizer_step
         scaled = scaler is not None and scaler.is_enabled()
         if scaled:
             scale = scaler.get_scale()
@@ -200,7 +200,7 @@ class Sparsifier:
         With `after_optimizer_step`, the entry point for loops whose optimizer step someone else
         takes (a Hugging Face Trainer): call it after backward and clipping, before that step.
         """
-        self._pending_grads = self.access.grads() if self.grows_by_gradient(self.step_count) else None
+        self._pending_grads = self.access.grads() if self._grows_next else None
 
     def after_optimizer_step(self, skipped: bool = False) -> None:
         """After an optimizer step taken outside the Sparsifier: mask every copy, update the masks
@@ -214,11 +214,11 @@ class Sparsifier:
         if skipped:
             return
         step = self.step_count
-        if grads is None and self.grows_by_gradient(step):
+        if grads is None and self._grows_next:
             raise RuntimeError(f"step {step} grows by gradient: call before_optimizer_step() "
                                "before the optimizer step")
         self.mask_all()
-        if self._updates_at(step):
+        if self._updates_next:
             self._update_masks(step, grads)
         self.step_count += 1
 
@@ -243,8 +243,11 @@ class Sparsifier:
         return self.method.uses_masks and self.method.is_update_step(step)
 
     def _prepare_next_step(self) -> None:
-        """Ask for dense gradients in the next backward when the next step grows by gradient."""
-        self.access.set_dense_gradients(self.grows_by_gradient(self.step_count))
+        """Decide once what the next step does (update the masks? from the dense gradient?) and
+        ask for dense gradients in its backward when it grows by gradient."""
+        self._updates_next = self._updates_at(self.step_count)
+        self._grows_next = self._updates_next and self.method.needs_dense_grad(self.step_count)
+        self.access.set_dense_gradients(self._grows_next)
 
     def state_dict(self) -> dict[str, Any]:
         """Full masks, method state and step count (a collective where masks are pieces)."""
