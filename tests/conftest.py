@@ -1,12 +1,27 @@
 """Shared fixtures: small, fast configurations on generated data."""
 from __future__ import annotations
 
+import json
 import socket
+from pathlib import Path
 
 import pytest
 import torch
 
 from distsparse.config import Config, load_config
+
+def mask_update_fingerprints(run: Path) -> list[tuple[int, str]]:
+    """(step, mask fingerprint) of every mask update a run logged in metrics.jsonl."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["fingerprint"]) for r in records if r["kind"] == "mask_update"]
+
+
+def final_state(run: Path) -> dict:
+    """The model and masks a run ended with: a sharded run's model.pt, else its last.pt."""
+    model_file = run / "checkpoints" / "model.pt"
+    return torch.load(model_file if model_file.is_file() else run / "checkpoints" / "last.pt",
+                      map_location="cpu", weights_only=True)
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (for a rendezvous or a test service)."""

@@ -121,18 +121,23 @@ def _ddp_worker(rank: int, port: int, root: str, queue) -> None:
     dist.destroy_process_group()
 
 
-def test_a_hand_written_ddp_loop_equals_distsparse_train_on_two_ranks(tmp_path):
+def _failures_on_two_ranks(worker, tmp_path: Path, timeout: float) -> dict[int, list[str]]:
+    """Run `worker(rank, port, root, queue)` on 2 spawned ranks; each rank's reported failures."""
     context = mp.get_context("spawn")
     queue = context.Queue()
     port = free_port()
-    workers = [context.Process(target=_ddp_worker, args=(rank, port, str(tmp_path), queue))
+    workers = [context.Process(target=worker, args=(rank, port, str(tmp_path), queue))
                for rank in range(WORLD)]
-    for worker in workers:
-        worker.start()
-    reports = dict(queue.get(timeout=600) for _ in workers)
-    for worker in workers:
-        worker.join(timeout=60)
-    assert reports == {0: [], 1: []}
+    for process in workers:
+        process.start()
+    reports = dict(queue.get(timeout=timeout) for _ in workers)
+    for process in workers:
+        process.join(timeout=60)
+    return reports
+
+
+def test_a_hand_written_ddp_loop_equals_distsparse_train_on_two_ranks(tmp_path):
+    assert _failures_on_two_ranks(_ddp_worker, tmp_path, timeout=600) == {0: [], 1: []}
 
 
 DST_METHODS = ("gmp", "granet", "granet_st", "rigl", "set")
@@ -177,14 +182,4 @@ def _deepspeed_worker(rank: int, port: int, root: str, queue) -> None:
 
 def test_a_users_deepspeed_zero3_loop_equals_distsparse_train_on_two_ranks(tmp_path):
     pytest.importorskip("deepspeed")
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    port = free_port()
-    workers = [context.Process(target=_deepspeed_worker, args=(rank, port, str(tmp_path), queue))
-               for rank in range(WORLD)]
-    for worker in workers:
-        worker.start()
-    reports = dict(queue.get(timeout=900) for _ in workers)
-    for worker in workers:
-        worker.join(timeout=60)
-    assert reports == {0: [], 1: []}
+    assert _failures_on_two_ranks(_deepspeed_worker, tmp_path, timeout=900) == {0: [], 1: []}

@@ -37,7 +37,7 @@ from distsparse.engine.native_checkpoint import DEEPSPEED_DIR, step_tag
 from distsparse.engine.post_training import resolve_run_dir
 from distsparse.engine.runs import load_run
 from distsparse.errors import CheckpointError, ConfigError
-from tests.conftest import SMALL, free_port
+from tests.conftest import SMALL, final_state, free_port, mask_update_fingerprints
 
 QUICKSTART = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
 BASE = [*SMALL, "model.name=mlp", "launcher.num_workers=2"]
@@ -210,18 +210,6 @@ def _train(overrides: list[str], errors: list[str] | None = None, resume: Path |
     return trainer
 
 
-def _fingerprints(run: Path) -> list[tuple[int, str]]:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["fingerprint"]) for r in records if r["kind"] == "mask_update"]
-
-
-def _final(run: Path) -> dict:
-    """The model and masks a run ended with: a DeepSpeed run's model.pt, else its last.pt."""
-    model_file = run / "checkpoints" / "model.pt"
-    return torch.load(model_file if model_file.is_file() else run / "checkpoints" / "last.pt",
-                      map_location="cpu", weights_only=True)
-
-
 def _native_tensors(run: Path) -> dict[str, torch.Tensor]:
     """Every tensor in every rank's files of the run's latest DeepSpeed tag, by file and key."""
     directory = run / DEEPSPEED_DIR
@@ -249,9 +237,9 @@ def _digest(run: Path) -> dict[str, str]:
 
 
 def _compare(a: Path, b: Path, label: str, errors: list[str], exact: bool) -> None:
-    if _fingerprints(a) != _fingerprints(b) or not _fingerprints(a):
+    if mask_update_fingerprints(a) != mask_update_fingerprints(b) or not mask_update_fingerprints(a):
         errors.append(f"{label}: masks after the updates differ or there were none")
-    first, second = _final(a), _final(b)
+    first, second = final_state(a), final_state(b)
     for name in first["masks"]:
         if not torch.equal(first["masks"][name], second["masks"][name]):
             errors.append(f"{label}: final mask of {name} differs")
@@ -280,8 +268,8 @@ def _check_layout(run: Path, step: int, label: str, errors: list[str]) -> None:
         errors.append(f"{label}: {latest} has no distsparse.json")
     if (run / "checkpoints" / "last.pt").exists():
         errors.append(f"{label}: a DeepSpeed run wrote last.pt")
-    if _final(run)["step"] != step:
-        errors.append(f"{label}: model.pt is of step {_final(run)['step']}, expected {step}")
+    if final_state(run)["step"] != step:
+        errors.append(f"{label}: model.pt is of step {final_state(run)['step']}, expected {step}")
 
 
 def _check_refusals(run: Path, errors: list[str]) -> None:
@@ -401,7 +389,7 @@ def _check_one_rank_resume_refused(run: Path, capsys) -> None:
 def _check_model_file_read(run: Path, crashed: Path) -> None:
     """evaluate/prune read a DeepSpeed run's model.pt; without one of the last step: one line."""
     assert resolve_run_dir(run / "checkpoints" / "model.pt") == run  # `prune RUN/checkpoints/model.pt`
-    loaded, final = load_run(run), _final(run)
+    loaded, final = load_run(run), final_state(run)
     assert loaded.step == 16 and all(torch.equal(loaded.masks[n], m) for n, m in final["masks"].items())
     for name, value in loaded.model.state_dict().items():
         assert torch.equal(value, final["model"][name]), name

@@ -29,7 +29,7 @@ from distsparse.engine.post_training import resolve_run_dir
 from distsparse.engine.runs import load_run
 from distsparse.errors import ConfigError
 from distsparse.export import load_sparse
-from tests.conftest import free_port
+from tests.conftest import final_state, free_port, mask_update_fingerprints
 from tests.test_text_data import tiny_fortunes
 from tests.test_transformers import GPT_MASKED, TINY_GPT, _erk_counts
 
@@ -105,18 +105,6 @@ def _run_two_ranks(root: Path, timeout: float = 400) -> dict[int, list[str]]:
                 worker.terminate()
 
 
-def _fingerprints(run: Path) -> list[tuple[int, str]]:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["fingerprint"]) for r in records if r["kind"] == "mask_update"]
-
-
-def _final(run: Path) -> dict:
-    """The model and masks a run ended with: model.pt of a sharded run, else last.pt."""
-    model_file = run / "checkpoints" / "model.pt"
-    return torch.load(model_file if model_file.is_file() else run / "checkpoints" / "last.pt",
-                      map_location="cpu", weights_only=True)
-
-
 def _dcp_tensors(run: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the run's latest DCP checkpoint (model and optimizer state), full."""
     directory = run / FSDP_DIR
@@ -136,7 +124,7 @@ def _dcp_tensors(run: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
 
 
 def _same_final(a: Path, b: Path, tolerance: dict | None = None) -> None:
-    first, second = _final(a), _final(b)
+    first, second = final_state(a), final_state(b)
     assert first["step"] == second["step"] == STEPS
     assert first["masks"].keys() == second["masks"].keys()
     for name, mask in first["masks"].items():
@@ -154,10 +142,10 @@ def test_fsdp2_train_matches_ddp_resumes_bit_for_bit_and_on_one_rank(tmp_path, c
     ddp, fsdp, stopped = tmp_path / "ddp", tmp_path / "fsdp", tmp_path / "stopped"
 
     # FSDP2 chose DDP's masks at every update and ends with DDP's weights, bit for bit.
-    assert [step for step, _ in _fingerprints(ddp)] == [4, 8]
-    assert _fingerprints(fsdp) == _fingerprints(ddp)
+    assert [step for step, _ in mask_update_fingerprints(ddp)] == [4, 8]
+    assert mask_update_fingerprints(fsdp) == mask_update_fingerprints(ddp)
     _same_final(ddp, fsdp)
-    final = _final(fsdp)
+    final = final_state(fsdp)
     assert list(final["masks"]) == GPT_MASKED
     shapes = {name: tuple(mask.shape) for name, mask in final["masks"].items()}
     assert {name: int(mask.sum()) for name, mask in final["masks"].items()} == _erk_counts(shapes, 0.2)
@@ -180,7 +168,7 @@ def test_fsdp2_train_matches_ddp_resumes_bit_for_bit_and_on_one_rank(tmp_path, c
 
     # Stopped at step 6 and resumed on 2 ranks: every tensor of the checkpoint (weights, AdamW's
     # moments and step counts), the masks after every update and the model file, bit for bit.
-    assert _fingerprints(stopped) == _fingerprints(fsdp)
+    assert mask_update_fingerprints(stopped) == mask_update_fingerprints(fsdp)
     _same_final(fsdp, stopped)
     resumed = _dcp_tensors(stopped, tmp_path)
     assert resumed.keys() == tensors.keys()
@@ -190,7 +178,7 @@ def test_fsdp2_train_matches_ddp_resumes_bit_for_bit_and_on_one_rank(tmp_path, c
     # DDP's last.pt at step 6 resumed under FSDP2 (full optimizer state sliced into the shards),
     # and FSDP2's DCP checkpoint at step 6 resumed under DDP (read into the bare model): DDP's run.
     for mixed in ("ddp-then-fsdp", "fsdp-then-ddp"):
-        assert _fingerprints(tmp_path / mixed) == _fingerprints(ddp), mixed
+        assert mask_update_fingerprints(tmp_path / mixed) == mask_update_fingerprints(ddp), mixed
         _same_final(ddp, tmp_path / mixed)
     assert not (tmp_path / "fsdp-then-ddp" / FSDP_DIR).exists()
 
@@ -200,7 +188,7 @@ def test_fsdp2_train_matches_ddp_resumes_bit_for_bit_and_on_one_rank(tmp_path, c
     one = tmp_path / "one-rank"
     assert main(["train", "--resume", str(one)]) == 0, capsys.readouterr().err
     assert json.loads((one / "summary.json").read_text())["world_size"] == 1
-    assert _fingerprints(one) == _fingerprints(fsdp)
+    assert mask_update_fingerprints(one) == mask_update_fingerprints(fsdp)
     _same_final(fsdp, one, ONE_RANK_TOLERANCE)
     assert not (one / FSDP_DIR).exists() and not (one / "checkpoints" / "model.pt").exists()
     assert load_run(one).step == STEPS

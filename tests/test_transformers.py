@@ -19,7 +19,7 @@ from distsparse.engine.trainer import Trainer
 from distsparse.models import build_model
 from distsparse.sparsity.allocation import active_count, layer_densities
 from distsparse.sparsity.masks import MaskSet, sparsifiable_parameters
-from tests.conftest import SMALL
+from tests.conftest import SMALL, mask_update_fingerprints
 from tests.test_text_data import RECIPE, TEXT, tiny_fortunes
 
 GPT_KWARGS = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 16}
@@ -165,11 +165,6 @@ def test_a_vit_run_reaches_the_exact_target_count(tmp_path):
         assert torch.count_nonzero(param.detach()[~trainer.masks.masks[name]]) == 0, name
 
 
-def _fingerprints(run: Path) -> list[tuple[int, str]]:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["fingerprint"]) for r in records if r["kind"] == "mask_update"]
-
-
 def _zero3_worker(rank: int, port: int, root: str, queue) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
@@ -196,7 +191,7 @@ def test_the_gpt_under_deepspeed_zero3_gets_the_masks_of_ddp(tmp_path):
     tiny_fortunes(tmp_path / "corpus")
     reports = run_two_ranks(_zero3_worker, tmp_path, timeout=400)
     assert {rank: errors for rank, errors, _ in reports} == {0: [], 1: []}
-    ddp, zero3 = _fingerprints(tmp_path / "ddp"), _fingerprints(tmp_path / "zero3")
+    ddp, zero3 = mask_update_fingerprints(tmp_path / "ddp"), mask_update_fingerprints(tmp_path / "zero3")
     assert [step for step, _ in ddp] == [4] and ddp == zero3
     final_ddp = torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt", weights_only=True)
     final_zero3 = torch.load(tmp_path / "zero3" / "checkpoints" / "model.pt", weights_only=True)
