@@ -7,7 +7,7 @@ from typing import Protocol
 
 import torch
 
-__all__ = ["BatchLoader", "DataBundle"]
+__all__ = ["BatchLoader", "DataBundle", "model_input"]
 
 
 class BatchLoader(Protocol):
@@ -42,3 +42,8 @@ class DataBundle:
     in_channels: int
     byte_level: bool = False
     """Targets are bytes of text (a byte-level language model): evaluation adds bits per byte."""
+
+
+def model_input(x: torch.Tensor, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+    """A batch's inputs on `device`: images in the model's `dtype`, tokens (integers) as they are."""
+    return x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)

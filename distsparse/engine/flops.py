@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from distsparse.sparsity.masks import MaskSet, canonical_name, is_hf_conv1d
+from distsparse.sparsity.masks import ATTENTION_PROJECTIONS, MaskSet, canonical_name, is_hf_conv1d
 
 __all__ = ["FlopCounter"]
 
@@ -86,7 +86,7 @@ def _weight_names(module: nn.Module) -> dict[str, torch.Tensor]:
     if isinstance(module, (nn.Conv2d, nn.Linear)) or is_hf_conv1d(module):
         return {"weight": module.weight}
     if isinstance(module, nn.MultiheadAttention):  # its forward reads out_proj.weight directly
-        names = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
-        found = {key: getattr(module, key) for key in names if getattr(module, key) is not None}
+        found = {key: getattr(module, key) for key in ATTENTION_PROJECTIONS
+                 if getattr(module, key) is not None}
         return {**found, "out_proj.weight": module.out_proj.weight}
     return {}

@@ -34,6 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from distsparse.config import Config, TrainConfig, schedule_relevant, to_yaml
+from distsparse.data.bundle import model_input
 from distsparse.data.imagenet import resolution_at
 from distsparse.data.loader import BatchLoader, TensorLoader
 from distsparse.data.text import ByteBlockLoader
@@ -271,7 +272,7 @@ class _Context:
 
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
         """Inputs on the device; images in the run's dtype, tokens as they are."""
-        return x.to(device=self.device, dtype=self.dtype if x.is_floating_point() else x.dtype)
+        return model_input(x, self.device, self.dtype)
 
     @torch.no_grad()
     def evaluate(self, forward: Callable[[torch.Tensor], torch.Tensor],

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from distsparse.config import Config, run_directory, schedule_relevant, to_yaml
+from distsparse.data.bundle import model_input
 from distsparse.data.loader import BatchLoader, DataBundle, build_data
 from distsparse.distributed.process_group import (
     DistEnv,
@@ -201,10 +202,8 @@ class Trainer:
             raise DistsparseError("rank 0 stopped with an error (see its message)")
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
-        """Inputs on the device; floating-point ones in the model's dtype (tokens stay int64)."""
-        if not x.is_floating_point():
-            return x.to(self.device)
-        x = x.to(device=self.device, dtype=self.input_dtype)
+        """Inputs on the device (`model_input`), channels-last where the run asks."""
+        x = model_input(x, self.device, self.input_dtype)
         if self.config.train.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x

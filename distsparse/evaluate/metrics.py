@@ -8,6 +8,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from distsparse.data.bundle import model_input
+
 __all__ = ["agreement", "excess_error", "predict", "prune_potential"]
 
 
@@ -16,8 +18,7 @@ def predict(model: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     """Top-1 class of every input (of every position of a sequence model's output), inputs on the
     model's device and, where they are floating point (not tokens), in its parameter dtype."""
     parameter = next(model.parameters())
-    dtype = parameter.dtype if inputs.is_floating_point() else inputs.dtype
-    return model(inputs.to(parameter.device, dtype)).argmax(-1)
+    return model(model_input(inputs, parameter.device, parameter.dtype)).argmax(-1)
 
 
 def agreement(model_a: torch.nn.Module, model_b: torch.nn.Module,

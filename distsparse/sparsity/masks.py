@@ -17,7 +17,8 @@ from torch import nn
 
 from distsparse.sparsity.layout import FullLayout, pack_bits
 
-__all__ = ["MaskSet", "canonical_name", "is_hf_conv1d", "sparsifiable_parameters"]
+__all__ = ["ATTENTION_PROJECTIONS", "MaskSet", "canonical_name", "is_hf_conv1d",
+           "sparsifiable_parameters"]
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -72,7 +73,8 @@ def sparsifiable_parameters(
 
 
 _MASKED_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-_ATTENTION_PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+ATTENTION_PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+"""nn.MultiheadAttention's input projection weights (one packed, or q/k/v apart)."""
 
 
 def _default_weights(module: nn.Module) -> list[nn.Parameter]:
@@ -80,7 +82,7 @@ def _default_weights(module: nn.Module) -> list[nn.Parameter]:
     if isinstance(module, _MASKED_LAYERS) or is_hf_conv1d(module):
         return [module.weight]
     if isinstance(module, nn.MultiheadAttention):
-        return [p for p in (getattr(module, key) for key in _ATTENTION_PROJECTIONS) if p is not None]
+        return [p for p in (getattr(module, key) for key in ATTENTION_PROJECTIONS) if p is not None]
     return []
 
 
