@@ -204,7 +204,7 @@ class Trainer:
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         """Inputs on the device (`model_input`), channels-last where the run asks."""
         x = model_input(x, self.device, self.input_dtype)
-        if self.config.train.channels_last and x.dim() == 4:
+        if self.config.train.channels_last and x.is_floating_point() and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
