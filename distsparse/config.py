@@ -236,6 +236,10 @@ class LauncherConfig:
     storage_path: Optional[str] = None
     """Ray: where Ray Train keeps reported checkpoints (shared across nodes); unset:
     <run directory's parent>/ray_results."""
+    placement_strategy: str = "PACK"
+    """Ray: where Ray Train places the workers (ScalingConfig.placement_strategy): PACK (on as
+    few nodes as fit), SPREAD (across nodes where it can), STRICT_SPREAD (one worker per node:
+    as many nodes as workers) or STRICT_PACK (all on one node)."""
 
 
 @dataclass
@@ -284,6 +288,7 @@ _CHOICES = {
     "data.loader": ("fmnist", "synthetic", "ffcv", "torchvision", "text"),
     "backend.name": ("single", "ddp", "deepspeed", "fsdp"),
     "launcher.name": ("local", "torchrun", "ray"),
+    "launcher.placement_strategy": ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"),
 }
 
 

@@ -21,18 +21,18 @@ from pathlib import Path
 from typing import Any
 
 import distsparse
-from distsparse.config import Config, run_directory
+from distsparse.config import Config, LauncherConfig, run_directory
 from distsparse.engine.checkpoint import CHECKPOINT_NAME
 from distsparse.engine.native_checkpoint import latest_native
 from distsparse.errors import DistsparseError
 
-__all__ = ["train_with_ray"]
+__all__ = ["scaling_config", "train_with_ray"]
 
 
 def train_with_ray(config: Config, resume: Path | None = None) -> dict[str, Any]:
     """Run the training on launcher.num_workers Ray Train workers; return the run's summary."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     launcher = config.launcher
@@ -44,7 +44,7 @@ def train_with_ray(config: Config, resume: Path | None = None) -> dict[str, Any]
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"config": config, "resume": str(resume) if resume is not None else None},
-        scaling_config=ScalingConfig(num_workers=launcher.num_workers, use_gpu=launcher.use_gpu),
+        scaling_config=scaling_config(launcher),
         run_config=RunConfig(
             name=run_dir.name,
             storage_path=str(storage),
@@ -59,6 +59,14 @@ def train_with_ray(config: Config, resume: Path | None = None) -> dict[str, Any]
     except ray.train.TrainingFailedError as exc:
         raise DistsparseError(f"Ray Train run {run_dir} failed: {_first_line(exc)}") from None
     return json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+
+
+def scaling_config(launcher: LauncherConfig):
+    """Ray Train's ScalingConfig for the launcher keys: workers, a GPU each, placement strategy."""
+    from ray.train import ScalingConfig
+
+    return ScalingConfig(num_workers=launcher.num_workers, use_gpu=launcher.use_gpu,
+                         placement_strategy=launcher.placement_strategy)
 
 
 def _package_runtime_env() -> dict[str, Any]:
