@@ -2,7 +2,7 @@
 # Start or stop Ray nodes on loopback addresses (tests, simulated clusters, trying Ray on a laptop).
 #   launch/ray_local.sh start STATE_DIR          # a head; prints RAY_ADDRESS=... and DASHBOARD=...
 #   launch/ray_local.sh join STATE_DIR ADDRESS   # a worker node joining the head at ADDRESS
-#   launch/ray_local.sh stop STATE_DIR           # ends that node's processes (SIGTERM, then KILL)
+#   launch/ray_local.sh stop STATE_DIR           # ends that node's processes (TERM, 3 s, KILL)
 #   launch/ray_local.sh kill STATE_DIR           # SIGKILL, no clean shutdown: a node failure
 # Ports: RAY_PORT (head, default 6379), RAY_DASHBOARD_PORT (head, 8265), RAY_CLIENT_PORT (head,
 # 10001), RAY_AGENT_PORT (the node's dashboard agent, 52365: give each node on one host its own);
@@ -42,13 +42,14 @@ start_node() {
     grep "node IP" "$state/start.log" >&2; exit 1; }
 }
 
-# Signal every process of the node's session; with TERM, wait up to 10 s and KILL what is left.
+# Signal every process of the node's session; with TERM, wait up to 3 s and KILL what is left
+# (Ray 2.60's GCS server outlives a SIGTERM by more than 10 s).
 end_node() {
   if [[ -f $state/session ]]; then
     local session; session=$(cat "$state/session")
     members() { ps -eo pid=,sid= | awk -v s="$session" '$2 == s {print $1}'; }
     local pids; pids=$(members); [[ -n $pids ]] && kill "-$1" $pids 2>/dev/null || true
-    for _ in $(seq 20); do [[ -z $(members) ]] && break; sleep 0.5; done
+    for _ in $(seq 6); do [[ -z $(members) ]] && break; sleep 0.5; done
     pids=$(members); [[ -n $pids ]] && kill -KILL $pids 2>/dev/null || true
     rm -f "$state/session"
   fi

@@ -160,12 +160,6 @@ def two_node_ray(tmp_path_factory) -> Iterator[RayCluster]:
                            timeout=120)
 
 
-def _cli(cluster: RayCluster, *argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "distsparse.cli", *argv, "--address",
-                           cluster.dashboard], cwd=ROOT, env=cluster.env, capture_output=True,
-                          text=True, timeout=300)
-
-
 def _registered_step(storage: Path) -> int | None:
     """The step of the latest checkpoint Ray Train's controller has registered, if any."""
     try:
@@ -177,35 +171,39 @@ def _registered_step(storage: Path) -> int | None:
 
 def test_a_submitted_run_spreads_over_two_nodes_and_survives_a_node_failure(
         tmp_path, two_node_ray, reference):  # noqa: F811 (fixtures)
-    run = tmp_path / "run"
-    submitted = _cli(two_node_ray, "submit", "configs/quickstart.yaml", *LONG, f"run.dir={run}",
-                     "launcher.name=ray", "launcher.num_workers=2", "launcher.max_failures=2",
-                     "launcher.placement_strategy=STRICT_SPREAD")
-    assert submitted.returncode == 0, submitted.stderr[-2000:]
-    job_id = submitted.stdout.strip()
-
-    # A node failure once a checkpoint past step 0 is registered: SIGKILL of the worker node's
-    # every process, none of the head's; then the node comes back (a new raylet, a new node id).
-    storage, deadline = tmp_path / "ray_results" / "run", time.monotonic() + 180
-    while (registered := _registered_step(storage)) is None or registered == 0:
-        assert time.monotonic() < deadline, _cli(two_node_ray, "status", job_id, "--logs").stdout
-        time.sleep(0.05)
-    head_daemons, worker_daemons = _daemons(two_node_ray.head), _daemons(two_node_ray.worker)
-    assert {name for _, name in head_daemons} == {"gcs_server", "raylet"}
-    assert {name for _, name in worker_daemons} == {"raylet"}
-    killed = subprocess.run([RAY_LOCAL, "kill", str(two_node_ray.worker)],
-                            env=two_node_ray.worker_env, capture_output=True, text=True, timeout=60)
-    assert killed.returncode == 0, killed.stderr
-    assert not any(Path(f"/proc/{pid}").exists() for pid, _ in worker_daemons)
-    two_node_ray.join()
-
-    deadline = time.monotonic() + 300
-    while (status := _cli(two_node_ray, "status", job_id).stdout.split())[1] not in (
-            "SUCCEEDED", "FAILED", "STOPPED"):
-        assert time.monotonic() < deadline, status
-        time.sleep(1)
-    log = _cli(two_node_ray, "status", job_id, "--logs").stdout
-    assert status[1] == "SUCCEEDED", log[-3000:]
+    run, out, err = tmp_path / "run", tmp_path / "follow.out", tmp_path / "follow.err"
+    with out.open("w") as stdout, err.open("w") as stderr:
+        follow = subprocess.Popen(
+            [sys.executable, "-m", "distsparse.cli", "submit", "configs/quickstart.yaml", *LONG,
+             f"run.dir={run}", "launcher.name=ray", "launcher.num_workers=2",
+             "launcher.max_failures=2", "launcher.placement_strategy=STRICT_SPREAD", "--address",
+             two_node_ray.dashboard, "--follow"], cwd=ROOT, env=two_node_ray.env, stdout=stdout,
+            stderr=stderr, text=True)
+    try:
+        # A node failure once a checkpoint past step 0 is registered: SIGKILL of the worker
+        # node's every process, none of the head's; then the node comes back (a new raylet).
+        storage, deadline = tmp_path / "ray_results" / "run", time.monotonic() + 180
+        while (registered := _registered_step(storage)) is None or registered == 0:
+            assert follow.poll() is None and time.monotonic() < deadline, \
+                err.read_text()[-2000:] + out.read_text()[-3000:]
+            time.sleep(0.05)
+        head_daemons, worker_daemons = _daemons(two_node_ray.head), _daemons(two_node_ray.worker)
+        assert {name for _, name in head_daemons} == {"gcs_server", "raylet"}
+        assert {name for _, name in worker_daemons} == {"raylet"}
+        killed = subprocess.run([RAY_LOCAL, "kill", str(two_node_ray.worker)],
+                                env=two_node_ray.worker_env, capture_output=True, text=True,
+                                timeout=60)
+        assert killed.returncode == 0, killed.stderr
+        assert not any(Path(f"/proc/{pid}").exists() for pid, _ in worker_daemons)
+        two_node_ray.join()
+        follow.wait(timeout=300)
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+    log = out.read_text()
+    job_id = log.splitlines()[0]
+    assert follow.returncode == 0, err.read_text()[-2000:] + log[-3000:]
+    assert f"job {job_id} SUCCEEDED" in err.read_text()
     assert _daemons(two_node_ray.head) == head_daemons  # the head never went down
     # Both worker groups, before and after the failure, one worker on each node.
     groups = _worker_groups(log)
