@@ -5,16 +5,19 @@ in its own copy of the checkout and importing distsparse from that copy; the two
 run directory, as a shared file system would. The agents meet at a c10d rendezvous on node 0's
 address. Only global rank 0 may write (node 1's copy stays untouched, each record is written
 once), SIGTERM to both agents stops every worker after the same step with a checkpoint, and the
-run resumed on the two nodes ends bit for bit as 4 workers on one node stopped after the same
-step and resumed, with the masks of one uninterrupted process.
+run resumed on the two nodes ends bit for bit as 4 uninterrupted workers on one node (DDP's
+gradient buckets are laid out once, at construction: the first step after a restart reduces in
+the layout of every other step), with the masks of one uninterrupted process.
 
 The SLURM cluster (launch/slurm_local.sh with 2 nodes) runs one slurmd per node, n1 on 127.0.0.2
-and n2 on 127.0.0.3: `sbatch -N 2 slurm/torchrun.sbatch` gives the network of --nproc 2.
+and n2 on 127.0.0.3: `sbatch -N 2 slurm/torchrun.sbatch` gives the network of --nproc 2, and so
+does a job preempted mid-run (SIGTERM), requeued and resumed on the two nodes.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import free_port
 from tests.services import SlurmCluster, skip_or_fail, stop_slurm
@@ -143,16 +147,13 @@ def test_two_nodes_stop_together_resume_and_equal_one_node(tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == TOTAL_STEPS
     assert len(list((run / "tensorboard").rglob("events.out.tfevents.*"))) == 2  # one per launch
 
-    # Bit for bit the network of 4 workers on one node stopped after the same step and resumed.
+    # Bit for bit the network of 4 uninterrupted workers on one node.
     one_node = tmp_path / "one_node"
-    _one_node(WORLD, QUICKSTART, *LONG, f"run.dir={one_node}",
-              f"run.stop_at_step={stopped_at}")
-    _one_node(WORLD, "--resume", str(one_node))
+    _one_node(WORLD, QUICKSTART, *LONG, f"run.dir={one_node}")
     _assert_same_network(_final(one_node), _final(run), exact=True)
     assert _update_steps(run) == _update_steps(one_node)
     # The masks of one uninterrupted process (no batch norm), the weights up to rounding: 4 ranks
-    # sum gradients in another order than 1, and a restart's first step reduces DDP's initial
-    # bucket layout (forward order) where an uninterrupted run reduces the rebuilt one (reverse).
+    # sum gradients in another order than 1.
     one_process = tmp_path / "one_process"
     _one_node(1, QUICKSTART, *LONG, f"run.dir={one_process}")
     _assert_same_network(_final(one_process), _final(run), exact=False)
@@ -190,4 +191,48 @@ def test_sbatch_on_two_slurm_nodes_equals_one_node(tmp_path, two_node_slurm):
     job = _sbatch(two_node_slurm, "torchrun.sbatch", run, [*EXACT, "method.name=rigl"], "-N", "2")
     assert _wait(two_node_slurm, job, run)["NodeList"] == "n[1-2]"
     assert json.loads((run / "summary.json").read_text())["launcher"] == "torchrun"
+    _same_as(reference, run)
+
+
+def _logged_steps(events: Path) -> list[int]:
+    """The steps of the train/loss scalars in one TensorBoard events file (one per launch)."""
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    return [event.step for event in accumulator.Scalars("train/loss")]
+
+
+def test_preempted_on_two_slurm_nodes_requeues_and_resumes_like_an_uninterrupted_run(
+        tmp_path, two_node_slurm):
+    """SIGTERM to the job's steps as a preemption sends it (tests/test_slurm.py does the same on
+    one node): both agents' workers checkpoint after one agreed step, the script requeues the job
+    and its second attempt resumes on the two nodes from that step."""
+    run = tmp_path / "preempted"
+    job = _sbatch(two_node_slurm, "torchrun.sbatch", run, LONG, "-N", "2")
+    metrics, deadline = run / "metrics.jsonl", time.monotonic() + 180
+    while not (metrics.exists() and '"train"' in metrics.read_text()):
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=TERM", job], env=two_node_slurm.env, check=True,
+                   timeout=30)
+    reference = tmp_path / "nproc2"  # trained while the job requeues
+    _one_node(2, QUICKSTART, *LONG, f"run.dir={reference}")
+    final = _wait(two_node_slurm, job, run)
+    assert final["Restarts"] == "1" and final["NodeList"] == "n[1-2]"
+    log = Path(f"{run}.out").read_text()
+    stopped = [int(step) for step in
+               re.findall(r"stopped by SIGTERM at step (\d+) with a checkpoint", log)]
+    assert len(stopped) == 1 and 0 < stopped[0] < TOTAL_STEPS, log[-3000:]
+    assert "requeueing job" in log and f"attempt 1: resuming {run}" in log
+
+    # The run's records: the first launch logged up to the stop, the second from the step after
+    # it (train records every log_every steps), and no step twice.
+    every = int(re.search(r"log_every: (\d+)", (run / "config.yaml").read_text()).group(1))
+    launches = sorted((run / "tensorboard").rglob("events.out.tfevents.*"),
+                      key=lambda events: events.stat().st_mtime_ns)
+    assert len(launches) == 2
+    first, second = (_logged_steps(events) for events in launches)
+    assert first[-1] <= stopped[0] and second[0] == (stopped[0] // every + 1) * every
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == sorted(set(steps)) == first + second and steps[-1] == TOTAL_STEPS
     _same_as(reference, run)
