@@ -74,7 +74,7 @@ case $action in
   join)
     address=${3:?$usage}
     [[ -f ${RAY_AUTH_TOKEN_PATH:-} ]] || {
-      echo "ray_local.sh: join needs RAY_AUTH_TOKEN_PATH, the head's token file (start prints it)" >&2
+      echo "ray_local.sh: join needs RAY_AUTH_TOKEN_PATH, the head's token (start prints it)" >&2
       exit 2; }
     start_node "${RAY_NODE_IP:-127.0.0.3}" --address "$address"
     echo "RAY_NODE_IP=${RAY_NODE_IP:-127.0.0.3}"

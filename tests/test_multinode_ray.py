@@ -92,8 +92,9 @@ def _worker_groups(log: str) -> list[list[str]]:
 
 def test_ray_sbatch_on_two_slurm_nodes_spreads_the_workers_and_equals_one_node(
         tmp_path, two_node_slurm, reference):  # noqa: F811 (fixtures)
+    """Two CPUs a node: PACK could put both workers on one; the script's SPREAD must not."""
     run = tmp_path / "ray"
-    job = _sbatch(two_node_slurm, "ray.sbatch", run, LONG, "-N", "2")
+    job = _sbatch(two_node_slurm, "ray.sbatch", run, LONG, "-N", "2", "-c", "2")
     assert _wait(two_node_slurm, job, run)["NodeList"] == "n[1-2]"
     log = Path(f"{run}.out").read_text()
     assert [sorted(group) for group in _worker_groups(log)] == [[HEAD_IP, WORKER_IP]], log[-3000:]
@@ -148,7 +149,8 @@ def two_node_ray(tmp_path_factory) -> Iterator[RayCluster]:
             skip_or_fail(f"could not start a Ray head: {started.stderr.strip()[-500:]}")
         variables = dict(line.split("=", 1) for line in started.stdout.splitlines())
         assert variables["RAY_ADDRESS"].startswith(f"{HEAD_IP}:")
-        auth = {key: variables[key] for key in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+        auth = {key: variables[key]
+                for key in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
         cluster = RayCluster(variables["RAY_DASHBOARD"], {**os.environ, **auth}, head, worker,
                              {**base, **auth, "RAY_NODE_IP": WORKER_IP,
                               "RAY_AGENT_PORT": str(free_port())})
