@@ -51,8 +51,8 @@ NCCL = {("ring", "LL"): (6.6, 2.7, 1 / 4), ("ring", "Simple"): (8.4, 14.0, 1.0),
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per size (median)")
-    parser.add_argument("--gpt-blocks", type=int, default=1,
-                        help="GPT-2 XL blocks the select runs on (identical blocks; bytes scale)")
+    parser.add_argument("--gpt-scale", type=int, default=16,
+                        help="GPT-2 XL's select runs on all 192 layers at 1/N of their size")
     parser.add_argument("--no-record", action="store_true", help="print only, no RESULTS.md entry")
     return parser.parse_args(argv)
 
@@ -166,13 +166,14 @@ def model_terms(model: torch.nn.Module) -> dict:
 
 def measure_select(shapes: dict[str, tuple[int, ...]], active: dict[str, int]) -> dict:
     """RigL's drop-and-grow on pieces (world size 1: the histograms and rounds are global),
-    |N(0, 1)| scores: the all-reduce calls and the bytes of each."""
+    |N(0, 1)| scores: the all-reduce calls, each as (bytes, whether it is a tie table: a
+    (layers x ranks) int64 table, after the first call, the active counts, which is 1-D too)."""
     from distsparse.sparsity.layout import PieceLayout
 
-    calls: list[int] = []
+    calls: list[tuple[int, bool]] = []
 
     def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-        calls.append(tensor.numel() * tensor.element_size())
+        calls.append((tensor.numel() * tensor.element_size(), bool(calls) and tensor.dim() == 1))
         return tensor
 
     layout = PieceLayout(shapes, 0, 1, all_reduce_sum, lambda tensor: [tensor])
@@ -212,13 +213,18 @@ def _timings(repeats: int) -> tuple[dict[str, list[float]], dict[int, list[str]]
     return results[0][0], {rank: sockets for rank, (_, sockets) in results.items()}
 
 
-def _table_rows(name: str, terms: dict, select: dict, scale: float) -> list[list[str]]:
+def bytes_at(select: dict, world: int) -> list[int]:
+    """Each select call's bytes per rank at `world` ranks: tie tables grow with the ranks."""
+    return [size * world if per_rank else size for size, per_rank in select["calls"]]
+
+
+def _table_rows(name: str, terms: dict, select: dict) -> list[list[str]]:
     dense = terms["total"] * 4
     hook = terms["hook_entries"] * 4
     scores = 2 * terms["masked"] * 4  # drop and grow scores, float32
-    select_bytes = [size * scale for size in select["calls"]]
     rows = []
     for world in WORLDS:
+        select_bytes = bytes_at(select, world)
         for gbps in LINKS_GBPS:
             t_select = sum(nccl_time_us("all_reduce", size, world, gbps) for size in select_bytes)
             rows.append([
@@ -247,10 +253,9 @@ def _plot(times: dict, fits: dict, models: dict) -> None:
         left.loglog(SIZES, [(a + b * n) * 1e6 for n in SIZES], "-", label=f"{kind} a + b n")
     left.set(xlabel="bytes per rank", ylabel="us", title="gloo, 127.0.0.1 <-> 127.0.0.2")
     left.legend()
-    for name, (terms, select, scale) in models.items():
-        select_bytes = [size * scale for size in select["calls"]]
-        right.semilogy(WORLDS, [sum(nccl_time_us("all_reduce", s, w, 100) for s in select_bytes) / 1e3
-                                for w in WORLDS], "o-", label=f"{name}: sharded select")
+    for name, (terms, select) in models.items():
+        right.semilogy(WORLDS, [sum(nccl_time_us("all_reduce", s, w, 100) for s in bytes_at(select, w))
+                                / 1e3 for w in WORLDS], "o-", label=f"{name}: sharded select")
         right.semilogy(WORLDS, [nccl_time_us("all_reduce", 8 * terms["masked"], w, 100) / 1e3
                                 for w in WORLDS], "s--", label=f"{name}: all-reduce scores")
     right.axhline(1.0, color="grey", linewidth=0.8)
@@ -284,15 +289,13 @@ def main(argv: list[str] | None = None) -> int:
 
     models = {}
     resnet = model_terms(_resnet50())
-    models["ResNet-50"] = (resnet, measure_select(resnet["shapes"], resnet["active"]), 1.0)
+    models["ResNet-50"] = (resnet, measure_select(resnet["shapes"], resnet["active"]))
     gpt = model_terms(_gpt2_xl())
-    per_block = len(gpt["shapes"]) // GPT2_XL["n_layer"]
-    subset = dict(list(gpt["shapes"].items())[: per_block * args.gpt_blocks])
-    models["GPT-2 XL"] = (gpt, measure_select(subset, {n: gpt["active"][n] for n in subset}),
-                          GPT2_XL["n_layer"] / args.gpt_blocks)
+    reduced = {name: (max(1, math.prod(shape) // args.gpt_scale),) for name, shape in gpt["shapes"].items()}
+    models["GPT-2 XL"] = (gpt, measure_select(
+        reduced, {name: max(1, gpt["active"][name] // args.gpt_scale) for name in reduced}))
 
-    rows = [row for name, (terms, select, scale) in models.items()
-            for row in _table_rows(name, terms, select, scale)]
+    rows = [row for name, (terms, select) in models.items() for row in _table_rows(name, terms, select)]
     headers = ["model", "GPUs", "Gb/s", "dense grad all-reduce ms/step", "sparse hook ms/step",
                "hook / dense bytes", "select calls / kB per update", "select ms/update",
                "all-reduce scores ms/update", "all-gather scores ms/update"]
@@ -300,15 +303,17 @@ def main(argv: list[str] | None = None) -> int:
     _plot(times, fits, models)
 
     goals = []
-    for name, (terms, select, scale) in models.items():
-        select_bytes = [size * scale for size in select["calls"]]
+    for name, (terms, select) in models.items():
+        select_bytes = bytes_at(select, 1024)
+        ties = sum(per_rank for _, per_rank in select["calls"])
         worst = sum(nccl_time_us("all_reduce", s, 1024, 100) for s in select_bytes) / 1e3
         ratio = terms["hook_entries"] / terms["total"]
         goals.append(
             f"- {name}: {terms['total']:,} parameters, {terms['masked']:,} masked "
             f"({len(terms['shapes'])} layers), ERK density {DENSITY}. Mask-update traffic flat in "
-            f"world size: yes, {len(select_bytes)} all-reduces of {sum(select_bytes) / 1e3:.1f} kB "
-            f"a rank at every size (no tie exchange ran; it would add layers x GPUs x 8 B). "
+            f"world size: {'no' if ties else 'yes'}, {len(select_bytes)} all-reduces of "
+            f"{sum(select_bytes) / 1e3:.1f} kB a rank at 1024 GPUs ({ties} tie exchange(s) of "
+            f"layers x GPUs x 8 B: the only term that grows with the GPUs). "
             f"Update < 1 ms at 1024 GPUs on 100 Gb/s: {'yes' if worst < 1 else 'no'} "
             f"({worst:.2f} ms, latency-bound: {len(select_bytes)} rounds of "
             f"{nccl_time_us('all_reduce', 8, 1024, 100):.0f} us). Hook bytes / dense = "
@@ -327,15 +332,16 @@ def main(argv: list[str] | None = None) -> int:
         "NCCL's published latencies and the stated link rates instead and keeps only the "
         "measured form (a latency per call plus bytes over a rate). "
         "The model ignores NVLink inside a node (every hop crosses the network), LL128, "
-        "congestion and the overlap of the gradient all-reduce with the backward pass; the "
-        "select's GPT-2 XL bytes scale one block's measured rows by 48 identical blocks.\n\n"
+        "congestion and the overlap of the gradient all-reduce with the backward pass; "
+        f"GPT-2 XL's select ran on all its layers at 1/{args.gpt_scale} of their size (the same "
+        "histogram rows; a round fewer may be needed than at full size).\n\n"
         f"![scale model]({FIGURE.name})\n")
     print(notes)
     if not args.no_record:
         settings = (f"sizes {SIZES[0]} B-{SIZES[-1] >> 20} MB, median of {args.repeats}; "
                     f"ERK density {DENSITY}, RigL drop fraction {DROP_FRACTION}, |N(0,1)| scores; "
                     f"NCCL tuning.cc b647562 latencies, one GPU per hop; GPT-2 XL select on "
-                    f"{args.gpt_blocks} of 48 blocks")
+                    f"all layers at 1/{args.gpt_scale} of their size")
         info = run_info(load_before, settings, {"wall time of the benchmark": f"{wall:.0f} s"})
         append_results("scale_model.py: measured gloo alpha/beta, modelled cost to 1024 GPUs",
                        info, notes)

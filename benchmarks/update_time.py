@@ -7,7 +7,9 @@ scores (the floor of one selection), then one `method.update` of RigL, SET, GMP,
 GraNet-ST at sparsity 0.9 (the methods' own scores, counts and selections; masks as training holds
 them at that step), SET's counter-based random grow scores alone, then FORCE's selections:
 `pai_iterations` global top-k over fixed scores at the exponential schedule's densities, as
-`method.init=force` runs them between its gradients.
+`method.init=force` runs them between its gradients. With `--pieces` every update selects
+through a one-rank `PieceLayout` on flattened pieces: the sharded (ZeRO-3 / FSDP2) select's local
+work, its all-reduces the identity.
 Reported per item: the median time and its ratio to the median topk, and the range of the
 per-round ratios (each to that round's topk), against the goals of the issue.
 Run: python benchmarks/update_time.py [--device cuda] [--model gpt2-medium --blocks 4]
@@ -39,6 +41,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--blocks", type=int, default=24, help="GPT-2 medium blocks (the scale)")
     parser.add_argument("--methods", default=",".join(GOALS),
                         help=f"comma-separated subset of {','.join(GOALS)}")
+    parser.add_argument("--pieces", action="store_true",
+                        help="select through the sharded select (a one-rank PieceLayout)")
     parser.add_argument("--no-record", action="store_true", help="print only, no RESULTS.md entry")
     return parser.parse_args(argv)
 
@@ -73,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     from distsparse.config import MethodConfig
     from distsparse.methods import TrainingSchedule, build_method
     from distsparse.sparsity.allocation import active_count
+    from distsparse.sparsity.layout import PieceLayout
     from distsparse.sparsity.schedules import iterative_densities
     from distsparse.sparsity.select import global_topk_masks
 
@@ -87,14 +92,18 @@ def main(argv: list[str] | None = None) -> None:
     weights = {n: torch.randn(s, generator=gen).to(args.device) for n, s in shapes.items()}
     grads = {n: torch.randn(s, generator=gen).to(args.device) for n, s in shapes.items()}
     force_scores = {n: torch.randn(s, generator=gen).abs().to(args.device) for n, s in shapes.items()}
+    layout = PieceLayout(shapes, 0, 1, lambda tensor: tensor, lambda tensor: [tensor]) if args.pieces else None
+    if layout is not None:  # one rank owns every layer whole, as a flattened piece
+        weights, grads = ({n: t.reshape(-1) for n, t in d.items()} for d in (weights, grads))
     flat = torch.cat([w.reshape(-1) for w in weights.values()]).abs()
     total = flat.numel()
     schedule = TrainingSchedule(total_steps=TOTAL_STEPS, steps_per_epoch=STEPS_PER_EPOCH)
     methods, masks = {}, {}
     for name in chosen:
         method = build_method(MethodConfig(name=name, sparsity=0.9), schedule, SEED)
+        method.layout = layout
         initial = method.initial_masks(shapes)
-        masks[name] = {n: m.to(args.device) for n, m in initial.items()}
+        masks[name] = {n: (m.reshape(-1) if layout else m).to(args.device) for n, m in initial.items()}
         if name in ("gmp", "granet"):  # dense-to-sparse: the mask of the previous update
             masks[name] = {**masks[name], **method.update(
                 UPDATE_STEP[name] - 100, masks[name], weights, grads)}
@@ -141,7 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     print(table)
     if not args.no_record:
         model = "ResNet-50" if args.model == "resnet50" else f"GPT-2 medium ({args.blocks} blocks)"
-        settings = (f"{model}'s {len(shapes)} weight layers ({total} weights), random N(0, 1) "
+        where = "the sharded select on one rank's pieces" if args.pieces else "full tensors"
+        settings = (f"{model}'s {len(shapes)} weight layers ({total} weights), {where}, random N(0, 1) "
                     f"weights and gradients, float32 on {args.device}, sparsity 0.9, ERK init, "
                     f"update steps {UPDATE_STEP} of {TOTAL_STEPS}; topk k = 10 % of all scores; "
                     f"{args.rounds} interleaved rounds after one warm-up; "

@@ -23,6 +23,20 @@ def final_state(run: Path) -> dict:
                       map_location="cpu", weights_only=True)
 
 
+def selection_bytes_bound(numels: list[int], world_size: int, selections: int = 3) -> int:
+    """Most bytes a mask update's selections may all-reduce per rank (`sharded_topk`): per
+    selection at most 64 / w histogram rounds, w the first (narrowest) digit width, each of at
+    most min(ROUND_COUNTS + layers, layers x (2^cap + 1)) int32 counts, cap the width the largest
+    layer allows, then a (layers x ranks) int64 tie table; and one int64 count per layer."""
+    from distsparse.sparsity.sharded_select import ROUND_COUNTS, round_bits
+
+    layers = len(numels)
+    width, cap = round_bits(layers, 64, max(numels)), round_bits(1, 64, max(numels))
+    per_round = min(ROUND_COUNTS + layers, layers * (2**cap + 1)) * 4
+    per_selection = -(-64 // width) * per_round + layers * world_size * 8
+    return selections * per_selection + layers * 8
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (for a rendezvous or a test service)."""
     with socket.socket() as probe:

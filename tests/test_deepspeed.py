@@ -37,13 +37,11 @@ from distsparse.engine.native_checkpoint import DEEPSPEED_DIR, step_tag
 from distsparse.engine.post_training import resolve_run_dir
 from distsparse.engine.runs import load_run
 from distsparse.errors import CheckpointError, ConfigError
-from tests.conftest import SMALL, final_state, free_port, mask_update_fingerprints
+from tests.conftest import SMALL, final_state, free_port, mask_update_fingerprints, selection_bytes_bound
 
 QUICKSTART = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
 BASE = [*SMALL, "model.name=mlp", "launcher.num_workers=2"]
 STAGES = (0, 1, 2, 3)
-SELECTION_BYTES_LIMIT = 64 * 1024
-"""Bytes the stage-3 selection may put on the wire per update for the test model (kilobytes)."""
 FULL_GATHERS = ("safe_get_full_fp32_param", "safe_get_full_grad", "safe_get_full_optimizer_state")
 # RigL skips the optimizer step on update steps (DeepSpeed's step then only clears gradients);
 # GraNet-ST prunes and regrows after the step. Both grow by the dense gradient.
@@ -174,7 +172,8 @@ def _forbid_full_gathers(trainer, errors: list[str], notes: list[str]) -> None:
             raise
         selection = layout.bytes_sent - sent
         sent_per_update.append((selection, layout.bytes_gathered - gathered))
-        if not 0 < selection < SELECTION_BYTES_LIMIT:
+        numels = [layout.numel(name) for name in layout.names]
+        if not 0 < selection <= selection_bytes_bound(numels, access.world_size):
             errors.append(f"{label} step {step}: the selection sent {selection} bytes")
 
     access.grads, trainer.sparsifier._update_masks = guarded(grads), measured_update

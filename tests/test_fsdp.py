@@ -37,7 +37,7 @@ from distsparse.errors import ConfigError
 from distsparse.models.gpt import build_gpt
 from distsparse.sparsifier.fsdp_access import FSDPAccess, local_shard
 from distsparse.sparsity.masks import MaskSet
-from tests.conftest import free_port
+from tests.conftest import free_port, selection_bytes_bound
 
 WORLD, STEPS, BATCH, SAVE_AT = 2, 12, 8, 7
 VOCAB, WIDTH, HIDDEN, CONTEXT, LAYERS = 13, 7, 11, 6, 2
@@ -48,8 +48,6 @@ OPTIMIZERS = {
 }
 CASES = {"rigl": "sgd", "set": "adamw", "granet_st": "adam"}
 OPTIONS = {"sparsity": 0.7, "total_steps": STEPS, "update_interval": 3, "seed": 5}
-SELECTION_BYTES_LIMIT = 16 * 1024
-"""What one update may put on the wire per rank for this model (histograms and counts)."""
 GATHERS = [(DTensor, "full_tensor"), (DTensor, "redistribute"),
            (_fsdp_collectives, "foreach_all_gather"), (_fsdp_param_group, "foreach_all_gather"),
            (dist, "all_gather"), (dist, "all_gather_into_tensor"), (dist, "all_gather_object")]
@@ -159,7 +157,8 @@ def _record_updates(sparsifier: distsparse.Sparsifier, guard: bool, errors: list
             raise
         if guard:
             selection = layout.bytes_sent - sent
-            if not 0 < selection < SELECTION_BYTES_LIMIT or layout.bytes_gathered != gathered:
+            bound = selection_bytes_bound([layout.numel(name) for name in layout.names], WORLD)
+            if not 0 < selection <= bound or layout.bytes_gathered != gathered:
                 errors.append(f"{label} step {step}: sent {selection} bytes, gathered "
                               f"{layout.bytes_gathered - gathered}")
         updates.append({"step": step, "masks": sparsifier.mask_set.full_masks(),

@@ -14,9 +14,14 @@ import torch.multiprocessing as mp
 
 from distsparse.sparsity.select import global_topk_masks, topk_mask
 from distsparse.sparsity.sharded_select import (
+    NARROW_DTYPES,
+    ROUND_COUNTS,
+    SPARE_BITS,
     ShardedSelection,
     ShardPiece,
+    _candidate_keys,
     order_preserving_bits,
+    round_bits,
     sharded_global_topk,
     sharded_layer_topk,
     zero3_partition,
@@ -24,7 +29,20 @@ from distsparse.sparsity.sharded_select import (
 from tests.conftest import count_host_reads, free_port
 
 NUMELS = [7, 13, 1, 100, 2]  # none divisible by 3 or 4; the 1- and 2-element layers leave ranks empty
-HISTOGRAM_BYTES = (256 + 1) * 8  # 2^8 counts and the NaN count, int64
+
+
+def _row_bytes(width: int) -> int:
+    """One group's histogram row: 2^width counts and the NaN count, int32 (fewer than 2^31
+    scores in all layers together)."""
+    return (2**width + 1) * 4
+
+
+def _max_rounds(full: list[torch.Tensor], bits_per_round: int | None) -> int:
+    """Histogram rounds at most: 32-bit keys for float32 and narrower scores, 64-bit otherwise;
+    the default width for one group of all elements is `round_bits(1, key_bits, elements)`."""
+    key_bits = 32 if all(s.dtype in NARROW_DTYPES for s in full) else 64
+    elements = sum(s.numel() for s in full)
+    return math.ceil(key_bits / (bits_per_round or round_bits(1, key_bits, elements)))
 
 
 def _pieces(full: list[torch.Tensor], rank: int, world: int) -> list[ShardPiece]:
@@ -75,7 +93,7 @@ def _simulate(
     k: int,
     world: int,
     eligible: list[torch.Tensor] | None = None,
-    bits_per_round: int = 8,
+    bits_per_round: int | None = None,
 ) -> list[ShardedSelection | BaseException]:
     """`sharded_global_topk` on every rank's pieces of `full`, in threads."""
     return _run_ranks(world, lambda rank, all_reduce_sum: sharded_global_topk(
@@ -90,7 +108,7 @@ def _assert_matches_single_process(
     k: int,
     world: int,
     eligible: list[torch.Tensor] | None = None,
-    bits_per_round: int = 8,
+    bits_per_round: int | None = None,
 ) -> list[ShardedSelection]:
     results = _simulate(full, k, world, eligible, bits_per_round)
     for result in results:
@@ -106,7 +124,7 @@ def _assert_matches_single_process(
     assert sum(int(mask.sum()) for result in results for mask in result.masks) == k
     for result in results:  # every rank took part in the same collectives
         assert (result.bytes_sent, result.all_reduces) == (results[0].bytes_sent, results[0].all_reduces)
-        assert result.all_reduces <= 64 // bits_per_round + 1
+        assert result.all_reduces <= _max_rounds(full, bits_per_round) + 1
     return results
 
 
@@ -168,6 +186,36 @@ def test_half_precision_scores_are_exact():
             _assert_matches_single_process(full, k, 3)
 
 
+def test_int32_scores_are_exact():
+    # Counter-based random scores are int32 over the whole range, heavy ties included.
+    gen = torch.Generator().manual_seed(8)
+    full = [torch.randint(-2**31, 2**31 - 1, (n,), generator=gen, dtype=torch.int32) for n in NUMELS]
+    full[3][::3] = 5
+    for k in (1, 17, 60, TOTAL):
+        _assert_matches_single_process(full, k, 3)
+
+
+def test_mixed_precision_layers_select_on_64_bit_keys():
+    full = _layers("signed", torch.float64, seed=6)
+    full = [layer.float() if i % 2 else layer for i, layer in enumerate(full)]
+    for k in (1, 40, TOTAL - 3):
+        _assert_matches_single_process(full, k, 3, bits_per_round=16)
+        _assert_matches_single_process(full, k, 3)
+
+
+def test_counts_are_int64_once_the_model_reaches_2_31_elements():
+    # Rank 0 of 2^20 ranks owns 2,048 elements of a 2^31-element layer; the all-reduce records
+    # the dtype of every count it is handed (the other ranks contribute nothing here).
+    numel, world = 2**31, 2**20
+    assert zero3_partition(numel, 0, world) == (0, 2048)
+    scores = torch.randn(2048, generator=torch.Generator().manual_seed(0))
+    dtypes = []
+    selection = sharded_global_topk([ShardPiece(scores, 0, numel)], 10,
+                                    lambda tensor: dtypes.append(tensor.dtype), rank=0, world_size=world)
+    assert dtypes and set(dtypes) == {torch.int64}
+    assert torch.equal(selection.masks[0], topk_mask(scores, 10))
+
+
 def test_ties_across_layers_and_ranks_follow_global_index():
     # Every score equal: the selection is exactly the k lowest global indices, which interleave
     # layers and ranks as (layer, rank, local index).
@@ -175,15 +223,28 @@ def test_ties_across_layers_and_ranks_follow_global_index():
     results = _assert_matches_single_process(full, 30, 4)
     union = torch.cat([torch.cat([r.masks[layer] for r in results]) for layer in range(len(NUMELS))])
     assert torch.equal(union, torch.arange(TOTAL) < 30)
-    assert results[0].all_reduces == 9  # 8 histogram rounds, then the tie counts
-    assert results[0].bytes_sent == 8 * HISTOGRAM_BYTES + len(NUMELS) * 4 * 8
+    # float32 keys have 32 bits, in digits as wide as 123 elements call for (their 7 bits and
+    # SPARE_BITS, under the 14 bits one group's histogram may have); all 32 bits get fixed, then
+    # one exchange of the tie counts.
+    width = TOTAL.bit_length() + SPARE_BITS
+    assert ROUND_COUNTS == 2**14 and round_bits(1, 32) == 14 and round_bits(1, 32, TOTAL) == width == 9
+    widths = [width, width, width, 32 - 3 * width]
+    assert results[0].all_reduces == len(widths) + 1
+    assert results[0].bytes_sent == sum(map(_row_bytes, widths)) + len(NUMELS) * 4 * 4
+    # Fixed 8-bit digits: four rounds for 32-bit keys, eight for float64 scores.
+    for dtype, rounds in ((torch.float32, 4), (torch.float64, 8)):
+        results = _assert_matches_single_process(_layers("equal", dtype, seed=0), 30, 4, bits_per_round=8)
+        assert results[0].all_reduces == rounds + 1
+        assert results[0].bytes_sent == rounds * _row_bytes(8) + len(NUMELS) * 4 * 4
 
 
 def test_distinct_threshold_stops_before_the_tie_exchange():
     full = [torch.arange(50, dtype=torch.float32)]
     results = _assert_matches_single_process(full, 10, 2)
-    assert results[0].all_reduces < 9
-    assert results[0].bytes_sent == results[0].all_reduces * HISTOGRAM_BYTES
+    # 8-bit digits (50 elements): the first (sign and 7 exponent bits) leaves 2.0-49.0 in the
+    # k-th's bucket, the second (the last exponent bit and 7 mantissa bits) isolates 40.0.
+    assert round_bits(1, 32, 50) == 8
+    assert results[0].all_reduces == 2 and results[0].bytes_sent == 2 * _row_bytes(8)
 
 
 def test_impossible_k_and_nan_raise_on_every_rank():
@@ -235,6 +296,29 @@ def test_order_preserving_bits_is_monotone():
     )
     with pytest.raises(ValueError, match="NaN"):
         order_preserving_bits(torch.tensor([1.0, math.nan]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int32, torch.int8])
+def test_32_bit_keys_keep_the_scores_order(dtype):
+    # float32, int32 and narrower scores select on 32-bit keys whose bit patterns, read unsigned,
+    # order as the float64 keys do (float32 or int32 holds every such value exactly), -0.0 equal
+    # to +0.0.
+    gen = torch.Generator().manual_seed(1)
+    if dtype.is_floating_point:
+        info = torch.finfo(dtype)
+        edges = torch.tensor([-math.inf, info.min, -1.0, -info.tiny, -0.0, 0.0, info.tiny, 1.0,
+                              info.max, math.inf], dtype=dtype)
+        values = torch.cat([edges, (torch.randn(2000, generator=gen) * 10).to(dtype)])
+    else:
+        info = torch.iinfo(dtype)
+        edges = torch.tensor([info.min, info.min + 1, -1, 0, 1, info.max - 1, info.max], dtype=dtype)
+        values = torch.cat([edges, torch.randint(info.min, info.max, (2000,), generator=gen, dtype=dtype)])
+    keys = _candidate_keys(values, 32)
+    assert keys.dtype == torch.int32
+    keys = keys.to(torch.int64) & (2**32 - 1)  # the bit patterns read unsigned
+    wide = order_preserving_bits(values)
+    for compare in (torch.gt, torch.eq):
+        assert torch.equal(compare(keys[:, None], keys[None, :]), compare(wide[:, None], wide[None, :]))
 
 
 # --- two real processes over gloo, ResNet-50's weight layers -------------------------------------
@@ -301,15 +385,20 @@ def test_two_gloo_processes_on_resnet50_layers(tmp_path):
             union = torch.cat([ranks[r][kind]["layer_masks"][layer] for r in range(WORLD)])
             assert torch.equal(union, topk_mask(full[layer], numels[layer] // 10)), f"{kind} {layer}"
         layer_sent, layer_calls = ranks[0][kind]["layer_bytes"], ranks[0][kind]["layer_all_reduces"]
-        assert layer_calls <= 9
-        assert layer_sent <= 8 * len(numels) * HISTOGRAM_BYTES + len(numels) * WORLD * 8
+        # float32 keys: 32 bits in digits at least as wide as the first round's (all layers open),
+        # each round at most ROUND_COUNTS counts and a count per open layer, then the tie table.
+        tie_table = len(numels) * WORLD * 4
+        layer_rounds = math.ceil(32 / round_bits(len(numels), 32, max(numels)))
+        assert layer_calls <= layer_rounds + 1
+        assert layer_sent <= layer_rounds * (ROUND_COUNTS + 2 * len(numels)) * 4 + tie_table
         sent, calls = ranks[0][kind]["bytes"], ranks[0][kind]["all_reduces"]
         assert (sent, calls) == (ranks[1][kind]["bytes"], ranks[1][kind]["all_reduces"])
         # The payload depends on the number of layers and rounds only, never on the layers' sizes:
-        # at most 8 histograms and one (layers x world) tie table, also for the full-size model.
-        worst = 8 * HISTOGRAM_BYTES + len(numels) * WORLD * 8
-        assert sent <= worst < 64 * 1024
+        # at most 3 histograms of 14-bit digits and one (layers x world) tie table, also for the
+        # full-size model, a fraction of a percent of its scores.
+        worst = 3 * _row_bytes(14) + tie_table
         full_size_scores = SCALE * sum(numels) * 4
+        assert sent <= worst < full_size_scores / 200
         print(
             f"\n{kind}: {len(numels)} layers, {sum(numels)} scores, {calls} all-reduces, {sent} bytes "
             f"per selection on each rank (at most {worst}); gathering full-size ResNet-50's float32 "
@@ -346,20 +435,25 @@ def test_layer_topk_equals_topk_mask_of_every_layer(world, kind):
                 union = torch.cat([result.masks[layer] for result in results])
                 assert torch.equal(union, expected), f"world {world}, ks {ks}, layer {layer}"
             calls = {(r.bytes_sent, r.all_reduces) for r in results}
-            assert len(calls) == 1 and results[0].all_reduces <= 64 // 8 + 1
+            rounds = math.ceil(32 / round_bits(len(NUMELS), 32, max(NUMELS)))
+            assert len(calls) == 1 and results[0].all_reduces <= rounds + 1
 
 
 def test_layer_topk_shares_each_round_between_layers():
-    # All scores equal in every layer: each layer needs all 8 rounds and the tie exchange, and
-    # still the layers together make 9 collectives, each round one (layers x 257) histogram. The
-    # 1-element layer (k = 0) is decided by the first round and sends no row after it.
+    # All scores equal in every layer: each layer needs all 32 bits of its float32 keys and the tie
+    # exchange, and still the layers together make one collective a round, each round one
+    # (open layers x (2^width + 1)) histogram, the digits as wide as the 100-element layer calls
+    # for. The 1-element layer (k = 0) is decided by the first round and sends no row after it.
     full = _layers("equal", torch.float32, seed=0)
     ks = [n // 2 for n in NUMELS]
     assert ks.count(0) == 1
     results = _simulate_layers(full, ks, 3)
-    assert results[0].all_reduces == 9
-    rows = len(NUMELS) + 7 * (len(NUMELS) - 1)
-    assert results[0].bytes_sent == rows * HISTOGRAM_BYTES + len(NUMELS) * 3 * 8
+    widths = [round_bits(len(NUMELS), 32, max(NUMELS)), round_bits(len(NUMELS) - 1, 32, max(NUMELS))]
+    assert widths[:2] == [9, 9]
+    widths = [9, 9, 9, 5]
+    assert results[0].all_reduces == len(widths) + 1
+    rows = len(NUMELS) * _row_bytes(widths[0]) + sum((len(NUMELS) - 1) * _row_bytes(w) for w in widths[1:])
+    assert results[0].bytes_sent == rows + len(NUMELS) * 3 * 4
     for layer, k in enumerate(ks):
         assert torch.equal(torch.cat([r.masks[layer] for r in results]),
                            torch.arange(NUMELS[layer]) < k)

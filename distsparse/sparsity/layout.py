@@ -8,11 +8,12 @@ Two layouts give identical masks:
   local (`sparsity.select`) and identical on every rank.
 - `PieceLayout`: every rank holds one contiguous 1-D piece of each flattened layer, in rank order
   (`contiguous_partition`): ZeRO-3's `ds_tensor` without its padding, or, with a row as the unit,
-  the local shard of FSDP2's Shard(0) DTensor (uneven when rows do not divide). Selections run `sharded_select.sharded_topk` (one
-  histogram all-reduce per round for all layers together), counts are one all-reduce of one int64
-  a layer, and no score, weight or gradient leaves its rank. Only `full_masks` moves masks: one
-  all-gather of the bit-packed pieces (numel / 8 bytes a layer), for checkpoints, fingerprints and
-  persistent parameters, never for a selection.
+  the local shard of FSDP2's Shard(0) DTensor (uneven when rows do not divide). Selections run
+  `sharded_select.sharded_topk` (one histogram all-reduce per round for all layers together, 2-4
+  rounds a selection), counts are one all-reduce of one int64 a layer, and no score, weight or
+  gradient leaves its rank. Only `full_masks` moves masks: one all-gather of the bit-packed pieces
+  (numel / 8 bytes a layer), for checkpoints, fingerprints and persistent parameters, never for a
+  selection.
 """
 from __future__ import annotations
 
@@ -28,13 +29,6 @@ from distsparse.sparsity.sharded_select import ShardPiece, contiguous_partition,
 __all__ = ["FullLayout", "PieceLayout", "full_layout_of", "pack_bits"]
 
 Masks = dict[str, torch.Tensor]
-GLOBAL_BITS_PER_ROUND = 8
-"""Digit width of the global top-k: one 257-count histogram (2 kB) a round, at most 8 rounds."""
-LAYER_BITS_PER_ROUND = 4
-"""Digit width of per-layer top-k: a row of 17 counts a layer a round, at most 16 rounds. The
-payload grows with the number of layers: on ResNet-50's 54 layers one selection sends 53 kB
-(|N(0,1)| scores) to 118 kB (heavy ties) per rank, against 424-889 kB with 8-bit digits, for 9-17
-all-reduces instead of 5-9."""
 AllReduceSum = Callable[[torch.Tensor], object]
 AllGather = Callable[[torch.Tensor], Sequence[torch.Tensor]]
 
@@ -165,14 +159,12 @@ class PieceLayout(FullLayout):
         return dict(zip(names, counts.tolist()))
 
     def _select(self, scores: Mapping[str, torch.Tensor], names: list[str], ks: list[int],
-                groups: list[int], eligible: Mapping[str, torch.Tensor] | None,
-                bits_per_round: int) -> Masks:
+                groups: list[int], eligible: Mapping[str, torch.Tensor] | None) -> Masks:
         shards = [ShardPiece(scores[name].reshape(-1), self.bounds[name][0], self.numel(name),
                              self.units[name]) for name in names]
         selection = sharded_topk(
             shards, ks, groups, self.all_reduce_sum, rank=self.rank, world_size=self.world_size,
-            eligible=None if eligible is None else [eligible[name].reshape(-1) for name in names],
-            bits_per_round=bits_per_round)
+            eligible=None if eligible is None else [eligible[name].reshape(-1) for name in names])
         self.bytes_sent += selection.bytes_sent
         return dict(zip(names, selection.masks))
 
@@ -183,7 +175,7 @@ class PieceLayout(FullLayout):
         """Per named layer in `ks`, batched: every layer shares each round's all-reduce."""
         names = self._ordered(ks)
         return self._select(scores, names, [ks[name] for name in names], list(range(len(names))),
-                            eligible, LAYER_BITS_PER_ROUND)
+                            eligible)
 
     def global_topk(
         self, scores: Mapping[str, torch.Tensor], k: int,
@@ -191,7 +183,7 @@ class PieceLayout(FullLayout):
     ) -> Masks:
         """The k highest scores over all given layers' pieces, exactly as over the full tensors."""
         names = self._ordered(scores)
-        return self._select(scores, names, [k], [0] * len(names), eligible, GLOBAL_BITS_PER_ROUND)
+        return self._select(scores, names, [k], [0] * len(names), eligible)
 
     def drop_and_grow(
         self, masks: Mapping[str, torch.Tensor], drop_scores: Mapping[str, torch.Tensor],

@@ -52,11 +52,14 @@ def random_scores(
     device: torch.device | str = "cpu",
     offset: int = 0,
 ) -> torch.Tensor:
-    """Counter-based uniform scores for a layer (global indices offset .. offset + numel - 1)."""
+    """Counter-based uniform scores for a layer (global indices offset .. offset + numel - 1):
+    the 32-bit draws shifted by -2^31 into int32 (the same order; selections then work on 32-bit
+    keys)."""
     numel = 1
     for dim in shape:
         numel *= dim
-    return random_bits_range(seed, step, layer, purpose, offset, numel, device).view(shape)
+    bits = random_bits_range(seed, step, layer, purpose, offset, numel, device)
+    return bits.sub_(2**31).to(torch.int32).view(shape)
 
 
 def _identity(tensor: torch.Tensor) -> torch.Tensor:

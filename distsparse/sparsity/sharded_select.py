@@ -7,20 +7,29 @@ Shard(0) DTensors split whole rows the same way (`contiguous_partition` with the
 The selection here equals `global_topk_masks` on the full scores, restricted to this rank's pieces, and
 moves no scores or weights:
 
-1. Every score becomes a 64-bit key whose integer order is the float order (`order_preserving_bits`).
-2. Radix select from the most significant digit: each round all-reduces ONE histogram of the current
-   `bits_per_round`-bit digit over the still-undecided candidates of all layers, finds the digit of
-   the k-th largest key, marks the candidates above it selected and keeps those equal to it. The
-   select stops early once the bucket holds exactly the entries still needed.
-3. If all 64 bits get fixed first, the remaining candidates all equal the threshold key T and `need`
-   of them are still missing. Ties break by global index, whose order is (layer, rank, local index):
-   one all-reduce of the (num_layers x world_size) tie counts, an exclusive prefix sum over them in
-   that order, and each rank takes its lowest-index ties up to what is left for its piece.
+1. Every score becomes a key whose unsigned bit order is the scores' order: 32 bits when every
+   layer's scores are float32, int32 or narrower (counter-based random scores are int32), else
+   the 64 bits of `order_preserving_bits`.
+2. Radix select from the most significant digit: each round all-reduces ONE histogram of the next
+   digit over the still-undecided candidates of all layers, finds the digit of the k-th largest
+   key, marks the candidates above it selected and keeps those equal to it. The select stops early
+   once the bucket holds exactly the entries still needed.
+3. If all key bits get fixed first, the remaining candidates all equal the threshold key T and
+   `need` of them are still missing. Ties break by global index, whose order is (layer, rank, local
+   index): one all-reduce of the (num_layers x world_size) tie counts, an exclusive prefix sum over
+   them in that order, and each rank takes its lowest-index ties up to what is left for its piece.
 
-Each histogram is 2^bits_per_round int64 counts plus one NaN count (2,056 bytes at the default 8
-bits); at most 64 / bits_per_round rounds plus one tie exchange: kilobytes per update whatever the
-size of the model. `ShardedSelection.bytes_sent` reports the payload this rank handed to the
-all-reduce.
+Across many GPUs a round costs its latency (about 100 us at 1024 GPUs) more than its bytes, so
+the digits are wide: `round_bits` gives each round the widest digit whose histograms fit in
+`ROUND_COUNTS` counts (14 bits for one group, 8 for ResNet-50's 54 layers), no wider than the
+largest layer's size calls for. Counts (histograms and tie tables) are int32 while the model has
+fewer than 2^31 elements.
+A selection of |N(0, 1)| scores then takes 2-4 rounds; the histograms are kilobytes to 64 kB a
+round whatever the size of the layers. `ShardedSelection.bytes_sent` reports the payload this rank
+handed to the all-reduce.
+
+The first round reads each layer's piece in place; the candidates it leaves undecided (about one
+in 2^width) go on together, so later rounds cost what they hold, not what the model holds.
 
 `sharded_topk` runs several independent selections at once, each over a group of layers with its
 own k (one group: the global top-k; one group per layer: the per-layer top-k of RigL, SET and
@@ -29,6 +38,7 @@ stop when every group has found its threshold: the collectives of one selection,
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -49,6 +59,16 @@ __all__ = [
 KEY_BITS = 64
 SIGN_BIT = -(2**63)  # int64 with only the sign bit set
 LOW_BITS = 2**63 - 1  # int64 with every bit but the sign bit set
+NARROW_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int32, torch.int16, torch.int8)
+"""Score dtypes exactly ordered by 32-bit keys (float32 or int32 holds them all): 32 bits to
+resolve, not 64."""
+SPARE_BITS = 2
+"""Digit bits beyond the bit length of the largest open group's element count."""
+ROUND_COUNTS = 2**14
+"""Histogram counts a round may all-reduce (128 kB of int64): the digit width follows from the
+number of groups still searching. At scale a round costs its latency (about 100 us across 1024
+GPUs) far more than its bytes, so wide digits and few rounds win until the histograms reach
+hundreds of kB."""
 
 
 class ShardPiece(NamedTuple):
@@ -127,7 +147,7 @@ def sharded_global_topk(
     rank: int,
     world_size: int,
     eligible: Sequence[torch.Tensor] | None = None,
-    bits_per_round: int = 8,
+    bits_per_round: int | None = None,
 ) -> ShardedSelection:
     """Masks of this rank's pieces: exactly `global_topk_masks(full scores, k, full eligible)`.
 
@@ -150,7 +170,7 @@ def sharded_layer_topk(
     rank: int,
     world_size: int,
     eligible: Sequence[torch.Tensor] | None = None,
-    bits_per_round: int = 8,
+    bits_per_round: int | None = None,
 ) -> ShardedSelection:
     """Per layer: exactly `topk_mask(full scores, ks[layer], full eligible)`, all layers batched.
 
@@ -159,6 +179,35 @@ def sharded_layer_topk(
     """
     return sharded_topk(shards, ks, list(range(len(shards))), all_reduce_sum, rank=rank,
                         world_size=world_size, eligible=eligible, bits_per_round=bits_per_round)
+
+
+def round_bits(open_groups: int, key_bits: int, most_candidates: int | None = None) -> int:
+    """Digit width of a round: the widest (at most 16 bits) whose histograms for `open_groups`
+    groups fit in `ROUND_COUNTS` counts; with `most_candidates` (the largest group's elements), no
+    wider than its bit length plus `SPARE_BITS` (2^SPARE_BITS buckets an element); never wider
+    than the `key_bits` left."""
+    width = max(1, min(16, (ROUND_COUNTS // max(open_groups, 1)).bit_length() - 1))
+    if most_candidates is not None:
+        width = min(width, most_candidates.bit_length() + SPARE_BITS)
+    return min(width, key_bits)
+
+
+def _key_bits(shards: Sequence[ShardPiece]) -> int:
+    narrow = all(piece.scores.dtype in NARROW_DTYPES for piece in shards)
+    return 32 if narrow else KEY_BITS
+
+
+def _candidate_keys(scores: torch.Tensor, key_bits: int) -> torch.Tensor:
+    """Keys whose bit patterns, read unsigned, order as the floats `scores` do: int32 for 32-bit
+    keys, int64 for 64-bit ones. -0.0 gets the key of +0.0 (adding +0.0 turns -0.0 into +0.0)."""
+    if key_bits == KEY_BITS:
+        return _keys(scores) ^ SIGN_BIT
+    if not scores.is_floating_point():  # flipping the sign bit makes the signed order unsigned
+        return scores.to(torch.int32) ^ -(2**31)
+    bits = (scores.to(torch.float32) + 0.0).view(torch.int32)
+    # Negative floats flip every bit but the sign (a larger magnitude sorts lower), then the sign
+    # bit flips for all: the signed order becomes the unsigned order of the bit patterns.
+    return bits ^ ((bits >> 31) & (2**31 - 1)) ^ -(2**31)
 
 
 def sharded_topk(
@@ -170,18 +219,19 @@ def sharded_topk(
     rank: int,
     world_size: int,
     eligible: Sequence[torch.Tensor] | None = None,
-    bits_per_round: int = 8,
+    bits_per_round: int | None = None,
 ) -> ShardedSelection:
     """Independent top-k selections over groups of layers, sharing each round's all-reduce.
 
     Layer `i` belongs to group `groups[i]`; group `g` selects its `ks[g]` highest scores over its
     layers, ties going to the lower global index in (layer, rank, local index) order: one group
     of all layers is the global top-k, one group per layer the per-layer top-k. Each round
-    all-reduces one (open groups x (2^bits_per_round + 1)) histogram: a group that has found its
-    threshold drops out of later rounds, and the rounds end when every group has.
+    all-reduces one (open groups x (2^bits + 1)) histogram: a group that has found its
+    threshold drops out of later rounds, and the rounds end when every group has. `bits_per_round`
+    fixes the digit width; by default each round takes `round_bits(open groups)`.
     """
-    if KEY_BITS % bits_per_round or not 1 <= bits_per_round <= 16:
-        raise ValueError(f"bits_per_round must divide 64 and be at most 16, got {bits_per_round}")
+    if bits_per_round is not None and not 1 <= bits_per_round <= 16:
+        raise ValueError(f"bits_per_round must be 1 to 16, got {bits_per_round}")
     if any(k < 0 for k in ks):
         raise ValueError(f"cannot select {min(ks)} entries")
     if not 0 <= rank < world_size:
@@ -201,42 +251,22 @@ def sharded_topk(
         sent["calls"] += 1
         return tensor
 
-    def finished() -> ShardedSelection:
-        return ShardedSelection(masks, sent["bytes"], sent["calls"])
-
-    # Per layer: local indices of the undecided candidates and their unsigned-order keys.
-    indices, keys = [], []
-    for layer, piece in enumerate(shards):
-        if eligible is None:
-            index = torch.arange(piece.scores.numel(), device=device)
-        else:
-            index = eligible[layer].reshape(-1).nonzero().squeeze(1)
-        indices.append(index)
-        keys.append(piece.scores[index])
-    masks = [torch.zeros(piece.scores.numel(), dtype=torch.bool, device=device) for piece in shards]
-    empty = torch.zeros(0, dtype=torch.int64, device=device)
-
-    # Each rank adds its count of eligible NaNs in one more slot, so that all ranks raise together
-    # rather than one leaving the others waiting in the collective.
-    nans = torch.zeros((), dtype=torch.int64, device=device)
-    for key in keys:
-        nans += torch.isnan(key).sum()
-    keys = [_keys(key) ^ SIGN_BIT for key in keys]  # int64 bit patterns in unsigned order
-    buckets, first_shift = 2**bits_per_round, KEY_BITS - bits_per_round
+    sizes = [piece.scores.numel() for piece in shards]
+    starts = [0, *itertools.accumulate(sizes)]
+    key_bits = _key_bits(shards)
+    # Counts up to the model's size: int32 histograms (half the bytes) when they cannot overflow.
+    count_dtype = torch.int32 if sum(piece.numel for piece in shards) < 2**31 else torch.int64
     need, done = list(ks), [False] * len(ks)
-    for shift in range(first_shift, -1, -bits_per_round):
-        digits = [(key >> shift) & (buckets - 1) for key in keys]
-        # Only groups still searching send a row (every rank knows which: `done` is global).
-        open_groups = [group for group, finished_group in enumerate(done) if not finished_group]
-        row = {group: position for position, group in enumerate(open_groups)}
-        rows = torch.zeros(len(open_groups), buckets + 1, dtype=torch.int64, device=device)
+
+    def decide(counts: torch.Tensor, nans: torch.Tensor, open_groups: list[int], first: bool) -> torch.Tensor:
+        """All-reduce the (open groups x buckets) counts and the NaN count; update `need` and
+        `done`; return every cell's fate: 0 drop, 1 select, 2 keep undecided."""
+        buckets = counts.shape[1]
+        rows = torch.cat([counts, torch.zeros(len(open_groups), 1, dtype=counts.dtype, device=device)], 1)
         rows[0, buckets] = nans
-        for group, digit in zip(groups, digits):
-            if group in row:
-                rows[row[group], :buckets] += torch.bincount(digit, minlength=buckets)
         reduce(rows)
         histogram = torch.zeros(len(ks), buckets, dtype=torch.int64, device=device)
-        histogram[open_groups] = rows[:, :buckets]
+        histogram[open_groups] = rows[:, :buckets].to(torch.int64)
         # Per group on the device, read in one transfer: the digit of its k-th largest key
         # (the highest d with at least `need` candidates at digit >= d), the candidates above
         # that digit and in it, and the group's total.
@@ -246,45 +276,116 @@ def sharded_topk(
         in_bucket = histogram.gather(1, digit_of_kth)
         above = at_least.gather(1, digit_of_kth) - in_bucket
         report = torch.cat([digit_of_kth, above, in_bucket, histogram.sum(1, keepdim=True)], 1)
-        nan_count, *flat = torch.cat([rows[:, buckets].sum().reshape(1), report.reshape(-1)]).tolist()
+        nan_count, *flat = torch.cat([rows[:, buckets].sum().reshape(1).to(torch.int64),
+                                      report.reshape(-1)]).tolist()
         if nan_count:
             raise ValueError("scores contain NaN; top-k selection needs ordered scores")
         per_group = [flat[4 * group : 4 * group + 4] for group in range(len(ks))]
-        if shift == first_shift:
+        if first:
             for group, (*_, total) in enumerate(per_group):
                 if ks[group] > total:
                     where = f"group {group}: " if len(ks) > 1 else ""
                     raise ValueError(f"{where}cannot select {ks[group]} of {total} eligible entries")
-                done[group] = ks[group] == 0
-        bucket, complete = [0] * len(ks), [False] * len(ks)
-        for group, (digit_value, above_count, in_count, _) in enumerate(per_group):
-            if done[group]:
-                continue
-            bucket[group] = digit_value
-            need[group] -= above_count
-            complete[group] = need[group] == in_count
-        for layer, (group, digit) in enumerate(zip(groups, digits)):
-            if done[group]:
-                indices[layer], keys[layer] = empty, empty
-                continue
-            masks[layer][indices[layer][digit > bucket[group]]] = True
-            keep = digit == bucket[group]
-            indices[layer], keys[layer] = indices[layer][keep], keys[layer][keep]
-            if complete[group]:
-                masks[layer][indices[layer]] = True
-                indices[layer], keys[layer] = empty, empty
-        done = [was or now for was, now in zip(done, complete)]
-        if all(done):
-            return finished()
+        # An open group selects the digits above its k-th's and keeps that digit's candidates,
+        # unless they are exactly what it still needs (it completes: select them too); a group
+        # with nothing to select drops all.
+        kth, at_kth, live = [], [], []
+        for group in open_groups:
+            digit_value, above_count, in_count, _ = per_group[group]
+            live.append(need[group] > 0)
+            need[group] -= above_count if live[-1] else 0
+            kth.append(digit_value)
+            at_kth.append(1 if need[group] == in_count else 2)
+            done[group] = not live[-1] or need[group] == in_count
+        digit = torch.arange(buckets, device=device)
+        kth_digit = torch.tensor(kth, dtype=torch.int64, device=device).unsqueeze(1)
+        fate = torch.where(digit > kth_digit, 1, 0) + torch.where(
+            digit == kth_digit, torch.tensor(at_kth, dtype=torch.int64, device=device).unsqueeze(1), 0)
+        fate *= torch.tensor(live, dtype=torch.int64, device=device).unsqueeze(1)
+        return fate.to(torch.int8)
+
+    # The first round reads every layer's piece in place, layer by layer; the undecided
+    # candidates it leaves (about one in 2^width) go on together: their positions in the
+    # concatenation of all pieces (ascending, so each layer's form one segment), keys and layers.
+    selected = torch.zeros(sum(sizes), dtype=torch.bool, device=device)
+    # Digits no wider than the largest open group's elements call for: small layers send small
+    # histograms.
+    elements = [0] * len(ks)
+    for group, piece in zip(groups, shards):
+        elements[group] += piece.numel
+
+    def width_of(open_groups: list[int], remaining: int) -> int:
+        if bits_per_round is not None:
+            return min(bits_per_round, remaining)
+        return round_bits(len(open_groups), remaining, max(elements[group] for group in open_groups))
+
+    remaining = key_bits - width_of(list(range(len(ks))), key_bits)
+    buckets = 2 ** (key_bits - remaining)
+    counts = torch.zeros(len(ks), buckets, dtype=torch.int64, device=device)
+    nans = torch.zeros((), dtype=torch.int64, device=device)
+    first_digits = []
+    for layer, piece in enumerate(shards):
+        keys = _candidate_keys(piece.scores.reshape(-1), key_bits)
+        digits = (keys >> remaining) & (buckets - 1)
+        nan = torch.isnan(piece.scores.reshape(-1))
+        if eligible is not None:  # ineligible entries count in one cell past the row
+            flags = eligible[layer].reshape(-1)
+            nan, digits = nan & flags, torch.where(flags, digits, buckets)
+        nans += nan.sum()
+        counts[groups[layer]] += torch.bincount(digits, minlength=buckets + 1)[:buckets]
+        first_digits.append((keys, digits))
+    fate = decide(counts.to(count_dtype), nans, list(range(len(ks))), first=True)
+    fate = torch.cat([fate, torch.zeros(len(ks), 1, dtype=fate.dtype, device=device)], 1)
+    positions, keys, layer_of = [], [], []
+    for layer, (layer_keys, digits) in enumerate(first_digits):
+        fate_of = fate[groups[layer]][digits]
+        selected[starts[layer] : starts[layer + 1]] = fate_of == 1
+        open_index = (fate_of == 2).nonzero().squeeze(1)
+        positions.append(open_index + starts[layer])
+        keys.append(layer_keys[open_index])
+        layer_of.append(torch.full_like(open_index, layer))
+    del first_digits, fate_of
+    empty = torch.zeros(0, dtype=torch.int64, device=device)
+    positions, keys, layer_of = (torch.cat(parts) if parts else empty for parts in (positions, keys, layer_of))
+    layer_group = torch.tensor(groups, dtype=torch.int64, device=device)
+
+    while remaining and not all(done):
+        # Only groups still searching send a row (every rank knows which: `done` is global; closed
+        # groups have no candidates left). Each candidate counts in the cell (its group's row, its
+        # digit).
+        open_groups = [group for group, finished_group in enumerate(done) if not finished_group]
+        width = width_of(open_groups, remaining)
+        remaining -= width
+        buckets = 2**width
+        row_of_group = torch.zeros(len(ks), dtype=torch.int64, device=device)
+        row_of_group[open_groups] = torch.arange(0, len(open_groups) * buckets, buckets, device=device)
+        cells = row_of_group[layer_group][layer_of] + ((keys >> remaining) & (buckets - 1))
+        counts = torch.bincount(cells, minlength=len(open_groups) * buckets).view(-1, buckets)
+        fate_of = decide(counts.to(count_dtype), torch.zeros((), dtype=torch.int64, device=device),
+                         open_groups, first=False).reshape(-1)[cells]
+        selected[positions[fate_of == 1]] = True
+        keep = fate_of == 2
+        positions, keys, layer_of = positions[keep], keys[keep], layer_of[keep]
+    if all(done):
+        return _finished(selected, sizes, sent)
 
     # Every remaining candidate of an unfinished group has its threshold key; take what the group
     # still needs by global index.
-    ties = torch.zeros(len(shards), world_size, dtype=torch.int64, device=device)
-    ties[:, rank] = torch.tensor([index.numel() for index in indices], dtype=torch.int64, device=device)
+    counts = torch.bincount(layer_of, minlength=len(shards))  # candidates are in layer order
+    ties = torch.zeros(len(shards), world_size, dtype=count_dtype, device=device)
+    ties[:, rank] = counts
     ties = reduce(ties.reshape(-1)).view(len(shards), world_size).tolist()
-    earlier_layers = [0] * len(ks)
-    for layer, (group, index) in enumerate(zip(groups, indices)):
+    quota, earlier_layers = [], [0] * len(ks)
+    for layer, group in enumerate(groups):
         before = earlier_layers[group] + sum(ties[layer][:rank])
-        masks[layer][index[: max(0, need[group] - before)]] = True
+        quota.append(max(0, need[group] - before) if not done[group] else 0)
         earlier_layers[group] += sum(ties[layer])
-    return finished()
+    first_of_layer = torch.cumsum(counts, 0) - counts
+    order_in_layer = torch.arange(positions.numel(), device=device) - first_of_layer[layer_of]
+    quota_of = torch.tensor(quota, dtype=torch.int64, device=device)[layer_of]
+    selected[positions[order_in_layer < quota_of]] = True
+    return _finished(selected, sizes, sent)
+
+
+def _finished(selected: torch.Tensor, sizes: list[int], sent: dict[str, int]) -> ShardedSelection:
+    return ShardedSelection(list(selected.split(sizes)), sent["bytes"], sent["calls"])
