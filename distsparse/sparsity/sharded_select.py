@@ -50,6 +50,7 @@ __all__ = [
     "ShardedSelection",
     "contiguous_partition",
     "order_preserving_bits",
+    "round_bits",
     "sharded_global_topk",
     "sharded_layer_topk",
     "sharded_topk",
