@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             f"({len(terms['shapes'])} layers), ERK density {DENSITY}. Mask-update traffic flat in "
             f"world size: {'no' if ties else 'yes'}, {len(select_bytes)} all-reduces of "
             f"{sum(select_bytes) / 1e3:.1f} kB a rank at 1024 GPUs ({ties} tie exchange(s) of "
-            f"layers x GPUs x 8 B: the only term that grows with the GPUs). "
+            f"layers x GPUs int32 counts: the only term that grows with the GPUs). "
             f"Update < 1 ms at 1024 GPUs on 100 Gb/s: {'yes' if worst < 1 else 'no'} "
             f"({worst:.2f} ms, latency-bound: {len(select_bytes)} rounds of "
             f"{nccl_time_us('all_reduce', 8, 1024, 100):.0f} us). Hook bytes / dense = "
