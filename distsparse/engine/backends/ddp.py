@@ -38,8 +38,10 @@ def fix_bucket_layout(ddp: DistributedDataParallel) -> None:
 class DDPBackend(SingleBackend):
     """Full replicas on every rank; the model is wrapped in DistributedDataParallel.
 
-    The gradient buckets are fixed at construction (`fix_bucket_layout`), so a resumed run equals
-    an uninterrupted one bit for bit at any world size. With `sparse_gradients` the gradient
+    On the CPU the gradient buckets are fixed at construction (`fix_bucket_layout`), so a resumed
+    run equals an uninterrupted one bit for bit at any world size. On accelerators DDP keeps
+    torch's rebuilt layout, whose buckets start reducing during the backward; there a resume on 3
+    or more ranks may differ from an uninterrupted run in the last bits. With `sparse_gradients` the gradient
     all-reduce carries only the entries at active positions (the access registers the hook),
     except on steps where a method needs the dense gradient.
     """
@@ -53,5 +55,6 @@ class DDPBackend(SingleBackend):
         self.rank, self.world_size = env.rank, env.world_size
         device_ids = [device.index] if device.type == "cuda" else None
         self.model = DistributedDataParallel(model, device_ids=device_ids)
-        fix_bucket_layout(self.model)
+        if device.type == "cpu":
+            fix_bucket_layout(self.model)
         self.access = DDPAccess(self.model, self.optimizer, sparse_gradients)
