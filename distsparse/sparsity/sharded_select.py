@@ -59,14 +59,13 @@ __all__ = [
 
 KEY_BITS = 64
 SIGN_BIT = -(2**63)  # int64 with only the sign bit set
-LOW_BITS = 2**63 - 1  # int64 with every bit but the sign bit set
 NARROW_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int32, torch.int16, torch.int8)
 """Score dtypes exactly ordered by 32-bit keys (float32 or int32 holds them all): 32 bits to
 resolve, not 64."""
 SPARE_BITS = 2
 """Digit bits beyond the bit length of the largest open group's element count."""
 ROUND_COUNTS = 2**14
-"""Histogram counts a round may all-reduce (128 kB of int64): the digit width follows from the
+"""Histogram counts a round may all-reduce (64 kB of int32): the digit width follows from the
 number of groups still searching. At scale a round costs its latency (about 100 us across 1024
 GPUs) far more than its bytes, so wide digits and few rounds win until the histograms reach
 hundreds of kB."""
@@ -105,11 +104,17 @@ def zero3_partition(numel: int, rank: int, world_size: int) -> tuple[int, int]:
     return contiguous_partition(numel, rank, world_size)
 
 
+def _signed_order_bits(values: torch.Tensor, bits_dtype: torch.dtype) -> torch.Tensor:
+    """The float `values` as integers of `bits_dtype` (as wide) whose signed order is the float
+    order: adding +0.0 turns -0.0 into +0.0; negative floats flip every bit but the sign, so a
+    larger magnitude sorts lower."""
+    bits = (values + 0.0).view(bits_dtype)
+    width = torch.iinfo(bits_dtype).bits
+    return bits ^ ((bits >> (width - 1)) & (2 ** (width - 1) - 1))
+
+
 def _keys(scores: torch.Tensor) -> torch.Tensor:
-    values = scores.reshape(-1).to(torch.float64)
-    values = torch.where(values == 0, torch.zeros_like(values), values)  # -0.0 ties with +0.0
-    bits = values.view(torch.int64)
-    return torch.where(bits < 0, bits ^ LOW_BITS, bits)
+    return _signed_order_bits(scores.reshape(-1).to(torch.float64), torch.int64)
 
 
 def order_preserving_bits(scores: torch.Tensor) -> torch.Tensor:
@@ -199,16 +204,13 @@ def _key_bits(shards: Sequence[ShardPiece]) -> int:
 
 
 def _candidate_keys(scores: torch.Tensor, key_bits: int) -> torch.Tensor:
-    """Keys whose bit patterns, read unsigned, order as the floats `scores` do: int32 for 32-bit
-    keys, int64 for 64-bit ones. -0.0 gets the key of +0.0 (adding +0.0 turns -0.0 into +0.0)."""
+    """Keys whose bit patterns, read unsigned, order as `scores` do (-0.0 as +0.0): int32 for
+    32-bit keys, int64 for 64-bit ones. Flipping the sign bit turns the signed order unsigned."""
     if key_bits == KEY_BITS:
         return _keys(scores) ^ SIGN_BIT
-    if not scores.is_floating_point():  # flipping the sign bit makes the signed order unsigned
-        return scores.to(torch.int32) ^ -(2**31)
-    bits = (scores.to(torch.float32) + 0.0).view(torch.int32)
-    # Negative floats flip every bit but the sign (a larger magnitude sorts lower), then the sign
-    # bit flips for all: the signed order becomes the unsigned order of the bit patterns.
-    return bits ^ ((bits >> 31) & (2**31 - 1)) ^ -(2**31)
+    if scores.is_floating_point():
+        return _signed_order_bits(scores.to(torch.float32), torch.int32) ^ -(2**31)
+    return scores.to(torch.int32) ^ -(2**31)
 
 
 def sharded_topk(
@@ -305,10 +307,6 @@ def sharded_topk(
         fate *= torch.tensor(live, dtype=torch.int64, device=device).unsqueeze(1)
         return fate.to(torch.int8)
 
-    # The first round reads every layer's piece in place, layer by layer; the undecided
-    # candidates it leaves (about one in 2^width) go on together: their positions in the
-    # concatenation of all pieces (ascending, so each layer's form one segment), keys and layers.
-    selected = torch.zeros(sum(sizes), dtype=torch.bool, device=device)
     # Digits no wider than the largest open group's elements call for: small layers send small
     # histograms.
     elements = [0] * len(ks)
@@ -320,6 +318,10 @@ def sharded_topk(
             return min(bits_per_round, remaining)
         return round_bits(len(open_groups), remaining, max(elements[group] for group in open_groups))
 
+    # The first round reads every layer's piece in place, layer by layer; the undecided
+    # candidates it leaves (about one in 2^width) go on together: their positions in the
+    # concatenation of all pieces (ascending, so each layer's form one segment), keys and layers.
+    selected = torch.zeros(sum(sizes), dtype=torch.bool, device=device)
     remaining = key_bits - width_of(list(range(len(ks))), key_bits)
     buckets = 2 ** (key_bits - remaining)
     counts = torch.zeros(len(ks), buckets, dtype=torch.int64, device=device)

@@ -41,9 +41,9 @@ class DDPBackend(SingleBackend):
     On the CPU the gradient buckets are fixed at construction (`fix_bucket_layout`), so a resumed
     run equals an uninterrupted one bit for bit at any world size. On accelerators DDP keeps
     torch's rebuilt layout, whose buckets start reducing during the backward; there a resume on 3
-    or more ranks may differ from an uninterrupted run in the last bits. With `sparse_gradients` the gradient
-    all-reduce carries only the entries at active positions (the access registers the hook),
-    except on steps where a method needs the dense gradient.
+    or more ranks may differ from an uninterrupted run in the last bits. With `sparse_gradients`
+    the gradient all-reduce carries only the entries at active positions (the access registers the
+    hook), except on steps where a method needs the dense gradient.
     """
 
     def __init__(
