@@ -11,22 +11,33 @@ configs/vit/fashion_mnist.yaml at 90 %. Each run is a subprocess,
 
 then its summary.json is read. Prints the tables and appends them to RESULTS.md.
 
+Every run uses the same number of threads (`--threads`, default cores / `--jobs`): the thread count
+changes the order of floating-point sums, so runs with different counts differ in the last bits.
+`--jobs 2` runs two at a time with one thread each (1.36x the throughput of one run with two
+threads on 2 cores). `--reuse` keeps a finished run whose command, config file and thread count
+are unchanged (written beside its summary in benchmark.json, with the commit it ran at), so an
+interrupted grid continues where it stopped; the record lists every commit its runs came from.
+
     .venv/bin/python benchmarks/lm_quality.py            # the full grid (GPU or a quiet machine)
+    .venv/bin/python benchmarks/lm_quality.py --jobs 2 --reuse   # the same, resumable, on 2 cores
     .venv/bin/python benchmarks/lm_quality.py --quick    # a smaller model, fewer steps, 1 seed
     .venv/bin/python benchmarks/lm_quality.py --sparsities 0.9 --seeds 0 --skip-vit  # a subset
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from record import REPO, append_results, distsparse_command, load_average, markdown_table, \
-    mean_cell, run_info
+from record import REPO, append_results, distsparse_command, environment, load_average, \
+    markdown_table, mean_cell, run_info
 
 OUT = REPO / "benchmarks" / "out" / "lm"
 LM_CONFIG = "configs/gpt/fortunes_rigl.yaml"
@@ -48,24 +59,61 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sparsities", help="comma-separated, instead of the setting's")
     parser.add_argument("--seeds", help="comma-separated, instead of the setting's")
     parser.add_argument("--skip-vit", action="store_true", help="only the language model")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
+    parser.add_argument("--threads", type=int,
+                        help="torch threads of every run (default: cores / --jobs)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep finished runs whose command, config and threads are unchanged")
     parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.jobs < 1 or (args.threads is not None and args.threads < 1):
+        parser.error("--jobs and --threads must be at least 1")
+    args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    return args
 
 
-def _run(config: str, label: str, overrides: list[str]) -> dict:
-    run_dir = OUT / label
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    command = [*distsparse_command(), "train", config, *overrides,
-               f"run.dir={run_dir.relative_to(REPO)}", "run.progress=false"]
-    print(f"{label}: {' '.join(command[1:])}", flush=True)
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"{label} failed (exit {result.returncode}):\n{result.stderr.strip()[-2000:]}")
-    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-    print(f"  sparsity {summary['sparsity']:.3f}, test loss {summary['test_loss']:.4f}, "
-          f"{summary['wall_s']:.0f} s", flush=True)
-    return summary
+class Grid:
+    """The runs of one benchmark: each a `distsparse train` subprocess, `jobs` at a time."""
+
+    def __init__(self, jobs: int, threads: int, reuse: bool):
+        self.pool = ThreadPoolExecutor(max_workers=jobs)
+        self.threads, self.reuse = threads, reuse
+        self.commit = environment()["distsparse"]
+        self.commits: set[str] = set()
+
+    def submit(self, config: str, label: str, overrides: list[str]):
+        """A future of the run's summary.json (a dict)."""
+        return self.pool.submit(self._run, config, label, overrides)
+
+    def _run(self, config: str, label: str, overrides: list[str]) -> dict:
+        run_dir = OUT / label
+        command = [*distsparse_command(), "train", config, *overrides,
+                   f"run.dir={run_dir.relative_to(REPO)}", "run.progress=false"]
+        identity = {"command": command[1:], "threads": self.threads,
+                    "config_sha256": hashlib.sha256((REPO / config).read_bytes()).hexdigest()}
+        record = run_dir / "benchmark.json"
+        if self.reuse and (run_dir / "summary.json").is_file() and record.is_file():
+            kept = json.loads(record.read_text(encoding="utf-8"))
+            if {key: kept.get(key) for key in identity} == identity:
+                return self._finished(label, run_dir, kept["commit"], "kept")
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        print(f"{label}: {' '.join(command[1:])}", flush=True)
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": str(self.threads)})
+        if result.returncode != 0:
+            raise SystemExit(f"{label} failed (exit {result.returncode}):\n"
+                             f"{result.stderr.strip()[-2000:]}")
+        record.write_text(json.dumps({**identity, "commit": self.commit}, indent=1),
+                          encoding="utf-8")
+        return self._finished(label, run_dir, self.commit, "ran")
+
+    def _finished(self, label: str, run_dir: Path, commit: str, how: str) -> dict:
+        self.commits.add(commit)
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        print(f"{label} ({how} at {commit}): sparsity {summary['sparsity']:.3f}, test loss "
+              f"{summary['test_loss']:.4f}, {summary['wall_s']:.0f} s", flush=True)
+        return summary
 
 
 def _grid(methods, sparsities) -> list[tuple[str, float]]:
@@ -74,32 +122,36 @@ def _grid(methods, sparsities) -> list[tuple[str, float]]:
         (m, p) for m in methods if m != "dense" for p in sparsities]
 
 
-def _lm_runs(setting: dict) -> dict[tuple[str, float], list[dict]]:
-    runs = {}
-    for method, sparsity in _grid(METHODS, setting["sparsities"]):
-        config = LM_GRANET_CONFIG if method == "granet_st" else LM_CONFIG
-        runs[method, sparsity] = [
-            _run(config, f"gpt-{method}-{sparsity}-s{seed}",
-                 [f"method.name={method}", f"method.sparsity={sparsity or 0.9}", f"seed={seed}",
-                  *setting["lm"]])
-            for seed in setting["seeds"]]
+def _lm_runs(grid: Grid, setting: dict) -> dict[tuple[str, float], list]:
+    """Futures of every LM run, seed by seed (a stopped grid has whole seeds first)."""
+    runs: dict[tuple[str, float], list] = {}
+    for seed in setting["seeds"]:
+        for method, sparsity in _grid(METHODS, setting["sparsities"]):
+            config = LM_GRANET_CONFIG if method == "granet_st" else LM_CONFIG
+            runs.setdefault((method, sparsity), []).append(grid.submit(
+                config, f"gpt-{method}-{sparsity}-s{seed}",
+                [f"method.name={method}", f"method.sparsity={sparsity or 0.9}", f"seed={seed}",
+                 *setting["lm"]]))
     return runs
 
 
-def _vit_runs(setting: dict) -> dict[tuple[str, float], list[dict]]:
-    runs = {}
-    for method, sparsity in _grid(setting["vit_methods"], (0.9,)):
-        extra = ["method.drop_fraction=0.5", "method.update_end=1.0", "method.init_density=0.5",
-                 "method.prune_end=0.5"] if method == "granet_st" else []
-        runs[method, sparsity] = [
-            _run(VIT_CONFIG, f"vit-{method}-{sparsity}-s{seed}",
-                 [f"method.name={method}", "method.sparsity=0.9", f"seed={seed}", *extra,
-                  *setting["vit"]])
-            for seed in setting["seeds"]]
+def _vit_runs(grid: Grid, setting: dict) -> dict[tuple[str, float], list]:
+    """Futures of every ViT run at 90 %, seed by seed."""
+    runs: dict[tuple[str, float], list] = {}
+    for seed in setting["seeds"]:
+        for method, sparsity in _grid(setting["vit_methods"], (0.9,)):
+            extra = ["method.drop_fraction=0.5", "method.update_end=1.0",
+                     "method.init_density=0.5", "method.prune_end=0.5"] \
+                if method == "granet_st" else []
+            runs.setdefault((method, sparsity), []).append(grid.submit(
+                VIT_CONFIG, f"vit-{method}-{sparsity}-s{seed}",
+                [f"method.name={method}", "method.sparsity=0.9", f"seed={seed}", *extra,
+                 *setting["vit"]]))
     return runs
 
 
-def _table(runs: dict[tuple[str, float], list[dict]], metric: str, label: str) -> str:
+def _table(futures: dict[tuple[str, float], list], metric: str, label: str) -> str:
+    runs = {key: [future.result() for future in batch] for key, batch in futures.items()}
     spread = any(len(r) > 1 for r in runs.values())
     rows = [[method, f"{sparsity:.0%}", len(summaries),
              mean_cell([s[metric] for s in summaries], 4, spread=spread),
@@ -119,12 +171,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds:
         setting["seeds"] = tuple(int(s) for s in args.seeds.split(","))
     load_before, started = load_average(), time.perf_counter()
-    lm = _lm_runs(setting)
-    body = "Fortunes byte LM, validation bits per byte (lower is better):\n\n" + _table(
-        lm, "test_bits_per_byte", "val bits/byte")
-    if not args.skip_vit:
-        vit = _vit_runs(setting)
-        body += "\n\nViT on Fashion-MNIST, test top-1:\n\n" + _table(vit, "test_top1", "top-1")
+    grid = Grid(args.jobs, args.threads, args.reuse)
+    try:
+        lm = _lm_runs(grid, setting)
+        vit = {} if args.skip_vit else _vit_runs(grid, setting)
+        body = "Fortunes byte LM, validation bits per byte (lower is better):\n\n" + _table(
+            lm, "test_bits_per_byte", "val bits/byte")
+        if vit:
+            body += "\n\nViT on Fashion-MNIST, test top-1:\n\n" + _table(vit, "test_top1",
+                                                                           "top-1")
+    finally:
+        grid.pool.shutdown(cancel_futures=True)
     print("\n" + body)
     if not args.no_record:
         lm_keys = " ".join(setting["lm"]) or "as the recipe"
@@ -132,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = (f"{'--quick' if args.quick else 'recipe scale'}, {grid}; LM: {LM_CONFIG} (GraNet-ST: "
                     f"{LM_GRANET_CONFIG}) overrides `{lm_keys}`, same tokens for every method; ViT: "
                     f"{VIT_CONFIG} overrides `{' '.join(setting['vit']) or 'none'}`; seeds "
-                    f"{','.join(map(str, setting['seeds']))}; each run a subprocess, one at a time")
+                    f"{','.join(map(str, setting['seeds']))}; each run a subprocess with "
+                    f"{args.threads} torch thread(s), {args.jobs} at a time; runs from "
+                    f"{', '.join(sorted(grid.commits))}")
         info = run_info(load_before, settings,
                         {"wall time of the benchmark": f"{time.perf_counter() - started:.0f} s"})
         append_results("lm_quality.py: sparse GPT on fortunes bytes, ViT on Fashion-MNIST"
