@@ -166,14 +166,15 @@ def model_terms(model: torch.nn.Module) -> dict:
 
 def measure_select(shapes: dict[str, tuple[int, ...]], active: dict[str, int]) -> dict:
     """RigL's drop-and-grow on pieces (world size 1: the histograms and rounds are global),
-    |N(0, 1)| scores: the all-reduce calls, each as (bytes, whether it is a tie table: a
-    (layers x ranks) int64 table, after the first call, the active counts, which is 1-D too)."""
+    |N(0, 1)| scores, with the active counts known as in training (the previous update made the
+    masks): the all-reduce calls, each as (bytes, whether it is a tie table: the 1-D
+    (layers x ranks) table; histograms are 2-D)."""
     from distsparse.sparsity.layout import PieceLayout
 
     calls: list[tuple[int, bool]] = []
 
     def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-        calls.append((tensor.numel() * tensor.element_size(), bool(calls) and tensor.dim() == 1))
+        calls.append((tensor.numel() * tensor.element_size(), tensor.dim() == 1))
         return tensor
 
     layout = PieceLayout(shapes, 0, 1, all_reduce_sum, lambda tensor: [tensor])
@@ -187,8 +188,10 @@ def measure_select(shapes: dict[str, tuple[int, ...]], active: dict[str, int]) -
         drop[name] = torch.randn(numel, generator=generator).abs_()
         grow[name] = torch.randn(numel, generator=generator).abs_()
     counts = {name: int(DROP_FRACTION * active[name]) for name in shapes}
+    known = layout.active_counts(masks)
+    calls.clear()
     start = time.perf_counter()
-    layout.drop_and_grow(masks, drop, grow, counts)
+    layout.drop_and_grow(masks, drop, grow, counts, known)
     return {"calls": calls, "seconds": time.perf_counter() - start}
 
 

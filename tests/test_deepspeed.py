@@ -165,6 +165,7 @@ def _forbid_full_gathers(trainer, errors: list[str], notes: list[str]) -> None:
 
     def measured_update(step, grads):
         sent, gathered = layout.bytes_sent, layout.bytes_gathered
+        before = trainer.sparsifier.mask_set.layer_fingerprints()  # this rank's pieces
         try:
             guarded(update_masks)(step, grads)
         except AssertionError as error:
@@ -173,7 +174,9 @@ def _forbid_full_gathers(trainer, errors: list[str], notes: list[str]) -> None:
         selection = layout.bytes_sent - sent
         sent_per_update.append((selection, layout.bytes_gathered - gathered))
         numels = [layout.numel(name) for name in layout.names]
-        if not 0 < selection <= selection_bytes_bound(numels, access.world_size):
+        # A changed piece was selected (bytes sent); an update without swaps may send nothing.
+        changed = trainer.sparsifier.mask_set.layer_fingerprints() != before
+        if selection > selection_bytes_bound(numels, access.world_size) or (changed and not selection):
             errors.append(f"{label} step {step}: the selection sent {selection} bytes")
 
     access.grads, trainer.sparsifier._update_masks = guarded(grads), measured_update

@@ -150,6 +150,7 @@ def _record_updates(sparsifier: distsparse.Sparsifier, guard: bool, errors: list
 
     def recorded(step, grads):
         sent, gathered = getattr(layout, "bytes_sent", 0), getattr(layout, "bytes_gathered", 0)
+        before = sparsifier.mask_set.layer_fingerprints()  # this rank's pieces, no collective
         try:
             (_guarded(update_masks) if guard else update_masks)(step, grads)
         except AssertionError as error:
@@ -158,7 +159,10 @@ def _record_updates(sparsifier: distsparse.Sparsifier, guard: bool, errors: list
         if guard:
             selection = layout.bytes_sent - sent
             bound = selection_bytes_bound([layout.numel(name) for name in layout.names], WORLD)
-            if not 0 < selection <= bound or layout.bytes_gathered != gathered:
+            # A piece that changed was selected (bytes sent); one that did not may send nothing
+            # (no layer had a swap, and the counts of the masks are known).
+            changed = sparsifier.mask_set.layer_fingerprints() != before
+            if selection > bound or (changed and not selection) or layout.bytes_gathered != gathered:
                 errors.append(f"{label} step {step}: sent {selection} bytes, gathered "
                               f"{layout.bytes_gathered - gathered}")
         updates.append({"step": step, "masks": sparsifier.mask_set.full_masks(),

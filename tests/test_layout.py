@@ -1,5 +1,6 @@
 """The pieces layout (ZeRO-3) against the full layout on 2 gloo ranks: every selection, count,
-method update and MaskSet report, concatenated over the ranks in rank order, equals the full result.
+method update and MaskSet report, concatenated over the ranks in rank order, equals the full result;
+mask updates count nothing they made (no count all-reduce).
 
 Layer sizes are odd (not divisible by the world size) and one layer has a single element (rank 1's
 piece is empty); scores are heavily tied. Each rank records mismatches instead of raising, so a
@@ -143,6 +144,36 @@ def _mask_set(full: FullLayout, pieces: PieceLayout, errors: list[str]) -> None:
     _check("MaskSet.load_state_dict", sharded.full_masks(), _masks(32, 0.5), errors)
 
 
+def _counts_remembered(full: FullLayout, pieces: PieceLayout, errors: list[str]) -> None:
+    """Updates through a MaskSet count nothing again: the counts of masks the layout made are known
+    (no count all-reduce after the first), and every report still equals the full masks'."""
+    weights, grads = _tied(41), _tied(42, levels=2)
+    piece_weights = {n: pieces.piece(n, w) for n, w in weights.items()}
+    piece_grads = {n: pieces.piece(n, g) for n, g in grads.items()}
+    for name in ("rigl", "set"):
+        config = load_config(None, [f"method.name={name}", *METHOD_OPTIONS])
+        whole = MaskSet({n: torch.zeros(shape) for n, shape in SHAPES.items()})
+        whole.update(_masks(43, 0.5))
+        sharded = MaskSet({n: torch.zeros(shape) for n, shape in SHAPES.items()})
+        sharded.update(_masks(43, 0.5))
+        sharded.use_layout(pieces)
+        counted = []
+        pieces._count = lambda masks, count=PieceLayout._count: counted.append(sorted(masks)) \
+            or count(pieces, masks)
+        for mask_set, layout, w, g in ((whole, full, weights, grads),
+                                       (sharded, pieces, piece_weights, piece_grads)):
+            method = build_method(config.method, SCHEDULE, seed=3)
+            method.layout = layout
+            for step in (4, 8, 12):
+                mask_set.update(method.update(step, mask_set.masks, w, g))
+        del pieces._count
+        if counted:
+            errors.append(f"{name}: counts all-reduced again after use_layout: {counted}")
+        if sharded.active_counts() != whole.active_counts() or sharded.density() != whole.density():
+            errors.append(f"{name}: remembered counts differ from the full masks' counts")
+        _check(f"{name} after three updates", sharded.full_masks(), whole.masks, errors)
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
@@ -162,6 +193,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         _selections(full, pieces, errors)
         _methods(full, pieces, errors)
         _mask_set(full, pieces, errors)
+        _counts_remembered(full, pieces, errors)
     except Exception:  # noqa: BLE001 - recorded for the test to report
         errors.append(traceback.format_exc())
     torch.save(errors, Path(out) / f"rank{rank}.pt")

@@ -503,15 +503,30 @@ def test_layer_selections_read_the_device_once_per_batch(monkeypatch):
     expected = {n: _stable_drop_and_grow(masks[n], drop[n], grow[n], c) for n, c in counts.items()}
     active = {n: int(m.sum()) for n, m in masks.items()}
     reads = count_host_reads(monkeypatch)
-    layout.active_counts(masks)
-    assert reads == [len(shapes)]  # one read of every layer's count
-    layout.topk_per_layer(drop, counts, masks)
-    assert len(reads) == 2
     new = layout.drop_and_grow(masks, drop, grow, counts)
-    assert len(reads) == 5  # active counts, the drop selection, the grow selection
+    assert len(reads) == 3 and reads[0] == len(shapes)  # all counts, the drop, the grow selection
+    assert layout.active_counts(new) == active  # made by drop-and-grow: known without a read
+    assert len(reads) == 3
+    layout.topk_per_layer(drop, counts, masks)
+    assert len(reads) == 4
     layout.global_topk(drop, 40, masks)
-    assert len(reads) == 7  # the eligible count, the selection
+    assert len(reads) == 6  # the eligible count, the selection
     known = layout.drop_and_grow(masks, drop, grow, counts, active)
-    assert len(reads) == 9  # active counts given: the two selections
+    assert len(reads) == 8  # active counts given: the two selections
+    layout.active_counts(masks)
+    layout.active_counts(masks)
+    assert len(reads) == 9  # one layer's mask at a time is remembered: the latest made or counted
     monkeypatch.undo()
     assert all(torch.equal(new[n], expected[n]) and torch.equal(known[n], expected[n]) for n in shapes)
+
+
+def test_remembered_counts_follow_edits_and_new_tensors():
+    layout = FullLayout({"a": (4, 5), "b": (6,)})
+    masks = {"a": torch.ones(4, 5, dtype=torch.bool), "b": torch.zeros(6, dtype=torch.bool)}
+    assert layout.active_counts(masks) == {"a": 20, "b": 0}
+    masks["a"][0] = False  # an in-place edit is seen (the tensor's version moved)
+    assert layout.active_counts(masks) == {"a": 15, "b": 0}
+    masks["b"] = torch.ones(6, dtype=torch.bool)  # another tensor under the same name
+    assert layout.active_counts(masks) == {"a": 15, "b": 6}
+    kept = layout.topk_per_layer({"a": torch.arange(20.0).view(4, 5)}, {"a": 7})
+    assert layout.active_counts(kept) == {"a": 7} and int(kept["a"].sum()) == 7

@@ -11,13 +11,18 @@ Two layouts give identical masks:
   the local shard of FSDP2's Shard(0) DTensor (uneven when rows do not divide). Selections run
   `sharded_select.sharded_topk` (one histogram all-reduce per round for all layers together, 2-4
   rounds a selection), counts are one all-reduce of one int64 a layer, and no score, weight or
-  gradient leaves its rank. Only `full_masks` moves masks: one all-gather of the bit-packed pieces
+  gradient leaves its rank.
+
+Counts of masks a layout made or counted are remembered while the tensor is unedited: a
+drop-and-grow keeps each layer's count, so an update after one counts nothing (no all-reduce on
+pieces, no host read on full tensors). Only `full_masks` moves masks: one all-gather of the bit-packed pieces
   (numel / 8 bytes a layer), for checkpoints, fingerprints and persistent parameters, never for a
   selection.
 """
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -40,6 +45,36 @@ class FullLayout:
 
     def __init__(self, shapes: Mapping[str, Sequence[int]]) -> None:
         self.shapes = {name: tuple(shape) for name, shape in shapes.items()}
+        self._known: dict[str, tuple[weakref.ref, int, int]] = {}
+
+    def _recall(self, masks: Mapping[str, torch.Tensor]) -> dict[str, int]:
+        """The counts this layout knows of these very mask tensors, unedited since (`_version`)."""
+        known = {}
+        for name, mask in masks.items():
+            entry = self._known.get(name)
+            if entry is not None and entry[0]() is mask and entry[1] == mask._version:
+                known[name] = entry[2]
+        return known
+
+    def _remember(self, masks: Mapping[str, torch.Tensor], counts: Mapping[str, int]) -> None:
+        for name, count in counts.items():
+            self._known[name] = (weakref.ref(masks[name]), masks[name]._version, count)
+
+    def active_counts(self, masks: Mapping[str, torch.Tensor]) -> dict[str, int]:
+        """Active entries of each given layer's full mask.
+
+        Counts of masks this layout made (`topk_per_layer`, `drop_and_grow`) or counted before are
+        remembered while the tensor is unedited, so counting them again costs nothing; the others
+        are counted together (`_count`). The decision depends only on what was done to the masks,
+        the same on every rank, so ranks always agree on whether a collective runs.
+        """
+        known = self._recall(masks)
+        unknown = {name: mask for name, mask in masks.items() if name not in known}
+        if unknown:
+            counted = self._count(unknown)
+            self._remember(unknown, counted)
+            known.update(counted)
+        return {name: known[name] for name in masks}
 
     @property
     def names(self) -> list[str]:
@@ -54,10 +89,8 @@ class FullLayout:
         """This rank's piece of a full tensor of the layer (here the tensor itself)."""
         return full
 
-    def active_counts(self, masks: Mapping[str, torch.Tensor]) -> dict[str, int]:
-        """Active entries of each given layer's full mask: one host read for all layers."""
-        if not masks:
-            return {}
+    def _count(self, masks: Mapping[str, torch.Tensor]) -> dict[str, int]:
+        """Active entries of each layer's full mask: one host read for all layers."""
         counts = torch.stack([torch.count_nonzero(mask) for mask in masks.values()]).tolist()
         return dict(zip(masks, counts))
 
@@ -67,9 +100,11 @@ class FullLayout:
     ) -> Masks:
         """Per named layer in `ks`: the ks[name] highest scores among eligible entries."""
         names = list(ks)
-        masks = topk_masks([scores[name] for name in names], [ks[name] for name in names],
-                           None if eligible is None else [eligible[name] for name in names])
-        return dict(zip(names, masks))
+        masks = dict(zip(names, topk_masks(
+            [scores[name] for name in names], [ks[name] for name in names],
+            None if eligible is None else [eligible[name] for name in names])))
+        self._remember(masks, ks)
+        return masks
 
     def global_topk(
         self, scores: Mapping[str, torch.Tensor], k: int,
@@ -90,12 +125,14 @@ class FullLayout:
         `active`, the masks' `active_counts` if the caller has them, spares counting them again.
         """
         names = [name for name, count in counts.items() if count > 0]
-        new = drop_and_grow_masks([masks[name] for name in names],
-                                  [drop_scores[name] for name in names],
-                                  [grow_scores[name] for name in names],
-                                  [counts[name] for name in names],
-                                  None if active is None else [active[name] for name in names])
-        return dict(zip(names, new))
+        if active is None:
+            active = self.active_counts({name: masks[name] for name in names})
+        new = dict(zip(names, drop_and_grow_masks(
+            [masks[name] for name in names], [drop_scores[name] for name in names],
+            [grow_scores[name] for name in names], [counts[name] for name in names],
+            [active[name] for name in names])))
+        self._remember(new, {name: active[name] for name in names})  # drop n, grow n
+        return new
 
     def random_scores(self, seed: int, step: int, purpose: str, names: Sequence[str],
                       device: torch.device | str = "cpu") -> Masks:
@@ -148,12 +185,10 @@ class PieceLayout(FullLayout):
     def _ordered(self, layers: Mapping[str, object]) -> list[str]:
         return [name for name in self.names if name in layers]
 
-    def active_counts(self, masks: Mapping[str, torch.Tensor]) -> dict[str, int]:
-        """Active entries of each given layer's full mask: one all-reduce for all layers."""
+    def _count(self, masks: Mapping[str, torch.Tensor]) -> dict[str, int]:
+        """Active entries of each layer's full mask: one all-reduce for all layers."""
         names = self._ordered(masks)
-        device = masks[names[0]].device if names else torch.device("cpu")
-        counts = torch.stack([masks[name].sum() for name in names]) if names else \
-            torch.zeros(0, dtype=torch.int64, device=device)
+        counts = torch.stack([masks[name].sum() for name in names])
         self.all_reduce_sum(counts)
         self.bytes_sent += counts.numel() * counts.element_size()
         return dict(zip(names, counts.tolist()))
@@ -174,8 +209,10 @@ class PieceLayout(FullLayout):
     ) -> Masks:
         """Per named layer in `ks`, batched: every layer shares each round's all-reduce."""
         names = self._ordered(ks)
-        return self._select(scores, names, [ks[name] for name in names], list(range(len(names))),
-                            eligible)
+        masks = self._select(scores, names, [ks[name] for name in names],
+                             list(range(len(names))), eligible)
+        self._remember(masks, ks)
+        return masks
 
     def global_topk(
         self, scores: Mapping[str, torch.Tensor], k: int,
@@ -200,7 +237,9 @@ class PieceLayout(FullLayout):
         kept = self.topk_per_layer(
             drop_scores, {name: active[name] - count for name, count in swapping.items()}, masks)
         grown = self.topk_per_layer(grow_scores, swapping, {name: ~kept[name] for name in swapping})
-        return {name: kept[name] | grown[name] for name in swapping}
+        new = {name: kept[name] | grown[name] for name in swapping}
+        self._remember(new, {name: active[name] for name in swapping})  # drop n, grow n
+        return new
 
     def random_scores(self, seed: int, step: int, purpose: str, names: Sequence[str],
                       device: torch.device | str = "cpu") -> Masks:

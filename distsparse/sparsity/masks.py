@@ -116,7 +116,6 @@ class MaskSet:
         self.masks = {name: torch.ones(shapes[name], dtype=torch.bool, device=p.device)
                       for name, p in self.params.items()}
         self.layout = FullLayout(shapes)
-        self.counts: dict[str, int] | None = None  # global active counts, cached for pieces
         self._inverted: dict[str, tuple[torch.Tensor, int, torch.Tensor]] = {}
 
     @property
@@ -140,7 +139,10 @@ class MaskSet:
         self._recount()
 
     def _recount(self) -> None:
-        self.counts = self.layout.active_counts(self.masks) if self.sharded else None
+        """Pieces: count new masks now, on every rank (a collective unless the layout made them
+        and knows their counts), so that reports on one rank later need no collective."""
+        if self.sharded:
+            self.layout.active_counts(self.masks)
 
     def update(self, new_masks: Mapping[str, torch.Tensor]) -> None:
         """Replace the masks of the named layers (shapes checked; nothing changes on an error)."""
@@ -174,10 +176,9 @@ class MaskSet:
             tensor.masked_fill_(self.off(name), 0)
 
     def active_counts(self) -> dict[str, int]:
-        """Number of active (unmasked) entries per layer, over the full masks."""
-        if self.counts is not None:
-            return dict(self.counts)
-        return self.layout.active_counts(self.masks)  # one device read for all layers
+        """Number of active (unmasked) entries per layer, over the full masks (remembered by the
+        layout while the masks are unchanged; else one device read for all layers)."""
+        return self.layout.active_counts(self.masks)
 
     def layer_density(self) -> dict[str, float]:
         """Fraction of active entries per layer."""
