@@ -7,11 +7,13 @@ scores (the floor of one selection), then one `method.update` of RigL, SET, GMP,
 GraNet-ST at sparsity 0.9 (the methods' own scores, counts and selections; masks as training holds
 them at that step), SET's counter-based random grow scores alone, then FORCE's selections:
 `pai_iterations` global top-k over fixed scores at the exponential schedule's densities, as
-`method.init=force` runs them between its gradients. With `--pieces` every update selects
-through a one-rank `PieceLayout` on flattened pieces: the sharded (ZeRO-3 / FSDP2) select's local
-work, its all-reduces the identity.
-Reported per item: the median time and its ratio to the median topk, and the range of the
-per-round ratios (each to that round's topk), against the goals of the issue.
+`method.init=force` runs them between its gradients. Each method selects through its own layout,
+as under a Sparsifier: a `FullLayout`, or with `--pieces` a one-rank `PieceLayout` on flattened
+pieces (the sharded (ZeRO-3 / FSDP2) select's local work, its all-reduces the identity). Before
+each timed update, untimed, the layout counts the masks: in training the previous update made
+them, so their counts are known.
+Reported per item: the median time and its ratio to the median topk, the range of the per-round
+ratios (each to that round's topk), the host reads (`tolist`) of one update, and the goals.
 Run: python benchmarks/update_time.py [--device cuda] [--model gpt2-medium --blocks 4]
 """
 from __future__ import annotations
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     from distsparse.config import MethodConfig
     from distsparse.methods import TrainingSchedule, build_method
     from distsparse.sparsity.allocation import active_count
-    from distsparse.sparsity.layout import PieceLayout
+    from distsparse.sparsity.layout import FullLayout, PieceLayout
     from distsparse.sparsity.schedules import iterative_densities
     from distsparse.sparsity.select import global_topk_masks
 
@@ -92,8 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     weights = {n: torch.randn(s, generator=gen).to(args.device) for n, s in shapes.items()}
     grads = {n: torch.randn(s, generator=gen).to(args.device) for n, s in shapes.items()}
     force_scores = {n: torch.randn(s, generator=gen).abs().to(args.device) for n, s in shapes.items()}
-    layout = PieceLayout(shapes, 0, 1, lambda tensor: tensor, lambda tensor: [tensor]) if args.pieces else None
-    if layout is not None:  # one rank owns every layer whole, as a flattened piece
+    if args.pieces:  # one rank owns every layer whole, as a flattened piece
         weights, grads = ({n: t.reshape(-1) for n, t in d.items()} for d in (weights, grads))
     flat = torch.cat([w.reshape(-1) for w in weights.values()]).abs()
     total = flat.numel()
@@ -101,9 +102,11 @@ def main(argv: list[str] | None = None) -> None:
     methods, masks = {}, {}
     for name in chosen:
         method = build_method(MethodConfig(name=name, sparsity=0.9), schedule, SEED)
-        method.layout = layout
+        method.layout = PieceLayout(shapes, 0, 1, lambda tensor: tensor, lambda tensor: [tensor]) \
+            if args.pieces else FullLayout(shapes)
         initial = method.initial_masks(shapes)
-        masks[name] = {n: (m.reshape(-1) if layout else m).to(args.device) for n, m in initial.items()}
+        masks[name] = {n: (m.reshape(-1) if args.pieces else m).to(args.device)
+                       for n, m in initial.items()}
         if name in ("gmp", "granet"):  # dense-to-sparse: the mask of the previous update
             masks[name] = {**masks[name], **method.update(
                 UPDATE_STEP[name] - 100, masks[name], weights, grads)}
@@ -124,11 +127,25 @@ def main(argv: list[str] | None = None) -> None:
             UPDATE_STEP["set"], masks["set"])
     if args.force_iterations:
         items["force"] = force
-    for item in items.values():  # warm-up
-        item()
+    def known_counts(name: str) -> None:
+        if name in methods:
+            methods[name].layout.active_counts(masks[name])
+
+    reads: dict[str, int] = {}
+    tolist = torch.Tensor.tolist
+    for name, item in items.items():  # warm-up, counting host reads
+        known_counts(name)
+        calls = []
+        torch.Tensor.tolist = lambda tensor, calls=calls: calls.append(1) or tolist(tensor)
+        try:
+            item()
+        finally:
+            torch.Tensor.tolist = tolist
+        reads[name] = len(calls)
     times: dict[str, list[float]] = {name: [] for name in items}
     for _ in range(args.rounds):
         for name, item in items.items():
+            known_counts(name)
             _sync(args.device)
             begin = time.perf_counter()
             item()
@@ -142,11 +159,11 @@ def main(argv: list[str] | None = None) -> None:
         label = f"force ({args.force_iterations} global selections)" if name == "force" else name
         goal = GOALS.get(name)
         rows.append([label, f"{statistics.median(values) * 1e3:.1f}", f"{ratio:.2f}",
-                     f"{min(per_round):.2f}-{max(per_round):.2f}",
+                     f"{min(per_round):.2f}-{max(per_round):.2f}", reads[name],
                      "" if goal is None else f"<= {goal}",
                      "" if goal is None else ("yes" if ratio <= goal else "**no**")])
     table = markdown_table(["item", "median ms", "ratio to one topk", "per-round ratio range",
-                            "goal", "met"], rows)
+                            "host reads", "goal", "met"], rows)
     print(table)
     if not args.no_record:
         model = "ResNet-50" if args.model == "resnet50" else f"GPT-2 medium ({args.blocks} blocks)"

@@ -635,3 +635,47 @@ def test_layerwise_pruning_reaches_the_erk_count_of_every_layer(name):
         if u.step >= 300:
             assert counts == final_counts, u.step
         previous = counts
+
+
+# --- host reads: a mask update reads the device once (twice where a prune precedes a swap) ------
+
+READS_PER_UPDATE = {"granet": 2, "granet_st": 2}
+"""GraNet's per-layer swap counts follow from its global prune's result: a second read."""
+
+
+def _updating_method(name: str):
+    from distsparse.config import load_config
+
+    config = load_config(None, [f"method.name={name}", "method.sparsity=0.8",
+                                "method.update_interval=4", "method.prune_end=0.5"])
+    return build_method(config.method, TrainingSchedule(total_steps=100, steps_per_epoch=10), 3)
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(METHODS) if _updating_method(n).uses_masks
+                                  and _updating_method(n).is_update_step(4)])
+def test_an_update_reads_the_device_once(name, monkeypatch):
+    """Full tensors, untied scores: after `MaskSet.use_layout`, every update of every method that
+    changes masks (from the registry) makes one host read (GraNet two), whatever the layers."""
+    from distsparse.sparsity.layout import FullLayout
+    from distsparse.sparsity.masks import MaskSet
+    from tests.conftest import count_host_reads
+
+    method = _updating_method(name)
+    g = torch.Generator().manual_seed(0)
+    shapes = {f"layer{i}": (40 + i, 50) for i in range(8)}
+    weights = {n: torch.randn(shape, generator=g) for n, shape in shapes.items()}
+    grads = {n: torch.randn(shape, generator=g) for n, shape in shapes.items()}
+    mask_set = MaskSet(weights)
+    mask_set.update(method.initial_masks(mask_set.shapes()))
+    mask_set.use_layout(FullLayout(shapes))
+    method.layout = mask_set.layout
+    per_update = []
+    for step in (4, 8, 12):
+        assert method.is_update_step(step)
+        reads = count_host_reads(monkeypatch)
+        changed = method.update(step, mask_set.masks, weights, grads)
+        mask_set.update(changed)
+        per_update.append(len(reads))
+        monkeypatch.undo()
+        assert changed
+    assert per_update == [READS_PER_UPDATE.get(name, 1)] * 3

@@ -17,7 +17,8 @@ from distsparse.config import MethodConfig
 from distsparse.methods import build_method, init_masks
 from distsparse.sparsity import select
 from distsparse.sparsity.layout import FullLayout, PieceLayout, pack_bits
-from distsparse.sparsity.select import drop_and_grow, global_topk_masks, topk_mask, topk_masks
+from distsparse.sparsity.select import drop_and_grow, drop_and_grow_masks, global_topk_masks, \
+    topk_mask, topk_masks
 from tests.conftest import count_host_reads
 from tests.test_methods import CONTEXT as METHOD_CONTEXT
 from tests.test_methods import SCHEDULE as METHOD_SCHEDULE
@@ -518,6 +519,30 @@ def test_layer_selections_read_the_device_once_per_batch(monkeypatch):
     assert len(reads) == 9  # one layer's mask at a time is remembered: the latest made or counted
     monkeypatch.undo()
     assert all(torch.equal(new[n], expected[n]) and torch.equal(known[n], expected[n]) for n in shapes)
+
+
+@pytest.mark.parametrize("numel", [600, 300_000])  # under and over SAMPLED_FROM (a bracket)
+def test_drop_and_grow_reads_once_unless_a_drop_threshold_is_tied(numel, monkeypatch):
+    """The grow selections start on the drop selections' candidates; one read confirms them. A
+    layer whose k-th largest drop score is tied selects its growth again, after a second read."""
+    g = torch.Generator().manual_seed(5)
+    masks = [torch.rand(numel, generator=g) < 0.3 for _ in range(3)]
+    drop = [torch.rand(numel, generator=g) for _ in range(3)]
+    grow = [torch.rand(numel, generator=g) for _ in range(3)]
+    actives = [int(m.sum()) for m in masks]
+    swaps = [a // 4 for a in actives]
+    tied = [d.clone() for d in drop]
+    kth = torch.topk(tied[1][masks[1]], actives[1] - swaps[1]).values[-1]
+    tied[1][masks[1] & (tied[1] < kth)] = kth  # layer 1: every dropped entry ties with the k-th
+    for scores, expected_reads in ((drop, 1), (tied, 2)):
+        expected = [_stable_drop_and_grow(m, d, gr, n)
+                    for m, d, gr, n in zip(masks, scores, grow, swaps)]
+        reads = count_host_reads(monkeypatch)
+        got = drop_and_grow_masks(masks, scores, grow, swaps, actives)
+        assert len(reads) == expected_reads
+        monkeypatch.undo()
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+        assert [int(m.sum()) for m in got] == actives
 
 
 def test_remembered_counts_follow_edits_and_new_tensors():

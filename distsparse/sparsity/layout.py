@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from distsparse.sparsity.scores import random_scores
-from distsparse.sparsity.select import drop_and_grow_masks, global_topk_masks, topk_masks
+from distsparse.sparsity.select import drop_and_grow_masks, global_topk_counted, topk_masks
 from distsparse.sparsity.sharded_select import ShardPiece, contiguous_partition, sharded_topk
 
 __all__ = ["FullLayout", "PieceLayout", "full_layout_of", "pack_bits"]
@@ -110,10 +110,18 @@ class FullLayout:
         self, scores: Mapping[str, torch.Tensor], k: int,
         eligible: Mapping[str, torch.Tensor] | None = None,
     ) -> Masks:
-        """The k highest scores over all given layers, in the layout's layer order."""
+        """The k highest scores over all given layers, in the layout's layer order: one host read
+        where the eligible masks' counts are known, and then the result's counts are too."""
         names = [name for name in self.names if name in scores]
-        return global_topk_masks({name: scores[name] for name in names}, k,
-                                 None if eligible is None else {name: eligible[name] for name in names})
+        allowed = None if eligible is None else {name: eligible[name] for name in names}
+        known = {} if allowed is None else self._recall(allowed)
+        n_eligible = sum(known.values()) if allowed is not None and len(known) == len(names) \
+            else None
+        masks, counts = global_topk_counted({name: scores[name] for name in names}, k, allowed,
+                                            n_eligible)
+        if counts is not None:
+            self._remember(masks, counts)
+        return masks
 
     def drop_and_grow(
         self, masks: Mapping[str, torch.Tensor], drop_scores: Mapping[str, torch.Tensor],

@@ -133,10 +133,11 @@ class MaskSet:
         return dict(self.layout.shapes)
 
     def use_layout(self, layout: FullLayout) -> None:
-        """Hold the masks as this rank's pieces in `layout` (a collective for a `PieceLayout`)."""
+        """Hold the masks as this rank's pieces in `layout`, counted (a collective for a
+        `PieceLayout`), so that the first update needs no count."""
         self.masks = {name: layout.piece(name, mask).clone() for name, mask in self.masks.items()}
         self.layout = layout
-        self._recount()
+        layout.active_counts(self.masks)
 
     def _recount(self) -> None:
         """Pieces: count new masks now, on every rank (a collective unless the layout made them

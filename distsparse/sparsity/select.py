@@ -12,7 +12,9 @@ equal to v with the highest indices are dropped. v comes from one `torch.topk`, 
 `SAMPLED_FROM` scores or more from a sample that brackets it and a sort of the few entries inside
 the bracket, checked exact in the same device read (a topk where the check fails). Selections over
 several tensors (per-layer top-k, drop-and-grow) read all their counts from the device in one
-transfer.
+transfer. A drop-and-grow's grow selections start before that read, on the drop selections'
+candidates, which the read confirms unless a drop threshold is tied (then a second read); a global
+selection's read also gives each layer's selected count.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-__all__ = ["drop_and_grow", "drop_and_grow_masks", "global_topk_masks", "topk_mask", "topk_masks"]
+__all__ = ["drop_and_grow", "drop_and_grow_masks", "global_topk_counted", "global_topk_masks",
+           "topk_mask", "topk_masks"]
 
 
 COMPACT_BELOW = 0.5
@@ -142,6 +145,17 @@ class _Selection:
             torch.isnan(self.threshold).to(torch.int64),
             (self.threshold == _lowest(self.source.dtype)).to(torch.int64), exact])
 
+    def tentative(self) -> torch.Tensor:
+        """The selection as it stands before the read: every candidate, which `mask` returns
+        unchanged where `confirms` the counts (the k-th largest is exact and untied)."""
+        if self.k == 0:
+            return torch.zeros(self.source.shape, dtype=torch.bool, device=self.source.device)
+        return self.candidates
+
+    def confirms(self, counts: Sequence[int]) -> bool:
+        """Whether `tentative()` is the selection, given the counts as read from the device."""
+        return bool(counts[4]) and counts[1] == self.k
+
     def mask(self, counts: Sequence[int]) -> torch.Tensor:
         """The selected entries, given this selection's counts as read from the device."""
         n_eligible, n_candidates, nan_threshold, lowest_threshold, exact = counts
@@ -248,27 +262,41 @@ def global_topk_masks(
     Scores are compared as float64 values; layers all of floating dtypes are compared in their
     promoted dtype, which orders them identically (widening is exact).
     """
+    return global_topk_counted(scores, k, eligible)[0]
+
+
+def global_topk_counted(
+    scores: Mapping[str, torch.Tensor],
+    k: int,
+    eligible: Mapping[str, torch.Tensor] | None = None,
+    n_eligible: int | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, int] | None]:
+    """`global_topk_masks` in one host read (`n_eligible`, the eligible entries if the caller
+    knows them, spares counting them), with each layer's selected count where that read gives it
+    (the k-th largest untied), else None."""
     names = list(scores)
     if not names:
         if k:
             raise ValueError(f"cannot select {k} of 0 eligible entries")
-        return {}
+        return {}, {}
     dtype = _common_dtype([scores[n] for n in names])
     values = torch.cat([scores[n].reshape(-1).to(dtype) for n in names])
-    if eligible is None:
-        flat_eligible, n_eligible = None, values.numel()
-    else:
-        flat_eligible = torch.cat([eligible[n].reshape(-1) for n in names])
-        n_eligible = torch.count_nonzero(flat_eligible).tolist()
+    flat_eligible = None if eligible is None else torch.cat([eligible[n].reshape(-1) for n in names])
+    if n_eligible is None:
+        n_eligible = values.numel() if eligible is None else \
+            torch.count_nonzero(flat_eligible).tolist()
     if not 0 <= k <= n_eligible:
         raise ValueError(f"cannot select {k} of {n_eligible} eligible entries")
-    selected = _masks_of([_Selection(values, k, flat_eligible, n_eligible=n_eligible)])[0]
+    numels = [scores[name].numel() for name in names]
+    selection = _Selection(values, k, flat_eligible, n_eligible=n_eligible)
+    per_layer = torch.stack([part.count_nonzero() for part in selection.tentative().split(numels)])
+    counts = torch.cat([selection.counts, per_layer]).tolist()
+    selected = selection.mask(counts[:5])
     masks, offset = {}, 0
-    for name in names:
-        numel = scores[name].numel()
+    for name, numel in zip(names, numels):
         masks[name] = selected[offset : offset + numel].view(scores[name].shape)
         offset += numel
-    return masks
+    return masks, dict(zip(names, counts[5:])) if selection.confirms(counts[:5]) else None
 
 
 def drop_and_grow_masks(
@@ -276,8 +304,13 @@ def drop_and_grow_masks(
     grow_scores: Sequence[torch.Tensor], n_swaps: Sequence[int],
     actives: Sequence[int] | None = None,
 ) -> list[torch.Tensor]:
-    """`drop_and_grow`'s new mask of every layer: three host reads for all layers together, two
-    where the caller passes the masks' active counts."""
+    """`drop_and_grow`'s new mask of every layer, with one host read for all layers (one more
+    where the caller does not pass the masks' active counts).
+
+    Each grow selection starts before the read, on the kept entries as its drop selection has
+    them then (its candidates); the read confirms them unless a k-th largest drop score is tied or
+    missed by the sample, and only those layers select their growth again after a second read.
+    """
     if not masks:
         return []
     if actives is None:
@@ -285,12 +318,22 @@ def drop_and_grow_masks(
     for active, n_swap in zip(actives, n_swaps):
         if not 0 <= n_swap <= active:
             raise ValueError(f"cannot select {active - n_swap} of {active} eligible entries")
-    kept = _masks_of([
-        _Selection(drop.reshape(-1), active - n_swap, mask.reshape(-1), n_eligible=active)
-        for mask, drop, active, n_swap in zip(masks, drop_scores, actives, n_swaps)])
-    grown = _masks_of([
-        _Selection(grow.reshape(-1), n_swap, excluded=keep, n_eligible=keep.numel() - active + n_swap)
-        for grow, keep, active, n_swap in zip(grow_scores, kept, actives, n_swaps)])
+    drops = [_Selection(drop.reshape(-1), active - n_swap, mask.reshape(-1), n_eligible=active)
+             for mask, drop, active, n_swap in zip(masks, drop_scores, actives, n_swaps)]
+
+    def grow_from(kept: Sequence[torch.Tensor], layers: Sequence[int]) -> list[_Selection]:
+        return [_Selection(grow_scores[i].reshape(-1), n_swaps[i], excluded=keep,
+                           n_eligible=keep.numel() - actives[i] + n_swaps[i])
+                for i, keep in zip(layers, kept)]
+
+    layers = range(len(masks))
+    grows = grow_from([drop.tentative() for drop in drops], layers)
+    counts = torch.stack([selection.counts for selection in (*drops, *grows)]).tolist()
+    kept = [drop.mask(count) for drop, count in zip(drops, counts)]
+    again = [i for i in layers if not drops[i].confirms(counts[i])]
+    grown = [None if i in again else grows[i].mask(counts[len(masks) + i]) for i in layers]
+    for i, mask in zip(again, _masks_of(grow_from([kept[i] for i in again], again))):
+        grown[i] = mask
     return [(keep | grow).view(mask.shape) for keep, grow, mask in zip(kept, grown, masks)]
 
 
