@@ -296,3 +296,26 @@ def test_apply_follows_every_change_of_a_mask_replaced_or_edited_in_place():
         weight.fill_(1.0)
     masks.apply()
     assert torch.equal(weight != 0, replaced)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_zero_off_gives_masked_fill_bits_for_every_float_dtype(dtype):
+    """Masked-off entries become +0.0 whatever they held (inf, NaN, -0.0); active ones keep their
+    bits exactly (NaN payloads, -0.0, subnormals): the CPU's integer AND equals `masked_fill_`,
+    also on a flattened view of another shape."""
+    special = torch.tensor([float("nan"), float("inf"), float("-inf"), -0.0, 0.0, -1.5,
+                            torch.finfo(dtype).tiny / 4, -torch.finfo(dtype).max], dtype=dtype)
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(96, generator=g).to(dtype)
+    values[:16] = special.repeat_interleave(2)  # each special value once on, once off
+    values = values.reshape(8, 12)
+    mask = (torch.arange(96) % 2 == 0).reshape(8, 12)
+    masks = MaskSet({"w": torch.zeros(8, 12, dtype=dtype)})
+    masks.update({"w": mask})
+    expected = values.clone().masked_fill_(~mask, 0)
+    for tensor in (values.clone(), values.clone().reshape(-1)):
+        masks.zero_off("w", tensor)
+        width = {2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()]
+        assert torch.equal(tensor.reshape(8, 12).view(width), expected.view(width))
+        assert torch.equal(tensor.reshape(8, 12)[mask].view(width), values[mask].view(width))
+        assert not tensor.reshape(8, 12)[~mask].view(width).any()  # +0.0: every bit clear

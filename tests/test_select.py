@@ -17,8 +17,8 @@ from distsparse.config import MethodConfig
 from distsparse.methods import build_method, init_masks
 from distsparse.sparsity import select
 from distsparse.sparsity.layout import FullLayout, PieceLayout, pack_bits
-from distsparse.sparsity.select import drop_and_grow, drop_and_grow_masks, global_topk_masks, \
-    topk_mask, topk_masks
+from distsparse.sparsity.select import drop_and_grow, drop_and_grow_masks, global_topk_counted, \
+    global_topk_masks, topk_mask, topk_masks
 from tests.conftest import count_host_reads
 from tests.test_methods import CONTEXT as METHOD_CONTEXT
 from tests.test_methods import SCHEDULE as METHOD_SCHEDULE
@@ -543,6 +543,32 @@ def test_drop_and_grow_reads_once_unless_a_drop_threshold_is_tied(numel, monkeyp
         monkeypatch.undo()
         assert all(torch.equal(a, b) for a, b in zip(got, expected))
         assert [int(m.sum()) for m in got] == actives
+
+
+@pytest.mark.parametrize("regime,dtype", REGIMES)
+@pytest.mark.parametrize("numel", [50, 300_000])  # under and over SAMPLED_FROM (a bracket)
+def test_global_selection_reads_each_layers_count_with_its_own(regime, dtype, numel, monkeypatch):
+    """One read gives the selection and every layer's selected count, ties at the threshold
+    included (surplus ties leave from the last layer back); None only where NaN or the fill
+    value is the k-th largest."""
+    g = torch.Generator().manual_seed(numel)
+    sizes = {"a": numel // 5, "b": numel // 2, "c": numel - numel // 5 - numel // 2}
+    for trial in range(4):
+        scores = {n: _random_scores(g, size, regime, dtype) for n, size in sizes.items()}
+        eligible = None if trial % 2 else {n: torch.rand(size, generator=g) < 0.3 + 0.4 * (trial > 1)
+                                           for n, size in sizes.items()}
+        n_eligible = numel if eligible is None else sum(int(e.sum()) for e in eligible.values())
+        for k in (0, 1, n_eligible // 3, n_eligible):
+            reads = count_host_reads(monkeypatch)
+            masks, counts = global_topk_counted(scores, k, eligible, n_eligible)
+            monkeypatch.undo()
+            actual = {n: int(m.sum()) for n, m in masks.items()}
+            assert sum(actual.values()) == k
+            if len(reads) == 2:  # the sample missed the k-th largest: a topk, then counts unknown
+                assert counts is None
+                continue
+            assert len(reads) == 1
+            assert counts == actual or (counts is None and regime == "special")  # NaN or -inf
 
 
 def test_remembered_counts_follow_edits_and_new_tensors():

@@ -123,8 +123,7 @@ def mask_weights_and_state(masks: MaskSet, optimizer: torch.optim.Optimizer | No
     """
     state = optimizer.state if optimizer is not None else {}
     for name, param in masks.params.items():
-        off = masks.off(name)
-        param.masked_fill_(off, 0)  # masked_fill, not mul: nan * 0 is nan, -w * 0 is -0.0
+        masks.zero_off(name, param)
         for value in state.get(param, _NO_STATE).values():
             if torch.is_tensor(value) and value.shape == param.shape:
-                value.masked_fill_(off, 0)
+                masks.zero_off(name, value)

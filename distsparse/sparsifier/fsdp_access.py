@@ -106,11 +106,10 @@ class FSDPAccess:
         """Zero masked-off entries in the local shard of each weight and of each optimizer-state
         DTensor of its shape."""
         for name, param in masks.params.items():
-            off = ~masks.masks[name]
-            local_shard(param).masked_fill_(off, 0)
+            masks.zero_off(name, local_shard(param))
             for value in self.optimizer.state.get(param, {}).values():
                 if isinstance(value, DTensor) and value.shape == param.shape:
-                    local_shard(value).masked_fill_(off, 0)
+                    masks.zero_off(name, local_shard(value))
 
     def step(self) -> None:
         """optimizer.step() on the sharded parameters."""

@@ -156,6 +156,20 @@ class _Selection:
         """Whether `tentative()` is the selection, given the counts as read from the device."""
         return bool(counts[4]) and counts[1] == self.k
 
+    def at_threshold(self) -> torch.Tensor:
+        """The eligible entries equal to the k-th largest (k > 0)."""
+        at = self.source == self.threshold
+        if self.restrict is not None:
+            at &= self.restrict
+        return at
+
+    def drops_last_ties(self, counts: Sequence[int]) -> bool:
+        """Whether `mask` is the candidates less the last n_candidates - k of `at_threshold()`,
+        given the counts as read (the k-th largest exact, neither NaN nor the fill value)."""
+        _, _, nan_threshold, lowest_threshold, exact = counts
+        filled = self.restrict is None and (self.eligible is not None or self.excluded is not None)
+        return bool(exact) and self.k > 0 and not nan_threshold and not (lowest_threshold and filled)
+
     def mask(self, counts: Sequence[int]) -> torch.Tensor:
         """The selected entries, given this selection's counts as read from the device."""
         n_eligible, n_candidates, nan_threshold, lowest_threshold, exact = counts
@@ -169,13 +183,10 @@ class _Selection:
             n_candidates, nan_threshold, lowest_threshold = self.counts[1:4].tolist()
         if n_candidates == self.k:
             return self.candidates
-        filled = self.restrict is None and (self.eligible is not None or self.excluded is not None)
-        if nan_threshold or (lowest_threshold and filled):
+        if not self.drops_last_ties([n_eligible, n_candidates, nan_threshold, lowest_threshold, 1]):
             return self._first_k(bool(nan_threshold))
         # v is tied: drop the last n_candidates - k entries equal to v, in index order.
-        at = self.source == self.threshold
-        if self.restrict is not None:
-            at &= self.restrict
+        at = self.at_threshold()
         last = torch.nonzero_static(at.flip(0), size=n_candidates - self.k).squeeze(1)
         self.candidates[at.numel() - 1 - last] = False
         return self.candidates
@@ -262,7 +273,7 @@ def global_topk_masks(
     Scores are compared as float64 values; layers all of floating dtypes are compared in their
     promoted dtype, which orders them identically (widening is exact).
     """
-    return global_topk_counted(scores, k, eligible)[0]
+    return _global_topk(scores, k, eligible, None, count_layers=False)[0]
 
 
 def global_topk_counted(
@@ -271,9 +282,13 @@ def global_topk_counted(
     eligible: Mapping[str, torch.Tensor] | None = None,
     n_eligible: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, int] | None]:
-    """`global_topk_masks` in one host read (`n_eligible`, the eligible entries if the caller
-    knows them, spares counting them), with each layer's selected count where that read gives it
-    (the k-th largest untied), else None."""
+    """`global_topk_masks` and each layer's selected count, both from one host read
+    (`n_eligible`, the eligible entries if the caller knows them, spares counting them); the
+    counts are None only where the k-th largest is NaN, the fill value or missed by the sample."""
+    return _global_topk(scores, k, eligible, n_eligible, count_layers=True)
+
+
+def _global_topk(scores, k, eligible, n_eligible, count_layers: bool):
     names = list(scores)
     if not names:
         if k:
@@ -289,14 +304,36 @@ def global_topk_counted(
         raise ValueError(f"cannot select {k} of {n_eligible} eligible entries")
     numels = [scores[name].numel() for name in names]
     selection = _Selection(values, k, flat_eligible, n_eligible=n_eligible)
-    per_layer = torch.stack([part.count_nonzero() for part in selection.tentative().split(numels)])
-    counts = torch.cat([selection.counts, per_layer]).tolist()
+    read = [selection.counts]
+    if count_layers and k:  # each layer's candidates and entries at the threshold
+        read += [torch.stack([part.count_nonzero() for part in flags.split(numels)])
+                 for flags in (selection.tentative(), selection.at_threshold())]
+    counts = torch.cat(read).tolist()
     selected = selection.mask(counts[:5])
     masks, offset = {}, 0
     for name, numel in zip(names, numels):
         masks[name] = selected[offset : offset + numel].view(scores[name].shape)
         offset += numel
-    return masks, dict(zip(names, counts[5:])) if selection.confirms(counts[:5]) else None
+    layer_counts = _layer_counts(selection, counts, len(names)) if count_layers else None
+    return masks, None if layer_counts is None else dict(zip(names, layer_counts))
+
+
+def _layer_counts(selection: _Selection, counts: list[int], layers: int) -> list[int] | None:
+    """Each layer's selected count from the read of `_global_topk`: its candidates, less the
+    surplus ties the selection drops from the last index back."""
+    if selection.k == 0:
+        return [0] * layers
+    candidates, at = counts[5 : 5 + layers], counts[5 + layers :]
+    if selection.confirms(counts[:5]):
+        return candidates
+    if not selection.drops_last_ties(counts[:5]):
+        return None
+    surplus = counts[1] - selection.k
+    for layer in reversed(range(layers)):
+        dropped = min(surplus, at[layer])
+        candidates[layer] -= dropped
+        surplus -= dropped
+    return candidates
 
 
 def drop_and_grow_masks(
