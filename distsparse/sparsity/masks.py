@@ -186,10 +186,14 @@ class MaskSet:
         `masked_fill_`. Both give the same bits.
         """
         bits = _SAME_WIDTH.get(tensor.element_size())
-        if tensor.device.type == "cpu" and tensor.is_floating_point() and bits is not None:
-            tensor.view(bits).bitwise_and_(self._form(name, bits).view(tensor.shape))
+        on_bits = tensor.device.type == "cpu" and tensor.is_floating_point() and bits is not None
+        form = self._form(name, bits if on_bits else torch.bool)
+        if form.shape != tensor.shape:
+            form = form.view(tensor.shape)
+        if on_bits:
+            tensor.view(bits).bitwise_and_(form)
         else:
-            tensor.masked_fill_(self._form(name, torch.bool).view(tensor.shape), 0)
+            tensor.masked_fill_(form, 0)
 
     @torch.no_grad()
     def apply(self, tensors: Mapping[str, torch.Tensor] | None = None) -> None:
