@@ -319,3 +319,31 @@ def test_zero_off_gives_masked_fill_bits_for_every_float_dtype(dtype):
         assert torch.equal(tensor.reshape(8, 12).view(width), expected.view(width))
         assert torch.equal(tensor.reshape(8, 12)[mask].view(width), values[mask].view(width))
         assert not tensor.reshape(8, 12)[~mask].view(width).any()  # +0.0: every bit clear
+
+
+def test_zero_off_follows_new_storage_and_holds_no_dead_tensor():
+    """Masking prepares each tensor once, yet still masks a parameter whose storage was replaced
+    (`module.to`, `param.data = ...`) or whose mask changed, and forgets tensors that died."""
+    layer = torch.nn.Linear(6, 4)
+    masks = MaskSet({"weight": layer.weight})
+    mask = torch.arange(24).reshape(4, 6) % 3 == 0
+    masks.update({"weight": mask})
+    masks.apply()
+    assert torch.equal(layer.weight != 0, mask)
+    layer.to(torch.float64)  # new storage under the same Parameter
+    with torch.no_grad():
+        layer.weight.fill_(2.0)
+    masks.apply()
+    assert layer.weight.dtype == torch.float64 and torch.equal(layer.weight != 0, mask)
+    layer.weight.data = torch.full((4, 6), 3.0, dtype=torch.float64)
+    masks.apply()
+    assert torch.equal(layer.weight != 0, mask)
+    masks.update({"weight": ~mask})
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+    masks.apply()
+    assert torch.equal(layer.weight != 0, ~mask)
+    prepared = len(masks._targets)
+    for _ in range(5):
+        masks.apply({"weight": torch.ones(4, 6)})  # temporaries: each forgotten when it dies
+    assert len(masks._targets) == prepared

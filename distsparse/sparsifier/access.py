@@ -114,7 +114,6 @@ class DDPAccess(PlainAccess):
 _NO_STATE: dict[str, object] = {}
 
 
-@torch.no_grad()
 def mask_weights_and_state(masks: MaskSet, optimizer: torch.optim.Optimizer | None) -> None:
     """Mask each weight and each optimizer-state tensor of its shape (momentum, exp_avg, ...).
 

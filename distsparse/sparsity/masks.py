@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -121,6 +122,7 @@ class MaskSet:
                       for name, p in self.params.items()}
         self.layout = FullLayout(shapes)
         self._forms: dict[str, tuple[torch.Tensor, int, dict[torch.dtype, torch.Tensor]]] = {}
+        self._targets: dict[int, tuple] = {}  # by id() of each tensor zero_off masks
 
     @property
     def names(self) -> list[str]:
@@ -178,24 +180,38 @@ class MaskSet:
 
     def zero_off(self, name: str, tensor: torch.Tensor) -> None:
         """Set the layer's masked-off entries of `tensor` (its mask's numel, any shape) to +0.0 in
-        place, leaving every other entry's bits as they are.
+        place, leaving every other entry's bits as they are (no autograd record).
 
         Not a multiply: inf * 0 and nan * 0 are nan, and -w * 0 is -0.0. On the CPU an AND of the
         tensor's bits with the mask's all-ones integer form (masked_fill_'s CPU kernel runs many
         times slower there; the integer forms cost 2-8 bytes an element, on the host); elsewhere
-        `masked_fill_`. Both give the same bits.
+        `masked_fill_`. Both give the same bits. What a tensor needs is prepared once per mask
+        change and storage (a step masks the same weights and optimizer state every time).
         """
+        mask = self.masks[name]
+        target = self._targets.get(id(tensor))
+        if target is None or target[0] is not mask or target[1] != mask._version \
+                or target[2].data_ptr() != tensor.data_ptr():
+            target = self._prepare(name, tensor)
+        if target[3]:
+            target[2].bitwise_and_(target[4])
+        else:
+            target[2].masked_fill_(target[4], 0)
+
+    def _prepare(self, name: str, tensor: torch.Tensor) -> tuple:
+        """(mask, its version, a detached alias of the tensor, whether by bits, the mask's form)."""
         bits = _SAME_WIDTH.get(tensor.element_size())
         on_bits = tensor.device.type == "cpu" and tensor.is_floating_point() and bits is not None
         form = self._form(name, bits if on_bits else torch.bool)
         if form.shape != tensor.shape:
             form = form.view(tensor.shape)
-        if on_bits:
-            tensor.view(bits).bitwise_and_(form)
-        else:
-            tensor.masked_fill_(form, 0)
+        alias = tensor.detach().view(bits) if on_bits else tensor.detach()
+        key, targets = id(tensor), self._targets
+        forget = weakref.ref(tensor, lambda _: targets.pop(key, None))  # no alias outlives it
+        mask = self.masks[name]
+        targets[key] = (mask, mask._version, alias, on_bits, form, forget)
+        return targets[key]
 
-    @torch.no_grad()
     def apply(self, tensors: Mapping[str, torch.Tensor] | None = None) -> None:
         """Zero masked-off entries in place: in the parameters, or in tensors of the same names."""
         targets = self.params if tensors is None else tensors
