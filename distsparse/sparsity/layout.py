@@ -11,13 +11,13 @@ Two layouts give identical masks:
   the local shard of FSDP2's Shard(0) DTensor (uneven when rows do not divide). Selections run
   `sharded_select.sharded_topk` (one histogram all-reduce per round for all layers together, 2-4
   rounds a selection), counts are one all-reduce of one int64 a layer, and no score, weight or
-  gradient leaves its rank.
+  gradient leaves its rank. Only `full_masks` moves masks: one all-gather of the bit-packed pieces
+  (numel / 8 bytes a layer), for checkpoints, fingerprints and persistent parameters, never for a
+  selection.
 
 Counts of masks a layout made or counted are remembered while the tensor is unedited: a
 drop-and-grow keeps each layer's count, so an update after one counts nothing (no all-reduce on
-pieces, no host read on full tensors). Only `full_masks` moves masks: one all-gather of the bit-packed pieces
-  (numel / 8 bytes a layer), for checkpoints, fingerprints and persistent parameters, never for a
-  selection.
+pieces, no host read on full tensors).
 """
 from __future__ import annotations
 
