@@ -168,7 +168,7 @@ def measure_select(shapes: dict[str, tuple[int, ...]], active: dict[str, int]) -
     """RigL's drop-and-grow on pieces (world size 1: the histograms and rounds are global),
     |N(0, 1)| scores, with the active counts known as in training (the previous update made the
     masks): the all-reduce calls, each as (bytes, whether it is a tie table: the 1-D
-    (layers x ranks) table; histograms are 2-D)."""
+    (tied layers x ranks) table; histograms are 2-D)."""
     from distsparse.sparsity.layout import PieceLayout
 
     calls: list[tuple[int, bool]] = []
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             f"({len(terms['shapes'])} layers), ERK density {DENSITY}. Mask-update traffic flat in "
             f"world size: {'no' if ties else 'yes'}, {len(select_bytes)} all-reduces of "
             f"{sum(select_bytes) / 1e3:.1f} kB a rank at 1024 GPUs ({ties} tie exchange(s) of "
-            f"layers x GPUs int32 counts: the only term that grows with the GPUs). "
+            f"tied layers x GPUs int32 counts: the only term that grows with the GPUs). "
             f"Update < 1 ms at 1024 GPUs on 100 Gb/s: {'yes' if worst < 1 else 'no'} "
             f"({worst:.2f} ms, latency-bound: {len(select_bytes)} rounds of "
             f"{nccl_time_us('all_reduce', 8, 1024, 100):.0f} us). Hook bytes / dense = "

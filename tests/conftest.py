@@ -27,8 +27,8 @@ def selection_bytes_bound(numels: list[int], world_size: int, selections: int = 
     """Most bytes a mask update's selections may all-reduce per rank (`sharded_topk`): per
     selection at most 64 / w histogram rounds, w the first (narrowest) digit width, each of at
     most min(ROUND_COUNTS + layers, layers x (2^cap + 1)) int32 counts, cap the width the largest
-    layer allows, then a (layers x ranks) tie table (int32, bounded here at 8 B a count); and one
-    int64 count per layer."""
+    layer allows, then a (tied layers x ranks) tie table (int32, bounded here at 8 B a count for
+    every layer); and one int64 count per layer."""
     from distsparse.sparsity.sharded_select import ROUND_COUNTS, round_bits
 
     layers = len(numels)

@@ -443,7 +443,8 @@ def test_layer_topk_shares_each_round_between_layers():
     # All scores equal in every layer: each layer needs all 32 bits of its float32 keys and the tie
     # exchange, and still the layers together make one collective a round, each round one
     # (open layers x (2^width + 1)) histogram, the digits as wide as the 100-element layer calls
-    # for. The 1-element layer (k = 0) is decided by the first round and sends no row after it.
+    # for. The 1-element layer (k = 0) is decided by the first round and sends no row after it,
+    # nor a row of the tie table.
     full = _layers("equal", torch.float32, seed=0)
     ks = [n // 2 for n in NUMELS]
     assert ks.count(0) == 1
@@ -453,7 +454,7 @@ def test_layer_topk_shares_each_round_between_layers():
     widths = [9, 9, 9, 5]
     assert results[0].all_reduces == len(widths) + 1
     rows = len(NUMELS) * _row_bytes(widths[0]) + sum((len(NUMELS) - 1) * _row_bytes(w) for w in widths[1:])
-    assert results[0].bytes_sent == rows + len(NUMELS) * 3 * 4
+    assert results[0].bytes_sent == rows + (len(NUMELS) - 1) * 3 * 4  # no tie row for k = 0
     for layer, k in enumerate(ks):
         assert torch.equal(torch.cat([r.masks[layer] for r in results]),
                            torch.arange(NUMELS[layer]) < k)

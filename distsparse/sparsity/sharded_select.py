@@ -16,7 +16,7 @@ moves no scores or weights:
    once the bucket holds exactly the entries still needed.
 3. If all key bits get fixed first, the remaining candidates all equal the threshold key T and
    `need` of them are still missing. Ties break by global index, whose order is (layer, rank, local
-   index): one all-reduce of the (num_layers x world_size) tie counts, an exclusive prefix sum over
+   index): one all-reduce of the (tied layers x world_size) tie counts, an exclusive prefix sum over
    them in that order, and each rank takes its lowest-index ties up to what is left for its piece.
 
 Across many GPUs a round costs its latency (about 100 us at 1024 GPUs) more than its bytes, so
@@ -373,15 +373,20 @@ def sharded_topk(
         return _finished(selected, sizes, sent)
 
     # Every remaining candidate of an unfinished group has its threshold key; take what the group
-    # still needs by global index.
+    # still needs by global index. Only the layers of unfinished groups send their counts (every
+    # rank knows which), one per rank: a (tied layers x ranks) table.
     counts = torch.bincount(layer_of, minlength=len(shards))  # candidates are in layer order
-    ties = torch.zeros(len(shards), world_size, dtype=count_dtype, device=device)
-    ties[:, rank] = counts
-    ties = reduce(ties.reshape(-1)).view(len(shards), world_size).tolist()
+    tied = [layer for layer, group in enumerate(groups) if not done[group]]
+    table = torch.zeros(len(tied), world_size, dtype=count_dtype, device=device)
+    table[:, rank] = counts[tied]
+    ties = dict(zip(tied, reduce(table.reshape(-1)).view(len(tied), world_size).tolist()))
     quota, earlier_layers = [], [0] * len(ks)
     for layer, group in enumerate(groups):
+        if done[group]:
+            quota.append(0)
+            continue
         before = earlier_layers[group] + sum(ties[layer][:rank])
-        quota.append(max(0, need[group] - before) if not done[group] else 0)
+        quota.append(max(0, need[group] - before))
         earlier_layers[group] += sum(ties[layer])
     first_of_layer = torch.cumsum(counts, 0) - counts
     order_in_layer = torch.arange(positions.numel(), device=device) - first_of_layer[layer_of]
