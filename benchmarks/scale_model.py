@@ -308,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     goals = []
     for name, (terms, select) in models.items():
         select_bytes = bytes_at(select, 1024)
+        smallest = sum(bytes_at(select, WORLDS[0]))
+        growth = sum(select_bytes) / smallest - 1
         ties = sum(per_rank for _, per_rank in select["calls"])
         worst = sum(nccl_time_us("all_reduce", s, 1024, 100) for s in select_bytes) / 1e3
         ratio = terms["hook_entries"] / terms["total"]
@@ -315,8 +317,9 @@ def main(argv: list[str] | None = None) -> int:
             f"- {name}: {terms['total']:,} parameters, {terms['masked']:,} masked "
             f"({len(terms['shapes'])} layers), ERK density {DENSITY}. Mask-update traffic flat in "
             f"world size: {'no' if ties else 'yes'}, {len(select_bytes)} all-reduces of "
-            f"{sum(select_bytes) / 1e3:.1f} kB a rank at 1024 GPUs ({ties} tie exchange(s) of "
-            f"tied layers x GPUs int32 counts: the only term that grows with the GPUs). "
+            f"{smallest / 1e3:.1f} kB a rank at {WORLDS[0]} GPUs and {sum(select_bytes) / 1e3:.1f} "
+            f"kB at 1024 (+{growth:.1%}; {ties} tie exchange(s) of tied layers x GPUs int32 "
+            f"counts: the only term that grows with the GPUs). "
             f"Update < 1 ms at 1024 GPUs on 100 Gb/s: {'yes' if worst < 1 else 'no'} "
             f"({worst:.2f} ms, latency-bound: {len(select_bytes)} rounds of "
             f"{nccl_time_us('all_reduce', 8, 1024, 100):.0f} us). Hook bytes / dense = "
