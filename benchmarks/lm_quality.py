@@ -32,6 +32,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -80,6 +81,12 @@ class Grid:
         self.threads, self.reuse = threads, reuse
         self.commit = environment()["distsparse"]
         self.commits: set[str] = set()
+        self.lock = threading.Lock()
+
+    def say(self, line: str) -> None:
+        """One whole line on stdout (runs finish on several threads)."""
+        with self.lock:
+            print(line, flush=True)
 
     def submit(self, config: str, label: str, overrides: list[str]):
         """A future of the run's summary.json (a dict)."""
@@ -98,7 +105,7 @@ class Grid:
                 return self._finished(label, run_dir, kept["commit"], "kept")
         if run_dir.exists():
             shutil.rmtree(run_dir)
-        print(f"{label}: {' '.join(command[1:])}", flush=True)
+        self.say(f"{label}: {' '.join(command[1:])}")
         result = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
                                 env={**os.environ, "OMP_NUM_THREADS": str(self.threads)})
         if result.returncode != 0:
@@ -111,8 +118,8 @@ class Grid:
     def _finished(self, label: str, run_dir: Path, commit: str, how: str) -> dict:
         self.commits.add(commit)
         summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-        print(f"{label} ({how} at {commit}): sparsity {summary['sparsity']:.3f}, test loss "
-              f"{summary['test_loss']:.4f}, {summary['wall_s']:.0f} s", flush=True)
+        self.say(f"{label} ({how} at {commit}): sparsity {summary['sparsity']:.3f}, test loss "
+                 f"{summary['test_loss']:.4f}, {summary['wall_s']:.0f} s")
         return summary
 
 
