@@ -192,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + body)
     if not args.no_record:
         lm_keys = " ".join(setting["lm"]) or "as the recipe"
-        grid = f"sparsities {','.join(map(str, setting['sparsities']))}"
-        settings = (f"{'--quick' if args.quick else 'recipe scale'}, {grid}; LM: {LM_CONFIG} (GraNet-ST: "
+        sparsities = f"sparsities {','.join(map(str, setting['sparsities']))}"
+        settings = (f"{'--quick' if args.quick else 'recipe scale'}, {sparsities}; LM: {LM_CONFIG} (GraNet-ST: "
                     f"{LM_GRANET_CONFIG}) overrides `{lm_keys}`, same tokens for every method; ViT: "
                     f"{VIT_CONFIG} overrides `{' '.join(setting['vit']) or 'none'}`; seeds "
                     f"{','.join(map(str, setting['seeds']))}; each run a subprocess with "
