@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
             UPDATE_STEP["set"], masks["set"])
     if args.force_iterations:
         items["force"] = force
+
     def known_counts(name: str) -> None:
         if name in methods:
             methods[name].layout.active_counts(masks[name])
