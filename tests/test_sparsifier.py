@@ -95,6 +95,51 @@ def test_a_users_model_keeps_exact_counts_and_zeros_in_every_copy(method):
     assert f"method={method}" in repr(sparsifier) and "block.1.weight" in sparsifier.summary()
 
 
+class _FunctionalMomentum(torch.optim.Optimizer):
+    """Momentum kept in place, and from the third step on a second state tensor that each step
+    replaces with a new one (as functional code does)."""
+
+    def __init__(self, params) -> None:
+        super().__init__(params, {"lr": 0.1})
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                velocity = state.setdefault("velocity", torch.zeros_like(p))
+                velocity.mul_(0.9).add_(p.grad)
+                state["calls"] = state.get("calls", 0) + 1
+                if state["calls"] >= 3:
+                    state["trace"] = state.get("trace", torch.zeros_like(p)) + p.grad.abs()
+                p.sub_(group["lr"] * velocity)
+
+
+def test_every_copy_is_masked_when_the_optimizer_replaces_or_adds_state_and_storage_moves():
+    """The tensors masked after each step are listed once, yet a state tensor the optimizer
+    replaces or adds, a loaded optimizer state and a weight given new storage are all masked."""
+    torch.manual_seed(0)
+    model = TinyLM()
+    optimizer = _FunctionalMomentum(model.parameters())
+    sparsifier = distsparse.Sparsifier(model, optimizer, method="set", sparsity=0.8,
+                                       total_steps=12, update_interval=4, distribution="erk")
+    params = dict(model.named_parameters())
+    for step, (x, y) in enumerate(_batches(12, 8)):
+        if step == 6:
+            optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+        if step == 9:  # not an update step: the masks stay the same objects
+            params["block.3.weight"].data = torch.randn_like(params["block.3.weight"])
+        _loss(model, x, y).backward()
+        sparsifier.step()
+        optimizer.zero_grad()
+        for name, mask in sparsifier.masks.items():
+            state = optimizer.state[params[name]]
+            assert ("trace" in state) == (step >= 2)
+            for tensor in (params[name].detach(), state["velocity"], state.get("trace")):
+                if tensor is not None:
+                    assert torch.count_nonzero(tensor[~mask]) == 0, (step, name)
+
+
 def test_four_micro_batches_give_the_masks_of_one_batch():
     whole_model, whole_opt, whole = _setup("rigl", torch.float64)
     micro_model, micro_opt, micro = _setup("rigl", torch.float64)

@@ -8,6 +8,7 @@ DeepSpeed engine's access is in `distsparse.sparsifier.deepspeed_access`.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -17,7 +18,7 @@ from distsparse.distributed.comm_hook import SparseGradientState, register_spars
 from distsparse.sparsity.layout import FullLayout
 from distsparse.sparsity.masks import MaskSet
 
-__all__ = ["DDPAccess", "ParameterAccess", "PlainAccess", "mask_weights_and_state"]
+__all__ = ["DDPAccess", "ParameterAccess", "PlainAccess", "StepCopies"]
 
 
 class ParameterAccess(Protocol):
@@ -56,6 +57,7 @@ class PlainAccess:
     def __init__(self, optimizer: torch.optim.Optimizer | None) -> None:
         self.optimizer = optimizer
         self.mask_set: MaskSet | None = None
+        self.copies = StepCopies(optimizer)
 
     def bind(self, masks: MaskSet) -> None:
         self.mask_set = masks
@@ -73,7 +75,7 @@ class PlainAccess:
                 for name, p in self.mask_set.params.items()}
 
     def mask_all_copies(self, masks: MaskSet) -> None:
-        mask_weights_and_state(masks, self.optimizer)
+        self.copies.mask(masks)
 
     def step(self) -> None:
         """optimizer.step()."""
@@ -111,18 +113,63 @@ class DDPAccess(PlainAccess):
             self.gradient_state.dense = needed
 
 
-_NO_STATE: dict[str, object] = {}
+class StepCopies:
+    """Every tensor masked after a step: each masked weight and each optimizer-state tensor of its
+    shape (momentum, exp_avg, ...), itself or as `view` shows it (the local shard under FSDP2).
 
-
-def mask_weights_and_state(masks: MaskSet, optimizer: torch.optim.Optimizer | None) -> None:
-    """Mask each weight and each optimizer-state tensor of its shape (momentum, exp_avg, ...).
-
-    With element-wise optimizers (SGD, AdamW) this after-step masking equals masking the
-    gradient, and leaves the dense gradient intact for growth criteria.
+    The list is made again only when it may have changed: the optimizer's first step creates its
+    state, `load_state_dict` replaces it, a step may add or replace a tensor, and a view may
+    come to show other storage. Checking costs a lookup a tensor; masking the list is
+    `MaskSet.zero_off_all`, one AND a tensor on the CPU (which also follows a weight whose
+    storage was replaced). With element-wise optimizers (SGD, AdamW) this after-step masking
+    equals masking the gradient, and leaves the dense gradient intact for growth criteria.
     """
-    state = optimizer.state if optimizer is not None else {}
-    for name, param in masks.params.items():
-        masks.zero_off(name, param)
-        for value in state.get(param, _NO_STATE).values():
-            if torch.is_tensor(value) and value.shape == param.shape:
-                masks.zero_off(name, value)
+
+    def __init__(self, optimizer: torch.optim.Optimizer | None,
+                 view: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 state_type: type = torch.Tensor) -> None:
+        self.optimizer, self.view, self.state_type = optimizer, view, state_type
+        self._state: object = None
+        self._state_size = 0
+        self._params: dict[str, torch.Tensor] = {}
+        self._watched: list[tuple[dict, int, list[tuple[str, torch.Tensor]]]] = []
+        self._copies: list[tuple[str, torch.Tensor]] = []
+        self._sources: list[torch.Tensor] = []
+
+    def mask(self, masks: MaskSet) -> None:
+        """Zero masked-off entries in every copy of every masked weight."""
+        state = self.optimizer.state if self.optimizer is not None else None
+        same = state is self._state and masks.params is self._params \
+            and (state is None or len(state) == self._state_size)
+        if same:  # inline, not a call: this runs every step
+            for param_state, size, items in self._watched:
+                same = len(param_state) == size
+                for key, value in items:
+                    same = same and param_state.get(key) is value
+                if not same:
+                    break
+        if not same or (self.view is not None and self._views_moved()):
+            self._list(masks, state)
+        masks.zero_off_all(self._copies)
+
+    def _views_moved(self) -> bool:
+        """Whether a listed view no longer shows its tensor's storage (FSDP2 may swap it)."""
+        return any(self.view(source).data_ptr() != shown.data_ptr()
+                   for source, (_, shown) in zip(self._sources, self._copies))
+
+    def _list(self, masks: MaskSet, state: dict | None) -> None:
+        self._state, self._params = state, masks.params
+        self._state_size = len(state) if state is not None else 0
+        self._watched, sources = [], []
+        for name, param in masks.params.items():
+            sources.append((name, param))
+            param_state = state.get(param) if state is not None else None
+            if param_state is None:
+                continue
+            items = [(key, value) for key, value in param_state.items()
+                     if isinstance(value, self.state_type) and value.shape == param.shape]
+            self._watched.append((param_state, len(param_state), items))
+            sources += [(name, value) for _, value in items]
+        self._sources = [tensor for _, tensor in sources]
+        self._copies = sources if self.view is None else [(name, self.view(tensor))
+                                                          for name, tensor in sources]

@@ -35,6 +35,8 @@ from distsparse.sparsity.masks import MaskSet, sparsifiable_parameters
 __all__ = ["MaskUpdate", "Sparsifier"]
 
 Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+LOOKAHEAD = 256
+"""Steps the schedule is read ahead: `Sparsifier.step` decides again only at the next update."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +115,7 @@ class Sparsifier:
         if not params:
             raise ConfigError("the model has no parameter to mask (see include / exclude)")
         self.method, self.access, self._step = method, access, 0
+        self._masking = method.uses_masks
         self.mask_set = MaskSet(params)
         access.bind(self.mask_set)
         if masks is None:
@@ -162,7 +165,7 @@ class Sparsifier:
 
     def mask_all(self) -> None:
         """Zero masked-off entries of every copy of every masked weight."""
-        if self.method.uses_masks:
+        if self._masking:
             self.access.mask_all_copies(self.mask_set)
 
     def step(self, scaler: torch.amp.GradScaler | None = None) -> bool:
@@ -174,22 +177,29 @@ class Sparsifier:
         step it skips (inf/NaN gradients) changes neither masks nor the method's step count.
         """
         replaces = self._updates_next and self.method.update_replaces_optimizer_step
-        scaled = scaler is not None and scaler.is_enabled()
-        if scaled:
-            scale = scaler.get_scale()
-            scaler.unscale_(self.access.optimizer)
-        self.before_optimizer_step()
-        if scaled:
-            if not replaces:
-                scaler.step(self.access.optimizer)
-            scaler.update()  # the inf check of unscale_ is enough where no step is taken
-            if scaler.get_scale() < scale:
-                self.after_optimizer_step(skipped=True)
-                return False
-        elif replaces:
+        if scaler is not None and scaler.is_enabled():
+            return self._scaled_step(scaler, replaces)
+        if self._grows_next:
+            self.before_optimizer_step()
+        if replaces:
             self.access.skip_step()
         else:
             self.access.step()
+        self.after_optimizer_step()
+        return not replaces
+
+    def _scaled_step(self, scaler: torch.amp.GradScaler, replaces: bool) -> bool:
+        """`step` through a GradScaler: unscale, step unless replaced, update the scale; a step
+        whose scale dropped found inf/NaN gradients and counts as not taken."""
+        scale = scaler.get_scale()
+        scaler.unscale_(self.access.optimizer)
+        self.before_optimizer_step()
+        if not replaces:
+            scaler.step(self.access.optimizer)
+        scaler.update()  # the inf check of unscale_ is enough where no step is taken
+        if scaler.get_scale() < scale:
+            self.after_optimizer_step(skipped=True)
+            return False
         self.after_optimizer_step()
         return not replaces
 
@@ -213,14 +223,17 @@ class Sparsifier:
         grads, self._pending_grads = self._pending_grads, None
         if skipped:
             return
-        step = self.step_count
-        if grads is None and self._grows_next:
-            raise RuntimeError(f"step {step} grows by gradient: call before_optimizer_step() "
-                               "before the optimizer step")
-        self.mask_all()
         if self._updates_next:
-            self._update_masks(step, grads)
-        self.step_count += 1
+            if grads is None and self._grows_next:
+                raise RuntimeError(f"step {self._step} grows by gradient: call "
+                                   "before_optimizer_step() before the optimizer step")
+            self.mask_all()
+            self._update_masks(self._step, grads)
+        elif self._masking:
+            self.access.mask_all_copies(self.mask_set)
+        self._step += 1
+        if self._step >= self._recheck_at:
+            self._prepare_next_step()
 
     def _update_masks(self, step: int, grads: Mapping[str, torch.Tensor] | None) -> None:
         tick = time.perf_counter()
@@ -243,11 +256,18 @@ class Sparsifier:
         return self.method.uses_masks and self.method.is_update_step(step)
 
     def _prepare_next_step(self) -> None:
-        """Decide once what the next step does (update the masks? from the dense gradient?) and
-        ask for dense gradients in its backward when it grows by gradient."""
-        self._updates_next = self._updates_at(self.step_count)
-        self._grows_next = self._updates_next and self.method.needs_dense_grad(self.step_count)
+        """Decide what the next step does (update the masks? from the dense gradient?), ask for
+        dense gradients in its backward when it grows by gradient, and find the next step to
+        decide again: after an update step the next one, else the next update within `LOOKAHEAD`
+        steps (the schedule is a function of the step), so the steps between read no schedule."""
+        step = self._step
+        self._updates_next = self._updates_at(step)
+        self._grows_next = self._updates_next and self.method.needs_dense_grad(step)
         self.access.set_dense_gradients(self._grows_next)
+        self._recheck_at = step + 1
+        while not self._updates_next and self._recheck_at < step + LOOKAHEAD \
+                and not self._updates_at(self._recheck_at):
+            self._recheck_at += 1
 
     def state_dict(self) -> dict[str, Any]:
         """Full masks, method state and step count (a collective where masks are pieces)."""

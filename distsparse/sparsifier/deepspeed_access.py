@@ -36,7 +36,7 @@ from deepspeed.utils import (
 )
 from torch import nn
 
-from distsparse.sparsifier.access import mask_weights_and_state
+from distsparse.sparsifier.access import StepCopies
 from distsparse.sparsity.layout import FullLayout, PieceLayout
 from distsparse.sparsity.masks import MaskSet
 
@@ -59,6 +59,7 @@ class DeepSpeedAccess:
         wrapper = engine.optimizer
         self.optimizer: torch.optim.Optimizer = optimizer or getattr(wrapper, "optimizer", wrapper)
         """The torch optimizer DeepSpeed steps (its parameters are flat fp32 copies at 1-3)."""
+        self.copies = StepCopies(self.optimizer)
         mixed = engine.bfloat16_enabled() or engine.fp16_enabled()
         # DeepSpeed steps fp32 copies, not the model's parameters, at stages 1-3 (flat partitions)
         # and at stage 0 in bf16/fp16 (FP16_UnfusedOptimizer: one fp32 copy per parameter).
@@ -139,7 +140,7 @@ class DeepSpeedAccess:
     def mask_all_copies(self, masks: MaskSet) -> None:
         """Zero masked-off entries in this rank's piece of the weight, fp32 master and state."""
         if not self.flat_master:  # stage 0 in fp32: the torch optimizer steps the weights
-            mask_weights_and_state(masks, self.optimizer)
+            self.copies.mask(masks)
             return
         owned = self._owned_masks(masks)
         if self.stage < 3:

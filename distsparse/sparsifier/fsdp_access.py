@@ -22,6 +22,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard
 
 from distsparse.errors import ConfigError
+from distsparse.sparsifier.access import StepCopies
 from distsparse.sparsity.layout import FullLayout, PieceLayout
 from distsparse.sparsity.masks import MaskSet
 
@@ -44,6 +45,7 @@ class FSDPAccess:
                               "built after fully_shard")
         self.model, self.optimizer = model, optimizer
         self.mask_set: MaskSet | None = None
+        self.copies = StepCopies(optimizer, view=local_shard, state_type=DTensor)
         self.group: dist.ProcessGroup | None = None
         self.rank, self.world_size = 0, 1
 
@@ -105,11 +107,7 @@ class FSDPAccess:
     def mask_all_copies(self, masks: MaskSet) -> None:
         """Zero masked-off entries in the local shard of each weight and of each optimizer-state
         DTensor of its shape."""
-        for name, param in masks.params.items():
-            masks.zero_off(name, local_shard(param))
-            for value in self.optimizer.state.get(param, {}).values():
-                if isinstance(value, DTensor) and value.shape == param.shape:
-                    masks.zero_off(name, local_shard(value))
+        self.copies.mask(masks)
 
     def step(self) -> None:
         """optimizer.step() on the sharded parameters."""

@@ -123,6 +123,7 @@ class MaskSet:
         self.layout = FullLayout(shapes)
         self._forms: dict[str, tuple[torch.Tensor, int, dict[torch.dtype, torch.Tensor]]] = {}
         self._targets: dict[int, tuple] = {}  # by id() of each tensor zero_off masks
+        self._batch: tuple[list, list] | None = None  # the kept copies of zero_off_all, prepared
 
     @property
     def names(self) -> list[str]:
@@ -188,18 +189,32 @@ class MaskSet:
         `masked_fill_`. Both give the same bits. What a tensor needs is prepared once per mask
         change and storage (a step masks the same weights and optimizer state every time).
         """
-        mask = self.masks[name]
-        target = self._targets.get(id(tensor))
-        if target is None or target[0] is not mask or target[1] != mask._version \
-                or target[2].data_ptr() != tensor.data_ptr():
-            target = self._prepare(name, tensor)
-        if target[3]:
-            target[2].bitwise_and_(target[4])
+        self.zero_off_all([(name, tensor)], keep=False)
+
+    def zero_off_all(self, copies: list[tuple[str, torch.Tensor]], keep: bool = True) -> None:
+        """`zero_off` for every (layer name, tensor) of `copies`. `keep`: the caller keeps this
+        list while its tensors stay the same (every step's weights and optimizer state), and its
+        preparation is checked in one pass."""
+        if keep and self._batch is not None and self._batch[0] is copies:
+            targets = self._batch[1]
         else:
-            target[2].masked_fill_(target[4], 0)
+            targets = [self._targets.get(id(tensor)) for _, tensor in copies]
+            if keep:
+                self._batch = (copies, targets)
+        masks = self.masks
+        for index, (name, tensor) in enumerate(copies):  # checks inlined: this runs every step
+            target = targets[index]
+            if target is None or masks[name] is not target[0] or target[0]._version != target[1] \
+                    or tensor.data_ptr() != target[2]:
+                target = targets[index] = self._prepare(name, tensor)
+            if target[4]:
+                target[3].bitwise_and_(target[5])
+            else:
+                target[3].masked_fill_(target[5], 0)
 
     def _prepare(self, name: str, tensor: torch.Tensor) -> tuple:
-        """(mask, its version, a detached alias of the tensor, whether by bits, the mask's form)."""
+        """(mask, its version, the tensor's data_ptr, a detached alias, whether by bits, the
+        mask's form, a weakref that forgets the entry when the tensor dies)."""
         bits = _SAME_WIDTH.get(tensor.element_size())
         on_bits = tensor.device.type == "cpu" and tensor.is_floating_point() and bits is not None
         form = self._form(name, bits if on_bits else torch.bool)
@@ -209,7 +224,7 @@ class MaskSet:
         key, targets = id(tensor), self._targets
         forget = weakref.ref(tensor, lambda _: targets.pop(key, None))  # no alias outlives it
         mask = self.masks[name]
-        targets[key] = (mask, mask._version, alias, on_bits, form, forget)
+        targets[key] = (mask, mask._version, tensor.data_ptr(), alias, on_bits, form, forget)
         return targets[key]
 
     def apply(self, tensors: Mapping[str, torch.Tensor] | None = None) -> None:
