@@ -12,7 +12,8 @@ ranks make both reductions exact, so weights equal DDP's bit for bit. Checkpoint
 at step 7 and resumed on 2 ranks ends bit for bit equal to the uninterrupted one (every local shard
 of weights and optimizer state); loaded on 1 rank it has the same masks and weights. The tied
 embedding/head is never masked and still tied after a resume. distsparse's GPT (Hugging Face
-GPT2, Conv1D weights) under FSDP2 gets DDP's RigL masks, its head still tied. Each rank records failures instead
+GPT2, Conv1D weights) under FSDP2 gets DDP's RigL masks, its head still tied. With a bf16
+MixedPrecisionPolicy every forward computes with exactly masked bf16 weights. Each rank records failures instead
 of raising, so a failed check never leaves the other rank waiting in a collective.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.distributed.fsdp._fully_shard import _fsdp_collectives, _fsdp_param_group
 from torch.distributed.tensor import DTensor
 
@@ -316,6 +318,58 @@ def _guard_works(rank: int, errors: list[str]) -> None:
         pass
 
 
+def _bf16_worker(rank: int, port: int, out: str) -> None:
+    """RigL under FSDP2 with bf16 compute and fp32 gradient reduction (MixedPrecisionPolicy)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    errors: list[str] = []
+    result: dict = {}
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        backend = FSDPBackend(_model().float(), lambda model: torch.optim.AdamW(model.parameters()),
+                              DistEnv(rank, WORLD, rank), torch.device("cpu"), policy)
+        model, optimizer = backend.model, backend.optimizer
+        sparsifier = distsparse.Sparsifier(model, optimizer, method="rigl", **OPTIONS)
+        initial = sparsifier.mask_set.active_counts()
+        result["initial"] = sparsifier.mask_set.full_masks()
+        updates = _record_updates(sparsifier, True, errors, "bf16")
+        full: dict[str, torch.Tensor] = {}
+        seen: list[str] = []
+
+        def computes_masked(name: str):
+            def check(module: nn.Module, args) -> None:
+                weight = module.weight.detach()  # the all-gathered compute copy
+                if weight.dtype != torch.bfloat16 or torch.count_nonzero(weight[~full[name]]):
+                    errors.append(f"bf16 {name}: computes in {weight.dtype}, "
+                                  f"{int(torch.count_nonzero(weight[~full[name]]))} masked-off not 0")
+                seen.append(name)
+            return check
+
+        for name in sparsifier.masks:
+            model.get_submodule(name.rsplit(".", 1)[0]).register_forward_pre_hook(computes_masked(name))
+        for step, (x, y) in enumerate(_batches(rank, WORLD)):
+            full.update(sparsifier.mask_set.full_masks())
+            optimizer.zero_grad(set_to_none=True)
+            _loss(model, x, y).backward()
+            dtypes = {param.grad.dtype for param in sparsifier.mask_set.params.values()}
+            if dtypes != {torch.float32} or local_shard(next(model.parameters())).dtype != torch.float32:
+                errors.append(f"bf16 step {step}: gradients {dtypes}, not fp32 shards")
+            sparsifier.step()
+            errors += [f"bf16 step {step}: {message}"
+                       for message in _zero_everywhere(sparsifier, ("exp_avg", "exp_avg_sq"))]
+        if len(seen) != STEPS * len(sparsifier.masks):
+            errors.append(f"bf16: {len(seen)} masked forwards, expected {STEPS * len(sparsifier.masks)}")
+        if not updates or any(update["counts"] != initial for update in updates):
+            errors.append(f"bf16: counts {[u['counts'] for u in updates]}, initially {initial}")
+        result["final"] = updates[-1]["masks"]
+    except Exception:  # noqa: BLE001 - recorded for the test to report
+        errors.append(traceback.format_exc())
+    result["errors"] = errors
+    torch.save(result, Path(out) / f"bf16_rank{rank}.pt")
+    dist.destroy_process_group()
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -363,6 +417,20 @@ def test_fsdp2_masks_equal_ddp_every_shard_is_masked_and_checkpoints_resume(tmp_
     assert one["model"].keys() == saved["model"].keys()
     for key, value in saved["model"].items():
         assert torch.equal(one["model"][key], value), key
+
+
+def test_fsdp2_with_bf16_compute_keeps_exact_masks_in_every_copy(tmp_path):
+    """A MixedPrecisionPolicy passes through: every forward computes with bf16 weights whose
+    masked-off entries are exactly 0, gradients are reduced in fp32 into fp32 shards, every local
+    shard of weight and AdamW state is masked after every step, RigL keeps its exact counts, and
+    both ranks hold the same masks, which the updates changed."""
+    mp.spawn(_bf16_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"bf16_rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
+    assert [r["errors"] for r in ranks] == [[], []], "\n".join(ranks[0]["errors"] + ranks[1]["errors"])
+    final = ranks[0]["final"]
+    for name, mask in final.items():
+        assert torch.equal(ranks[1]["final"][name], mask), name
+    assert any(not torch.equal(ranks[0]["initial"][name], mask) for name, mask in final.items())
 
 
 def test_row_shards_are_contiguous_ranges_in_rank_order():
