@@ -318,75 +318,81 @@ def _guard_works(rank: int, errors: list[str]) -> None:
         pass
 
 
-def _bf16_worker(rank: int, port: int, out: str) -> None:
+def _bf16(rank: int, out: Path, errors: list[str], result: dict) -> None:
     """RigL under FSDP2 with bf16 compute and fp32 gradient reduction (MixedPrecisionPolicy)."""
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    backend = FSDPBackend(_model().float(), lambda model: torch.optim.AdamW(model.parameters()),
+                          DistEnv(rank, WORLD, rank), torch.device("cpu"), policy)
+    model, optimizer = backend.model, backend.optimizer
+    sparsifier = distsparse.Sparsifier(model, optimizer, method="rigl", **OPTIONS)
+    initial = sparsifier.mask_set.active_counts()
+    result["initial"] = sparsifier.mask_set.full_masks()
+    updates = _record_updates(sparsifier, True, errors, "bf16")
+    full: dict[str, torch.Tensor] = {}
+    seen: list[str] = []
+
+    def computes_masked(name: str):
+        def check(module: nn.Module, args) -> None:
+            weight = module.weight.detach()  # the all-gathered compute copy
+            if weight.dtype != torch.bfloat16 or torch.count_nonzero(weight[~full[name]]):
+                errors.append(f"bf16 {name}: computes in {weight.dtype}, "
+                              f"{int(torch.count_nonzero(weight[~full[name]]))} masked-off not 0")
+            seen.append(name)
+        return check
+
+    for name in sparsifier.masks:
+        model.get_submodule(name.rsplit(".", 1)[0]).register_forward_pre_hook(computes_masked(name))
+    for step, (x, y) in enumerate(_batches(rank, WORLD)):
+        full.update(sparsifier.mask_set.full_masks())
+        optimizer.zero_grad(set_to_none=True)
+        _loss(model, x, y).backward()
+        dtypes = {param.grad.dtype for param in sparsifier.mask_set.params.values()}
+        if dtypes != {torch.float32} or local_shard(next(model.parameters())).dtype != torch.float32:
+            errors.append(f"bf16 step {step}: gradients {dtypes}, not fp32 shards")
+        sparsifier.step()
+        errors += [f"bf16 step {step}: {message}"
+                   for message in _zero_everywhere(sparsifier, ("exp_avg", "exp_avg_sq"))]
+    if len(seen) != STEPS * len(sparsifier.masks):
+        errors.append(f"bf16: {len(seen)} masked forwards, expected {STEPS * len(sparsifier.masks)}")
+    if not updates or any(update["counts"] != initial for update in updates):
+        errors.append(f"bf16: counts {[u['counts'] for u in updates]}, initially {initial}")
+    result["final"] = updates[-1]["masks"]
+
+
+def _against_ddp_and_resume(rank: int, out: Path, errors: list[str], result: dict) -> None:
+    """Every case against DDP, the GPT, and a checkpoint saved and resumed."""
+    _guard_works(rank, errors)
+    for method in CASES:
+        _compare_with_ddp(method, rank, errors)
+    _gpt_under_fsdp(rank, errors)
+    result["saved"] = _resume(rank, out / "checkpoint", errors)
+
+
+JOBS = {"main": _against_ddp_and_resume, "bf16": _bf16}
+
+
+def _worker(rank: int, port: int, out: str, job: str) -> None:
+    """Run JOBS[job] on this rank; its result and failures go to {job}_rank{rank}.pt."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     errors: list[str] = []
     result: dict = {}
     try:
         dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        backend = FSDPBackend(_model().float(), lambda model: torch.optim.AdamW(model.parameters()),
-                              DistEnv(rank, WORLD, rank), torch.device("cpu"), policy)
-        model, optimizer = backend.model, backend.optimizer
-        sparsifier = distsparse.Sparsifier(model, optimizer, method="rigl", **OPTIONS)
-        initial = sparsifier.mask_set.active_counts()
-        result["initial"] = sparsifier.mask_set.full_masks()
-        updates = _record_updates(sparsifier, True, errors, "bf16")
-        full: dict[str, torch.Tensor] = {}
-        seen: list[str] = []
-
-        def computes_masked(name: str):
-            def check(module: nn.Module, args) -> None:
-                weight = module.weight.detach()  # the all-gathered compute copy
-                if weight.dtype != torch.bfloat16 or torch.count_nonzero(weight[~full[name]]):
-                    errors.append(f"bf16 {name}: computes in {weight.dtype}, "
-                                  f"{int(torch.count_nonzero(weight[~full[name]]))} masked-off not 0")
-                seen.append(name)
-            return check
-
-        for name in sparsifier.masks:
-            model.get_submodule(name.rsplit(".", 1)[0]).register_forward_pre_hook(computes_masked(name))
-        for step, (x, y) in enumerate(_batches(rank, WORLD)):
-            full.update(sparsifier.mask_set.full_masks())
-            optimizer.zero_grad(set_to_none=True)
-            _loss(model, x, y).backward()
-            dtypes = {param.grad.dtype for param in sparsifier.mask_set.params.values()}
-            if dtypes != {torch.float32} or local_shard(next(model.parameters())).dtype != torch.float32:
-                errors.append(f"bf16 step {step}: gradients {dtypes}, not fp32 shards")
-            sparsifier.step()
-            errors += [f"bf16 step {step}: {message}"
-                       for message in _zero_everywhere(sparsifier, ("exp_avg", "exp_avg_sq"))]
-        if len(seen) != STEPS * len(sparsifier.masks):
-            errors.append(f"bf16: {len(seen)} masked forwards, expected {STEPS * len(sparsifier.masks)}")
-        if not updates or any(update["counts"] != initial for update in updates):
-            errors.append(f"bf16: counts {[u['counts'] for u in updates]}, initially {initial}")
-        result["final"] = updates[-1]["masks"]
+        JOBS[job](rank, Path(out), errors, result)
     except Exception:  # noqa: BLE001 - recorded for the test to report
         errors.append(traceback.format_exc())
     result["errors"] = errors
-    torch.save(result, Path(out) / f"bf16_rank{rank}.pt")
+    torch.save(result, Path(out) / f"{job}_rank{rank}.pt")
     dist.destroy_process_group()
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    errors: list[str] = []
-    result: dict = {}
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-        _guard_works(rank, errors)
-        for method in CASES:
-            _compare_with_ddp(method, rank, errors)
-        _gpt_under_fsdp(rank, errors)
-        result["saved"] = _resume(rank, Path(out) / "checkpoint", errors)
-    except Exception:  # noqa: BLE001 - recorded for the test to report
-        errors.append(traceback.format_exc())
-    result["errors"] = errors
-    torch.save(result, Path(out) / f"rank{rank}.pt")
-    dist.destroy_process_group()
+def _spawn(job: str, directory: Path) -> list[dict]:
+    """Both ranks' results of a job; fails with every rank's failures."""
+    mp.spawn(_worker, args=(free_port(), str(directory), job), nprocs=WORLD, join=True)
+    ranks = [torch.load(directory / f"{job}_rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
+    assert [r["errors"] for r in ranks] == [[], []], "\n".join(ranks[0]["errors"] + ranks[1]["errors"])
+    return ranks
 
 
 def _one_rank(directory: Path) -> tuple[dict, list[str]]:
@@ -407,9 +413,7 @@ def _one_rank(directory: Path) -> tuple[dict, list[str]]:
 
 
 def test_fsdp2_masks_equal_ddp_every_shard_is_masked_and_checkpoints_resume(tmp_path):
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
-    assert [r["errors"] for r in ranks] == [[], []], "\n".join(ranks[0]["errors"] + ranks[1]["errors"])
+    ranks = _spawn("main", tmp_path)
     one, errors = _one_rank(tmp_path / "checkpoint")
     assert errors == [], "\n".join(errors)
     saved = ranks[0]["saved"]
@@ -424,9 +428,7 @@ def test_fsdp2_with_bf16_compute_keeps_exact_masks_in_every_copy(tmp_path):
     masked-off entries are exactly 0, gradients are reduced in fp32 into fp32 shards, every local
     shard of weight and AdamW state is masked after every step, RigL keeps its exact counts, and
     both ranks hold the same masks, which the updates changed."""
-    mp.spawn(_bf16_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"bf16_rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
-    assert [r["errors"] for r in ranks] == [[], []], "\n".join(ranks[0]["errors"] + ranks[1]["errors"])
+    ranks = _spawn("bf16", tmp_path)
     final = ranks[0]["final"]
     for name, mask in final.items():
         assert torch.equal(ranks[1]["final"][name], mask), name
