@@ -22,6 +22,7 @@ interrupted grid continues where it stopped; the record lists every commit its r
     .venv/bin/python benchmarks/lm_quality.py --jobs 2 --reuse   # the same, resumable, on 2 cores
     .venv/bin/python benchmarks/lm_quality.py --quick    # a smaller model, fewer steps, 1 seed
     .venv/bin/python benchmarks/lm_quality.py --sparsities 0.9 --seeds 0 --skip-vit  # a subset
+    .venv/bin/python benchmarks/lm_quality.py --lm-steps 800 --skip-vit --jobs 2 --reuse  # longer
 """
 from __future__ import annotations
 
@@ -60,6 +61,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sparsities", help="comma-separated, instead of the setting's")
     parser.add_argument("--seeds", help="comma-separated, instead of the setting's")
     parser.add_argument("--skip-vit", action="store_true", help="only the language model")
+    parser.add_argument("--lm-steps", type=int,
+                        help="train.max_steps of every LM run (a longer recipe; runs named -<N>steps)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
     parser.add_argument("--threads", type=int,
                         help="torch threads of every run (default: cores / --jobs)")
@@ -67,8 +70,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="keep finished runs whose command, config and threads are unchanged")
     parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     args = parser.parse_args(argv)
-    if args.jobs < 1 or (args.threads is not None and args.threads < 1):
-        parser.error("--jobs and --threads must be at least 1")
+    if args.jobs < 1 or (args.threads is not None and args.threads < 1) \
+            or (args.lm_steps is not None and args.lm_steps < 1):
+        parser.error("--jobs, --threads and --lm-steps must be at least 1")
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     return args
 
@@ -136,7 +140,7 @@ def _lm_runs(grid: Grid, setting: dict) -> dict[tuple[str, float], list]:
         for method, sparsity in _grid(METHODS, setting["sparsities"]):
             config = LM_GRANET_CONFIG if method == "granet_st" else LM_CONFIG
             runs.setdefault((method, sparsity), []).append(grid.submit(
-                config, f"gpt-{method}-{sparsity}-s{seed}",
+                config, f"gpt-{method}-{sparsity}-s{seed}{setting.get('lm_suffix', '')}",
                 [f"method.name={method}", f"method.sparsity={sparsity or 0.9}", f"seed={seed}",
                  *setting["lm"]]))
     return runs
@@ -177,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         setting["sparsities"] = tuple(float(p) for p in args.sparsities.split(","))
     if args.seeds:
         setting["seeds"] = tuple(int(s) for s in args.seeds.split(","))
+    if args.lm_steps:
+        setting["lm"] = [*setting["lm"], f"train.max_steps={args.lm_steps}"]
+        setting["lm_suffix"] = f"-{args.lm_steps}steps"
     load_before, started = load_average(), time.perf_counter()
     grid = Grid(args.jobs, args.threads, args.reuse)
     try:
