@@ -14,9 +14,11 @@ then its summary.json is read. Prints the tables and appends them to RESULTS.md.
 Every run uses the same number of threads (`--threads`, default cores / `--jobs`): the thread count
 changes the order of floating-point sums, so runs with different counts differ in the last bits.
 `--jobs 2` runs two at a time with one thread each (1.36x the throughput of one run with two
-threads on 2 cores). `--reuse` keeps a finished run whose command, config file and thread count
-are unchanged (written beside its summary in benchmark.json, with the commit it ran at), so an
-interrupted grid continues where it stopped; the record lists every commit its runs came from.
+threads on 2 cores). `--reuse` keeps a completed run whose command, config file and thread count
+are unchanged (written to benchmarks/out/lm/<run>.json when it starts, with the commit it
+ran at), and resumes an unfinished one from its last checkpoint (`distsparse train --resume`,
+which ends equal to an uninterrupted run), so an interrupted grid continues where it stopped; the
+record lists every commit its runs came from.
 
     .venv/bin/python benchmarks/lm_quality.py            # the full grid (GPU or a quiet machine)
     .venv/bin/python benchmarks/lm_quality.py --jobs 2 --reuse   # the same, resumable, on 2 cores
@@ -45,6 +47,8 @@ OUT = REPO / "benchmarks" / "out" / "lm"
 LM_CONFIG = "configs/gpt/fortunes_rigl.yaml"
 LM_GRANET_CONFIG = "configs/gpt/fortunes_granet_st.yaml"
 VIT_CONFIG = "configs/vit/fashion_mnist.yaml"
+CHECKPOINT_EVERY = 100
+"""Steps between the checkpoints an interrupted run resumes from."""
 METHODS = ("dense", "static", "set", "rigl", "granet_st")
 FULL = {"sparsities": (0.5, 0.8, 0.9), "seeds": (0, 1), "lm": [], "vit": [],
         "vit_methods": METHODS}
@@ -99,25 +103,40 @@ class Grid:
     def _run(self, config: str, label: str, overrides: list[str]) -> dict:
         run_dir = OUT / label
         command = [*distsparse_command(), "train", config, *overrides,
-                   f"run.dir={run_dir.relative_to(REPO)}", "run.progress=false"]
+                   f"run.dir={run_dir.relative_to(REPO)}", "run.progress=false",
+                   f"run.checkpoint_every={CHECKPOINT_EVERY}"]
         identity = {"command": command[1:], "threads": self.threads,
                     "config_sha256": hashlib.sha256((REPO / config).read_bytes()).hexdigest()}
-        record = run_dir / "benchmark.json"
-        if self.reuse and (run_dir / "summary.json").is_file() and record.is_file():
-            kept = json.loads(record.read_text(encoding="utf-8"))
-            if {key: kept.get(key) for key in identity} == identity:
+        record = OUT / f"{label}.json"
+        kept = json.loads(record.read_text(encoding="utf-8")) \
+            if self.reuse and record.is_file() else {}
+        if kept and {key: kept.get(key) for key in identity} == identity:
+            summary = run_dir / "summary.json"
+            if summary.is_file() and json.loads(summary.read_text(encoding="utf-8"))["completed"]:
                 return self._finished(label, run_dir, kept["commit"], "kept")
+            if (run_dir / "checkpoints" / "last.pt").is_file():
+                if self.commit not in kept["commit"].split("+"):
+                    kept["commit"] += f"+{self.commit}"
+                record.write_text(json.dumps(kept, indent=1), encoding="utf-8")
+                self.say(f"{label}: resumed from its last checkpoint")
+                self._train(label, [*command, "--resume", str(run_dir.relative_to(REPO))])
+                return self._finished(label, run_dir, kept["commit"], "resumed")
         if run_dir.exists():
             shutil.rmtree(run_dir)
+        OUT.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({**identity, "commit": self.commit}, indent=1),
+                          encoding="utf-8")
         self.say(f"{label}: {' '.join(command[1:])}")
+        self._train(label, command)
+        return self._finished(label, run_dir, self.commit, "ran")
+
+    def _train(self, label: str, command: list[str]) -> None:
+        """Run one `distsparse train` command; its failure stops the benchmark."""
         result = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
                                 env={**os.environ, "OMP_NUM_THREADS": str(self.threads)})
         if result.returncode != 0:
             raise SystemExit(f"{label} failed (exit {result.returncode}):\n"
                              f"{result.stderr.strip()[-2000:]}")
-        record.write_text(json.dumps({**identity, "commit": self.commit}, indent=1),
-                          encoding="utf-8")
-        return self._finished(label, run_dir, self.commit, "ran")
 
     def _finished(self, label: str, run_dir: Path, commit: str, how: str) -> dict:
         self.commits.add(commit)
