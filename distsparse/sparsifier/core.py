@@ -115,7 +115,6 @@ class Sparsifier:
         if not params:
             raise ConfigError("the model has no parameter to mask (see include / exclude)")
         self.method, self.access, self._step = method, access, 0
-        self._masking = method.uses_masks
         self.mask_set = MaskSet(params)
         access.bind(self.mask_set)
         if masks is None:
@@ -165,7 +164,7 @@ class Sparsifier:
 
     def mask_all(self) -> None:
         """Zero masked-off entries of every copy of every masked weight."""
-        if self._masking:
+        if self.method.uses_masks:
             self.access.mask_all_copies(self.mask_set)
 
     def step(self, scaler: torch.amp.GradScaler | None = None) -> bool:
@@ -223,14 +222,12 @@ class Sparsifier:
         grads, self._pending_grads = self._pending_grads, None
         if skipped:
             return
+        if self._updates_next and grads is None and self._grows_next:
+            raise RuntimeError(f"step {self._step} grows by gradient: call "
+                               "before_optimizer_step() before the optimizer step")
+        self.mask_all()
         if self._updates_next:
-            if grads is None and self._grows_next:
-                raise RuntimeError(f"step {self._step} grows by gradient: call "
-                                   "before_optimizer_step() before the optimizer step")
-            self.mask_all()
             self._update_masks(self._step, grads)
-        elif self._masking:
-            self.access.mask_all_copies(self.mask_set)
         self._step += 1
         if self._step >= self._recheck_at:
             self._prepare_next_step()
