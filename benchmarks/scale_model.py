@@ -14,6 +14,8 @@ the fastest of ring and tree, LL and Simple, as NCCL's tuner picks. One GPU per 
 (every step crosses a NIC of the stated bandwidth: no NVLink shortcut). The mask-update terms
 come from distsparse's own code: `PieceLayout.drop_and_grow` (RigL's update on FSDP2/ZeRO-3
 pieces) runs on the real layer shapes with a recording all-reduce, giving its calls and bytes;
+each selection of the next update starts from the thresholds of the first (`sharded_topk`'s
+hints), its scores a new draw with each layer's scale moved by up to `--drift-binades`;
 the sparse-gradient hook's bytes are the active entries of ERK masks plus every unmasked
 parameter (what `distributed/comm_hook.py` packs). Compared: the dense gradient all-reduce, the
 hook, the sharded select, and all-reducing (rigl-torch, sparsimony) or all-gathering the drop
@@ -53,6 +55,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per size (median)")
     parser.add_argument("--gpt-scale", type=int, default=16,
                         help="GPT-2 XL's select runs on all 192 layers at 1/N of their size")
+    parser.add_argument("--drift-binades", type=float, default=0.5,
+                        help="the next update's scores: each layer's scaled by 2^u, |u| <= this")
     parser.add_argument("--no-record", action="store_true", help="print only, no RESULTS.md entry")
     return parser.parse_args(argv)
 
@@ -164,11 +168,14 @@ def model_terms(model: torch.nn.Module) -> dict:
             "hook_entries": sum(active.values()) + total - masked_numel}
 
 
-def measure_select(shapes: dict[str, tuple[int, ...]], active: dict[str, int]) -> dict:
+def measure_select(shapes: dict[str, tuple[int, ...]], active: dict[str, int],
+                   drift_binades: float) -> dict:
     """RigL's drop-and-grow on pieces (world size 1: the histograms and rounds are global),
     |N(0, 1)| scores, with the active counts known as in training (the previous update made the
-    masks): the all-reduce calls, each as (bytes, whether it is a tie table: the 1-D
-    (tied layers x ranks) table; histograms are 2-D)."""
+    masks), twice on one layout: the first update of a run, and the next one, its scores a new
+    draw scaled per layer by 2^u, u uniform in [-drift_binades, drift_binades] (each selection
+    starts from the thresholds the first found). The all-reduce calls of each, each call as
+    (bytes, whether it is a tie table: the 1-D (tied layers x ranks) table; histograms are 2-D)."""
     from distsparse.sparsity.layout import PieceLayout
 
     calls: list[tuple[int, bool]] = []
@@ -179,20 +186,31 @@ def measure_select(shapes: dict[str, tuple[int, ...]], active: dict[str, int]) -
 
     layout = PieceLayout(shapes, 0, 1, all_reduce_sum, lambda tensor: [tensor])
     generator = torch.Generator().manual_seed(0)
-    masks, drop, grow = {}, {}, {}
+
+    def scores(scale: dict[str, float]) -> dict[str, torch.Tensor]:
+        return {name: torch.randn(math.prod(shape), generator=generator).abs_().mul_(scale[name])
+                for name, shape in shapes.items()}
+
+    masks = {}
     for name, shape in shapes.items():
-        numel = math.prod(shape)
-        order = torch.randperm(numel, generator=generator)
-        masks[name] = torch.zeros(numel, dtype=torch.bool)
+        order = torch.randperm(math.prod(shape), generator=generator)
+        masks[name] = torch.zeros(math.prod(shape), dtype=torch.bool)
         masks[name][order[: active[name]]] = True
-        drop[name] = torch.randn(numel, generator=generator).abs_()
-        grow[name] = torch.randn(numel, generator=generator).abs_()
     counts = {name: int(DROP_FRACTION * active[name]) for name in shapes}
     known = layout.active_counts(masks)
-    calls.clear()
+    result = {}
     start = time.perf_counter()
-    layout.drop_and_grow(masks, drop, grow, counts, known)
-    return {"calls": calls, "seconds": time.perf_counter() - start}
+    unit = dict.fromkeys(shapes, 1.0)
+    for update in ("first", "next"):
+        drifted = unit if update == "first" else {
+            name: 2 ** (drift_binades * (2 * torch.rand((), generator=generator).item() - 1))
+            for name in shapes}
+        drop, grow = scores(drifted), scores(drifted)
+        calls.clear()
+        masks.update(layout.drop_and_grow(masks, drop, grow, counts, known))
+        result[update] = list(calls)
+    result["seconds"] = (time.perf_counter() - start) / 2
+    return result
 
 
 def _timings(repeats: int) -> tuple[dict[str, list[float]], dict[int, list[str]]]:
@@ -216,9 +234,18 @@ def _timings(repeats: int) -> tuple[dict[str, list[float]], dict[int, list[str]]
     return results[0][0], {rank: sockets for rank, (_, sockets) in results.items()}
 
 
-def bytes_at(select: dict, world: int) -> list[int]:
+UPDATES = ("first", "next")
+"""The first mask update of a run (no thresholds to start from) and the next one."""
+
+
+def bytes_at(calls: list[tuple[int, bool]], world: int) -> list[int]:
     """Each select call's bytes per rank at `world` ranks: tie tables grow with the ranks."""
-    return [size * world if per_rank else size for size, per_rank in select["calls"]]
+    return [size * world if per_rank else size for size, per_rank in calls]
+
+
+def select_ms(calls: list[tuple[int, bool]], world: int, gbps: int) -> float:
+    """Modelled milliseconds of an update's select calls."""
+    return sum(nccl_time_us("all_reduce", size, world, gbps) for size in bytes_at(calls, world)) / 1e3
 
 
 def _table_rows(name: str, terms: dict, select: dict) -> list[list[str]]:
@@ -227,16 +254,15 @@ def _table_rows(name: str, terms: dict, select: dict) -> list[list[str]]:
     scores = 2 * terms["masked"] * 4  # drop and grow scores, float32
     rows = []
     for world in WORLDS:
-        select_bytes = bytes_at(select, world)
         for gbps in LINKS_GBPS:
-            t_select = sum(nccl_time_us("all_reduce", size, world, gbps) for size in select_bytes)
+            selects = [cell for update in UPDATES for cell in (
+                f"{len(select[update])} / {sum(bytes_at(select[update], world)) / 1e3:.1f}",
+                f"{select_ms(select[update], world, gbps):.3f}")]
             rows.append([
                 name, world, gbps,
                 f"{nccl_time_us('all_reduce', dense, world, gbps) / 1e3:.2f}",
                 f"{nccl_time_us('all_reduce', hook, world, gbps) / 1e3:.2f}",
-                f"{hook / dense:.4f}",
-                f"{len(select_bytes)} / {sum(select_bytes) / 1e3:.1f}",
-                f"{t_select / 1e3:.3f}",
+                f"{hook / dense:.4f}", *selects,
                 f"{nccl_time_us('all_reduce', scores, world, gbps) / 1e3:.1f}",
                 f"{nccl_time_us('all_gather', scores, world, gbps) / 1e3:.1f}",
             ])
@@ -257,8 +283,9 @@ def _plot(times: dict, fits: dict, models: dict) -> None:
     left.set(xlabel="bytes per rank", ylabel="us", title="gloo, 127.0.0.1 <-> 127.0.0.2")
     left.legend()
     for name, (terms, select) in models.items():
-        right.semilogy(WORLDS, [sum(nccl_time_us("all_reduce", s, w, 100) for s in bytes_at(select, w))
-                                / 1e3 for w in WORLDS], "o-", label=f"{name}: sharded select")
+        for update, style in zip(UPDATES, ("o-", "o:")):
+            right.semilogy(WORLDS, [select_ms(select[update], w, 100) for w in WORLDS], style,
+                           label=f"{name}: sharded select, {update} update")
         right.semilogy(WORLDS, [nccl_time_us("all_reduce", 8 * terms["masked"], w, 100) / 1e3
                                 for w in WORLDS], "s--", label=f"{name}: all-reduce scores")
     right.axhline(1.0, color="grey", linewidth=0.8)
@@ -292,40 +319,45 @@ def main(argv: list[str] | None = None) -> int:
 
     models = {}
     resnet = model_terms(_resnet50())
-    models["ResNet-50"] = (resnet, measure_select(resnet["shapes"], resnet["active"]))
+    models["ResNet-50"] = (resnet, measure_select(resnet["shapes"], resnet["active"],
+                                                  args.drift_binades))
     gpt = model_terms(_gpt2_xl())
     reduced = {name: (max(1, math.prod(shape) // args.gpt_scale),) for name, shape in gpt["shapes"].items()}
     models["GPT-2 XL"] = (gpt, measure_select(
-        reduced, {name: max(1, gpt["active"][name] // args.gpt_scale) for name in reduced}))
+        reduced, {name: max(1, gpt["active"][name] // args.gpt_scale) for name in reduced},
+        args.drift_binades))
 
     rows = [row for name, (terms, select) in models.items() for row in _table_rows(name, terms, select)]
     headers = ["model", "GPUs", "Gb/s", "dense grad all-reduce ms/step", "sparse hook ms/step",
-               "hook / dense bytes", "select calls / kB per update", "select ms/update",
+               "hook / dense bytes", "select calls / kB, first update", "select ms, first update",
+               "select calls / kB, next update", "select ms, next update",
                "all-reduce scores ms/update", "all-gather scores ms/update"]
     table = markdown_table(headers, rows)
     _plot(times, fits, models)
 
     goals = []
     for name, (terms, select) in models.items():
-        select_bytes = bytes_at(select, 1024)
-        smallest = sum(bytes_at(select, WORLDS[0]))
-        growth = sum(select_bytes) / smallest - 1
-        ties = sum(per_rank for _, per_rank in select["calls"])
-        worst = sum(nccl_time_us("all_reduce", s, 1024, 100) for s in select_bytes) / 1e3
+        updates = []
+        for update in UPDATES:
+            calls = select[update]
+            smallest, largest = (sum(bytes_at(calls, world)) for world in (WORLDS[0], WORLDS[-1]))
+            ties = sum(per_rank for _, per_rank in calls)
+            worst = select_ms(calls, 1024, 100)
+            updates.append(
+                f"{update} update: {len(calls)} all-reduces of {smallest / 1e3:.1f} kB a rank at "
+                f"{WORLDS[0]} GPUs and {largest / 1e3:.1f} kB at 1024 (+{largest / smallest - 1:.1%}"
+                f"; {ties} tie exchange(s) of tied layers x GPUs int32 counts, the only term that "
+                f"grows with the GPUs): flat {'no' if ties else 'yes'}; < 1 ms at 1024 GPUs on "
+                f"100 Gb/s {'yes' if worst < 1 else 'no'} ({worst:.2f} ms)")
         ratio = terms["hook_entries"] / terms["total"]
         goals.append(
             f"- {name}: {terms['total']:,} parameters, {terms['masked']:,} masked "
-            f"({len(terms['shapes'])} layers), ERK density {DENSITY}. Mask-update traffic flat in "
-            f"world size: {'no' if ties else 'yes'}, {len(select_bytes)} all-reduces of "
-            f"{smallest / 1e3:.1f} kB a rank at {WORLDS[0]} GPUs and {sum(select_bytes) / 1e3:.1f} "
-            f"kB at 1024 (+{growth:.1%}; {ties} tie exchange(s) of tied layers x GPUs int32 "
-            f"counts: the only term that grows with the GPUs). "
-            f"Update < 1 ms at 1024 GPUs on 100 Gb/s: {'yes' if worst < 1 else 'no'} "
-            f"({worst:.2f} ms, latency-bound: {len(select_bytes)} rounds of "
-            f"{nccl_time_us('all_reduce', 8, 1024, 100):.0f} us). Hook bytes / dense = "
+            f"({len(terms['shapes'])} layers), ERK density {DENSITY}. Mask-update traffic, "
+            + "; ".join(updates) + f" (latency-bound: a round costs "
+            f"{nccl_time_us('all_reduce', 8, 1024, 100):.0f} us at 1024 GPUs). Hook bytes / dense = "
             f"{ratio:.4f} vs density {DENSITY} +- 0.02: {'yes' if abs(ratio - DENSITY) <= 0.02 else 'no'} "
             f"(unmasked parameters travel whole: {terms['total'] - terms['masked']:,}); the same "
-            f"ratio at every size (both payloads are per rank). The select ran "
+            f"ratio at every size (both payloads are per rank). An update's select ran "
             f"{select['seconds']:.1f} s on this CPU.")
     wall = time.perf_counter() - started
     notes = (
@@ -347,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = (f"sizes {SIZES[0]} B-{SIZES[-1] >> 20} MB, median of {args.repeats}; "
                     f"ERK density {DENSITY}, RigL drop fraction {DROP_FRACTION}, |N(0,1)| scores; "
                     f"NCCL tuning.cc b647562 latencies, one GPU per hop; GPT-2 XL select on "
-                    f"all layers at 1/{args.gpt_scale} of their size")
+                    f"all layers at 1/{args.gpt_scale} of their size; the next update's scores "
+                    f"a new draw, each layer's scaled by 2^u, |u| <= {args.drift_binades}")
         info = run_info(load_before, settings, {"wall time of the benchmark": f"{wall:.0f} s"})
         append_results("scale_model.py: measured gloo alpha/beta, modelled cost to 1024 GPUs",
                        info, notes)

@@ -19,11 +19,13 @@ from distsparse.sparsity.sharded_select import (
     SPARE_BITS,
     ShardedSelection,
     ShardPiece,
+    Threshold,
     _candidate_keys,
     order_preserving_bits,
     round_bits,
     sharded_global_topk,
     sharded_layer_topk,
+    sharded_topk,
     zero3_partition,
 )
 from tests.conftest import count_host_reads, free_port
@@ -480,3 +482,87 @@ def test_local_work_reads_the_device_once_per_collective(kind, monkeypatch):
     assert len(reads) == selection.all_reduces
     for layer, k in enumerate(ks):
         assert torch.equal(selection.masks[layer], topk_mask(full[layer], k))
+
+
+# --- hints: a first round centred on an earlier threshold -----------------------------------------
+
+
+def _hinted(full, ks, groups, world, hints, eligible=None):
+    return _run_ranks(world, lambda rank, all_reduce_sum: sharded_topk(
+        _pieces(full, rank, world), ks, groups, all_reduce_sum, rank=rank, world_size=world,
+        eligible=None if eligible is None else _local(eligible, rank, world), hints=hints))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("kind", ["random", "ties", "equal", "signed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_hints_never_change_the_masks(world, kind, dtype):
+    # Global and per-layer selections, with and without eligibility, against the single-process
+    # masks; hints: the thresholds of the same selection, of other scores, the lowest and the
+    # highest key, another key width (ignored), and none for some groups.
+    full, other = _layers(kind, dtype, seed=30 + world), _layers("random", dtype, seed=40 + world)
+    gen = torch.Generator().manual_seed(world)
+    eligible = [torch.rand(n, generator=gen) < 0.7 for n in NUMELS]
+    key_bits = 32 if dtype == torch.float32 else 64
+    layer_groups, global_groups = list(range(len(NUMELS))), [0] * len(NUMELS)
+    for groups in (layer_groups, global_groups):
+        for restrict in (None, eligible):
+            sizes = NUMELS if restrict is None else [int(e.sum()) for e in restrict]
+            if groups is global_groups:
+                ks = [sum(sizes) // 3]
+                expected = global_topk_masks(
+                    {f"l{i}": s for i, s in enumerate(full)}, ks[0],
+                    None if restrict is None else {f"l{i}": e for i, e in enumerate(restrict)})
+                expected = [expected[f"l{i}"].reshape(-1) for i in range(len(full))]
+            else:
+                ks = [size // 2 for size in sizes]
+                expected = [topk_mask(s, k, None if restrict is None else restrict[i]).reshape(-1)
+                            for i, (s, k) in enumerate(zip(full, ks))]
+            plain = _hinted(full, ks, groups, world, None, restrict)[0]
+            elsewhere = _hinted(other, ks, groups, world, None, restrict)[0]
+            assert len(plain.thresholds) == len(ks)
+            hint_sets = [plain.thresholds, elsewhere.thresholds,
+                         [Threshold(key_bits, 0)] * len(ks),
+                         [Threshold(key_bits, 2**key_bits - 1)] * len(ks),
+                         [Threshold(96 - key_bits, 5)] * len(ks),
+                         [None if g % 2 else Threshold(key_bits, 2**key_bits - 1) for g in range(len(ks))]]
+            for hints in hint_sets:
+                results = _hinted(full, ks, groups, world, hints, restrict)
+                for result in results:
+                    assert isinstance(result, ShardedSelection), result
+                    assert (result.bytes_sent, result.all_reduces) == \
+                        (results[0].bytes_sent, results[0].all_reduces)
+                for layer, mask in enumerate(expected):
+                    assert torch.equal(torch.cat([r.masks[layer] for r in results]), mask), \
+                        (groups is global_groups, restrict is None, hints, layer)
+
+
+def test_a_hint_near_the_threshold_saves_a_round_and_a_far_one_costs_none():
+    # Six layers of 20,000 |N(0, 1)| float32 scores, 10 % of each: 11-bit digits, 3 rounds.
+    # The thresholds of another draw of the same distribution put each group's k-th key in its
+    # window of 2^11 buckets of 2^11 keys: one round resolves the last 11 bits. Hints at the
+    # ends of the key space leave the k-th key outside the window, counted by its top 11 bits
+    # as without a hint.
+    def draw(seed):
+        gen = torch.Generator().manual_seed(seed)
+        return [torch.randn(20_000, generator=gen).abs() for _ in range(6)]
+
+    ks, groups = [2_000] * 6, list(range(6))
+    scores = draw(1)
+    assert round_bits(6, 32, 20_000) == 11
+    plain = _hinted(scores, ks, groups, 2, None)
+    assert plain[0].all_reduces == 3
+    earlier = _hinted(draw(2), ks, groups, 2, None)[0].thresholds
+    near = _hinted(scores, ks, groups, 2, earlier)
+    assert near[0].all_reduces == 2
+    kth_keys = [int(_candidate_keys(layer, 32).to(torch.int64).bitwise_and(2**32 - 1)
+                    .sort(descending=True).values[k - 1]) for layer, k in zip(scores, ks)]
+    # Each threshold is the k-th key with the bits no round resolved as 0: within its window
+    # bucket (2^11 keys), or exact.
+    assert all(threshold.key_bits == 32 and 0 <= key - threshold.key < 2**11
+               for threshold, key in zip(near[0].thresholds, kth_keys))
+    for far in (Threshold(32, 0), Threshold(32, 2**32 - 1)):
+        away = _hinted(scores, ks, groups, 2, [far] * 6)[0]
+        assert away.all_reduces == 3 and away.thresholds == plain[0].thresholds
+    for result, reference in zip(near, plain):
+        assert all(torch.equal(a, b) for a, b in zip(result.masks, reference.masks))

@@ -10,8 +10,9 @@ Two layouts give identical masks:
   (`contiguous_partition`): ZeRO-3's `ds_tensor` without its padding, or, with a row as the unit,
   the local shard of FSDP2's Shard(0) DTensor (uneven when rows do not divide). Selections run
   `sharded_select.sharded_topk` (one histogram all-reduce per round for all layers together, 2-4
-  rounds a selection), counts are one all-reduce of one int64 a layer, and no score, weight or
-  gradient leaves its rank. Only `full_masks` moves masks: one all-gather of the bit-packed pieces
+  rounds a selection, each started from the threshold the same selection found last time),
+  counts are one all-reduce of one int64 a layer, and no score, weight or gradient leaves its
+  rank. Only `full_masks` moves masks: one all-gather of the bit-packed pieces
   (numel / 8 bytes a layer), for checkpoints, fingerprints and persistent parameters, never for a
   selection.
 
@@ -29,7 +30,7 @@ import torch
 
 from distsparse.sparsity.scores import random_scores
 from distsparse.sparsity.select import drop_and_grow_masks, global_topk_counted, topk_masks
-from distsparse.sparsity.sharded_select import ShardPiece, contiguous_partition, sharded_topk
+from distsparse.sparsity.sharded_select import ShardPiece, Threshold, contiguous_partition, sharded_topk
 
 __all__ = ["FullLayout", "PieceLayout", "full_layout_of", "pack_bits"]
 
@@ -180,6 +181,7 @@ class PieceLayout(FullLayout):
         self.units = {name: (units or {}).get(name, 1) for name in shapes}
         self.bounds = {name: self.bounds_of(name, rank) for name in shapes}
         self.bytes_sent, self.bytes_gathered = 0, 0
+        self._thresholds: dict[tuple[str, object], Threshold | None] = {}
 
     def bounds_of(self, name: str, rank: int) -> tuple[int, int]:
         """[start, stop) of the flattened layer that `rank` holds."""
@@ -202,25 +204,34 @@ class PieceLayout(FullLayout):
         return dict(zip(names, counts.tolist()))
 
     def _select(self, scores: Mapping[str, torch.Tensor], names: list[str], ks: list[int],
-                groups: list[int], eligible: Mapping[str, torch.Tensor] | None) -> Masks:
+                groups: list[int], eligible: Mapping[str, torch.Tensor] | None,
+                hint_keys: list[tuple[str, object]]) -> Masks:
+        """`sharded_topk` of the named pieces, each group started from the threshold the last
+        selection with its hint key found (the same masks; fewer rounds where it moved little)."""
         shards = [ShardPiece(scores[name].reshape(-1), self.bounds[name][0], self.numel(name),
                              self.units[name]) for name in names]
         selection = sharded_topk(
             shards, ks, groups, self.all_reduce_sum, rank=self.rank, world_size=self.world_size,
-            eligible=None if eligible is None else [eligible[name].reshape(-1) for name in names])
+            eligible=None if eligible is None else [eligible[name].reshape(-1) for name in names],
+            hints=[self._thresholds.get(key) for key in hint_keys])
+        self._thresholds.update(zip(hint_keys, selection.thresholds))
         self.bytes_sent += selection.bytes_sent
         return dict(zip(names, selection.masks))
+
+    def _layer_select(self, scores: Mapping[str, torch.Tensor], ks: Mapping[str, int],
+                      eligible: Mapping[str, torch.Tensor] | None, purpose: str) -> Masks:
+        names = self._ordered(ks)
+        masks = self._select(scores, names, [ks[name] for name in names], list(range(len(names))),
+                             eligible, [(purpose, name) for name in names])
+        self._remember(masks, ks)
+        return masks
 
     def topk_per_layer(
         self, scores: Mapping[str, torch.Tensor], ks: Mapping[str, int],
         eligible: Mapping[str, torch.Tensor] | None = None,
     ) -> Masks:
         """Per named layer in `ks`, batched: every layer shares each round's all-reduce."""
-        names = self._ordered(ks)
-        masks = self._select(scores, names, [ks[name] for name in names],
-                             list(range(len(names))), eligible)
-        self._remember(masks, ks)
-        return masks
+        return self._layer_select(scores, ks, eligible, "layer")
 
     def global_topk(
         self, scores: Mapping[str, torch.Tensor], k: int,
@@ -228,7 +239,8 @@ class PieceLayout(FullLayout):
     ) -> Masks:
         """The k highest scores over all given layers' pieces, exactly as over the full tensors."""
         names = self._ordered(scores)
-        return self._select(scores, names, [k], [0] * len(names), eligible)
+        return self._select(scores, names, [k], [0] * len(names), eligible,
+                            [("global", tuple(names))])
 
     def drop_and_grow(
         self, masks: Mapping[str, torch.Tensor], drop_scores: Mapping[str, torch.Tensor],
@@ -242,9 +254,11 @@ class PieceLayout(FullLayout):
             return {}
         if active is None:
             active = self.active_counts({name: masks[name] for name in swapping})
-        kept = self.topk_per_layer(
-            drop_scores, {name: active[name] - count for name, count in swapping.items()}, masks)
-        grown = self.topk_per_layer(grow_scores, swapping, {name: ~kept[name] for name in swapping})
+        kept = self._layer_select(
+            drop_scores, {name: active[name] - count for name, count in swapping.items()}, masks,
+            "drop")
+        grown = self._layer_select(grow_scores, swapping, {name: ~kept[name] for name in swapping},
+                                   "grow")
         new = {name: kept[name] | grown[name] for name in swapping}
         self._remember(new, {name: active[name] for name in swapping})  # drop n, grow n
         return new

@@ -31,6 +31,14 @@ handed to the all-reduce.
 The first round reads each layer's piece in place; the candidates it leaves undecided (about one
 in 2^width) go on together, so later rounds cost what they hold, not what the model holds.
 
+A selection that repeats (the same layers every mask update) can start where the last one
+ended: handed the thresholds it found (`ShardedSelection.thresholds`), the first round counts a
+window of 2^width buckets of 2^shift keys around each (the keys outside by their top bits, as
+without a hint), so a threshold that stayed within the window (a factor of 2 either way for
+float32 at 8-bit digits) leaves `shift` bits: 16 at 8-bit digits, two rounds instead of three
+more. One that left it costs no round, only the first round's doubled histogram. The masks are
+the same with any hints or none.
+
 `sharded_topk` runs several independent selections at once, each over a group of layers with its
 own k (one group: the global top-k; one group per layer: the per-layer top-k of RigL, SET and
 layer-wise GMP). Each round's histogram then has one row per group still searching, and the rounds
@@ -48,6 +56,7 @@ import torch
 __all__ = [
     "ShardPiece",
     "ShardedSelection",
+    "Threshold",
     "contiguous_partition",
     "order_preserving_bits",
     "round_bits",
@@ -69,6 +78,10 @@ ROUND_COUNTS = 2**14
 number of groups still searching. At scale a round costs its latency (about 100 us across 1024
 GPUs) far more than its bytes, so wide digits and few rounds win until the histograms reach
 hundreds of kB."""
+WINDOW_FIXED_BITS = 16
+"""Key bits a hinted first round's fine buckets fix at most (`_window_shift` leaves the rest in
+whole digits): on float32 keys at 8-bit digits, 256 buckets of 2^16 keys cover a factor of 2
+either side of the hint and leave 16 bits, two rounds instead of three."""
 
 
 class ShardPiece(NamedTuple):
@@ -81,6 +94,15 @@ class ShardPiece(NamedTuple):
     unit: int = 1
 
 
+class Threshold(NamedTuple):
+    """Where a group's k-th largest key was found: its key (`key_bits` wide, unsigned order),
+    exact or with its unresolved low bits 0. Handed back as a hint, it lets the next selection of
+    the group start near it (`sharded_topk`'s `hints`)."""
+
+    key_bits: int
+    key: int
+
+
 @dataclass(frozen=True)
 class ShardedSelection:
     """Local masks of this rank's pieces and what the selection sent through the all-reduce."""
@@ -88,6 +110,7 @@ class ShardedSelection:
     masks: list[torch.Tensor]
     bytes_sent: int  # payload bytes this rank handed to the all-reduce
     all_reduces: int  # collective calls (histogram rounds plus the tie-count exchange)
+    thresholds: list[Threshold | None]  # per group; None where it selected nothing
 
 
 def contiguous_partition(numel: int, rank: int, world_size: int, unit: int = 1) -> tuple[int, int]:
@@ -223,6 +246,7 @@ def sharded_topk(
     world_size: int,
     eligible: Sequence[torch.Tensor] | None = None,
     bits_per_round: int | None = None,
+    hints: Sequence[Threshold | None] | None = None,
 ) -> ShardedSelection:
     """Independent top-k selections over groups of layers, sharing each round's all-reduce.
 
@@ -232,6 +256,11 @@ def sharded_topk(
     all-reduces one (open groups x (2^bits + 1)) histogram: a group that has found its
     threshold drops out of later rounds, and the rounds end when every group has. `bits_per_round`
     fixes the digit width; by default each round takes `round_bits(open groups)`.
+
+    `hints` (one per group, or None) are thresholds an earlier selection found
+    (`ShardedSelection.thresholds`); a group with a hint spends its first round on a window of
+    keys around it (see `_window_shift`), which saves rounds when its threshold moved little and
+    none when it left the window. The masks never depend on the hints.
     """
     if bits_per_round is not None and not 1 <= bits_per_round <= 16:
         raise ValueError(f"bits_per_round must be 1 to 16, got {bits_per_round}")
@@ -241,10 +270,12 @@ def sharded_topk(
         raise ValueError(f"rank {rank} is not in a world of {world_size}")
     if len(groups) != len(shards) or any(not 0 <= g < len(ks) for g in groups):
         raise ValueError(f"{len(groups)} group numbers for {len(shards)} layers and {len(ks)} groups")
+    if hints is not None and len(hints) != len(ks):
+        raise ValueError(f"{len(hints)} hints for {len(ks)} groups")
     for layer, piece in enumerate(shards):
         _check_piece(piece, None if eligible is None else eligible[layer], layer, rank, world_size)
     if not ks:
-        return ShardedSelection([], 0, 0)
+        return ShardedSelection([], 0, 0, [])
     device = shards[0].scores.device if shards else torch.device("cpu")
     sent = {"bytes": 0, "calls": 0}
 
@@ -261,9 +292,11 @@ def sharded_topk(
     count_dtype = torch.int32 if sum(piece.numel for piece in shards) < 2**31 else torch.int64
     need, done = list(ks), [False] * len(ks)
 
-    def decide(counts: torch.Tensor, nans: torch.Tensor, open_groups: list[int], first: bool) -> torch.Tensor:
+    def decide(counts: torch.Tensor, nans: torch.Tensor, open_groups: list[int],
+               first: bool) -> tuple[torch.Tensor, list[int]]:
         """All-reduce the (open groups x buckets) counts and the NaN count; update `need` and
-        `done`; return every cell's fate: 0 drop, 1 select, 2 keep undecided."""
+        `done`; return every cell's fate (0 drop, 1 select, 2 keep undecided) and each open
+        group's cell of its k-th largest key."""
         buckets = counts.shape[1]
         rows = torch.cat([counts, torch.zeros(len(open_groups), 1, dtype=counts.dtype, device=device)], 1)
         rows[0, buckets] = nans
@@ -305,7 +338,7 @@ def sharded_topk(
         fate = torch.where(digit > kth_digit, 1, 0) + torch.where(
             digit == kth_digit, torch.tensor(at_kth, dtype=torch.int64, device=device).unsqueeze(1), 0)
         fate *= torch.tensor(live, dtype=torch.int64, device=device).unsqueeze(1)
-        return fate.to(torch.int8)
+        return fate.to(torch.int8), kth
 
     # Digits no wider than the largest open group's elements call for: small layers send small
     # histograms.
@@ -318,18 +351,38 @@ def sharded_topk(
             return min(bits_per_round, remaining)
         return round_bits(len(open_groups), remaining, max(elements[group] for group in open_groups))
 
+    # Each group resolves its k-th key from the top: `remaining[g]` low bits still open, `prefix[g]`
+    # the bits above them. The first round takes the top `width` bits. A group with a hint counts
+    # the keys in a window around it in 2^width fine buckets of 2^shift keys, and the keys outside
+    # by their top `width` bits as without a hint: cells [0, top of the window's lowest key] below
+    # it, then the fine buckets, then the top bits + 2^width + 1 above it, in key order.
+    width = width_of(list(range(len(ks))), key_bits)
+    shift = _window_shift(width, key_bits)
+    window_low: list[int | None] = [None] * len(ks)
+    for group, hint in enumerate(hints or ()):
+        if hint is not None and hint.key_bits == key_bits:
+            centre = hint.key >> shift
+            window_low[group] = min(max(centre - 2 ** (width - 1), 0),
+                                    2 ** (key_bits - shift) - 2**width)
+    windowed = any(low is not None for low in window_low)
+    buckets = 2 ** (width + 1) + 1 if windowed else 2**width
+
     # The first round reads every layer's piece in place, layer by layer; the undecided
     # candidates it leaves (about one in 2^width) go on together: their positions in the
     # concatenation of all pieces (ascending, so each layer's form one segment), keys and layers.
     selected = torch.zeros(sum(sizes), dtype=torch.bool, device=device)
-    remaining = key_bits - width_of(list(range(len(ks))), key_bits)
-    buckets = 2 ** (key_bits - remaining)
     counts = torch.zeros(len(ks), buckets, dtype=torch.int64, device=device)
     nans = torch.zeros((), dtype=torch.int64, device=device)
     first_digits = []
     for layer, piece in enumerate(shards):
         keys = _candidate_keys(piece.scores.reshape(-1), key_bits)
-        digits = (keys >> remaining) & (buckets - 1)
+        low = window_low[groups[layer]]
+        digits = (keys >> (key_bits - width)) & (2**width - 1)
+        if low is not None:
+            fine = (keys >> shift) & (2 ** (key_bits - shift) - 1)
+            digits = torch.where(fine < low, digits, torch.where(
+                fine >= low + 2**width, digits + 2**width + 1,
+                fine - low + _window_cell(low, shift, width, key_bits)))
         nan = torch.isnan(piece.scores.reshape(-1))
         if eligible is not None:  # ineligible entries count in one cell past the row
             flags = eligible[layer].reshape(-1)
@@ -337,7 +390,16 @@ def sharded_topk(
         nans += nan.sum()
         counts[groups[layer]] += torch.bincount(digits, minlength=buckets + 1)[:buckets]
         first_digits.append((keys, digits))
-    fate = decide(counts.to(count_dtype), nans, list(range(len(ks))), first=True)
+    fate, kth = decide(counts.to(count_dtype), nans, list(range(len(ks))), first=True)
+    remaining, prefix = [key_bits - width] * len(ks), list(kth)
+    for group, low in enumerate(window_low):
+        if low is None:
+            continue
+        first_fine = _window_cell(low, shift, width, key_bits)
+        if first_fine <= kth[group] < first_fine + 2**width:
+            remaining[group], prefix[group] = shift, low + kth[group] - first_fine
+        elif kth[group] >= first_fine + 2**width:
+            prefix[group] = kth[group] - 2**width - 1
     fate = torch.cat([fate, torch.zeros(len(ks), 1, dtype=fate.dtype, device=device)], 1)
     positions, keys, layer_of = [], [], []
     for layer, (layer_keys, digits) in enumerate(first_digits):
@@ -350,27 +412,42 @@ def sharded_topk(
     del first_digits, fate_of
     empty = torch.zeros(0, dtype=torch.int64, device=device)
     positions, keys, layer_of = (torch.cat(parts) if parts else empty for parts in (positions, keys, layer_of))
-    layer_group = torch.tensor(groups, dtype=torch.int64, device=device)
+    group_of = torch.tensor(groups, dtype=torch.int64, device=device)[layer_of]
 
-    while remaining and not all(done):
-        # Only groups still searching send a row (every rank knows which: `done` is global; closed
-        # groups have no candidates left). Each candidate counts in the cell (its group's row, its
-        # digit).
-        open_groups = [group for group, finished_group in enumerate(done) if not finished_group]
-        width = width_of(open_groups, remaining)
-        remaining -= width
-        buckets = 2**width
-        row_of_group = torch.zeros(len(ks), dtype=torch.int64, device=device)
-        row_of_group[open_groups] = torch.arange(0, len(open_groups) * buckets, buckets, device=device)
-        cells = row_of_group[layer_group][layer_of] + ((keys >> remaining) & (buckets - 1))
-        counts = torch.bincount(cells, minlength=len(open_groups) * buckets).view(-1, buckets)
-        fate_of = decide(counts.to(count_dtype), torch.zeros((), dtype=torch.int64, device=device),
-                         open_groups, first=False).reshape(-1)[cells]
+    while True:
+        # Only groups still searching send a row (every rank knows which: `done` and `remaining`
+        # are global; closed groups have no candidates left, and a group with all bits fixed
+        # waits for the tie exchange). Each candidate counts in the cell (its group's row, its
+        # group's next digit).
+        open_groups = [group for group in range(len(ks)) if not done[group] and remaining[group]]
+        if not open_groups:
+            break
+        width = width_of(open_groups, max(remaining[group] for group in open_groups))
+        row_of_group = torch.full((len(ks),), -1, dtype=torch.int64, device=device)
+        row_of_group[open_groups] = torch.arange(0, len(open_groups) * 2**width, 2**width, device=device)
+        digit_bits = {group: min(width, remaining[group]) for group in open_groups}
+        shift_of_group = torch.zeros(len(ks), dtype=torch.int64, device=device)
+        mask_of_group = torch.zeros(len(ks), dtype=torch.int64, device=device)
+        for group, bits in digit_bits.items():
+            remaining[group] -= bits
+            shift_of_group[group], mask_of_group[group] = remaining[group], 2**bits - 1
+        row = row_of_group[group_of]
+        searching = row >= 0
+        cells = torch.where(searching, row + ((keys >> shift_of_group[group_of]) & mask_of_group[group_of]), 0)
+        counts = torch.bincount(cells[searching], minlength=len(open_groups) * 2**width)
+        fate, kth = decide(counts.view(-1, 2**width).to(count_dtype),
+                           torch.zeros((), dtype=torch.int64, device=device), open_groups, first=False)
+        for group, digit_value in zip(open_groups, kth):
+            prefix[group] = (prefix[group] << digit_bits[group]) | digit_value
+        fate_of = torch.where(searching, fate.reshape(-1)[cells], 2)
         selected[positions[fate_of == 1]] = True
         keep = fate_of == 2
-        positions, keys, layer_of = positions[keep], keys[keep], layer_of[keep]
+        positions, keys, layer_of, group_of = (positions[keep], keys[keep], layer_of[keep],
+                                                group_of[keep])
+    thresholds = [Threshold(key_bits, prefix[group] << remaining[group])
+                  if ks[group] and remaining[group] < key_bits else None for group in range(len(ks))]
     if all(done):
-        return _finished(selected, sizes, sent)
+        return _finished(selected, sizes, sent, thresholds)
 
     # Every remaining candidate of an unfinished group has its threshold key; take what the group
     # still needs by global index. Only the layers of unfinished groups send their counts (every
@@ -392,8 +469,23 @@ def sharded_topk(
     order_in_layer = torch.arange(positions.numel(), device=device) - first_of_layer[layer_of]
     quota_of = torch.tensor(quota, dtype=torch.int64, device=device)[layer_of]
     selected[positions[order_in_layer < quota_of]] = True
-    return _finished(selected, sizes, sent)
+    return _finished(selected, sizes, sent, thresholds)
 
 
-def _finished(selected: torch.Tensor, sizes: list[int], sent: dict[str, int]) -> ShardedSelection:
-    return ShardedSelection(list(selected.split(sizes)), sent["bytes"], sent["calls"])
+def _window_cell(low: int, shift: int, width: int, key_bits: int) -> int:
+    """The cell of a hinted first round's lowest fine bucket `low`: one past the top-bits cell
+    of the window's lowest key."""
+    return ((low << shift) >> (key_bits - width)) + 1
+
+
+def _window_shift(width: int, key_bits: int) -> int:
+    """Bits below a hinted first round's fine buckets: the least multiple of `width` (later
+    rounds resolve it in whole digits) of at least `key_bits` - `WINDOW_FIXED_BITS`, or, where
+    that leaves no whole digit above it, the largest multiple that does."""
+    shift = width * -(-(key_bits - WINDOW_FIXED_BITS) // width)
+    return shift if shift <= key_bits - width else width * ((key_bits - width) // width)
+
+
+def _finished(selected: torch.Tensor, sizes: list[int], sent: dict[str, int],
+              thresholds: list[Threshold | None]) -> ShardedSelection:
+    return ShardedSelection(list(selected.split(sizes)), sent["bytes"], sent["calls"], thresholds)
