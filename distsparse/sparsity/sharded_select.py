@@ -412,7 +412,7 @@ def sharded_topk(
     del first_digits, fate_of
     empty = torch.zeros(0, dtype=torch.int64, device=device)
     positions, keys, layer_of = (torch.cat(parts) if parts else empty for parts in (positions, keys, layer_of))
-    group_of = torch.tensor(groups, dtype=torch.int64, device=device)[layer_of]
+    layer_group = torch.tensor(groups, dtype=keys.dtype, device=device)
 
     while True:
         # Only groups still searching send a row (every rank knows which: `done` and `remaining`
@@ -422,28 +422,26 @@ def sharded_topk(
         open_groups = [group for group in range(len(ks)) if not done[group] and remaining[group]]
         if not open_groups:
             break
+        waiting = any(not done[group] and not remaining[group] for group in range(len(ks)))
         width = width_of(open_groups, max(remaining[group] for group in open_groups))
-        row_of_group = torch.full((len(ks),), -1, dtype=torch.int64, device=device)
-        row_of_group[open_groups] = torch.arange(0, len(open_groups) * 2**width, 2**width, device=device)
         digit_bits = {group: min(width, remaining[group]) for group in open_groups}
-        shift_of_group = torch.zeros(len(ks), dtype=torch.int64, device=device)
-        mask_of_group = torch.zeros(len(ks), dtype=torch.int64, device=device)
         for group, bits in digit_bits.items():
             remaining[group] -= bits
-            shift_of_group[group], mask_of_group[group] = remaining[group], 2**bits - 1
-        row = row_of_group[group_of]
-        searching = row >= 0
-        cells = torch.where(searching, row + ((keys >> shift_of_group[group_of]) & mask_of_group[group_of]), 0)
-        counts = torch.bincount(cells[searching], minlength=len(open_groups) * 2**width)
+        cells, searching = _cells(keys, layer_group[layer_of], open_groups, digit_bits, remaining,
+                                  width, len(ks), waiting)
+        counts = torch.bincount(cells if searching is None else cells[searching],
+                                minlength=len(open_groups) * 2**width)
         fate, kth = decide(counts.view(-1, 2**width).to(count_dtype),
                            torch.zeros((), dtype=torch.int64, device=device), open_groups, first=False)
         for group, digit_value in zip(open_groups, kth):
             prefix[group] = (prefix[group] << digit_bits[group]) | digit_value
-        fate_of = torch.where(searching, fate.reshape(-1)[cells], 2)
+        fate_of = fate.reshape(-1)[cells]
+        del cells
+        if searching is not None:
+            fate_of.masked_fill_(~searching, 2)
         selected[positions[fate_of == 1]] = True
         keep = fate_of == 2
-        positions, keys, layer_of, group_of = (positions[keep], keys[keep], layer_of[keep],
-                                                group_of[keep])
+        positions, keys, layer_of = positions[keep], keys[keep], layer_of[keep]
     thresholds = [Threshold(key_bits, prefix[group] << remaining[group])
                   if ks[group] and remaining[group] < key_bits else None for group in range(len(ks))]
     if all(done):
@@ -470,6 +468,36 @@ def sharded_topk(
     quota_of = torch.tensor(quota, dtype=torch.int64, device=device)[layer_of]
     selected[positions[order_in_layer < quota_of]] = True
     return _finished(selected, sizes, sent, thresholds)
+
+
+def _cells(keys: torch.Tensor, group_of: torch.Tensor, open_groups: list[int],
+           digit_bits: dict[int, int], remaining: list[int], width: int, groups: int,
+           waiting: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each candidate's histogram cell (its group's row of 2^width, open groups in order, plus
+    its group's next digit: `digit_bits` above the `remaining` low bits), in the keys' dtype; and
+    which candidates count: None when all do (no group waits for the tie exchange and every open
+    group reads the same bits, the usual round: no per-candidate shift)."""
+    row_of_group = torch.full((groups,), -1, dtype=keys.dtype, device=keys.device)
+    row_of_group[open_groups] = torch.arange(0, len(open_groups) * 2**width, 2**width,
+                                             dtype=keys.dtype, device=keys.device)
+    rows = row_of_group[group_of]
+    reads = {(remaining[group], digit_bits[group]) for group in open_groups}
+    if not waiting and len(reads) == 1:
+        (shift, bits), = reads
+        cells = keys >> shift
+        cells &= 2**bits - 1
+        cells += rows
+        return cells, None
+    shift_of_group = torch.zeros(groups, dtype=keys.dtype, device=keys.device)
+    mask_of_group = torch.zeros(groups, dtype=keys.dtype, device=keys.device)
+    for group in open_groups:
+        shift_of_group[group], mask_of_group[group] = remaining[group], 2 ** digit_bits[group] - 1
+    cells = keys >> shift_of_group[group_of]
+    cells &= mask_of_group[group_of]
+    cells += rows
+    searching = rows >= 0
+    cells.masked_fill_(~searching, 0)
+    return cells, searching
 
 
 def _window_cell(low: int, shift: int, width: int, key_bits: int) -> int:
