@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     if status:
         return status
     rows = []
-    for which, label in ((0, "drop (|w| among active)"), (1, "grow (among not kept)")):
+    for which, label in ((0, "drop (magnitude among active)"), (1, "grow (among not kept)")):
         pairs = [pair for pair in moves(records, which) if pair]
         every = [move for pair in pairs for move in pair]
         rows.append([label, len(records), len(pairs), len(every), f"{statistics.median(every):.2f}",
