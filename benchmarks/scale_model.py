@@ -168,6 +168,10 @@ def model_terms(model: torch.nn.Module) -> dict:
             "hook_entries": sum(active.values()) + total - masked_numel}
 
 
+UPDATES = ("first", "next")
+"""The first mask update of a run (no thresholds to start from) and the next one."""
+
+
 def measure_select(shapes: dict[str, tuple[int, ...]], active: dict[str, int],
                    drift_binades: float) -> dict:
     """RigL's drop-and-grow on pieces (world size 1: the histograms and rounds are global),
@@ -198,18 +202,18 @@ def measure_select(shapes: dict[str, tuple[int, ...]], active: dict[str, int],
         masks[name][order[: active[name]]] = True
     counts = {name: int(DROP_FRACTION * active[name]) for name in shapes}
     known = layout.active_counts(masks)
-    result = {}
-    start = time.perf_counter()
-    unit = dict.fromkeys(shapes, 1.0)
-    for update in ("first", "next"):
-        drifted = unit if update == "first" else {
+    result, seconds = {}, 0.0
+    for update in UPDATES:
+        drifted = dict.fromkeys(shapes, 1.0) if update == "first" else {
             name: 2 ** (drift_binades * (2 * torch.rand((), generator=generator).item() - 1))
             for name in shapes}
         drop, grow = scores(drifted), scores(drifted)
         calls.clear()
+        start = time.perf_counter()
         masks.update(layout.drop_and_grow(masks, drop, grow, counts, known))
+        seconds += time.perf_counter() - start
         result[update] = list(calls)
-    result["seconds"] = (time.perf_counter() - start) / 2
+    result["seconds"] = seconds / len(UPDATES)
     return result
 
 
@@ -232,10 +236,6 @@ def _timings(repeats: int) -> tuple[dict[str, list[float]], dict[int, list[str]]
     for worker in workers:
         worker.join()
     return results[0][0], {rank: sockets for rank, (_, sockets) in results.items()}
-
-
-UPDATES = ("first", "next")
-"""The first mask update of a run (no thresholds to start from) and the next one."""
 
 
 def bytes_at(calls: list[tuple[int, bool]], world: int) -> list[int]:
