@@ -196,6 +196,10 @@ def _worker(out: Path, mode: str) -> None:
     result = {"fingerprint": callback.sparsifier.fingerprint(), "counts": counts, "checked": True,
               "world_size": dist.get_world_size(), "step": callback.sparsifier.step_count}
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
+    # Ended before exit: a gloo group torn down with the interpreter can abort a rank (SIGABRT,
+    # "terminate called without an active exception") after its work is done.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
