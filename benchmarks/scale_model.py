@@ -14,7 +14,8 @@ the fastest of ring and tree, LL and Simple, as NCCL's tuner picks. One GPU per 
 (every step crosses a NIC of the stated bandwidth: no NVLink shortcut). The mask-update terms
 come from distsparse's own code: `PieceLayout.drop_and_grow` (RigL's update on FSDP2/ZeRO-3
 pieces) runs on the real layer shapes with a recording all-reduce, giving its calls and bytes;
-each selection of the next update starts from the thresholds of the first (`sharded_topk`'s
+each grow selection starts from the ranks' estimates of its thresholds, carried by the drop's
+first round, and each drop of the next update from the thresholds of the first (`sharded_topk`'s
 hints), its scores a new draw with each layer's scale moved by up to `--drift-binades`;
 the sparse-gradient hook's bytes are the active entries of ERK masks plus every unmasked
 parameter (what `distributed/comm_hook.py` packs). Compared: the dense gradient all-reduce, the
@@ -210,11 +211,46 @@ def measure_select(shapes: dict[str, tuple[int, ...]], active: dict[str, int],
         drop, grow = scores(drifted), scores(drifted)
         calls.clear()
         start = time.perf_counter()
-        masks.update(layout.drop_and_grow(masks, drop, grow, counts, known))
+        new = layout.drop_and_grow(masks, drop, grow, counts, known)
         seconds += time.perf_counter() - start
         result[update] = list(calls)
+        if update == "first":
+            result["estimate_binades"] = estimate_binades(masks, drop, grow, counts, known, 1024)
+        masks.update(new)
     result["seconds"] = seconds / len(UPDATES)
     return result
+
+
+def estimate_binades(masks: dict[str, torch.Tensor], drop: dict[str, torch.Tensor],
+                     grow: dict[str, torch.Tensor], counts: dict[str, int],
+                     active: dict[str, int], world: int) -> list[float]:
+    """Per layer whose grow has a threshold to find, binades between it and the hint `world`
+    ranks would agree on (the mean of `threshold_estimates` over the layer's `world` pieces),
+    where the world-1 layout estimated from whole layers."""
+    from distsparse.sparsity.select import topk_mask
+    from distsparse.sparsity.sharded_select import (
+        estimated_hints,
+        threshold_estimates,
+        zero3_partition,
+    )
+
+    offsets = []
+    for name, scores in grow.items():
+        if not counts[name]:  # not swapped: no grow selection
+            continue
+        eligible = ~topk_mask(drop[name], active[name] - counts[name], masks[name])
+        threshold = scores[eligible].kthvalue(int(eligible.sum()) - counts[name] + 1).values
+        fraction = counts[name] / (scores.numel() - active[name] + counts[name])
+        pieces = [slice(*zero3_partition(scores.numel(), rank, world)) for rank in range(world)]
+        estimates = threshold_estimates([scores[piece] for piece in pieces],
+                                        [~masks[name][piece] for piece in pieces],
+                                        [fraction] * world, 32).view(2, world).sum(1)
+        hint, = estimated_hints(estimates.tolist(), 32)
+        if hint is None:  # the grow takes every candidate: no threshold
+            continue
+        value = torch.tensor([hint.key & 0x7FFFFFFF], dtype=torch.int32).view(torch.float32)
+        offsets.append(abs(math.log2(value.item() / threshold.item())))
+    return offsets
 
 
 def _timings(repeats: int) -> tuple[dict[str, list[float]], dict[int, list[str]]]:
@@ -349,6 +385,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"; {ties} tie exchange(s) of tied layers x GPUs int32 counts, the only term that "
                 f"grows with the GPUs): flat {'no' if ties else 'yes'}; < 1 ms at 1024 GPUs on "
                 f"100 Gb/s {'yes' if worst < 1 else 'no'} ({worst:.2f} ms)")
+        offsets = select["estimate_binades"]
+        updates[0] += (
+            f" (its grow started from the ranks' estimates of its thresholds, made here from "
+            f"whole layers; made from 1024 pieces a layer, the agreed hints lie within "
+            f"{max(offsets):.2f} binades of the thresholds found: {sum(o < 1 for o in offsets)} "
+            f"of the {len(offsets)} layers with a threshold to find (a grow of some, not all, of "
+            f"its candidates) within one binade, the window's half-width)")
         ratio = terms["hook_entries"] / terms["total"]
         unmasked = terms["total"] - terms["masked"]
         goals.append(

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from distsparse.sparsity.layout import FullLayout, PieceLayout
 from distsparse.sparsity.select import global_topk_masks, topk_mask
 from distsparse.sparsity.sharded_select import (
     NARROW_DTYPES,
@@ -566,3 +567,70 @@ def test_a_hint_near_the_threshold_saves_a_round_and_a_far_one_costs_none():
         assert away.all_reduces == 3 and away.thresholds == plain[0].thresholds
     for result, reference in zip(near, plain):
         assert all(torch.equal(a, b) for a, b in zip(result.masks, reference.masks))
+
+
+def test_a_carry_travels_with_the_first_round_and_changes_nothing_else():
+    # Every rank's carry comes back summed, on every rank; the calls, bytes and masks are those
+    # of the same selection without it (the carry fills whole zero-padded histogram rows).
+    full = _layers("random", torch.float32, seed=50)
+    ks, groups = [n // 2 for n in NUMELS], list(range(len(NUMELS)))
+    plain = _hinted(full, ks, groups, 3, None)
+    carried = _run_ranks(3, lambda rank, all_reduce_sum: sharded_topk(
+        _pieces(full, rank, 3), ks, groups, all_reduce_sum, rank=rank, world_size=3,
+        carry=torch.tensor([rank + 1, 10 * rank, 2**16 - 1])))
+    for result, reference in zip(carried, plain):
+        assert isinstance(result, ShardedSelection), result
+        assert result.carried == [6, 30, 3 * (2**16 - 1)] and reference.carried == []
+        assert result.all_reduces == reference.all_reduces
+        assert all(torch.equal(a, b) for a, b in zip(result.masks, reference.masks))
+    with pytest.raises(ValueError, match="carry"):
+        sharded_topk([], [], [], lambda t: None, rank=0, world_size=1, carry=torch.ones(2))
+
+
+@pytest.mark.parametrize("world", [4, 16])
+def test_rigl_grow_starts_from_the_estimates_its_drop_carried(world):
+    # RigL's update on pieces: 40 layers of 1,024-8,192 |N(0, 1)| scores at 10 % density, 30 %
+    # swapped (8-bit digits for 40 groups; at 16 ranks a piece holds 64 to 512 scores). Cold, the
+    # drop and the grow each take 3 rounds here (8 bits, 8, then wider digits for the groups
+    # left). The grow starts from the ranks' estimates of its thresholds, which the drop's first
+    # round carried (no call of its own): its window of 256 buckets of 2^16 keys holds each
+    # threshold and fixes 16 bits, and it takes one round fewer. Masks: those of the full
+    # tensors, with every rank's calls the same.
+    shapes = {f"l{i}": (1_024 * (1 + i % 8),) for i in range(40)}
+    names = list(shapes)
+    gen = torch.Generator().manual_seed(7)
+    masks = {name: torch.rand(shape, generator=gen) < 0.1 for name, shape in shapes.items()}
+    drop, grow = ({name: torch.randn(shape, generator=gen).abs() for name, shape in shapes.items()}
+                  for _ in range(2))
+    active = {name: int(mask.sum()) for name, mask in masks.items()}
+    counts = {name: int(0.3 * count) for name, count in active.items()}
+    expected = FullLayout(shapes).drop_and_grow(masks, drop, grow, counts, active)
+    kept = {name: masks[name] & expected[name] for name in names}
+
+    def cold(scores, ks, eligible):
+        full = [scores[name] for name in names]
+        return _hinted(full, [ks[name] for name in names], list(range(len(names))), world, None,
+                       [eligible[name] for name in names])[0].all_reduces
+
+    drop_rounds = cold(drop, {name: active[name] - counts[name] for name in names}, masks)
+    grow_rounds = cold(grow, counts, {name: ~kept[name] for name in names})
+
+    def update(rank, all_reduce_sum):
+        calls = []
+
+        def counted(tensor):
+            calls.append(tensor.numel())
+            all_reduce_sum(tensor)
+
+        layout = PieceLayout(shapes, rank, world, counted, None)
+        pieces = [{name: layout.piece(name, value) for name, value in scores.items()}
+                  for scores in (masks, drop, grow)]
+        return layout.drop_and_grow(*pieces, counts, active), calls
+
+    results = _run_ranks(world, update)
+    assert round_bits(len(names), 32, 8_192) == 8 and drop_rounds == grow_rounds == 3
+    for new, calls in results:
+        assert calls == results[0][1]
+        assert len(calls) == drop_rounds + grow_rounds - 1, (drop_rounds, grow_rounds, calls)
+    for name in names:
+        assert torch.equal(torch.cat([new[name] for new, _ in results]), expected[name]), name

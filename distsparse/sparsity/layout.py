@@ -10,7 +10,8 @@ Two layouts give identical masks:
   (`contiguous_partition`): ZeRO-3's `ds_tensor` without its padding, or, with a row as the unit,
   the local shard of FSDP2's Shard(0) DTensor (uneven when rows do not divide). Selections run
   `sharded_select.sharded_topk` (one histogram all-reduce per round for all layers together, 2-4
-  rounds a selection, each started from the threshold the same selection found last time),
+  rounds a selection, each started from the threshold the same selection found last time, or,
+  for RigL's grow, from the ranks' estimates carried by the drop's first round),
   counts are one all-reduce of one int64 a layer, and no score, weight or gradient leaves its
   rank. Only `full_masks` moves masks: one all-gather of the bit-packed pieces
   (numel / 8 bytes a layer), for checkpoints, fingerprints and persistent parameters, never for a
@@ -30,7 +31,15 @@ import torch
 
 from distsparse.sparsity.scores import random_scores
 from distsparse.sparsity.select import drop_and_grow_masks, global_topk_counted, topk_masks
-from distsparse.sparsity.sharded_select import ShardPiece, Threshold, contiguous_partition, sharded_topk
+from distsparse.sparsity.sharded_select import (
+    ShardPiece,
+    Threshold,
+    contiguous_partition,
+    estimated_hints,
+    selection_key_bits,
+    sharded_topk,
+    threshold_estimates,
+)
 
 __all__ = ["FullLayout", "PieceLayout", "full_layout_of", "pack_bits"]
 
@@ -205,33 +214,40 @@ class PieceLayout(FullLayout):
 
     def _select(self, scores: Mapping[str, torch.Tensor], names: list[str], ks: list[int],
                 groups: list[int], eligible: Mapping[str, torch.Tensor] | None,
-                hint_keys: list[tuple[str, object]]) -> Masks:
-        """`sharded_topk` of the named pieces, each group started from the threshold the last
-        selection with its hint key found (the same masks; fewer rounds where it moved little)."""
+                hint_keys: list[tuple[str, object]], hints: list[Threshold | None] | None = None,
+                carry: torch.Tensor | None = None) -> tuple[Masks, list[int]]:
+        """`sharded_topk` of the named pieces, each group started from `hints` where given, else
+        from the threshold the last selection with its hint key found (the same masks; fewer
+        rounds where it moved little); with `carry`'s sums over the ranks."""
         shards = [ShardPiece(scores[name].reshape(-1), self.bounds[name][0], self.numel(name),
                              self.units[name]) for name in names]
+        hints = [given or self._thresholds.get(key)
+                 for given, key in zip(hints or [None] * len(hint_keys), hint_keys)]
         selection = sharded_topk(
             shards, ks, groups, self.all_reduce_sum, rank=self.rank, world_size=self.world_size,
             eligible=None if eligible is None else [eligible[name].reshape(-1) for name in names],
-            hints=[self._thresholds.get(key) for key in hint_keys])
+            hints=hints, carry=carry)
         self._thresholds.update(zip(hint_keys, selection.thresholds))
         self.bytes_sent += selection.bytes_sent
-        return dict(zip(names, selection.masks))
+        return dict(zip(names, selection.masks)), selection.carried
 
     def _layer_select(self, scores: Mapping[str, torch.Tensor], ks: Mapping[str, int],
-                      eligible: Mapping[str, torch.Tensor] | None, purpose: str) -> Masks:
+                      eligible: Mapping[str, torch.Tensor] | None, purpose: str,
+                      hints: list[Threshold | None] | None = None,
+                      carry: torch.Tensor | None = None) -> tuple[Masks, list[int]]:
         names = self._ordered(ks)
-        masks = self._select(scores, names, [ks[name] for name in names], list(range(len(names))),
-                             eligible, [(purpose, name) for name in names])
+        masks, carried = self._select(scores, names, [ks[name] for name in names],
+                                      list(range(len(names))), eligible,
+                                      [(purpose, name) for name in names], hints, carry)
         self._remember(masks, ks)
-        return masks
+        return masks, carried
 
     def topk_per_layer(
         self, scores: Mapping[str, torch.Tensor], ks: Mapping[str, int],
         eligible: Mapping[str, torch.Tensor] | None = None,
     ) -> Masks:
         """Per named layer in `ks`, batched: every layer shares each round's all-reduce."""
-        return self._layer_select(scores, ks, eligible, "layer")
+        return self._layer_select(scores, ks, eligible, "layer")[0]
 
     def global_topk(
         self, scores: Mapping[str, torch.Tensor], k: int,
@@ -240,7 +256,7 @@ class PieceLayout(FullLayout):
         """The k highest scores over all given layers' pieces, exactly as over the full tensors."""
         names = self._ordered(scores)
         return self._select(scores, names, [k], [0] * len(names), eligible,
-                            [("global", tuple(names))])
+                            [("global", tuple(names))])[0]
 
     def drop_and_grow(
         self, masks: Mapping[str, torch.Tensor], drop_scores: Mapping[str, torch.Tensor],
@@ -248,17 +264,28 @@ class PieceLayout(FullLayout):
         active: Mapping[str, int] | None = None,
     ) -> Masks:
         """`select.drop_and_grow` of every layer with a positive count: two batched selections
-        (and one all-reduce of the active counts unless `active` gives them)."""
+        (and one all-reduce of the active counts unless `active` gives them).
+
+        The grow selection starts from the ranks' estimates of its thresholds (over the entries
+        inactive now: the grow's candidates but the dropped), which the drop's first round
+        carries; the masks do not depend on them.
+        """
         swapping = {name: count for name, count in counts.items() if count > 0}
         if not swapping:
             return {}
         if active is None:
             active = self.active_counts({name: masks[name] for name in swapping})
-        kept = self._layer_select(
+        names = self._ordered(swapping)
+        grow_bits = selection_key_bits([grow_scores[name] for name in names])
+        estimates = threshold_estimates(
+            [grow_scores[name] for name in names], [~masks[name] for name in names],
+            [swapping[name] / (self.numel(name) - active[name] + swapping[name]) for name in names],
+            grow_bits)
+        kept, carried = self._layer_select(
             drop_scores, {name: active[name] - count for name, count in swapping.items()}, masks,
-            "drop")
-        grown = self._layer_select(grow_scores, swapping, {name: ~kept[name] for name in swapping},
-                                   "grow")
+            "drop", carry=estimates)
+        grown, _ = self._layer_select(grow_scores, swapping, {name: ~kept[name] for name in swapping},
+                                      "grow", hints=estimated_hints(carried, grow_bits))
         new = {name: kept[name] | grown[name] for name in swapping}
         self._remember(new, {name: active[name] for name in swapping})  # drop n, grow n
         return new

@@ -39,6 +39,12 @@ float32 at 8-bit digits) leaves `shift` bits: 16 at 8-bit digits, two rounds ins
 more. One that left it costs no round, only the first round's doubled histogram. The masks are
 the same with any hints or none.
 
+A selection that follows another in the same update (RigL's grow after its drop) can start
+from the current scores instead: each rank estimates its groups' thresholds from a sample of its
+own pieces (`threshold_estimates`), the earlier selection's first round carries the estimates'
+sums (`carry`, extra rows of its histogram: no call of its own), and the later selection starts
+from their mean (`estimated_hints`).
+
 `sharded_topk` runs several independent selections at once, each over a group of layers with its
 own k (one group: the global top-k; one group per layer: the per-layer top-k of RigL, SET and
 layer-wise GMP). Each round's histogram then has one row per group still searching, and the rounds
@@ -58,11 +64,14 @@ __all__ = [
     "ShardedSelection",
     "Threshold",
     "contiguous_partition",
+    "estimated_hints",
     "order_preserving_bits",
     "round_bits",
+    "selection_key_bits",
     "sharded_global_topk",
     "sharded_layer_topk",
     "sharded_topk",
+    "threshold_estimates",
     "zero3_partition",
 ]
 
@@ -82,6 +91,14 @@ WINDOW_FIXED_BITS = 16
 """Key bits a hinted first round's fine buckets fix at most (`_window_shift` leaves the rest in
 whole digits): on float32 keys at 8-bit digits, 256 buckets of 2^16 keys cover a factor of 2
 either side of the hint and leave 16 bits, two rounds instead of three."""
+ESTIMATE_BITS = 16
+"""Top key bits of a rank's threshold estimate (`threshold_estimates`): as many as a hinted first
+round's window centre reads from 32-bit keys (its shift is at least key_bits - 16), few enough
+that the sum over 2^15 ranks fits an int32 count."""
+ESTIMATE_SAMPLE = 4096
+"""Scores a rank's estimate reads at most per layer: an evenly strided sample of its piece."""
+ESTIMATE_MIN = 64
+"""Eligible scores a rank's estimate needs; a piece with fewer estimates from all its scores."""
 
 
 class ShardPiece(NamedTuple):
@@ -111,6 +128,7 @@ class ShardedSelection:
     bytes_sent: int  # payload bytes this rank handed to the all-reduce
     all_reduces: int  # collective calls (histogram rounds plus the tie-count exchange)
     thresholds: list[Threshold | None]  # per group; None where it selected nothing
+    carried: list[int]  # `carry` summed over the ranks (empty without one)
 
 
 def contiguous_partition(numel: int, rank: int, world_size: int, unit: int = 1) -> tuple[int, int]:
@@ -221,9 +239,53 @@ def round_bits(open_groups: int, key_bits: int, most_candidates: int | None = No
     return min(width, key_bits)
 
 
+def selection_key_bits(scores: Sequence[torch.Tensor]) -> int:
+    """Width of the keys a selection over these layers' scores resolves: 32 bits when every
+    layer's dtype is float32, int32 or narrower, else 64."""
+    return 32 if all(layer.dtype in NARROW_DTYPES for layer in scores) else KEY_BITS
+
+
 def _key_bits(shards: Sequence[ShardPiece]) -> int:
-    narrow = all(piece.scores.dtype in NARROW_DTYPES for piece in shards)
-    return 32 if narrow else KEY_BITS
+    return selection_key_bits([piece.scores for piece in shards])
+
+
+def threshold_estimates(scores: Sequence[torch.Tensor], eligible: Sequence[torch.Tensor | None],
+                        fractions: Sequence[float], key_bits: int) -> torch.Tensor:
+    """This rank's estimate of each layer's threshold, to be summed over the ranks (`carry`).
+
+    Per layer: the top `ESTIMATE_BITS` bits of the key of the highest `fractions[i]` of an evenly
+    strided sample (at most about `ESTIMATE_SAMPLE`) of the eligible local scores, or of all local
+    scores where fewer than `ESTIMATE_MIN` are eligible (the mean over ranks of a quantile read
+    from one or two scores each would be a mean of the scores instead); then per layer 1 where
+    this rank estimated (a nonempty piece, a fraction strictly between 0 and 1), else 0 (and an
+    estimate of 0).
+    """
+    layers = len(scores)
+    device = scores[0].device if layers else torch.device("cpu")
+    estimates = torch.zeros(2 * layers, dtype=torch.int64, device=device)
+    for layer, (layer_scores, allowed, fraction) in enumerate(zip(scores, eligible, fractions)):
+        candidates = layer_scores.reshape(-1)
+        if allowed is not None and int(allowed.sum()) >= ESTIMATE_MIN:
+            candidates = candidates[allowed.reshape(-1)]
+        candidates = candidates[:: max(1, candidates.numel() // ESTIMATE_SAMPLE)]
+        if not candidates.numel() or not 0 < fraction < 1:  # none, or all: no threshold to find
+            continue
+        if candidates.is_floating_point() and candidates.dtype != torch.float64:
+            candidates = candidates.float()
+        higher = min(candidates.numel(), max(1, round(fraction * candidates.numel())))
+        kth = candidates.kthvalue(candidates.numel() - higher + 1).values.reshape(1)
+        key = _candidate_keys(kth, key_bits).to(torch.int64)
+        estimates[layer] = (key[0] >> (key_bits - ESTIMATE_BITS)) & (2**ESTIMATE_BITS - 1)
+        estimates[layers + layer] = 1
+    return estimates
+
+
+def estimated_hints(carried: Sequence[int], key_bits: int) -> list[Threshold | None]:
+    """Hints from `threshold_estimates` summed over the ranks: per layer, the mean of the ranks'
+    estimates (None where no rank estimated)."""
+    layers = len(carried) // 2
+    return [Threshold(key_bits, (total // ranks) << (key_bits - ESTIMATE_BITS)) if ranks else None
+            for total, ranks in zip(carried[:layers], carried[layers:])]
 
 
 def _candidate_keys(scores: torch.Tensor, key_bits: int) -> torch.Tensor:
@@ -247,6 +309,7 @@ def sharded_topk(
     eligible: Sequence[torch.Tensor] | None = None,
     bits_per_round: int | None = None,
     hints: Sequence[Threshold | None] | None = None,
+    carry: torch.Tensor | None = None,
 ) -> ShardedSelection:
     """Independent top-k selections over groups of layers, sharing each round's all-reduce.
 
@@ -261,6 +324,11 @@ def sharded_topk(
     (`ShardedSelection.thresholds`); a group with a hint spends its first round on a window of
     keys around it (see `_window_shift`), which saves rounds when its threshold moved little and
     none when it left the window. The masks never depend on the hints.
+
+    `carry`, a 1-D integer tensor (on every rank the same length), travels with the first round
+    as extra histogram rows and comes back summed over the ranks in `ShardedSelection.carried`:
+    another selection's `threshold_estimates`, at no extra call. Its sums must fit the counts
+    (int32 below 2^31 elements in all layers).
     """
     if bits_per_round is not None and not 1 <= bits_per_round <= 16:
         raise ValueError(f"bits_per_round must be 1 to 16, got {bits_per_round}")
@@ -275,7 +343,9 @@ def sharded_topk(
     for layer, piece in enumerate(shards):
         _check_piece(piece, None if eligible is None else eligible[layer], layer, rank, world_size)
     if not ks:
-        return ShardedSelection([], 0, 0, [])
+        if carry is not None and carry.numel():
+            raise ValueError("a carry needs a selection's first round to travel with")
+        return ShardedSelection([], 0, 0, [], [])
     device = shards[0].scores.device if shards else torch.device("cpu")
     sent = {"bytes": 0, "calls": 0}
 
@@ -291,6 +361,7 @@ def sharded_topk(
     # Counts up to the model's size: int32 histograms (half the bytes) when they cannot overflow.
     count_dtype = torch.int32 if sum(piece.numel for piece in shards) < 2**31 else torch.int64
     need, done = list(ks), [False] * len(ks)
+    carried: list[int] = []
 
     def decide(counts: torch.Tensor, nans: torch.Tensor, open_groups: list[int],
                first: bool) -> tuple[torch.Tensor, list[int]]:
@@ -300,7 +371,15 @@ def sharded_topk(
         buckets = counts.shape[1]
         rows = torch.cat([counts, torch.zeros(len(open_groups), 1, dtype=counts.dtype, device=device)], 1)
         rows[0, buckets] = nans
+        extra = carry.numel() if first and carry is not None else 0
+        if extra:  # the carry as whole rows below the histogram, zero-padded
+            padded = torch.zeros(-(-extra // (buckets + 1)) * (buckets + 1), dtype=rows.dtype,
+                                 device=device)
+            padded[:extra] = carry
+            rows = torch.cat([rows, padded.view(-1, buckets + 1)])
         reduce(rows)
+        summed_carry = rows[len(open_groups):].reshape(-1)[:extra].to(torch.int64)
+        rows = rows[: len(open_groups)]
         histogram = torch.zeros(len(ks), buckets, dtype=torch.int64, device=device)
         histogram[open_groups] = rows[:, :buckets].to(torch.int64)
         # Per group on the device, read in one transfer: the digit of its k-th largest key
@@ -313,7 +392,9 @@ def sharded_topk(
         above = at_least.gather(1, digit_of_kth) - in_bucket
         report = torch.cat([digit_of_kth, above, in_bucket, histogram.sum(1, keepdim=True)], 1)
         nan_count, *flat = torch.cat([rows[:, buckets].sum().reshape(1).to(torch.int64),
-                                      report.reshape(-1)]).tolist()
+                                      summed_carry, report.reshape(-1)]).tolist()
+        carried.extend(flat[:extra])
+        flat = flat[extra:]
         if nan_count:
             raise ValueError("scores contain NaN; top-k selection needs ordered scores")
         per_group = [flat[4 * group : 4 * group + 4] for group in range(len(ks))]
@@ -445,7 +526,7 @@ def sharded_topk(
     thresholds = [Threshold(key_bits, prefix[group] << remaining[group])
                   if ks[group] and remaining[group] < key_bits else None for group in range(len(ks))]
     if all(done):
-        return _finished(selected, sizes, sent, thresholds)
+        return _finished(selected, sizes, sent, thresholds, carried)
 
     # Every remaining candidate of an unfinished group has its threshold key; take what the group
     # still needs by global index. Only the layers of unfinished groups send their counts (every
@@ -467,7 +548,7 @@ def sharded_topk(
     order_in_layer = torch.arange(positions.numel(), device=device) - first_of_layer[layer_of]
     quota_of = torch.tensor(quota, dtype=torch.int64, device=device)[layer_of]
     selected[positions[order_in_layer < quota_of]] = True
-    return _finished(selected, sizes, sent, thresholds)
+    return _finished(selected, sizes, sent, thresholds, carried)
 
 
 def _cells(keys: torch.Tensor, group_of: torch.Tensor, open_groups: list[int],
@@ -515,5 +596,6 @@ def _window_shift(width: int, key_bits: int) -> int:
 
 
 def _finished(selected: torch.Tensor, sizes: list[int], sent: dict[str, int],
-              thresholds: list[Threshold | None]) -> ShardedSelection:
-    return ShardedSelection(list(selected.split(sizes)), sent["bytes"], sent["calls"], thresholds)
+              thresholds: list[Threshold | None], carried: list[int]) -> ShardedSelection:
+    return ShardedSelection(list(selected.split(sizes)), sent["bytes"], sent["calls"], thresholds,
+                            carried)
