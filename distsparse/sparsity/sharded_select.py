@@ -96,9 +96,9 @@ ESTIMATE_BITS = 16
 round's window centre reads from 32-bit keys (its shift is at least key_bits - 16), few enough
 that the sum over 2^15 ranks fits an int32 count."""
 ESTIMATE_SAMPLE = 4096
-"""Scores a rank's estimate reads at most per layer: an evenly strided sample of its piece."""
+"""Scores a rank's estimate reads per layer, at most about: an evenly strided sample of its piece."""
 ESTIMATE_MIN = 64
-"""Eligible scores a rank's estimate needs; a piece with fewer estimates from all its scores."""
+"""Eligible scores a rank's estimate needs in its sample; with fewer it reads the whole sample."""
 
 
 class ShardPiece(NamedTuple):
@@ -253,21 +253,23 @@ def threshold_estimates(scores: Sequence[torch.Tensor], eligible: Sequence[torch
                         fractions: Sequence[float], key_bits: int) -> torch.Tensor:
     """This rank's estimate of each layer's threshold, to be summed over the ranks (`carry`).
 
-    Per layer: the top `ESTIMATE_BITS` bits of the key of the highest `fractions[i]` of an evenly
-    strided sample (at most about `ESTIMATE_SAMPLE`) of the eligible local scores, or of all local
-    scores where fewer than `ESTIMATE_MIN` are eligible (the mean over ranks of a quantile read
-    from one or two scores each would be a mean of the scores instead); then per layer 1 where
-    this rank estimated (a nonempty piece, a fraction strictly between 0 and 1), else 0 (and an
-    estimate of 0).
+    Per layer: the top `ESTIMATE_BITS` bits of the key of the highest `fractions[i]` of the
+    eligible scores in an evenly strided sample of the local piece (about `ESTIMATE_SAMPLE`), or
+    of the whole sample where fewer than `ESTIMATE_MIN` of it are eligible (the mean over ranks
+    of a quantile read from one or two scores each would be a mean of the scores); then per
+    layer 1 where this rank estimated (a nonempty piece, a fraction strictly between 0 and 1),
+    else 0 (and an estimate of 0).
     """
     layers = len(scores)
     device = scores[0].device if layers else torch.device("cpu")
     estimates = torch.zeros(2 * layers, dtype=torch.int64, device=device)
     for layer, (layer_scores, allowed, fraction) in enumerate(zip(scores, eligible, fractions)):
-        candidates = layer_scores.reshape(-1)
-        if allowed is not None and int(allowed.sum()) >= ESTIMATE_MIN:
-            candidates = candidates[allowed.reshape(-1)]
-        candidates = candidates[:: max(1, candidates.numel() // ESTIMATE_SAMPLE)]
+        stride = max(1, layer_scores.numel() // ESTIMATE_SAMPLE)
+        candidates = layer_scores.reshape(-1)[::stride]
+        if allowed is not None:
+            picked = allowed.reshape(-1)[::stride]
+            if int(picked.sum()) >= ESTIMATE_MIN:
+                candidates = candidates[picked]
         if not candidates.numel() or not 0 < fraction < 1:  # none, or all: no threshold to find
             continue
         if candidates.is_floating_point() and candidates.dtype != torch.float64:
