@@ -11,7 +11,8 @@ Two layouts give identical masks:
   the local shard of FSDP2's Shard(0) DTensor (uneven when rows do not divide). Selections run
   `sharded_select.sharded_topk` (one histogram all-reduce per round for all layers together, 2-4
   rounds a selection, each started from the threshold the same selection found last time, or,
-  for RigL's grow, from the ranks' estimates carried by the drop's first round),
+  for RigL's grow, from the ranks' estimates carried by the drop's first round, whose tie
+  exchange the grow's first round carries in turn),
   counts are one all-reduce of one int64 a layer, and no score, weight or gradient leaves its
   rank. Only `full_masks` moves masks: one all-gather of the bit-packed pieces
   (numel / 8 bytes a layer), for checkpoints, fingerprints and persistent parameters, never for a
@@ -32,6 +33,7 @@ import torch
 from distsparse.sparsity.scores import random_scores
 from distsparse.sparsity.select import drop_and_grow_masks, global_topk_counted, topk_masks
 from distsparse.sparsity.sharded_select import (
+    ShardedSelection,
     ShardPiece,
     Threshold,
     contiguous_partition,
@@ -215,10 +217,10 @@ class PieceLayout(FullLayout):
     def _select(self, scores: Mapping[str, torch.Tensor], names: list[str], ks: list[int],
                 groups: list[int], eligible: Mapping[str, torch.Tensor] | None,
                 hint_keys: list[tuple[str, object]], hints: list[Threshold | None] | None = None,
-                carry: torch.Tensor | None = None) -> tuple[Masks, list[int]]:
+                **options: object) -> ShardedSelection:
         """`sharded_topk` of the named pieces, each group started from `hints` where given, else
         from the threshold the last selection with its hint key found (the same masks; fewer
-        rounds where it moved little); with `carry`'s sums over the ranks."""
+        rounds where it moved little); `options` go to `sharded_topk` (carry, defer_ties, settle)."""
         shards = [ShardPiece(scores[name].reshape(-1), self.bounds[name][0], self.numel(name),
                              self.units[name]) for name in names]
         hints = [given or self._thresholds.get(key)
@@ -226,28 +228,29 @@ class PieceLayout(FullLayout):
         selection = sharded_topk(
             shards, ks, groups, self.all_reduce_sum, rank=self.rank, world_size=self.world_size,
             eligible=None if eligible is None else [eligible[name].reshape(-1) for name in names],
-            hints=hints, carry=carry)
+            hints=hints, **options)
         self._thresholds.update(zip(hint_keys, selection.thresholds))
         self.bytes_sent += selection.bytes_sent
-        return dict(zip(names, selection.masks)), selection.carried
+        return selection
 
     def _layer_select(self, scores: Mapping[str, torch.Tensor], ks: Mapping[str, int],
                       eligible: Mapping[str, torch.Tensor] | None, purpose: str,
                       hints: list[Threshold | None] | None = None,
-                      carry: torch.Tensor | None = None) -> tuple[Masks, list[int]]:
+                      **options: object) -> ShardedSelection:
         names = self._ordered(ks)
-        masks, carried = self._select(scores, names, [ks[name] for name in names],
-                                      list(range(len(names))), eligible,
-                                      [(purpose, name) for name in names], hints, carry)
-        self._remember(masks, ks)
-        return masks, carried
+        selection = self._select(scores, names, [ks[name] for name in names],
+                                 list(range(len(names))), eligible,
+                                 [(purpose, name) for name in names], hints, **options)
+        if selection.deferred is None:
+            self._remember(dict(zip(names, selection.masks)), ks)
+        return selection
 
     def topk_per_layer(
         self, scores: Mapping[str, torch.Tensor], ks: Mapping[str, int],
         eligible: Mapping[str, torch.Tensor] | None = None,
     ) -> Masks:
         """Per named layer in `ks`, batched: every layer shares each round's all-reduce."""
-        return self._layer_select(scores, ks, eligible, "layer")[0]
+        return dict(zip(self._ordered(ks), self._layer_select(scores, ks, eligible, "layer").masks))
 
     def global_topk(
         self, scores: Mapping[str, torch.Tensor], k: int,
@@ -255,8 +258,8 @@ class PieceLayout(FullLayout):
     ) -> Masks:
         """The k highest scores over all given layers' pieces, exactly as over the full tensors."""
         names = self._ordered(scores)
-        return self._select(scores, names, [k], [0] * len(names), eligible,
-                            [("global", tuple(names))])[0]
+        return dict(zip(names, self._select(scores, names, [k], [0] * len(names), eligible,
+                                            [("global", tuple(names))]).masks))
 
     def drop_and_grow(
         self, masks: Mapping[str, torch.Tensor], drop_scores: Mapping[str, torch.Tensor],
@@ -268,7 +271,8 @@ class PieceLayout(FullLayout):
 
         The grow selection starts from the ranks' estimates of its thresholds (over the entries
         inactive now: the grow's candidates but the dropped), which the drop's first round
-        carries; the masks do not depend on them.
+        carries, and its first round carries the drop's tie exchange; the masks depend on
+        neither.
         """
         swapping = {name: count for name, count in counts.items() if count > 0}
         if not swapping:
@@ -281,12 +285,14 @@ class PieceLayout(FullLayout):
             [grow_scores[name] for name in names], [~masks[name] for name in names],
             [swapping[name] / (self.numel(name) - active[name] + swapping[name]) for name in names],
             grow_bits)
-        kept, carried = self._layer_select(
+        drop = self._layer_select(
             drop_scores, {name: active[name] - count for name, count in swapping.items()}, masks,
-            "drop", carry=estimates)
-        grown, _ = self._layer_select(grow_scores, swapping, {name: ~kept[name] for name in swapping},
-                                      "grow", hints=estimated_hints(carried, grow_bits))
-        new = {name: kept[name] | grown[name] for name in swapping}
+            "drop", carry=estimates, defer_ties=True)
+        grow = self._layer_select(
+            grow_scores, swapping, {name: ~kept for name, kept in zip(names, drop.masks)}, "grow",
+            hints=estimated_hints(drop.carried, grow_bits), settle=drop.deferred)
+        kept = grow.settled or drop.masks
+        new = {name: kept_of | grown for name, kept_of, grown in zip(names, kept, grow.masks)}
         self._remember(new, {name: active[name] for name in swapping})  # drop n, grow n
         return new
 

@@ -54,12 +54,13 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 
 __all__ = [
+    "DeferredTies",
     "ShardPiece",
     "ShardedSelection",
     "Threshold",
@@ -129,6 +130,25 @@ class ShardedSelection:
     all_reduces: int  # collective calls (histogram rounds plus the tie-count exchange)
     thresholds: list[Threshold | None]  # per group; None where it selected nothing
     carried: list[int]  # `carry` summed over the ranks (empty without one)
+    deferred: DeferredTies | None = None  # `defer_ties`: the tie exchange left to a later selection
+    settled: list[torch.Tensor] = field(default_factory=list)  # `settle`: that selection's masks
+
+
+@dataclass(frozen=True)
+class DeferredTies:
+    """A selection's tie exchange, left for a later selection's first round to carry
+    (`sharded_topk(..., defer_ties=True)`, then `settle=`).
+
+    `masks` are the selection's masks without its tied entries (flagged in `tied`, over the
+    concatenation of the pieces), `table` this rank's (tied layers x ranks) counts, and `take`
+    turns the table summed over the ranks into the tied entries this rank takes, and per tied
+    layer its tied entries and how many of them all ranks take."""
+
+    masks: list[torch.Tensor]
+    tied: torch.Tensor
+    tied_layers: list[int]
+    table: torch.Tensor
+    take: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def contiguous_partition(numel: int, rank: int, world_size: int, unit: int = 1) -> tuple[int, int]:
@@ -312,6 +332,8 @@ def sharded_topk(
     bits_per_round: int | None = None,
     hints: Sequence[Threshold | None] | None = None,
     carry: torch.Tensor | None = None,
+    defer_ties: bool = False,
+    settle: DeferredTies | None = None,
 ) -> ShardedSelection:
     """Independent top-k selections over groups of layers, sharing each round's all-reduce.
 
@@ -331,6 +353,15 @@ def sharded_topk(
     as extra histogram rows and comes back summed over the ranks in `ShardedSelection.carried`:
     another selection's `threshold_estimates`, at no extra call. Its sums must fit the counts
     (int32 below 2^31 elements in all layers).
+
+    `defer_ties` leaves the tie exchange, where one is needed, to a later selection over the same
+    pieces: the result's `deferred` holds it and its masks lack the tied entries. That selection,
+    handed it as `settle`, carries the exchange in its first round (no call of its own), takes
+    the tied entries the earlier selection takes out of its own candidates (RigL: the grow's
+    candidates are the entries its drop did not keep; every tied entry must be eligible) and
+    returns the earlier selection's masks in `settled`. Until the exchange arrives, its first
+    round counts the tied entries apart; where they could move its k-th largest key to another
+    bucket it restarts once they are known (one call more, as without deferring).
     """
     if bits_per_round is not None and not 1 <= bits_per_round <= 16:
         raise ValueError(f"bits_per_round must be 1 to 16, got {bits_per_round}")
@@ -344,8 +375,17 @@ def sharded_topk(
         raise ValueError(f"{len(hints)} hints for {len(ks)} groups")
     for layer, piece in enumerate(shards):
         _check_piece(piece, None if eligible is None else eligible[layer], layer, rank, world_size)
+    sizes = [piece.scores.numel() for piece in shards]
+    starts = [0, *itertools.accumulate(sizes)]
+    if settle is not None:
+        if [mask.numel() for mask in settle.masks] != sizes:
+            raise ValueError("a settled selection must be over the same pieces")
+        if eligible is not None and any(
+                (settle.tied[starts[layer] : starts[layer + 1]] & ~eligible[layer].reshape(-1)).any()
+                for layer in settle.tied_layers):
+            raise ValueError("every entry tied in the settled selection must be eligible")
     if not ks:
-        if carry is not None and carry.numel():
+        if (carry is not None and carry.numel()) or settle is not None:
             raise ValueError("a carry needs a selection's first round to travel with")
         return ShardedSelection([], 0, 0, [], [])
     device = shards[0].scores.device if shards else torch.device("cpu")
@@ -357,71 +397,106 @@ def sharded_topk(
         sent["calls"] += 1
         return tensor
 
-    sizes = [piece.scores.numel() for piece in shards]
-    starts = [0, *itertools.accumulate(sizes)]
     key_bits = _key_bits(shards)
     # Counts up to the model's size: int32 histograms (half the bytes) when they cannot overflow.
     count_dtype = torch.int32 if sum(piece.numel for piece in shards) < 2**31 else torch.int64
     need, done = list(ks), [False] * len(ks)
     carried: list[int] = []
 
-    def decide(counts: torch.Tensor, nans: torch.Tensor, open_groups: list[int],
-               first: bool) -> tuple[torch.Tensor, list[int]]:
-        """All-reduce the (open groups x buckets) counts and the NaN count; update `need` and
-        `done`; return every cell's fate (0 drop, 1 select, 2 keep undecided) and each open
-        group's cell of its k-th largest key."""
+    def exchange(counts: torch.Tensor, nans: torch.Tensor,
+                 riders: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """All-reduce the (open groups x buckets) counts, the NaN count and the 1-D `riders`
+        (zero-padded whole rows below the histogram); the summed histogram rows (int64), NaN
+        count and riders."""
         buckets = counts.shape[1]
-        rows = torch.cat([counts, torch.zeros(len(open_groups), 1, dtype=counts.dtype, device=device)], 1)
+        rows = torch.cat([counts, torch.zeros(len(counts), 1, dtype=counts.dtype, device=device)], 1)
         rows[0, buckets] = nans
-        extra = carry.numel() if first and carry is not None else 0
-        if extra:  # the carry as whole rows below the histogram, zero-padded
+        lengths = [rider.numel() for rider in riders]
+        extra = sum(lengths)
+        if extra:
             padded = torch.zeros(-(-extra // (buckets + 1)) * (buckets + 1), dtype=rows.dtype,
                                  device=device)
-            padded[:extra] = carry
+            padded[:extra] = torch.cat(list(riders)).to(rows.dtype)
             rows = torch.cat([rows, padded.view(-1, buckets + 1)])
         reduce(rows)
-        summed_carry = rows[len(open_groups):].reshape(-1)[:extra].to(torch.int64)
-        rows = rows[: len(open_groups)]
+        summed = list(rows[len(counts):].reshape(-1)[:extra].to(torch.int64).split(lengths))
+        rows = rows[: len(counts)]
+        return rows[:, :buckets].to(torch.int64), rows[:, buckets].sum(), summed
+
+    def decide(rows: torch.Tensor, nan_count: torch.Tensor, open_groups: list[int], first: bool,
+               reported: torch.Tensor | None = None, need_offset: torch.Tensor | None = None,
+               pending: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, list[int], list[int], list[int], bool]:
+        """From the summed (open groups x buckets) counts: update `need` and `done`; return every
+        cell's fate (0 drop, 1 select, 2 keep undecided), each open group's cell of its k-th
+        largest key, the values of `reported` (read with the rest), and the groups whose k-th
+        bucket the pending entries leave uncertain: with `pending` (per group their histogram and
+        how many of them are candidates), the bucket is the k-th under both the fewest and the
+        most candidates they could add there, and whether some group's differ (then the round
+        decided nothing). `need_offset` (per group) is first taken off `need`."""
+        buckets = rows.shape[1]
         histogram = torch.zeros(len(ks), buckets, dtype=torch.int64, device=device)
-        histogram[open_groups] = rows[:, :buckets].to(torch.int64)
+        histogram[open_groups] = rows
+        offset = torch.zeros(len(ks), dtype=torch.int64, device=device) \
+            if need_offset is None else need_offset
+        wanted = (torch.tensor(need, dtype=torch.int64, device=device) - offset).unsqueeze(1)
         # Per group on the device, read in one transfer: the digit of its k-th largest key
         # (the highest d with at least `need` candidates at digit >= d), the candidates above
         # that digit and in it, and the group's total.
         at_least = histogram.flip(1).cumsum(1).flip(1)  # candidates with digit >= d
-        wanted = torch.tensor(need, dtype=torch.int64, device=device).unsqueeze(1)
         digit_of_kth = ((at_least >= wanted).sum(1, keepdim=True) - 1).clamp_(min=0)
+        total = histogram.sum(1, keepdim=True)
+        unsure = ambiguous = torch.zeros_like(total)
+        if pending is not None:
+            pending_rows, joining = pending
+            joining = joining.unsqueeze(1)
+            pending_at_least = pending_rows.flip(1).cumsum(1).flip(1)
+            fewest = at_least + (joining - pending_at_least[:, :1] + pending_at_least).clamp(min=0)
+            most = at_least + torch.minimum(pending_at_least, joining)
+            lowest = ((fewest >= wanted).sum(1, keepdim=True) - 1).clamp_(min=0)
+            digit_of_kth = ((most >= wanted).sum(1, keepdim=True) - 1).clamp_(min=0)
+            ambiguous = (lowest != digit_of_kth).to(torch.int64)
+            unsure = ((pending_at_least.gather(1, digit_of_kth) > 0) & (joining > 0)).to(torch.int64)
+            total = total + joining
         in_bucket = histogram.gather(1, digit_of_kth)
         above = at_least.gather(1, digit_of_kth) - in_bucket
-        report = torch.cat([digit_of_kth, above, in_bucket, histogram.sum(1, keepdim=True)], 1)
-        nan_count, *flat = torch.cat([rows[:, buckets].sum().reshape(1).to(torch.int64),
-                                      summed_carry, report.reshape(-1)]).tolist()
-        carried.extend(flat[:extra])
-        flat = flat[extra:]
-        if nan_count:
+        report = torch.cat([digit_of_kth, above, in_bucket, total, unsure, ambiguous], 1)
+        extra = [] if reported is None else [reported.reshape(-1).to(torch.int64)]
+        nan_total, *flat = torch.cat([nan_count.reshape(1).to(torch.int64), offset, *extra,
+                                      report.reshape(-1)]).tolist()
+        if nan_total:
             raise ValueError("scores contain NaN; top-k selection needs ordered scores")
-        per_group = [flat[4 * group : 4 * group + 4] for group in range(len(ks))]
+        for group in range(len(ks)):
+            need[group] -= flat[group]
+        flat = flat[len(ks):]
+        values = flat[: len(flat) - report.numel()]
+        per_group = [flat[len(values) + 6 * group : len(values) + 6 * group + 6]
+                     for group in range(len(ks))]
         if first:
-            for group, (*_, total) in enumerate(per_group):
-                if ks[group] > total:
+            for group, (*_, total_of_group, _, _) in enumerate(per_group):
+                if ks[group] > total_of_group:
                     where = f"group {group}: " if len(ks) > 1 else ""
-                    raise ValueError(f"{where}cannot select {ks[group]} of {total} eligible entries")
+                    raise ValueError(f"{where}cannot select {ks[group]} of {total_of_group} eligible entries")
         # An open group selects the digits above its k-th's and keeps that digit's candidates,
         # unless they are exactly what it still needs (it completes: select them too); a group
-        # with nothing to select drops all.
-        kth, at_kth, live = [], [], []
+        # with nothing to select drops all. A group left unsure by pending entries keeps them.
+        kth, at_kth, live, unsure_groups, ambiguous_groups = [], [], [], [], []
         for group in open_groups:
-            digit_value, above_count, in_count, _ = per_group[group]
-            live.append(need[group] > 0)
+            digit_value, above_count, in_count, _, unsure_of, ambiguous_of = per_group[group]
+            live.append(need[group] > 0 and not ambiguous_of)
             need[group] -= above_count if live[-1] else 0
             kth.append(digit_value)
-            at_kth.append(1 if need[group] == in_count else 2)
-            done[group] = not live[-1] or need[group] == in_count
+            complete = need[group] == in_count and not unsure_of
+            at_kth.append(1 if complete else 2)
+            done[group] = not live[-1] or complete
+            unsure_groups += [group] if unsure_of and live[-1] else []
+            ambiguous_groups += [group] if ambiguous_of else []
         digit = torch.arange(buckets, device=device)
         kth_digit = torch.tensor(kth, dtype=torch.int64, device=device).unsqueeze(1)
         fate = torch.where(digit > kth_digit, 1, 0) + torch.where(
             digit == kth_digit, torch.tensor(at_kth, dtype=torch.int64, device=device).unsqueeze(1), 0)
         fate *= torch.tensor(live, dtype=torch.int64, device=device).unsqueeze(1)
-        return fate.to(torch.int8), kth
+        return fate.to(torch.int8), kth, values, unsure_groups, bool(ambiguous_groups)
 
     # Digits no wider than the largest open group's elements call for: small layers send small
     # histograms.
@@ -453,8 +528,10 @@ def sharded_topk(
     # The first round reads every layer's piece in place, layer by layer; the undecided
     # candidates it leaves (about one in 2^width) go on together: their positions in the
     # concatenation of all pieces (ascending, so each layer's form one segment), keys and layers.
+    # A settled selection's tied entries count apart, in rows of their own.
     selected = torch.zeros(sum(sizes), dtype=torch.bool, device=device)
     counts = torch.zeros(len(ks), buckets, dtype=torch.int64, device=device)
+    pending_counts = torch.zeros(len(ks), buckets + 1, dtype=torch.int64, device=device)
     nans = torch.zeros((), dtype=torch.int64, device=device)
     first_digits = []
     for layer, piece in enumerate(shards):
@@ -471,9 +548,44 @@ def sharded_topk(
             flags = eligible[layer].reshape(-1)
             nan, digits = nan & flags, torch.where(flags, digits, buckets)
         nans += nan.sum()
-        counts[groups[layer]] += torch.bincount(digits, minlength=buckets + 1)[:buckets]
+        counted = digits
+        if settle is not None:
+            tied = settle.tied[starts[layer] : starts[layer + 1]]
+            pending_counts[groups[layer]] += torch.bincount(digits[tied], minlength=buckets + 1)
+            counted = torch.where(tied, buckets, digits)
+        counts[groups[layer]] += torch.bincount(counted, minlength=buckets + 1)[:buckets]
         first_digits.append((keys, digits))
-    fate, kth = decide(counts.to(count_dtype), nans, list(range(len(ks))), first=True)
+    riders = [] if carry is None or not carry.numel() else [carry]
+    pending = None
+    if settle is not None:
+        pending_groups = sorted({groups[layer] for layer in settle.tied_layers})
+        riders += [settle.table, pending_counts[pending_groups, :buckets].reshape(-1)]
+    rows, nan_count, summed = exchange(counts.to(count_dtype), nans, riders)
+    if settle is not None:
+        *summed, table, pending_rows = summed
+        taken, tied_total, tied_taken = settle.take(table)
+        joining = torch.zeros(len(ks), dtype=torch.int64, device=device).index_add_(
+            0, torch.tensor([groups[layer] for layer in settle.tied_layers], device=device),
+            tied_total - tied_taken)
+        pending = (torch.zeros(len(ks), buckets, dtype=torch.int64, device=device).index_copy_(
+            0, torch.tensor(pending_groups, device=device), pending_rows.view(-1, buckets)), joining)
+    fate, kth, values, unsure, ambiguous = decide(
+        rows, nan_count, list(range(len(ks))), True, torch.cat(summed) if summed else None,
+        pending=pending)
+    carried.extend(values)
+    settled: list[torch.Tensor] = []
+    if settle is not None:
+        settled = list((torch.cat(settle.masks) | taken).split(sizes))
+        if ambiguous:  # the tied entries could move a k-th bucket: start again, knowing them
+            again = sharded_topk(
+                shards, ks, groups, all_reduce_sum, rank=rank, world_size=world_size,
+                eligible=[~taken[starts[layer] : starts[layer + 1]] if eligible is None else
+                          eligible[layer].reshape(-1) & ~taken[starts[layer] : starts[layer + 1]]
+                          for layer in range(len(shards))],
+                bits_per_round=bits_per_round, hints=hints)
+            return ShardedSelection(again.masks, sent["bytes"] + again.bytes_sent,
+                                    sent["calls"] + again.all_reduces, again.thresholds, carried,
+                                    settled=settled)
     remaining, prefix = [key_bits - width] * len(ks), list(kth)
     for group, low in enumerate(window_low):
         if low is None:
@@ -483,19 +595,35 @@ def sharded_topk(
             remaining[group], prefix[group] = shift, low + kth[group] - first_fine
         elif kth[group] >= first_fine + 2**width:
             prefix[group] = kth[group] - 2**width - 1
+    # The settled selection's tied entries it took are no candidates; those it left are, and
+    # the groups left unsure learn in the next call how many of them their first round selected.
     fate = torch.cat([fate, torch.zeros(len(ks), 1, dtype=fate.dtype, device=device)], 1)
+    joined_above = torch.zeros(len(ks), dtype=torch.int64, device=device)
     positions, keys, layer_of = [], [], []
     for layer, (layer_keys, digits) in enumerate(first_digits):
         fate_of = fate[groups[layer]][digits]
+        if settle is not None:
+            tied = settle.tied[starts[layer] : starts[layer + 1]]
+            took = taken[starts[layer] : starts[layer + 1]]
+            fate_of = fate_of.masked_fill(took, 0)
+            joined_above[groups[layer]] += (tied & ~took & (fate_of == 1)).sum()
         selected[starts[layer] : starts[layer + 1]] = fate_of == 1
         open_index = (fate_of == 2).nonzero().squeeze(1)
         positions.append(open_index + starts[layer])
         keys.append(layer_keys[open_index])
         layer_of.append(torch.full_like(open_index, layer))
     del first_digits, fate_of
+    # An unsure group has bits left (keys of 32 or 64 bits, digits of at most 16): the next
+    # round carries its correction.
+    correction = joined_above[unsure] if unsure else None
     empty = torch.zeros(0, dtype=torch.int64, device=device)
     positions, keys, layer_of = (torch.cat(parts) if parts else empty for parts in (positions, keys, layer_of))
     layer_group = torch.tensor(groups, dtype=keys.dtype, device=device)
+
+    def need_offset(summed: torch.Tensor) -> torch.Tensor:
+        """The correction summed over the ranks, as an offset per group."""
+        return torch.zeros(len(ks), dtype=torch.int64, device=device).index_copy_(
+            0, torch.tensor(unsure, device=device), summed)
 
     while True:
         # Only groups still searching send a row (every rank knows which: `done` and `remaining`
@@ -514,8 +642,12 @@ def sharded_topk(
                                   width, len(ks), waiting)
         counts = torch.bincount(cells if searching is None else cells[searching],
                                 minlength=len(open_groups) * 2**width)
-        fate, kth = decide(counts.view(-1, 2**width).to(count_dtype),
-                           torch.zeros((), dtype=torch.int64, device=device), open_groups, first=False)
+        rows, nan_count, summed = exchange(counts.view(-1, 2**width).to(count_dtype),
+                                           torch.zeros((), dtype=torch.int64, device=device),
+                                           [] if correction is None else [correction])
+        fate, kth, *_ = decide(rows, nan_count, open_groups, False,
+                               need_offset=None if correction is None else need_offset(summed[0]))
+        correction = None
         for group, digit_value in zip(open_groups, kth):
             prefix[group] = (prefix[group] << digit_bits[group]) | digit_value
         fate_of = fate.reshape(-1)[cells]
@@ -528,29 +660,64 @@ def sharded_topk(
     thresholds = [Threshold(key_bits, prefix[group] << remaining[group])
                   if ks[group] and remaining[group] < key_bits else None for group in range(len(ks))]
     if all(done):
-        return _finished(selected, sizes, sent, thresholds, carried)
+        return _finished(selected, sizes, sent, thresholds, carried, settled)
 
     # Every remaining candidate of an unfinished group has its threshold key; take what the group
-    # still needs by global index. Only the layers of unfinished groups send their counts (every
-    # rank knows which), one per rank: a (tied layers x ranks) table.
-    counts = torch.bincount(layer_of, minlength=len(shards))  # candidates are in layer order
-    tied = [layer for layer, group in enumerate(groups) if not done[group]]
-    table = torch.zeros(len(tied), world_size, dtype=count_dtype, device=device)
-    table[:, rank] = counts[tied]
-    ties = dict(zip(tied, reduce(table.reshape(-1)).view(len(tied), world_size).tolist()))
-    quota, earlier_layers = [], [0] * len(ks)
-    for layer, group in enumerate(groups):
-        if done[group]:
-            quota.append(0)
-            continue
-        before = earlier_layers[group] + sum(ties[layer][:rank])
-        quota.append(max(0, need[group] - before))
-        earlier_layers[group] += sum(ties[layer])
-    first_of_layer = torch.cumsum(counts, 0) - counts
-    order_in_layer = torch.arange(positions.numel(), device=device) - first_of_layer[layer_of]
-    quota_of = torch.tensor(quota, dtype=torch.int64, device=device)[layer_of]
-    selected[positions[order_in_layer < quota_of]] = True
-    return _finished(selected, sizes, sent, thresholds, carried)
+    # still needs by global index: one exchange of the (tied layers x ranks) counts, or, deferred,
+    # none here.
+    ties = _deferred_ties(selected, sizes, positions, layer_of, groups, done, need, rank,
+                          world_size, count_dtype)
+    if defer_ties:
+        return ShardedSelection(ties.masks, sent["bytes"], sent["calls"], thresholds, carried,
+                                deferred=ties)
+    taken_here, _, _ = ties.take(reduce(ties.table))
+    return _finished(selected | taken_here, sizes, sent, thresholds, carried, settled)
+
+
+def _deferred_ties(selected: torch.Tensor, sizes: list[int], positions: torch.Tensor,
+                   layer_of: torch.Tensor, groups: Sequence[int], done: list[bool], need: list[int],
+                   rank: int, world_size: int, count_dtype: torch.dtype) -> DeferredTies:
+    """The tie exchange of the unfinished groups, whose candidates (`positions` in the pieces'
+    concatenation, in layer order, of `layer_of`) all have their threshold key: this rank's
+    (tied layers x ranks) counts, and `take`, the lowest global indices up to what each group
+    still `need`s, in (layer, rank, local index) order, computed on the device."""
+    device = selected.device
+    layers = len(groups)
+    counts = torch.bincount(layer_of, minlength=layers)
+    tied_layers = [layer for layer, group in enumerate(groups) if not done[group]]
+    table = torch.zeros(len(tied_layers), world_size, dtype=count_dtype, device=device)
+    table[:, rank] = counts[tied_layers]
+    tied = torch.zeros_like(selected)
+    tied[positions] = True
+    first_tied_of_group: dict[int, int] = {}
+    for index, layer in enumerate(tied_layers):
+        first_tied_of_group.setdefault(groups[layer], index)
+    first_of_group = torch.tensor([first_tied_of_group[groups[layer]] for layer in tied_layers],
+                                  device=device)
+    need_of = torch.tensor([need[groups[layer]] for layer in tied_layers], device=device)
+    order_in_layer = torch.arange(positions.numel(), device=device) - \
+        (counts.cumsum(0) - counts)[layer_of]
+    tied_index = torch.tensor(tied_layers, device=device)
+
+    def take(summed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        per_rank = summed.view(len(tied_layers), world_size).to(torch.int64)
+        totals = per_rank.sum(1)
+        before = totals.cumsum(0) - totals  # tied entries of earlier tied layers
+        left = (need_of - (before - before[first_of_group])).clamp(min=0)
+        quota = torch.zeros(layers, dtype=torch.int64, device=device).index_copy_(
+            0, tied_index, (left - per_rank[:, :rank].sum(1)).clamp(min=0))
+        flags = torch.zeros_like(selected)
+        flags[positions[order_in_layer < quota[layer_of]]] = True
+        return flags, totals, torch.minimum(totals, left)
+
+    return DeferredTies(list(selected.split(sizes)), tied, tied_layers, table.reshape(-1), take)
+
+
+def _finished(selected: torch.Tensor, sizes: list[int], sent: dict[str, int],
+              thresholds: list[Threshold | None], carried: list[int],
+              settled: list[torch.Tensor]) -> ShardedSelection:
+    return ShardedSelection(list(selected.split(sizes)), sent["bytes"], sent["calls"], thresholds,
+                            carried, settled=settled)
 
 
 def _cells(keys: torch.Tensor, group_of: torch.Tensor, open_groups: list[int],
@@ -595,9 +762,3 @@ def _window_shift(width: int, key_bits: int) -> int:
     that leaves no whole digit above it, the largest multiple that does."""
     shift = width * -(-(key_bits - WINDOW_FIXED_BITS) // width)
     return shift if shift <= key_bits - width else width * ((key_bits - width) // width)
-
-
-def _finished(selected: torch.Tensor, sizes: list[int], sent: dict[str, int],
-              thresholds: list[Threshold | None], carried: list[int]) -> ShardedSelection:
-    return ShardedSelection(list(selected.split(sizes)), sent["bytes"], sent["calls"], thresholds,
-                            carried)
