@@ -180,14 +180,24 @@ def measure_select(shapes: dict[str, tuple[int, ...]], active: dict[str, int],
     masks), twice on one layout: the first update of a run, and the next one, its scores a new
     draw scaled per layer by 2^u, u uniform in [-drift_binades, drift_binades] (each selection
     starts from the thresholds the first found). The all-reduce calls of each, each call as
-    (bytes, whether it is a tie table: the 1-D (tied layers x ranks) table; histograms are 2-D)."""
+    (bytes, bytes of (tied layers x ranks) tie tables in it, which grow with the ranks): the
+    1-D tie exchange, or the drop's table that the grow's first round carries."""
+    import distsparse.sparsity.layout as layout_module
     from distsparse.sparsity.layout import PieceLayout
 
-    calls: list[tuple[int, bool]] = []
+    calls: list[tuple[int, int]] = []
 
     def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-        calls.append((tensor.numel() * tensor.element_size(), tensor.dim() == 1))
+        size = tensor.numel() * tensor.element_size()
+        calls.append((size, size if tensor.dim() == 1 else 0))
         return tensor
+
+    selections = []
+    select = layout_module.sharded_topk
+
+    def recorded(*args, **kwargs):
+        selections.append((len(calls), kwargs.get("settle")))
+        return select(*args, **kwargs)
 
     layout = PieceLayout(shapes, 0, 1, all_reduce_sum, lambda tensor: [tensor])
     generator = torch.Generator().manual_seed(0)
@@ -204,19 +214,28 @@ def measure_select(shapes: dict[str, tuple[int, ...]], active: dict[str, int],
     counts = {name: int(DROP_FRACTION * active[name]) for name in shapes}
     known = layout.active_counts(masks)
     result, seconds = {}, 0.0
-    for update in UPDATES:
-        drifted = dict.fromkeys(shapes, 1.0) if update == "first" else {
-            name: 2 ** (drift_binades * (2 * torch.rand((), generator=generator).item() - 1))
-            for name in shapes}
-        drop, grow = scores(drifted), scores(drifted)
-        calls.clear()
-        start = time.perf_counter()
-        new = layout.drop_and_grow(masks, drop, grow, counts, known)
-        seconds += time.perf_counter() - start
-        result[update] = list(calls)
-        if update == "first":
-            result["estimate_binades"] = estimate_binades(masks, drop, grow, counts, known, 1024)
-        masks.update(new)
+    layout_module.sharded_topk = recorded
+    try:
+        for update in UPDATES:
+            drifted = dict.fromkeys(shapes, 1.0) if update == "first" else {
+                name: 2 ** (drift_binades * (2 * torch.rand((), generator=generator).item() - 1))
+                for name in shapes}
+            drop, grow = scores(drifted), scores(drifted)
+            calls.clear()
+            selections.clear()
+            start = time.perf_counter()
+            new = layout.drop_and_grow(masks, drop, grow, counts, known)
+            seconds += time.perf_counter() - start
+            for first_call, settle in selections:
+                if settle is not None:
+                    size, _ = calls[first_call]
+                    calls[first_call] = (size, settle.table.numel() * settle.table.element_size())
+            result[update] = list(calls)
+            if update == "first":
+                result["estimate_binades"] = estimate_binades(masks, drop, grow, counts, known, 1024)
+            masks.update(new)
+    finally:
+        layout_module.sharded_topk = select
     result["seconds"] = seconds / len(UPDATES)
     return result
 
@@ -274,12 +293,13 @@ def _timings(repeats: int) -> tuple[dict[str, list[float]], dict[int, list[str]]
     return results[0][0], {rank: sockets for rank, (_, sockets) in results.items()}
 
 
-def bytes_at(calls: list[tuple[int, bool]], world: int) -> list[int]:
-    """Each select call's bytes per rank at `world` ranks: tie tables grow with the ranks."""
-    return [size * world if per_rank else size for size, per_rank in calls]
+def bytes_at(calls: list[tuple[int, int]], world: int) -> list[int]:
+    """Each select call's bytes per rank at `world` ranks (measured at one): tie tables grow
+    with the ranks."""
+    return [size + tables * (world - 1) for size, tables in calls]
 
 
-def select_ms(calls: list[tuple[int, bool]], world: int, gbps: int) -> float:
+def select_ms(calls: list[tuple[int, int]], world: int, gbps: int) -> float:
     """Modelled milliseconds of an update's select calls."""
     return sum(nccl_time_us("all_reduce", size, world, gbps) for size in bytes_at(calls, world)) / 1e3
 
@@ -377,13 +397,15 @@ def main(argv: list[str] | None = None) -> int:
         for update in UPDATES:
             calls = select[update]
             smallest, largest = (sum(bytes_at(calls, world)) for world in (WORLDS[0], WORLDS[-1]))
-            ties = sum(per_rank for _, per_rank in calls)
+            ties = sum(1 for _, tables in calls if tables)
+            carried = sum(1 for size, tables in calls if 0 < tables < size)
             worst = select_ms(calls, 1024, 100)
             updates.append(
                 f"{update} update: {len(calls)} all-reduces of {smallest / 1e3:.1f} kB a rank at "
                 f"{WORLDS[0]} GPUs and {largest / 1e3:.1f} kB at 1024 (+{largest / smallest - 1:.1%}"
-                f"; {ties} tie exchange(s) of tied layers x GPUs int32 counts, the only term that "
-                f"grows with the GPUs): flat {'no' if ties else 'yes'}; < 1 ms at 1024 GPUs on "
+                f"; {ties} tie table(s) of tied layers x GPUs int32 counts, {carried} of them "
+                f"carried by the grow's first round: the only term that grows with the GPUs): "
+                f"flat {'no' if ties else 'yes'}; < 1 ms at 1024 GPUs on "
                 f"100 Gb/s {'yes' if worst < 1 else 'no'} ({worst:.2f} ms)")
         offsets = select["estimate_binades"]
         updates[0] += (

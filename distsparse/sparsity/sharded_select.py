@@ -17,7 +17,9 @@ moves no scores or weights:
 3. If all key bits get fixed first, the remaining candidates all equal the threshold key T and
    `need` of them are still missing. Ties break by global index, whose order is (layer, rank, local
    index): one all-reduce of the (tied layers x world_size) tie counts, an exclusive prefix sum over
-   them in that order, and each rank takes its lowest-index ties up to what is left for its piece.
+   them in that order, and each rank takes its lowest-index ties up to what is left for its piece
+   (on the device: no read). A selection followed by another over the same pieces can leave
+   that exchange to the other's first round (`defer_ties`, `settle`: RigL's drop, then its grow).
 
 Across many GPUs a round costs its latency (about 100 us at 1024 GPUs) more than its bytes, so
 the digits are wide: `round_bits` gives each round the widest digit whose histograms fit in
