@@ -180,24 +180,25 @@ def measure_select(shapes: dict[str, tuple[int, ...]], active: dict[str, int],
     masks), twice on one layout: the first update of a run, and the next one, its scores a new
     draw scaled per layer by 2^u, u uniform in [-drift_binades, drift_binades] (each selection
     starts from the thresholds the first found). The all-reduce calls of each, each call as
-    (bytes, bytes of (tied layers x ranks) tie tables in it, which grow with the ranks): the
-    1-D tie exchange, or the drop's table that the grow's first round carries."""
+    (bytes, bytes one rank's column adds to a (tied layers x ranks) tie table in it, which
+    grows with the ranks: `ShardedSelection.tie_bytes`)."""
     import distsparse.sparsity.layout as layout_module
     from distsparse.sparsity.layout import PieceLayout
 
     calls: list[tuple[int, int]] = []
 
     def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-        size = tensor.numel() * tensor.element_size()
-        calls.append((size, size if tensor.dim() == 1 else 0))
+        calls.append((tensor.numel() * tensor.element_size(), 0))
         return tensor
 
     selections = []
     select = layout_module.sharded_topk
 
     def recorded(*args, **kwargs):
-        selections.append((len(calls), kwargs.get("settle")))
-        return select(*args, **kwargs)
+        first_call = len(calls)
+        selection = select(*args, **kwargs)
+        selections.append((first_call, selection.tie_bytes))
+        return selection
 
     layout = PieceLayout(shapes, 0, 1, all_reduce_sum, lambda tensor: [tensor])
     generator = torch.Generator().manual_seed(0)
@@ -226,10 +227,9 @@ def measure_select(shapes: dict[str, tuple[int, ...]], active: dict[str, int],
             start = time.perf_counter()
             new = layout.drop_and_grow(masks, drop, grow, counts, known)
             seconds += time.perf_counter() - start
-            for first_call, settle in selections:
-                if settle is not None:
-                    size, _ = calls[first_call]
-                    calls[first_call] = (size, settle.table.numel() * settle.table.element_size())
+            for first_call, tie_bytes in selections:
+                for call, rank_bytes in tie_bytes.items():
+                    calls[first_call + call] = (calls[first_call + call][0], rank_bytes)
             result[update] = list(calls)
             if update == "first":
                 result["estimate_binades"] = estimate_binades(masks, drop, grow, counts, known, 1024)
@@ -272,6 +272,28 @@ def estimate_binades(masks: dict[str, torch.Tensor], drop: dict[str, torch.Tenso
     return offsets
 
 
+def full_size_ties(terms: dict) -> tuple[int, int, int]:
+    """Layers whose RigL drop, and whose grow, tie at their threshold when drawn at full size
+    (|N(0, 1)| scores, one layer at a time; the scores are i.i.d., so the drop's candidates are
+    `active` draws and the grow's the rest plus the dropped), and the most tied entries in one."""
+    generator = torch.Generator().manual_seed(1)
+    tied, most = [0, 0], 0
+    for name, shape in terms["shapes"].items():
+        numel, active = math.prod(shape), terms["active"][name]
+        count = int(DROP_FRACTION * active)
+        for which, (candidates, k) in enumerate(((active, active - count),
+                                                 (numel - active + count, count))):
+            if not 0 < k < candidates:
+                continue
+            scores = torch.randn(candidates, generator=generator).abs_()
+            threshold = scores.kthvalue(candidates - k + 1).values
+            above, at = int((scores > threshold).sum()), int((scores == threshold).sum())
+            if above + at > k:
+                tied[which] += 1
+                most = max(most, at)
+    return tied[0], tied[1], most
+
+
 def _timings(repeats: int) -> tuple[dict[str, list[float]], dict[int, list[str]]]:
     """Rank 0's medians, and each rank's local socket addresses once its gloo pairs connected."""
     import multiprocessing
@@ -295,7 +317,7 @@ def _timings(repeats: int) -> tuple[dict[str, list[float]], dict[int, list[str]]
 
 def bytes_at(calls: list[tuple[int, int]], world: int) -> list[int]:
     """Each select call's bytes per rank at `world` ranks (measured at one): tie tables grow
-    with the ranks."""
+    by a column a rank."""
     return [size + tables * (world - 1) for size, tables in calls]
 
 
@@ -382,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     models["GPT-2 XL"] = (gpt, measure_select(
         reduced, {name: max(1, gpt["active"][name] // args.gpt_scale) for name in reduced},
         args.drift_binades))
+    drop_tied, grow_tied, most_tied = full_size_ties(gpt)
 
     rows = [row for name, (terms, select) in models.items() for row in _table_rows(name, terms, select)]
     headers = ["model", "GPUs", "Gb/s", "dense grad all-reduce ms/step", "sparse hook ms/step",
@@ -398,12 +421,12 @@ def main(argv: list[str] | None = None) -> int:
             calls = select[update]
             smallest, largest = (sum(bytes_at(calls, world)) for world in (WORLDS[0], WORLDS[-1]))
             ties = sum(1 for _, tables in calls if tables)
-            carried = sum(1 for size, tables in calls if 0 < tables < size)
+            carried = sum(1 for size, tables in calls if tables and size > 4 * tables)
             worst = select_ms(calls, 1024, 100)
             updates.append(
                 f"{update} update: {len(calls)} all-reduces of {smallest / 1e3:.1f} kB a rank at "
                 f"{WORLDS[0]} GPUs and {largest / 1e3:.1f} kB at 1024 (+{largest / smallest - 1:.1%}"
-                f"; {ties} tie table(s) of tied layers x GPUs int32 counts, {carried} of them "
+                f"; {ties} tie table(s) of tied layers x GPUs counts, {carried} of them "
                 f"carried by the grow's first round: the only term that grows with the GPUs): "
                 f"flat {'no' if ties else 'yes'}; < 1 ms at 1024 GPUs on "
                 f"100 Gb/s {'yes' if worst < 1 else 'no'} ({worst:.2f} ms)")
@@ -414,6 +437,16 @@ def main(argv: list[str] | None = None) -> int:
             f"{max(offsets):.2f} binades of the thresholds found: {sum(o < 1 for o in offsets)} "
             f"of the {len(offsets)} layers with a threshold to find (a grow of some, not all, of "
             f"its candidates) within one binade, the window's half-width)")
+        if name == "GPT-2 XL":
+            tie_tables = (drop_tied + grow_tied) * 1024
+            added = nccl_time_us("all_reduce", 50_000 + tie_tables, 1024, 100) - \
+                nccl_time_us("all_reduce", 50_000, 1024, 100)
+            updates[-1] += (
+                f". Ties at full size (each layer's drop and grow scores drawn whole, "
+                f"|N(0, 1)|, one draw): the drop ties in {drop_tied} and the grow in {grow_tied} "
+                f"of the {len(terms['shapes'])} layers, at most {most_tied} tied entries in one "
+                f"(a byte a count): tie tables of {tie_tables / 1e3:.1f} kB a rank at 1024 GPUs, "
+                f"which add {added:.0f} us to a 50 kB call there")
         ratio = terms["hook_entries"] / terms["total"]
         unmasked = terms["total"] - terms["masked"]
         goals.append(
@@ -442,7 +475,8 @@ def main(argv: list[str] | None = None) -> int:
         "The model ignores NVLink inside a node (every hop crosses the network), LL128, "
         "congestion and the overlap of the gradient all-reduce with the backward pass; "
         f"GPT-2 XL's select ran on all its layers at 1/{args.gpt_scale} of their size (the same "
-        "histogram rows; a round fewer may be needed than at full size).\n\n"
+        "histogram rows; a round fewer may be needed than at full size, and fewer layers tie: "
+        "their full-size ties are counted apart).\n\n"
         f"![scale model]({FIGURE.name})\n")
     print(notes)
     if not args.no_record:

@@ -228,17 +228,23 @@ def test_ties_across_layers_and_ranks_follow_global_index():
     assert torch.equal(union, torch.arange(TOTAL) < 30)
     # float32 keys have 32 bits, in digits as wide as 123 elements call for (their 7 bits and
     # SPARE_BITS, under the 14 bits one group's histogram may have); all 32 bits get fixed, then
-    # one exchange of the tie counts.
+    # one exchange of the tie counts: 123 tied entries, so a byte per tied layer and rank.
     width = TOTAL.bit_length() + SPARE_BITS
     assert ROUND_COUNTS == 2**14 and round_bits(1, 32) == 14 and round_bits(1, 32, TOTAL) == width == 9
     widths = [width, width, width, 32 - 3 * width]
     assert results[0].all_reduces == len(widths) + 1
-    assert results[0].bytes_sent == sum(map(_row_bytes, widths)) + len(NUMELS) * 4 * 4
+    assert results[0].bytes_sent == sum(map(_row_bytes, widths)) + len(NUMELS) * 4
+    assert results[0].tie_bytes == {len(widths): len(NUMELS)}
     # Fixed 8-bit digits: four rounds for 32-bit keys, eight for float64 scores.
     for dtype, rounds in ((torch.float32, 4), (torch.float64, 8)):
         results = _assert_matches_single_process(_layers("equal", dtype, seed=0), 30, 4, bits_per_round=8)
         assert results[0].all_reduces == rounds + 1
-        assert results[0].bytes_sent == rounds * _row_bytes(8) + len(NUMELS) * 4 * 4
+        assert results[0].bytes_sent == rounds * _row_bytes(8) + len(NUMELS) * 4
+    # 300 tied entries do not fit a byte: int32 counts, 3 ranks each 4 bytes a tied layer.
+    results = _assert_matches_single_process([torch.full((300,), 0.5), torch.full((7,), 0.5)], 100, 3,
+                                             bits_per_round=8)
+    assert results[0].all_reduces == 5 and results[0].tie_bytes == {4: 2 * 4}
+    assert results[0].bytes_sent == 4 * _row_bytes(8) + 2 * 3 * 4
 
 
 def test_distinct_threshold_stops_before_the_tie_exchange():
@@ -457,7 +463,8 @@ def test_layer_topk_shares_each_round_between_layers():
     widths = [9, 9, 9, 5]
     assert results[0].all_reduces == len(widths) + 1
     rows = len(NUMELS) * _row_bytes(widths[0]) + sum((len(NUMELS) - 1) * _row_bytes(w) for w in widths[1:])
-    assert results[0].bytes_sent == rows + (len(NUMELS) - 1) * 3 * 4  # no tie row for k = 0
+    # No tie row for k = 0; a byte per tied layer and rank, 3 ranks in one 4-byte word.
+    assert results[0].bytes_sent == rows + (len(NUMELS) - 1) * 4
     for layer, k in enumerate(ks):
         assert torch.equal(torch.cat([r.masks[layer] for r in results]),
                            torch.arange(NUMELS[layer]) < k)
@@ -751,3 +758,27 @@ def test_rigl_update_carries_its_drops_tie_exchange_in_the_grows_first_round(wor
         assert len(calls) == drop_calls + grow_calls - 2, (drop_calls, grow_calls, calls)
     for name in names:
         assert torch.equal(torch.cat([new[name] for new, _ in results]), expected[name]), name
+
+
+def test_tie_counts_share_a_word_four_ranks_a_word_even_with_the_top_bit_set():
+    # 4 ranks, one layer of 1,000: ranks 0-2 hold distinct scores above 0.5, rank 3 holds 200
+    # scores of 0.5 (all active) and 50 inactive entries. The drop keeps 800: 50 of the 200
+    # tied, which fit a byte, so rank 3 writes 200 into the top byte of the table's word (an
+    # int32 with its sign bit set). Alone or carried by the grow's first round, in int32 or
+    # summed in int64 (the counts of models of 2^31 elements or more), the masks are exact.
+    scores = torch.cat([1 + torch.arange(750) / 1000, torch.full((250,), 0.5)])
+    mask = torch.ones(1000, dtype=torch.bool)
+    mask[950:] = False
+    grow = torch.randn(1000, generator=torch.Generator().manual_seed(3)).abs()
+    _assert_drop_then_grow_exact([scores], [grow], [mask], [150], 4)
+    deferred = _run_ranks(4, lambda rank, all_reduce_sum: sharded_topk(
+        _pieces([scores], rank, 4), [800], [0], all_reduce_sum, rank=rank, world_size=4,
+        eligible=_local([mask], rank, 4), defer_ties=True).deferred)
+    assert all(ties.rank_bytes == 1 and ties.table.dtype == torch.int32 for ties in deferred)
+    summed = sum(ties.table for ties in deferred)
+    assert summed.tolist() == [(200 << 24) - 2**32]  # bytes 0, 0, 0, 200: a negative int32
+    for ties in deferred:
+        for total in (summed, summed.to(torch.int64)):
+            taken, tied, took = ties.take(total)
+            assert tied.tolist() == [200] and took.tolist() == [50]
+            assert int(taken.sum()) == (50 if ties is deferred[3] else 0)

@@ -16,10 +16,11 @@ moves no scores or weights:
    once the bucket holds exactly the entries still needed.
 3. If all key bits get fixed first, the remaining candidates all equal the threshold key T and
    `need` of them are still missing. Ties break by global index, whose order is (layer, rank, local
-   index): one all-reduce of the (tied layers x world_size) tie counts, an exclusive prefix sum over
-   them in that order, and each rank takes its lowest-index ties up to what is left for its piece
-   (on the device: no read). A selection followed by another over the same pieces can leave
-   that exchange to the other's first round (`defer_ties`, `settle`: RigL's drop, then its grow).
+   index): one all-reduce of the (tied layers x world_size) tie counts (a byte each where they
+   fit), an exclusive prefix sum over them in that order, and each rank takes its lowest-index
+   ties up to what is left for its piece (on the device: no read). A selection followed by
+   another over the same pieces can leave that exchange to the other's first round
+   (`defer_ties`, `settle`: RigL's drop, then its grow).
 
 Across many GPUs a round costs its latency (about 100 us at 1024 GPUs) more than its bytes, so
 the digits are wide: `round_bits` gives each round the widest digit whose histograms fit in
@@ -134,6 +135,9 @@ class ShardedSelection:
     carried: list[int]  # `carry` summed over the ranks (empty without one)
     deferred: DeferredTies | None = None  # `defer_ties`: the tie exchange left to a later selection
     settled: list[torch.Tensor] = field(default_factory=list)  # `settle`: that selection's masks
+    tie_bytes: dict[int, int] = field(default_factory=dict)
+    """Calls (numbered from 0) that carried a tie table: the bytes one rank's column adds to it,
+    the part of `bytes_sent` that grows with the ranks."""
 
 
 @dataclass(frozen=True)
@@ -142,14 +146,16 @@ class DeferredTies:
     (`sharded_topk(..., defer_ties=True)`, then `settle=`).
 
     `masks` are the selection's masks without its tied entries (flagged in `tied`, over the
-    concatenation of the pieces), `table` this rank's (tied layers x ranks) counts, and `take`
-    turns the table summed over the ranks into the tied entries this rank takes, and per tied
-    layer its tied entries and how many of them all ranks take."""
+    concatenation of the pieces), `table` this rank's (tied layers x ranks) counts, each rank's
+    column `rank_bytes` long, and `take` turns the table summed over the ranks into the tied
+    entries this rank takes, and per tied layer its tied entries and how many of them all ranks
+    take."""
 
     masks: list[torch.Tensor]
     tied: torch.Tensor
     tied_layers: list[int]
     table: torch.Tensor
+    rank_bytes: int
     take: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
@@ -403,6 +409,7 @@ def sharded_topk(
     # Counts up to the model's size: int32 histograms (half the bytes) when they cannot overflow.
     count_dtype = torch.int32 if sum(piece.numel for piece in shards) < 2**31 else torch.int64
     need, done = list(ks), [False] * len(ks)
+    bucket_size = [0] * len(ks)  # candidates of each group's k-th bucket, as of its last round
     carried: list[int] = []
 
     def exchange(counts: torch.Tensor, nans: torch.Tensor,
@@ -489,6 +496,7 @@ def sharded_topk(
             need[group] -= above_count if live[-1] else 0
             kth.append(digit_value)
             complete = need[group] == in_count and not unsure_of
+            bucket_size[group] = in_count
             at_kth.append(1 if complete else 2)
             done[group] = not live[-1] or complete
             unsure_groups += [group] if unsure_of and live[-1] else []
@@ -585,9 +593,10 @@ def sharded_topk(
                           eligible[layer].reshape(-1) & ~taken[starts[layer] : starts[layer + 1]]
                           for layer in range(len(shards))],
                 bits_per_round=bits_per_round, hints=hints)
-            return ShardedSelection(again.masks, sent["bytes"] + again.bytes_sent,
-                                    sent["calls"] + again.all_reduces, again.thresholds, carried,
-                                    settled=settled)
+            return ShardedSelection(
+                again.masks, sent["bytes"] + again.bytes_sent, sent["calls"] + again.all_reduces,
+                again.thresholds, carried, settled=settled, tie_bytes={0: settle.rank_bytes} | {
+                    call + sent["calls"]: size for call, size in again.tie_bytes.items()})
     remaining, prefix = [key_bits - width] * len(ks), list(kth)
     for group, low in enumerate(window_low):
         if low is None:
@@ -661,34 +670,48 @@ def sharded_topk(
         positions, keys, layer_of = positions[keep], keys[keep], layer_of[keep]
     thresholds = [Threshold(key_bits, prefix[group] << remaining[group])
                   if ks[group] and remaining[group] < key_bits else None for group in range(len(ks))]
+    tie_bytes = {} if settle is None else {0: settle.rank_bytes}
     if all(done):
-        return _finished(selected, sizes, sent, thresholds, carried, settled)
+        return _finished(selected, sizes, sent, thresholds, carried, settled, tie_bytes)
 
     # Every remaining candidate of an unfinished group has its threshold key; take what the group
     # still needs by global index: one exchange of the (tied layers x ranks) counts, or, deferred,
     # none here.
     ties = _deferred_ties(selected, sizes, positions, layer_of, groups, done, need, rank,
-                          world_size, count_dtype)
+                          world_size, count_dtype,
+                          max(bucket_size[group] for group in range(len(ks)) if not done[group]))
     if defer_ties:
         return ShardedSelection(ties.masks, sent["bytes"], sent["calls"], thresholds, carried,
-                                deferred=ties)
+                                deferred=ties, tie_bytes=tie_bytes)
     taken_here, _, _ = ties.take(reduce(ties.table))
-    return _finished(selected | taken_here, sizes, sent, thresholds, carried, settled)
+    tie_bytes[sent["calls"] - 1] = ties.rank_bytes
+    return _finished(selected | taken_here, sizes, sent, thresholds, carried, settled, tie_bytes)
 
 
 def _deferred_ties(selected: torch.Tensor, sizes: list[int], positions: torch.Tensor,
                    layer_of: torch.Tensor, groups: Sequence[int], done: list[bool], need: list[int],
-                   rank: int, world_size: int, count_dtype: torch.dtype) -> DeferredTies:
+                   rank: int, world_size: int, count_dtype: torch.dtype,
+                   most_tied: int) -> DeferredTies:
     """The tie exchange of the unfinished groups, whose candidates (`positions` in the pieces'
-    concatenation, in layer order, of `layer_of`) all have their threshold key: this rank's
-    (tied layers x ranks) counts, and `take`, the lowest global indices up to what each group
-    still `need`s, in (layer, rank, local index) order, computed on the device."""
+    concatenation, in layer order, of `layer_of`) all have their threshold key, at most
+    `most_tied` in a group: this rank's (tied layers x ranks) counts, and `take`, the lowest
+    global indices up to what each group still `need`s, in (layer, rank, local index) order,
+    computed on the device.
+
+    Where no group has more than 255 tied entries (the usual few), a count fits a byte and four
+    ranks' bytes share an int32 word: each rank writes only its own byte, so the sum over the
+    ranks is their bytes side by side, with no carry (1 byte per tied layer per rank, not 4).
+    """
     device = selected.device
     layers = len(groups)
     counts = torch.bincount(layer_of, minlength=layers)
     tied_layers = [layer for layer, group in enumerate(groups) if not done[group]]
-    table = torch.zeros(len(tied_layers), world_size, dtype=count_dtype, device=device)
-    table[:, rank] = counts[tied_layers]
+    packed = most_tied <= 255
+    columns = -(-world_size // 4) * 4 if packed else world_size
+    cells = torch.zeros(len(tied_layers), columns, dtype=torch.uint8 if packed else count_dtype,
+                        device=device)
+    cells[:, rank] = counts[tied_layers].to(cells.dtype)
+    table = cells.view(torch.int32) if packed else cells
     tied = torch.zeros_like(selected)
     tied[positions] = True
     first_tied_of_group: dict[int, int] = {}
@@ -702,7 +725,9 @@ def _deferred_ties(selected: torch.Tensor, sizes: list[int], positions: torch.Te
     tied_index = torch.tensor(tied_layers, device=device)
 
     def take(summed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        per_rank = summed.view(len(tied_layers), world_size).to(torch.int64)
+        if packed:  # a sum in a wider integer type keeps its low 32 bits: the words
+            summed = summed.to(torch.int32).view(torch.uint8)
+        per_rank = summed.view(len(tied_layers), columns)[:, :world_size].to(torch.int64)
         totals = per_rank.sum(1)
         before = totals.cumsum(0) - totals  # tied entries of earlier tied layers
         left = (need_of - (before - before[first_of_group])).clamp(min=0)
@@ -712,14 +737,15 @@ def _deferred_ties(selected: torch.Tensor, sizes: list[int], positions: torch.Te
         flags[positions[order_in_layer < quota[layer_of]]] = True
         return flags, totals, torch.minimum(totals, left)
 
-    return DeferredTies(list(selected.split(sizes)), tied, tied_layers, table.reshape(-1), take)
+    return DeferredTies(list(selected.split(sizes)), tied, tied_layers, table.reshape(-1),
+                        len(tied_layers) * cells.element_size(), take)
 
 
 def _finished(selected: torch.Tensor, sizes: list[int], sent: dict[str, int],
               thresholds: list[Threshold | None], carried: list[int],
-              settled: list[torch.Tensor]) -> ShardedSelection:
+              settled: list[torch.Tensor], tie_bytes: dict[int, int]) -> ShardedSelection:
     return ShardedSelection(list(selected.split(sizes)), sent["bytes"], sent["calls"], thresholds,
-                            carried, settled=settled)
+                            carried, settled=settled, tie_bytes=tie_bytes)
 
 
 def _cells(keys: torch.Tensor, group_of: torch.Tensor, open_groups: list[int],
