@@ -595,33 +595,25 @@ def test_a_carry_travels_with_the_first_round_and_changes_nothing_else():
         sharded_topk([], [], [], lambda t: None, rank=0, world_size=1, carry=torch.ones(2))
 
 
-@pytest.mark.parametrize("world", [4, 16])
-def test_rigl_grow_starts_from_the_estimates_its_drop_carried(world):
-    # RigL's update on pieces: 40 layers of 1,024-8,192 |N(0, 1)| scores at 10 % density, 30 %
-    # swapped (8-bit digits for 40 groups; at 16 ranks a piece holds 64 to 512 scores). Cold, the
-    # drop and the grow each take 3 rounds here (8 bits, 8, then wider digits for the groups
-    # left). The grow starts from the ranks' estimates of its thresholds, which the drop's first
-    # round carried (no call of its own): its window of 256 buckets of 2^16 keys holds each
-    # threshold and fixes 16 bits, and it takes one round fewer. Masks: those of the full
-    # tensors, with every rank's calls the same.
+def _rigl_case(seed: int, drop_step: float | None = None):
+    """RigL's update: 40 layers of 1,024-8,192 elements at 10 % density, |N(0, 1)| drop and grow
+    scores (the drop's rounded to multiples of `drop_step` if given), 30 % swapped: shapes,
+    masks, drop, grow, active counts, swap counts."""
     shapes = {f"l{i}": (1_024 * (1 + i % 8),) for i in range(40)}
-    names = list(shapes)
-    gen = torch.Generator().manual_seed(7)
+    gen = torch.Generator().manual_seed(seed)
     masks = {name: torch.rand(shape, generator=gen) < 0.1 for name, shape in shapes.items()}
     drop, grow = ({name: torch.randn(shape, generator=gen).abs() for name, shape in shapes.items()}
                   for _ in range(2))
+    if drop_step is not None:
+        drop = {name: (scores / drop_step).round() * drop_step for name, scores in drop.items()}
     active = {name: int(mask.sum()) for name, mask in masks.items()}
     counts = {name: int(0.3 * count) for name, count in active.items()}
-    expected = FullLayout(shapes).drop_and_grow(masks, drop, grow, counts, active)
-    kept = {name: topk_mask(drop[name], active[name] - counts[name], masks[name]) for name in names}
+    return shapes, masks, drop, grow, active, counts
 
-    def cold(scores, ks, eligible):
-        full = [scores[name] for name in names]
-        return _hinted(full, [ks[name] for name in names], list(range(len(names))), world, None,
-                       [eligible[name] for name in names])[0].all_reduces
 
-    drop_rounds = cold(drop, {name: active[name] - counts[name] for name in names}, masks)
-    grow_rounds = cold(grow, counts, {name: ~kept[name] for name in names})
+def _layout_updates(shapes, masks, drop, grow, counts, active, world):
+    """`PieceLayout.drop_and_grow` on every rank's pieces of the full tensors, in threads: per
+    rank the new masks and the element counts of its all-reduce calls."""
 
     def update(rank, all_reduce_sum):
         calls = []
@@ -635,7 +627,32 @@ def test_rigl_grow_starts_from_the_estimates_its_drop_carried(world):
                   for scores in (masks, drop, grow)]
         return layout.drop_and_grow(*pieces, counts, active), calls
 
-    results = _run_ranks(world, update)
+    return _run_ranks(world, update)
+
+
+@pytest.mark.parametrize("world", [4, 16])
+def test_rigl_grow_starts_from_the_estimates_its_drop_carried(world):
+    # RigL's update on pieces: 40 layers of 1,024-8,192 |N(0, 1)| scores at 10 % density, 30 %
+    # swapped (8-bit digits for 40 groups; at 16 ranks a piece holds 64 to 512 scores). Cold, the
+    # drop and the grow each take 3 rounds here (8 bits, 8, then wider digits for the groups
+    # left). The grow starts from the ranks' estimates of its thresholds, which the drop's first
+    # round carried (no call of its own): its window of 256 buckets of 2^16 keys holds each
+    # threshold and fixes 16 bits, and it takes one round fewer. Masks: those of the full
+    # tensors, with every rank's calls the same.
+    shapes, masks, drop, grow, active, counts = _rigl_case(seed=7)
+    names = list(shapes)
+    expected = FullLayout(shapes).drop_and_grow(masks, drop, grow, counts, active)
+    kept = {name: topk_mask(drop[name], active[name] - counts[name], masks[name]) for name in names}
+
+    def cold(scores, ks, eligible):
+        full = [scores[name] for name in names]
+        return _hinted(full, [ks[name] for name in names], list(range(len(names))), world, None,
+                       [eligible[name] for name in names])[0].all_reduces
+
+    drop_rounds = cold(drop, {name: active[name] - counts[name] for name in names}, masks)
+    grow_rounds = cold(grow, counts, {name: ~kept[name] for name in names})
+
+    results = _layout_updates(shapes, masks, drop, grow, counts, active, world)
     assert round_bits(len(names), 32, 8_192) == 8 and drop_rounds == grow_rounds == 3
     for new, calls in results:
         assert calls == results[0][1]
@@ -713,15 +730,8 @@ def test_rigl_update_carries_its_drops_tie_exchange_in_the_grows_first_round(wor
     # exchange. In the update the grow's first round carries that exchange, and the drop's
     # first round the grow's estimates: two calls fewer than the two cold selections, the
     # same on every rank, and the masks of the full tensors.
-    shapes = {f"l{i}": (1_024 * (1 + i % 8),) for i in range(40)}
+    shapes, masks, drop, grow, active, counts = _rigl_case(seed=8, drop_step=2**-8)
     names = list(shapes)
-    gen = torch.Generator().manual_seed(8)
-    masks = {name: torch.rand(shape, generator=gen) < 0.1 for name, shape in shapes.items()}
-    drop = {name: (torch.randn(shape, generator=gen).abs() * 256).round() / 256
-            for name, shape in shapes.items()}
-    grow = {name: torch.randn(shape, generator=gen).abs() for name, shape in shapes.items()}
-    active = {name: int(mask.sum()) for name, mask in masks.items()}
-    counts = {name: int(0.3 * count) for name, count in active.items()}
     expected = FullLayout(shapes).drop_and_grow(masks, drop, grow, counts, active)
     keeps = [active[name] - counts[name] for name in names]
     kept = {name: topk_mask(drop[name], active[name] - counts[name], masks[name]) for name in names}
@@ -738,19 +748,7 @@ def test_rigl_update_carries_its_drops_tie_exchange_in_the_grows_first_round(wor
     grow_calls = cold(grow, [counts[name] for name in names],
                       {name: ~kept[name] for name in names}).all_reduces
 
-    def update(rank, all_reduce_sum):
-        calls = []
-
-        def counted(tensor):
-            calls.append(tensor.numel())
-            all_reduce_sum(tensor)
-
-        layout = PieceLayout(shapes, rank, world, counted, None)
-        pieces = [{name: layout.piece(name, value) for name, value in scores.items()}
-                  for scores in (masks, drop, grow)]
-        return layout.drop_and_grow(*pieces, counts, active), calls
-
-    results = _run_ranks(world, update)
+    results = _layout_updates(shapes, masks, drop, grow, counts, active, world)
     assert deferred.deferred is not None and len(deferred.deferred.tied_layers) >= 5
     assert deferred.all_reduces == drop_calls - 1
     for new, calls in results:
