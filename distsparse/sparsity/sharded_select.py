@@ -677,9 +677,9 @@ def sharded_topk(
     # Every remaining candidate of an unfinished group has its threshold key; take what the group
     # still needs by global index: one exchange of the (tied layers x ranks) counts, or, deferred,
     # none here.
-    ties = _deferred_ties(selected, sizes, positions, layer_of, groups, done, need, rank,
-                          world_size, count_dtype,
-                          max(bucket_size[group] for group in range(len(ks)) if not done[group]))
+    ties = _tie_exchange(selected, sizes, positions, layer_of, groups, done, need, rank,
+                         world_size, count_dtype,
+                         max(bucket_size[group] for group in range(len(ks)) if not done[group]))
     if defer_ties:
         return ShardedSelection(ties.masks, sent["bytes"], sent["calls"], thresholds, carried,
                                 deferred=ties, tie_bytes=tie_bytes)
@@ -688,7 +688,7 @@ def sharded_topk(
     return _finished(selected | taken_here, sizes, sent, thresholds, carried, settled, tie_bytes)
 
 
-def _deferred_ties(selected: torch.Tensor, sizes: list[int], positions: torch.Tensor,
+def _tie_exchange(selected: torch.Tensor, sizes: list[int], positions: torch.Tensor,
                    layer_of: torch.Tensor, groups: Sequence[int], done: list[bool], need: list[int],
                    rank: int, world_size: int, count_dtype: torch.dtype,
                    most_tied: int) -> DeferredTies:
