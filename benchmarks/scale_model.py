@@ -15,8 +15,9 @@ the fastest of ring and tree, LL and Simple, as NCCL's tuner picks. One GPU per 
 come from distsparse's own code: `PieceLayout.drop_and_grow` (RigL's update on FSDP2/ZeRO-3
 pieces) runs on the real layer shapes with a recording all-reduce, giving its calls and bytes;
 each grow selection starts from the ranks' estimates of its thresholds, carried by the drop's
-first round, and each drop of the next update from the thresholds of the first (`sharded_topk`'s
-hints), its scores a new draw with each layer's scale moved by up to `--drift-binades`;
+first round (emulated: each layer split into as many pieces as the GPUs would hold, at most as
+many as leave a piece its full-size size at 1024 GPUs), and each drop of the next update from
+the thresholds of the first (`sharded_topk`'s hints), its scores a new draw with each layer's scale moved by up to `--drift-binades`;
 the sparse-gradient hook's bytes are the active entries of ERK masks plus every unmasked
 parameter (what `distributed/comm_hook.py` packs). Compared: the dense gradient all-reduce, the
 hook, the sharded select, and all-reducing (rigl-torch, sparsimony) or all-gathering the drop
@@ -174,14 +175,15 @@ UPDATES = ("first", "next")
 
 
 def measure_select(shapes: dict[str, tuple[int, ...]], active: dict[str, int],
-                   drift_binades: float) -> dict:
+                   drift_binades: float, estimate_ranks: int) -> dict:
     """RigL's drop-and-grow on pieces (world size 1: the histograms and rounds are global),
     |N(0, 1)| scores, with the active counts known as in training (the previous update made the
     masks), twice on one layout: the first update of a run, and the next one, its scores a new
-    draw scaled per layer by 2^u, u uniform in [-drift_binades, drift_binades] (each selection
-    starts from the thresholds the first found). The all-reduce calls of each, each call as
-    (bytes, bytes one rank's column adds to a (tied layers x ranks) tie table in it, which
-    grows with the ranks: `ShardedSelection.tie_bytes`)."""
+    draw scaled per layer by 2^u, u uniform in [-drift_binades, drift_binades] (each drop starts
+    from the thresholds the first found). The grow's threshold estimates are those
+    `estimate_ranks` ranks would agree on (`emulated_estimates`). The all-reduce calls of each,
+    each call as (bytes, bytes one rank's column adds to a (tied layers x ranks) tie table in
+    it, which grows with the ranks: `ShardedSelection.tie_bytes`)."""
     import distsparse.sparsity.layout as layout_module
     from distsparse.sparsity.layout import PieceLayout
 
@@ -216,6 +218,8 @@ def measure_select(shapes: dict[str, tuple[int, ...]], active: dict[str, int],
     known = layout.active_counts(masks)
     result, seconds = {}, 0.0
     layout_module.sharded_topk = recorded
+    estimates = layout_module.threshold_estimates
+    layout_module.threshold_estimates = emulated_estimates(estimate_ranks)
     try:
         for update in UPDATES:
             drifted = dict.fromkeys(shapes, 1.0) if update == "first" else {
@@ -231,45 +235,30 @@ def measure_select(shapes: dict[str, tuple[int, ...]], active: dict[str, int],
                 for call, rank_bytes in tie_bytes.items():
                     calls[first_call + call] = (calls[first_call + call][0], rank_bytes)
             result[update] = list(calls)
-            if update == "first":
-                result["estimate_binades"] = estimate_binades(masks, drop, grow, counts, known, 1024)
             masks.update(new)
     finally:
         layout_module.sharded_topk = select
+        layout_module.threshold_estimates = estimates
     result["seconds"] = seconds / len(UPDATES)
     return result
 
 
-def estimate_binades(masks: dict[str, torch.Tensor], drop: dict[str, torch.Tensor],
-                     grow: dict[str, torch.Tensor], counts: dict[str, int],
-                     active: dict[str, int], world: int) -> list[float]:
-    """Per layer whose grow has a threshold to find, binades between it and the hint `world`
-    ranks would agree on (the mean of `threshold_estimates` over the layer's `world` pieces),
-    where the world-1 layout estimated from whole layers."""
-    from distsparse.sparsity.select import topk_mask
-    from distsparse.sparsity.sharded_select import (
-        estimated_hints,
-        threshold_estimates,
-        zero3_partition,
-    )
+def emulated_estimates(ranks: int):
+    """`threshold_estimates` for a layout of whole layers, as `ranks` ranks would sum them: each
+    layer split into `ranks` ZeRO-3 pieces, each piece's estimates taken as its rank would."""
+    from distsparse.sparsity.sharded_select import threshold_estimates, zero3_partition
 
-    offsets = []
-    for name, scores in grow.items():
-        if not counts[name]:  # not swapped: no grow selection
-            continue
-        eligible = ~topk_mask(drop[name], active[name] - counts[name], masks[name])
-        threshold = scores[eligible].kthvalue(int(eligible.sum()) - counts[name] + 1).values
-        fraction = counts[name] / (scores.numel() - active[name] + counts[name])
-        pieces = [slice(*zero3_partition(scores.numel(), rank, world)) for rank in range(world)]
-        estimates = threshold_estimates([scores[piece] for piece in pieces],
-                                        [~masks[name][piece] for piece in pieces],
-                                        [fraction] * world, 32).view(2, world).sum(1)
-        hint, = estimated_hints(estimates.tolist(), 32)
-        if hint is None:  # the grow takes every candidate: no threshold
-            continue
-        value = torch.tensor([hint.key & 0x7FFFFFFF], dtype=torch.int32).view(torch.float32)
-        offsets.append(abs(math.log2(value.item() / threshold.item())))
-    return offsets
+    def estimates(scores, eligible, fractions, key_bits, world_size=1):
+        total = 0
+        for rank in range(ranks):
+            pieces = [slice(*zero3_partition(layer.numel(), rank, ranks)) for layer in scores]
+            total = total + threshold_estimates(
+                [layer[piece] for layer, piece in zip(scores, pieces)],
+                [allowed[piece] for allowed, piece in zip(eligible, pieces)], fractions, key_bits,
+                ranks)
+        return total
+
+    return estimates
 
 
 def full_size_ties(terms: dict) -> tuple[int, int, int]:
@@ -333,9 +322,10 @@ def _table_rows(name: str, terms: dict, select: dict) -> list[list[str]]:
     rows = []
     for world in WORLDS:
         for gbps in LINKS_GBPS:
+            calls = select[world]
             selects = [cell for update in UPDATES for cell in (
-                f"{len(select[update])} / {sum(bytes_at(select[update], world)) / 1e3:.1f}",
-                f"{select_ms(select[update], world, gbps):.3f}")]
+                f"{len(calls[update])} / {sum(bytes_at(calls[update], world)) / 1e3:.1f}",
+                f"{select_ms(calls[update], world, gbps):.3f}")]
             rows.append([
                 name, world, gbps,
                 f"{nccl_time_us('all_reduce', dense, world, gbps) / 1e3:.2f}",
@@ -362,7 +352,7 @@ def _plot(times: dict, fits: dict, models: dict) -> None:
     left.legend()
     for name, (terms, select) in models.items():
         for update, style in zip(UPDATES, ("o-", "o:")):
-            right.semilogy(WORLDS, [select_ms(select[update], w, 100) for w in WORLDS], style,
+            right.semilogy(WORLDS, [select_ms(select[w][update], w, 100) for w in WORLDS], style,
                            label=f"{name}: sharded select, {update} update")
         right.semilogy(WORLDS, [nccl_time_us("all_reduce", 8 * terms["masked"], w, 100) / 1e3
                                 for w in WORLDS], "s--", label=f"{name}: all-reduce scores")
@@ -395,15 +385,19 @@ def main(argv: list[str] | None = None) -> int:
                        f"{residual[kind][0]:.0%}, at {residual[kind][1]:,} B)" for kind in fits)
     bound = ", ".join(f"rank {rank}: {' '.join(found)}" for rank, found in sockets.items())
 
-    models = {}
-    resnet = model_terms(_resnet50())
-    models["ResNet-50"] = (resnet, measure_select(resnet["shapes"], resnet["active"],
-                                                  args.drift_binades))
-    gpt = model_terms(_gpt2_xl())
-    reduced = {name: (max(1, math.prod(shape) // args.gpt_scale),) for name, shape in gpt["shapes"].items()}
-    models["GPT-2 XL"] = (gpt, measure_select(
-        reduced, {name: max(1, gpt["active"][name] // args.gpt_scale) for name in reduced},
-        args.drift_binades))
+    models, estimate_ranks = {}, {}
+    for name, build, scale in (("ResNet-50", _resnet50, 1), ("GPT-2 XL", _gpt2_xl, args.gpt_scale)):
+        terms = model_terms(build())
+        shapes = {layer: (max(1, math.prod(shape) // scale),) for layer, shape in terms["shapes"].items()}
+        active = {layer: max(1, terms["active"][layer] // scale) for layer in shapes}
+        # At 1/scale of the size, ranks' pieces as large as at full size on 1024 GPUs: at most
+        # 1024 / scale ranks (fewer estimates in the mean: a wider bracket than 1024 GPUs').
+        estimate_ranks[name] = {world: min(world, max(1, WORLDS[-1] // scale)) for world in WORLDS}
+        measured_at = {ranks: measure_select(shapes, active, args.drift_binades, ranks)
+                       for ranks in sorted(set(estimate_ranks[name].values()))}
+        models[name] = (terms, {world: measured_at[ranks]
+                                for world, ranks in estimate_ranks[name].items()})
+    gpt = models["GPT-2 XL"][0]
     drop_tied, grow_tied, most_tied = full_size_ties(gpt)
 
     rows = [row for name, (terms, select) in models.items() for row in _table_rows(name, terms, select)]
@@ -418,25 +412,23 @@ def main(argv: list[str] | None = None) -> int:
     for name, (terms, select) in models.items():
         updates = []
         for update in UPDATES:
-            calls = select[update]
-            smallest, largest = (sum(bytes_at(calls, world)) for world in (WORLDS[0], WORLDS[-1]))
-            ties = sum(1 for _, tables in calls if tables)
-            carried = sum(1 for size, tables in calls if tables and size > 4 * tables)
-            worst = select_ms(calls, 1024, 100)
+            fewest, most = select[WORLDS[0]][update], select[WORLDS[-1]][update]
+            smallest, largest = sum(bytes_at(fewest, WORLDS[0])), sum(bytes_at(most, WORLDS[-1]))
+            ties = sum(1 for _, tables in most if tables)
+            carried = sum(1 for size, tables in most if tables and size > 4 * tables)
+            worst = select_ms(most, 1024, 100)
             updates.append(
-                f"{update} update: {len(calls)} all-reduces of {smallest / 1e3:.1f} kB a rank at "
-                f"{WORLDS[0]} GPUs and {largest / 1e3:.1f} kB at 1024 (+{largest / smallest - 1:.1%}"
-                f"; {ties} tie table(s) of tied layers x GPUs counts, {carried} of them "
-                f"carried by the grow's first round: the only term that grows with the GPUs): "
-                f"flat {'no' if ties else 'yes'}; < 1 ms at 1024 GPUs on "
+                f"{update} update: {len(fewest)} all-reduces of {smallest / 1e3:.1f} kB a rank at "
+                f"{WORLDS[0]} GPUs and {len(most)} of {largest / 1e3:.1f} kB at 1024 "
+                f"({largest / smallest - 1:+.1%}; {ties} tie table(s) of tied layers x GPUs "
+                f"counts, {carried} of them carried by the grow's first round: the only term that "
+                f"grows with the GPUs): flat {'no' if ties else 'yes'}; < 1 ms at 1024 GPUs on "
                 f"100 Gb/s {'yes' if worst < 1 else 'no'} ({worst:.2f} ms)")
-        offsets = select["estimate_binades"]
+        ranks = estimate_ranks[name]
         updates[0] += (
-            f" (its grow started from the ranks' estimates of its thresholds, made here from "
-            f"whole layers; made from 1024 pieces a layer, the agreed hints lie within "
-            f"{max(offsets):.2f} binades of the thresholds found: {sum(o < 1 for o in offsets)} "
-            f"of the {len(offsets)} layers with a threshold to find (a grow of some, not all, of "
-            f"its candidates) within one binade, the window's half-width)")
+            f" (each grow starts from the estimates of its thresholds that its drop's first round "
+            f"carries, here as " + ", ".join(f"{ranks[world]} ranks" for world in WORLDS)
+            + f" would agree on them at {', '.join(map(str, WORLDS))} GPUs)")
         if name == "GPT-2 XL":
             tie_tables = (drop_tied + grow_tied) * 1024
             added = nccl_time_us("all_reduce", 50_000 + tie_tables, 1024, 100) - \
@@ -461,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{'yes' if abs(ratio - DENSITY) <= 0.02 else 'no'}; the same ratio at every size "
             f"(both payloads are per rank). A growth step (RigL: one in update_interval) "
             f"sends the dense gradient. An update's select ran "
-            f"{select['seconds']:.1f} s on this CPU.")
+            f"{select[WORLDS[-1]]['seconds']:.1f} s on this CPU.")
     wall = time.perf_counter() - started
     notes = (
         f"Measured (gloo, 2 processes bound to 127.0.0.1 / 127.0.0.2; local addresses of each "
@@ -476,7 +468,10 @@ def main(argv: list[str] | None = None) -> int:
         "congestion and the overlap of the gradient all-reduce with the backward pass; "
         f"GPT-2 XL's select ran on all its layers at 1/{args.gpt_scale} of their size (the same "
         "histogram rows; a round fewer may be needed than at full size, and fewer layers tie: "
-        "their full-size ties are counted apart).\n\n"
+        "their full-size ties are counted apart), its threshold estimates from as many ranks as "
+        f"leave each a piece of the size it has at 1024 GPUs, at most {WORLDS[-1] // args.gpt_scale} "
+        "(fewer estimates: a wider bracket, so a narrow window no more often than at full "
+        "size).\n\n"
         f"![scale model]({FIGURE.name})\n")
     print(notes)
     if not args.no_record:

@@ -218,13 +218,14 @@ class PieceLayout(FullLayout):
                 groups: list[int], eligible: Mapping[str, torch.Tensor] | None,
                 hint_keys: list[tuple[str, object]], hints: list[Threshold | None] | None = None,
                 **options: object) -> ShardedSelection:
-        """`sharded_topk` of the named pieces, each group started from `hints` where given, else
-        from the threshold the last selection with its hint key found (the same masks; fewer
-        rounds where it moved little); `options` go to `sharded_topk` (carry, defer_ties, settle)."""
+        """`sharded_topk` of the named pieces, its groups started from `hints` if given, else from
+        the thresholds the last selections with their hint keys found (the same masks; fewer
+        rounds where they moved little); `options` go to `sharded_topk` (carry, defer_ties,
+        settle)."""
         shards = [ShardPiece(scores[name].reshape(-1), self.bounds[name][0], self.numel(name),
                              self.units[name]) for name in names]
-        hints = [given or self._thresholds.get(key)
-                 for given, key in zip(hints or [None] * len(hint_keys), hint_keys)]
+        if hints is None:
+            hints = [self._thresholds.get(key) for key in hint_keys]
         selection = sharded_topk(
             shards, ks, groups, self.all_reduce_sum, rank=self.rank, world_size=self.world_size,
             eligible=None if eligible is None else [eligible[name].reshape(-1) for name in names],
@@ -284,7 +285,7 @@ class PieceLayout(FullLayout):
         estimates = threshold_estimates(
             [grow_scores[name] for name in names], [~masks[name] for name in names],
             [swapping[name] / (self.numel(name) - active[name] + swapping[name]) for name in names],
-            grow_bits)
+            grow_bits, self.world_size)
         drop = self._layer_select(
             drop_scores, {name: active[name] - count for name, count in swapping.items()}, masks,
             "drop", carry=estimates, defer_ties=True)

@@ -56,6 +56,7 @@ stop when every group has found its threshold: the collectives of one selection,
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -95,10 +96,11 @@ WINDOW_FIXED_BITS = 16
 """Key bits a hinted first round's fine buckets fix at most (`_window_shift` leaves the rest in
 whole digits): on float32 keys at 8-bit digits, 256 buckets of 2^16 keys cover a factor of 2
 either side of the hint and leave 16 bits, two rounds instead of three."""
-ESTIMATE_BITS = 16
-"""Top key bits of a rank's threshold estimate (`threshold_estimates`): as many as a hinted first
-round's window centre reads from 32-bit keys (its shift is at least key_bits - 16), few enough
-that the sum over 2^15 ranks fits an int32 count."""
+ESTIMATE_BITS = 32
+"""Top key bits of a rank's threshold estimates (`threshold_estimates`), sent as two 16-bit
+halves so that each half's sum over 2^15 ranks fits an int32 count: all of a 32-bit key."""
+ESTIMATE_Z = 4.0
+"""Standard errors of the ranks' mean quantile on either side of an estimate's bracket."""
 ESTIMATE_SAMPLE = 4096
 """Scores a rank's estimate reads per layer, at most about: an evenly strided sample of its piece."""
 ESTIMATE_MIN = 64
@@ -118,10 +120,12 @@ class ShardPiece(NamedTuple):
 class Threshold(NamedTuple):
     """Where a group's k-th largest key was found: its key (`key_bits` wide, unsigned order),
     exact or with its unresolved low bits 0. Handed back as a hint, it lets the next selection of
-    the group start near it (`sharded_topk`'s `hints`)."""
+    the group start near it (`sharded_topk`'s `hints`). `margin` > 0: keys on either side of `key`
+    within which the threshold lies with confidence (`estimated_hints`)."""
 
     key_bits: int
     key: int
+    margin: int = 0
 
 
 @dataclass(frozen=True)
@@ -278,19 +282,25 @@ def _key_bits(shards: Sequence[ShardPiece]) -> int:
 
 
 def threshold_estimates(scores: Sequence[torch.Tensor], eligible: Sequence[torch.Tensor | None],
-                        fractions: Sequence[float], key_bits: int) -> torch.Tensor:
-    """This rank's estimate of each layer's threshold, to be summed over the ranks (`carry`).
+                        fractions: Sequence[float], key_bits: int,
+                        world_size: int = 1) -> torch.Tensor:
+    """This rank's bracket of each layer's threshold, to be summed over the ranks (`carry`).
 
-    Per layer: the top `ESTIMATE_BITS` bits of the key of the highest `fractions[i]` of the
-    eligible scores in an evenly strided sample of the local piece (about `ESTIMATE_SAMPLE`), or
-    of the whole sample where fewer than `ESTIMATE_MIN` of it are eligible (the mean over ranks
-    of a quantile read from one or two scores each would be a mean of the scores); then per
-    layer 1 where this rank estimated (a nonempty piece, a fraction strictly between 0 and 1),
-    else 0 (and an estimate of 0).
+    Per layer, from the eligible scores of an evenly strided sample of the local piece (about
+    `ESTIMATE_SAMPLE`; the whole sample where fewer than `ESTIMATE_MIN` of it are eligible, as the
+    mean over ranks of a quantile read from one or two scores each would be a mean of the
+    scores): the keys of the highest p + d and p - d of them, p = `fractions[i]`, d =
+    `ESTIMATE_Z` standard errors of the mean of `world_size` ranks' sample quantiles plus one
+    sample's share (the h-th highest of n samples lies, in the mean, h / (n + 1) from the top:
+    h is that share rounded). Each key's top `ESTIMATE_BITS` bits go as two
+    16-bit halves: rows (low high half, low low half, high high half, high low half) of one
+    entry a layer, then per layer 1 where this rank estimated (a nonempty piece, p strictly
+    between 0 and 1), else 0 (and zeros). The mean over ranks assumes their pieces alike; where
+    they are not, the bracket may miss, which costs rounds, never exactness.
     """
     layers = len(scores)
     device = scores[0].device if layers else torch.device("cpu")
-    estimates = torch.zeros(2 * layers, dtype=torch.int64, device=device)
+    estimates = torch.zeros(5, layers, dtype=torch.int64, device=device)
     for layer, (layer_scores, allowed, fraction) in enumerate(zip(scores, eligible, fractions)):
         stride = max(1, layer_scores.numel() // ESTIMATE_SAMPLE)
         candidates = layer_scores.reshape(-1)[::stride]
@@ -298,24 +308,39 @@ def threshold_estimates(scores: Sequence[torch.Tensor], eligible: Sequence[torch
             picked = allowed.reshape(-1)[::stride]
             if int(picked.sum()) >= ESTIMATE_MIN:
                 candidates = candidates[picked]
-        if not candidates.numel() or not 0 < fraction < 1:  # none, or all: no threshold to find
+        size = candidates.numel()
+        if not size or not 0 < fraction < 1:  # none, or all: no threshold to find
             continue
         if candidates.is_floating_point() and candidates.dtype != torch.float64:
             candidates = candidates.float()
-        higher = min(candidates.numel(), max(1, round(fraction * candidates.numel())))
-        kth = candidates.kthvalue(candidates.numel() - higher + 1).values.reshape(1)
-        key = _candidate_keys(kth, key_bits).to(torch.int64)
-        estimates[layer] = (key[0] >> (key_bits - ESTIMATE_BITS)) & (2**ESTIMATE_BITS - 1)
-        estimates[layers + layer] = 1
-    return estimates
+        spread = ESTIMATE_Z * math.sqrt(fraction * (1 - fraction) / (size * world_size)) \
+            + 1 / (size + 1)
+        for row, share in enumerate((fraction + spread, fraction - spread)):
+            higher = min(size, max(1, round(share * (size + 1))))
+            kth = candidates.kthvalue(size - higher + 1).values.reshape(1)
+            key = (_candidate_keys(kth, key_bits).to(torch.int64)[0] >> (key_bits - ESTIMATE_BITS)) \
+                & (2**ESTIMATE_BITS - 1)
+            estimates[2 * row, layer], estimates[2 * row + 1, layer] = key >> 16, key & 0xFFFF
+        estimates[4, layer] = 1
+    return estimates.reshape(-1)
 
 
 def estimated_hints(carried: Sequence[int], key_bits: int) -> list[Threshold | None]:
-    """Hints from `threshold_estimates` summed over the ranks: per layer, the mean of the ranks'
-    estimates (None where no rank estimated)."""
-    layers = len(carried) // 2
-    return [Threshold(key_bits, (total // ranks) << (key_bits - ESTIMATE_BITS)) if ranks else None
-            for total, ranks in zip(carried[:layers], carried[layers:])]
+    """Hints from `threshold_estimates` summed over the ranks: per layer, the middle of the mean
+    bracket, with half its width (and the estimates' rounding) as the margin; None where no rank
+    estimated."""
+    layers = len(carried) // 5
+    rows = [carried[row * layers : (row + 1) * layers] for row in range(5)]
+    unit = key_bits - ESTIMATE_BITS
+    hints: list[Threshold | None] = []
+    for layer, ranks in enumerate(rows[4]):
+        if not ranks:
+            hints.append(None)
+            continue
+        low, high = ((rows[row][layer] * 2**16 + rows[row + 1][layer]) // ranks << unit
+                     for row in (0, 2))
+        hints.append(Threshold(key_bits, (low + high) // 2, (high - low) // 2 + 2**unit))
+    return hints
 
 
 def _candidate_keys(scores: torch.Tensor, key_bits: int) -> torch.Tensor:
@@ -525,15 +550,12 @@ def sharded_topk(
     # by their top `width` bits as without a hint: cells [0, top of the window's lowest key] below
     # it, then the fine buckets, then the top bits + 2^width + 1 above it, in key order.
     width = width_of(list(range(len(ks))), key_bits)
-    shift = _window_shift(width, key_bits)
-    window_low: list[int | None] = [None] * len(ks)
-    for group, hint in enumerate(hints or ()):
-        if hint is not None and hint.key_bits == key_bits:
-            centre = hint.key >> shift
-            window_low[group] = min(max(centre - 2 ** (width - 1), 0),
-                                    2 ** (key_bits - shift) - 2**width)
-    windowed = any(low is not None for low in window_low)
-    buckets = 2 ** (width + 1) + 1 if windowed else 2**width
+    windows = [None if hint is None or hint.key_bits != key_bits else _window_cells(hint, width, key_bits)
+               for hint in (hints or [None] * len(ks))]
+    buckets = max([2**width] + [len(cells) for cells in windows if cells is not None])
+    offset = 2 ** (KEY_BITS - 1) if key_bits == KEY_BITS else 0  # to `_ordered_keys`' values
+    boundaries = [None if cells is None else torch.tensor(
+        [low - offset for low, _ in cells[1:]], dtype=torch.int64, device=device) for cells in windows]
 
     # The first round reads every layer's piece in place, layer by layer; the undecided
     # candidates it leaves (about one in 2^width) go on together: their positions in the
@@ -546,13 +568,11 @@ def sharded_topk(
     first_digits = []
     for layer, piece in enumerate(shards):
         keys = _candidate_keys(piece.scores.reshape(-1), key_bits)
-        low = window_low[groups[layer]]
-        digits = (keys >> (key_bits - width)) & (2**width - 1)
-        if low is not None:
-            fine = (keys >> shift) & (2 ** (key_bits - shift) - 1)
-            digits = torch.where(fine < low, digits, torch.where(
-                fine >= low + 2**width, digits + 2**width + 1,
-                fine - low + _window_cell(low, shift, width, key_bits)))
+        cell_lows = boundaries[groups[layer]]
+        if cell_lows is None:
+            digits = (keys >> (key_bits - width)) & (2**width - 1)
+        else:
+            digits = torch.searchsorted(cell_lows, _ordered_keys(keys, key_bits), right=True)
         nan = torch.isnan(piece.scores.reshape(-1))
         if eligible is not None:  # ineligible entries count in one cell past the row
             flags = eligible[layer].reshape(-1)
@@ -598,14 +618,10 @@ def sharded_topk(
                 again.thresholds, carried, settled=settled, tie_bytes={0: settle.rank_bytes} | {
                     call + sent["calls"]: size for call, size in again.tie_bytes.items()})
     remaining, prefix = [key_bits - width] * len(ks), list(kth)
-    for group, low in enumerate(window_low):
-        if low is None:
-            continue
-        first_fine = _window_cell(low, shift, width, key_bits)
-        if first_fine <= kth[group] < first_fine + 2**width:
-            remaining[group], prefix[group] = shift, low + kth[group] - first_fine
-        elif kth[group] >= first_fine + 2**width:
-            prefix[group] = kth[group] - 2**width - 1
+    for group, cells in enumerate(windows):
+        if cells is not None:
+            low, cell_shift = cells[kth[group]]
+            remaining[group], prefix[group] = cell_shift, low >> cell_shift
     # The settled selection's tied entries it took are no candidates; those it left are, and
     # the groups left unsure learn in the next call how many of them their first round selected.
     fate = torch.cat([fate, torch.zeros(len(ks), 1, dtype=fate.dtype, device=device)], 1)
@@ -778,10 +794,47 @@ def _cells(keys: torch.Tensor, group_of: torch.Tensor, open_groups: list[int],
     return cells, searching
 
 
-def _window_cell(low: int, shift: int, width: int, key_bits: int) -> int:
-    """The cell of a hinted first round's lowest fine bucket `low`: one past the top-bits cell
-    of the window's lowest key."""
-    return ((low << shift) >> (key_bits - width)) + 1
+def _ordered_keys(keys: torch.Tensor, key_bits: int) -> torch.Tensor:
+    """int64 values whose signed order is the unsigned order of the keys' bit patterns."""
+    if key_bits == KEY_BITS:
+        return keys ^ SIGN_BIT
+    return keys.to(torch.int64) & (2**key_bits - 1)
+
+
+def _window_cells(hint: Threshold, width: int, key_bits: int) -> list[tuple[int, int]]:
+    """A hinted group's first-round cells in key order: each cell's lowest key and the key bits
+    below its aligned digit, which later rounds resolve.
+
+    Around an earlier threshold: a window of 2^width cells of 2^`_window_shift` keys among the
+    cells of the top `width` bits. Around an estimate with a margin: the same window with one
+    cell below and one above it, and inside it a window of 2^width cells as fine as covers the
+    margin (a miss of the fine window costs no round against the plain window).
+    """
+    shift = _window_shift(width, key_bits)
+    if not hint.margin:
+        top = [(digit << (key_bits - width), key_bits - width) for digit in range(2**width)]
+        return _nest(top, hint.key, shift, width, key_bits)
+    cells = _nest([(0, key_bits)], hint.key, shift, width, key_bits)
+    if width > 1:
+        fine = max(0, (-(-hint.margin // (2 ** (width - 1) - 1)) - 1).bit_length())
+        fine = width * -(-fine // width)
+        if fine < shift:
+            cells = _nest(cells, hint.key, fine, width, key_bits)
+    return cells
+
+
+def _nest(cells: list[tuple[int, int]], key: int, shift: int, width: int,
+          key_bits: int) -> list[tuple[int, int]]:
+    """`cells` with a window of 2^width cells of 2^shift keys around `key` in place of the keys
+    it covers; the cell holding the window's end goes on above it."""
+    first = min(max((key >> shift) - 2 ** (width - 1), 0), 2 ** (key_bits - shift) - 2**width)
+    start, stop = first << shift, (first + 2**width) << shift
+    holder = [cell for cell in cells if cell[0] < stop][-1]
+    above = [cell for cell in cells if cell[0] >= stop]
+    if stop < 2**key_bits and (not above or above[0][0] > stop):
+        above.insert(0, (stop, holder[1]))
+    return ([cell for cell in cells if cell[0] < start]
+            + [((first + cell) << shift, shift) for cell in range(2**width)] + above)
 
 
 def _window_shift(width: int, key_bits: int) -> int:
