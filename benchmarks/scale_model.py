@@ -417,12 +417,16 @@ def main(argv: list[str] | None = None) -> int:
             ties = sum(1 for _, tables in most if tables)
             carried = sum(1 for size, tables in most if tables and size > 4 * tables)
             worst = select_ms(most, 1024, 100)
+            tables = [sum(rank_bytes for _, rank_bytes in calls) * world
+                      for calls, world in ((fewest, WORLDS[0]), (most, WORLDS[-1]))]
             updates.append(
                 f"{update} update: {len(fewest)} all-reduces of {smallest / 1e3:.1f} kB a rank at "
-                f"{WORLDS[0]} GPUs and {len(most)} of {largest / 1e3:.1f} kB at 1024 "
-                f"({largest / smallest - 1:+.1%}; {ties} tie table(s) of tied layers x GPUs "
-                f"counts, {carried} of them carried by the grow's first round: the only term that "
-                f"grows with the GPUs): flat {'no' if ties else 'yes'}; < 1 ms at 1024 GPUs on "
+                f"{WORLDS[0]} GPUs and {len(most)} of {largest / 1e3:.1f} kB at 1024, of which "
+                f"tie tables (tied layers x GPUs counts, the only term that grows with the GPUs; "
+                f"{ties} at 1024, {carried} of them carried by the grow's first round) "
+                f"{tables[0] / 1e3:.2f} and {tables[1] / 1e3:.2f} kB (the rest differs where more "
+                f"ranks' estimates give the grow a finer window: a round fewer, a larger first "
+                f"round): flat {'no' if ties else 'yes'}; < 1 ms at 1024 GPUs on "
                 f"100 Gb/s {'yes' if worst < 1 else 'no'} ({worst:.2f} ms)")
         ranks = estimate_ranks[name]
         updates[0] += (

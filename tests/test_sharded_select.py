@@ -22,11 +22,15 @@ from distsparse.sparsity.sharded_select import (
     ShardPiece,
     Threshold,
     _candidate_keys,
+    _window_cells,
+    _window_shift,
+    estimated_hints,
     order_preserving_bits,
     round_bits,
     sharded_global_topk,
     sharded_layer_topk,
     sharded_topk,
+    threshold_estimates,
     zero3_partition,
 )
 from tests.conftest import count_host_reads, free_port
@@ -535,6 +539,10 @@ def test_hints_never_change_the_masks(world, kind, dtype):
                          [Threshold(key_bits, 2**key_bits - 1)] * len(ks),
                          [Threshold(96 - key_bits, 5)] * len(ks),
                          [None if g % 2 else Threshold(key_bits, 2**key_bits - 1) for g in range(len(ks))]]
+            hint_sets += [[None if t is None else Threshold(t.key_bits, t.key, margin) for t in ts]
+                          for ts in (plain.thresholds, elsewhere.thresholds)
+                          for margin in (1, 2**10, 2**40)]
+            hint_sets += [[Threshold(key_bits, key, 2**10)] * len(ks) for key in (0, 2**key_bits - 1)]
             for hints in hint_sets:
                 results = _hinted(full, ks, groups, world, hints, restrict)
                 for result in results:
@@ -550,8 +558,8 @@ def test_a_hint_near_the_threshold_saves_a_round_and_a_far_one_costs_none():
     # Six layers of 20,000 |N(0, 1)| float32 scores, 10 % of each: 11-bit digits, 3 rounds.
     # The thresholds of another draw of the same distribution put each group's k-th key in its
     # window of 2^11 buckets of 2^11 keys: one round resolves the last 11 bits. Hints at the
-    # ends of the key space leave the k-th key outside the window, counted by its top 11 bits
-    # as without a hint.
+    # ends of the key space leave the k-th key outside the window, counted by its top 10 bits
+    # (the fewest that leave two 11-bit rounds, as the cold selection's 21 bits do).
     def draw(seed):
         gen = torch.Generator().manual_seed(seed)
         return [torch.randn(20_000, generator=gen).abs() for _ in range(6)]
@@ -572,9 +580,92 @@ def test_a_hint_near_the_threshold_saves_a_round_and_a_far_one_costs_none():
                for threshold, key in zip(near[0].thresholds, kth_keys))
     for far in (Threshold(32, 0), Threshold(32, 2**32 - 1)):
         away = _hinted(scores, ks, groups, 2, [far] * 6)[0]
-        assert away.all_reduces == 3 and away.thresholds == plain[0].thresholds
+        assert away.all_reduces == 3
+        assert all(threshold.key_bits == 32 and 0 <= key - threshold.key < 2**11
+                   for threshold, key in zip(away.thresholds, kth_keys))
+        assert all(torch.equal(a, b) for a, b in zip(away.masks, plain[0].masks))
     for result, reference in zip(near, plain):
         assert all(torch.equal(a, b) for a, b in zip(result.masks, reference.masks))
+
+
+def test_a_margin_nests_a_window_as_fine_as_it_and_its_miss_costs_no_round():
+    # 48 layers of 2^14 |N(0, 1)| float32 scores, 3 % of each: 8-bit digits, 4 rounds cold. A
+    # plain hint at each threshold: a window of 256 buckets of 2^16 keys, 2 rounds more. A hint
+    # with a margin of 1,000 keys: inside that window one of 256 buckets of 2^8 keys (127
+    # buckets either side cover the margin), 1 round more. The same margin 2^20 keys off the
+    # threshold misses the fine window and lands in the plain one: 2 rounds more, as the plain
+    # hint. Off by a quarter of the key space, it lands in the cell below or above the plain
+    # window (32 bits left: more rounds). The masks are those without a hint every time.
+    gen = torch.Generator().manual_seed(3)
+    scores = [torch.randn(2**14, generator=gen).abs() for _ in range(48)]
+    ks, groups = [500] * 48, list(range(48))
+    assert round_bits(48, 32, 2**14) == 8
+    plain = _hinted(scores, ks, groups, 2, None)
+    kth_keys = [int(_candidate_keys(layer, 32).to(torch.int64).bitwise_and(2**32 - 1)
+                    .sort(descending=True).values[k - 1]) for layer, k in zip(scores, ks)]
+
+    def rounds(hints):
+        results = _hinted(scores, ks, groups, 2, hints)
+        for result, reference in zip(results, plain):
+            assert all(torch.equal(a, b) for a, b in zip(result.masks, reference.masks)), hints[0]
+        assert results[0].all_reduces == results[1].all_reduces
+        return results[0].all_reduces
+
+    assert plain[0].all_reduces == 4
+    assert rounds([Threshold(32, key) for key in kth_keys]) == 3
+    assert rounds([Threshold(32, key, 1_000) for key in kth_keys]) == 2
+    assert rounds([Threshold(32, key + 2**20, 1_000) for key in kth_keys]) == 3
+    assert rounds([Threshold(32, key - 2**30, 1_000) for key in kth_keys]) > 3
+
+
+@pytest.mark.parametrize("width", [1, 2, 6, 8])
+@pytest.mark.parametrize("key_bits", [32, 64])
+def test_a_hinted_first_round_splits_the_keys_into_aligned_cells(width, key_bits):
+    # Whatever the hint: cells in key order from key 0, each inside the aligned range of its
+    # digit (the range later rounds refine), at most 2^(width + 1) + 3 of them; with a margin
+    # the plain window can hold, every key within it falls in cells of one width.
+    top = 2**key_bits - 1
+    for key in (0, 1, 2**20 + 12_345, top // 3, top - 5, top):
+        for margin in (0, 1, 300, 2**25):
+            cells = _window_cells(Threshold(key_bits, key, margin), width, key_bits)
+            lows = [low for low, _ in cells]
+            assert lows[0] == 0 and lows == sorted(set(lows)) and len(cells) <= 2 ** (width + 1) + 3
+            for (low, shift), high in zip(cells, lows[1:] + [2**key_bits]):
+                assert 0 <= shift <= key_bits and (low >> shift) == ((high - 1) >> shift)
+            if width > 1 and 0 < margin <= (2 ** (width - 1) - 1) << _window_shift(width, key_bits):
+                near = {shift for (low, shift), high in zip(cells, lows[1:] + [2**key_bits])
+                        if low <= key + margin and high > key - margin}
+                assert len(near) == 1, (key, margin, near)
+
+
+def test_estimates_bracket_the_threshold_and_narrow_with_the_ranks():
+    # One layer of 2^20 |N(0, 1)| scores, 90 % eligible, 3 % of those to select, in 4 and in 64
+    # ranks' pieces (4,096-score samples each): the mean bracket of the ranks' estimates holds
+    # the k-th key in each of five draws, and is narrower at 64 ranks. A rank's own estimate
+    # with a larger `world_size` is narrower too. No estimate where nothing or everything is
+    # selected.
+    for seed in range(5):
+        gen = torch.Generator().manual_seed(seed)
+        scores = torch.randn(2**20, generator=gen).abs()
+        eligible = torch.rand(2**20, generator=gen) < 0.9
+        k = int(0.03 * int(eligible.sum()))
+        kth = int(_candidate_keys(scores[eligible], 32).to(torch.int64).bitwise_and(2**32 - 1)
+                  .sort(descending=True).values[k - 1])
+        margins = []
+        for world in (4, 64):
+            total = sum(threshold_estimates(
+                [scores[slice(*zero3_partition(2**20, rank, world))]],
+                [eligible[slice(*zero3_partition(2**20, rank, world))]],
+                [k / int(eligible.sum())], 32, world) for rank in range(world))
+            hint, = estimated_hints(total.tolist(), 32)
+            assert abs(hint.key - kth) <= hint.margin, (seed, world)
+            margins.append(hint.margin)
+        assert margins[1] < margins[0] / 2
+    one = [estimated_hints(threshold_estimates([scores], [eligible], [0.03], 32, world).tolist(), 32)[0]
+           for world in (1, 64)]
+    assert one[1].margin < one[0].margin
+    assert estimated_hints(threshold_estimates(
+        [scores, scores[:0], scores], [None] * 3, [0.0, 0.5, 1.0], 32).tolist(), 32) == [None] * 3
 
 
 def test_a_carry_travels_with_the_first_round_and_changes_nothing_else():

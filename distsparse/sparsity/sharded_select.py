@@ -806,13 +806,16 @@ def _window_cells(hint: Threshold, width: int, key_bits: int) -> list[tuple[int,
     below its aligned digit, which later rounds resolve.
 
     Around an earlier threshold: a window of 2^width cells of 2^`_window_shift` keys among the
-    cells of the top `width` bits. Around an estimate with a margin: the same window with one
-    cell below and one above it, and inside it a window of 2^width cells as fine as covers the
-    margin (a miss of the fine window costs no round against the plain window).
+    cells of the fewest top bits that leave the keys outside it no more rounds than the top
+    `width` bits would (2 bits for 6-bit digits on 32-bit keys: 30 bits left, 5 rounds, as for
+    26). Around an estimate with a margin: the same window with one cell below and one above
+    it, and inside it a window of 2^width cells as fine as covers the margin (a miss of the fine
+    window costs no round against the plain window).
     """
     shift = _window_shift(width, key_bits)
     if not hint.margin:
-        top = [(digit << (key_bits - width), key_bits - width) for digit in range(2**width)]
+        top_bits = key_bits - width * -(-(key_bits - width) // width)
+        top = [(digit << (key_bits - top_bits), key_bits - top_bits) for digit in range(2**top_bits)]
         return _nest(top, hint.key, shift, width, key_bits)
     cells = _nest([(0, key_bits)], hint.key, shift, width, key_bits)
     if width > 1:
