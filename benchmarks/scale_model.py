@@ -183,7 +183,8 @@ def measure_select(shapes: dict[str, tuple[int, ...]], active: dict[str, int],
     from the thresholds the first found). The grow's threshold estimates are those
     `estimate_ranks` ranks would agree on (`emulated_estimates`). The all-reduce calls of each,
     each call as (bytes, bytes one rank's column adds to a (tied layers x ranks) tie table in
-    it, which grows with the ranks: `ShardedSelection.tie_bytes`)."""
+    it, which grows with the ranks: `ShardedSelection.tie_bytes`); under "carried", per update,
+    the tie tables a grow's first round carried."""
     import distsparse.sparsity.layout as layout_module
     from distsparse.sparsity.layout import PieceLayout
 
@@ -199,7 +200,7 @@ def measure_select(shapes: dict[str, tuple[int, ...]], active: dict[str, int],
     def recorded(*args, **kwargs):
         first_call = len(calls)
         selection = select(*args, **kwargs)
-        selections.append((first_call, selection.tie_bytes))
+        selections.append((first_call, selection.tie_bytes, kwargs.get("settle") is not None))
         return selection
 
     layout = PieceLayout(shapes, 0, 1, all_reduce_sum, lambda tensor: [tensor])
@@ -216,7 +217,7 @@ def measure_select(shapes: dict[str, tuple[int, ...]], active: dict[str, int],
         masks[name][order[: active[name]]] = True
     counts = {name: int(DROP_FRACTION * active[name]) for name in shapes}
     known = layout.active_counts(masks)
-    result, seconds = {}, 0.0
+    result, seconds = {"carried": {}}, 0.0
     layout_module.sharded_topk = recorded
     estimates = layout_module.threshold_estimates
     layout_module.threshold_estimates = emulated_estimates(estimate_ranks)
@@ -231,10 +232,12 @@ def measure_select(shapes: dict[str, tuple[int, ...]], active: dict[str, int],
             start = time.perf_counter()
             new = layout.drop_and_grow(masks, drop, grow, counts, known)
             seconds += time.perf_counter() - start
-            for first_call, tie_bytes in selections:
+            for first_call, tie_bytes, _ in selections:
                 for call, rank_bytes in tie_bytes.items():
                     calls[first_call + call] = (calls[first_call + call][0], rank_bytes)
             result[update] = list(calls)
+            result["carried"][update] = sum(1 for _, tie_bytes, settles in selections
+                                            if settles and 0 in tie_bytes)
             masks.update(new)
     finally:
         layout_module.sharded_topk = select
@@ -415,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
             fewest, most = select[WORLDS[0]][update], select[WORLDS[-1]][update]
             smallest, largest = sum(bytes_at(fewest, WORLDS[0])), sum(bytes_at(most, WORLDS[-1]))
             ties = sum(1 for _, tables in most if tables)
-            carried = sum(1 for size, tables in most if tables and size > 4 * tables)
+            carried = select[WORLDS[-1]]["carried"][update]
             worst = select_ms(most, 1024, 100)
             tables = [sum(rank_bytes for _, rank_bytes in calls) * world
                       for calls, world in ((fewest, WORLDS[0]), (most, WORLDS[-1]))]

@@ -419,7 +419,8 @@ def sharded_topk(
             raise ValueError("every entry tied in the settled selection must be eligible")
     if not ks:
         if (carry is not None and carry.numel()) or settle is not None:
-            raise ValueError("a carry needs a selection's first round to travel with")
+            what = "a carry" if settle is None else "a settled selection's tie exchange"
+            raise ValueError(f"{what} needs a selection's first round to travel with")
         return ShardedSelection([], 0, 0, [], [])
     device = shards[0].scores.device if shards else torch.device("cpu")
     sent = {"bytes": 0, "calls": 0}
@@ -563,7 +564,8 @@ def sharded_topk(
     # A settled selection's tied entries count apart, in rows of their own.
     selected = torch.zeros(sum(sizes), dtype=torch.bool, device=device)
     counts = torch.zeros(len(ks), buckets, dtype=torch.int64, device=device)
-    pending_counts = torch.zeros(len(ks), buckets + 1, dtype=torch.int64, device=device)
+    pending_counts = None if settle is None else \
+        torch.zeros(len(ks), buckets + 1, dtype=torch.int64, device=device)
     nans = torch.zeros((), dtype=torch.int64, device=device)
     first_digits = []
     for layer, piece in enumerate(shards):
