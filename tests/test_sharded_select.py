@@ -752,6 +752,47 @@ def test_rigl_grow_starts_from_the_estimates_its_drop_carried(world):
         assert torch.equal(torch.cat([new[name] for new, _ in results]), expected[name]), name
 
 
+def test_the_grow_starts_from_its_estimates_alone_on_every_update(monkeypatch):
+    # Two RigL updates on one layout (2 ranks). Layer l0 is dense, so its grow takes every
+    # candidate (the dropped): no estimate, no threshold to find. The grow's first round counts
+    # the other layers around their estimates (a plain window with one cell either side: 258
+    # cells at 8-bit digits) on the second update too: l0 does not fall back to a threshold
+    # remembered from the first, which would widen every row to the plain hint's 513 cells.
+    import distsparse.sparsity.layout as layout_module
+
+    shapes, masks, drop, grow, active, counts = _rigl_case(seed=9)
+    masks["l0"] = torch.ones(shapes["l0"], dtype=torch.bool)
+    active["l0"], counts["l0"] = shapes["l0"][0], int(0.3 * shapes["l0"][0])
+    select = layout_module.sharded_topk
+    calls, grow_starts = {0: [], 1: []}, {0: [], 1: []}
+
+    def recorded(*args, **kwargs):
+        if "settle" in kwargs:  # the grow: its first call comes next
+            grow_starts[kwargs["rank"]].append(len(calls[kwargs["rank"]]))
+        return select(*args, **kwargs)
+
+    def update(rank, all_reduce_sum):
+        layout = PieceLayout(shapes, rank, 2, lambda tensor: calls[rank].append(tensor.numel())
+                             or all_reduce_sum(tensor), None)
+        pieces = [{name: layout.piece(name, value) for name, value in scores.items()}
+                  for scores in (masks, drop, grow)]
+        for _ in range(2):
+            kept = layout.drop_and_grow(*pieces, counts, active)
+            pieces[0] = {name: kept.get(name, mask) for name, mask in pieces[0].items()}
+            pieces[1] = {name: scores.flip(0) for name, scores in pieces[1].items()}
+        return calls[rank]
+
+    monkeypatch.setattr(layout_module, "sharded_topk", recorded)
+    results = _run_ranks(2, update)
+    for result in results:
+        assert not isinstance(result, BaseException), result
+    assert round_bits(len(shapes), 32, 8_192) == 8
+    assert grow_starts[0] == grow_starts[1] and len(grow_starts[0]) == 2
+    first_rounds = [results[0][start] for start in grow_starts[0]]
+    assert first_rounds[0] == first_rounds[1], first_rounds
+    assert first_rounds[1] < len(shapes) * 300
+
+
 # --- a tie exchange deferred to the next selection's first round ----------------------------------
 
 
