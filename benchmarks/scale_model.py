@@ -422,14 +422,16 @@ def main(argv: list[str] | None = None) -> int:
             worst = select_ms(most, 1024, 100)
             tables = [sum(rank_bytes for _, rank_bytes in calls) * world
                       for calls, world in ((fewest, WORLDS[0]), (most, WORLDS[-1]))]
+            finer = ("; the rest differs where more ranks' estimates give the grow a finer "
+                     "window: a round fewer, a larger first round"
+                     if smallest - tables[0] != largest - tables[1] else "")
             updates.append(
                 f"{update} update: {len(fewest)} all-reduces of {smallest / 1e3:.1f} kB a rank at "
                 f"{WORLDS[0]} GPUs and {len(most)} of {largest / 1e3:.1f} kB at 1024, of which "
                 f"tie tables (tied layers x GPUs counts, the only term that grows with the GPUs; "
                 f"{ties} at 1024, {carried} of them carried by the grow's first round) "
-                f"{tables[0] / 1e3:.2f} and {tables[1] / 1e3:.2f} kB (the rest differs where more "
-                f"ranks' estimates give the grow a finer window: a round fewer, a larger first "
-                f"round): flat {'no' if ties else 'yes'}; < 1 ms at 1024 GPUs on "
+                f"{tables[0] / 1e3:.2f} and {tables[1] / 1e3:.2f} kB{finer}: flat "
+                f"{'no' if ties else 'yes'}; < 1 ms at 1024 GPUs on "
                 f"100 Gb/s {'yes' if worst < 1 else 'no'} ({worst:.2f} ms)")
         ranks = estimate_ranks[name]
         updates[0] += (
