@@ -36,17 +36,20 @@ in 2^width) go on together, so later rounds cost what they hold, not what the mo
 
 A selection that repeats (the same layers every mask update) can start where the last one
 ended: handed the thresholds it found (`ShardedSelection.thresholds`), the first round counts a
-window of 2^width buckets of 2^shift keys around each (the keys outside by their top bits, as
-without a hint), so a threshold that stayed within the window (a factor of 2 either way for
-float32 at 8-bit digits) leaves `shift` bits: 16 at 8-bit digits, two rounds instead of three
-more. One that left it costs no round, only the first round's doubled histogram. The masks are
-the same with any hints or none.
+window of 2^width buckets of 2^shift keys around each (the keys outside by their fewest top
+bits that leave them no more rounds than without a hint), so a threshold that stayed within the
+window (a factor of 2 either way for float32 at 8-bit digits) leaves `shift` bits: 16 at 8-bit
+digits, two rounds instead of three more. One that left it costs no round, only the first
+round's larger histogram. The masks are the same with any hints or none.
 
 A selection that follows another in the same update (RigL's grow after its drop) can start
 from the current scores instead: each rank estimates its groups' thresholds from a sample of its
-own pieces (`threshold_estimates`), the earlier selection's first round carries the estimates'
-sums (`carry`, extra rows of its histogram: no call of its own), and the later selection starts
-from their mean (`estimated_hints`).
+own pieces, a bracket as wide as the ranks' samples leave it (`threshold_estimates`), the
+earlier selection's first round carries the brackets' sums (`carry`, extra rows of its
+histogram: no call of its own), and the later selection starts from their mean
+(`estimated_hints`: a hint with a margin). Its first round counts the window of a factor 2
+either way and, where the margin is narrower, a finer window inside it that leaves a round
+fewer (across many ranks); a miss of the finer window costs no round against the plain one.
 
 `sharded_topk` runs several independent selections at once, each over a group of layers with its
 own k (one group: the global top-k; one group per layer: the per-layer top-k of RigL, SET and
@@ -378,9 +381,10 @@ def sharded_topk(
     fixes the digit width; by default each round takes `round_bits(open groups)`.
 
     `hints` (one per group, or None) are thresholds an earlier selection found
-    (`ShardedSelection.thresholds`); a group with a hint spends its first round on a window of
-    keys around it (see `_window_shift`), which saves rounds when its threshold moved little and
-    none when it left the window. The masks never depend on the hints.
+    (`ShardedSelection.thresholds`) or estimates (`estimated_hints`); a group with a hint spends
+    its first round on a window of keys around it, and with a margin also on a finer window
+    inside that (see `_window_cells`), which saves rounds when its threshold lies within them
+    and none when it does not. The masks never depend on the hints.
 
     `carry`, a 1-D integer tensor (on every rank the same length), travels with the first round
     as extra histogram rows and comes back summed over the ranks in `ShardedSelection.carried`:
