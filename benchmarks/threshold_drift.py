@@ -8,7 +8,11 @@ This runs `distsparse train CONFIG [overrides]` in this process with the full-te
 score among active entries, k = active - n) and the grow threshold (the n-th largest grow score
 among entries not kept). It prints, per selection, the moves |log2(new / old)| of every layer
 between consecutive updates and the share of update pairs in which every layer stayed within one
-binade, and appends them to RESULTS.md.
+binade. It also places each threshold in the first round of a selection started from the ranks'
+estimates (`threshold_estimates` of each layer split into 8 and 64 ZeRO-3 pieces, as the grow
+starts in `PieceLayout.drop_and_grow`; for the drop, what it would be): in the finer window
+(a round saved), the plain one, or outside both (rounds lost); pieces of a real layer differ,
+unlike the i.i.d. scores of `scale_model.py`. It appends both tables to RESULTS.md.
 
     .venv/bin/python benchmarks/threshold_drift.py configs/gpt/fortunes_rigl.yaml \\
         model.kwargs.n_layer=2 model.kwargs.n_embd=128 train.batch_size=16
@@ -31,18 +35,50 @@ def _kth(scores: torch.Tensor, k: int) -> float:
     return scores.topk(k).values[-1].item() if k > 0 else math.nan
 
 
-def record_thresholds(records: list[dict[str, tuple[float, float]]]):
-    """Wrap FullLayout.drop_and_grow to append each update's per-layer (drop, grow) thresholds;
-    returns the undo."""
+ESTIMATE_WORLDS = (8, 64)
+PLACES = ("finer window", "plain window", "outside")
+
+
+def place(scores: torch.Tensor, eligible: torch.Tensor, fraction: float, threshold: float,
+          world: int, width: int) -> str | None:
+    """Where `threshold` falls among the first-round cells of a selection started from `world`
+    ranks' estimates over ZeRO-3 pieces of the layer (None: no estimate)."""
+    from distsparse.sparsity.sharded_select import (
+        _candidate_keys,
+        _window_cells,
+        _window_shift,
+        estimated_hints,
+        threshold_estimates,
+        zero3_partition,
+    )
+
+    pieces = [slice(*zero3_partition(scores.numel(), rank, world)) for rank in range(world)]
+    total = sum(threshold_estimates([scores[piece]], [eligible[piece]], [fraction], 32, world)
+                for piece in pieces)
+    hint, = estimated_hints(total.tolist(), 32)
+    if hint is None or not math.isfinite(threshold):
+        return None
+    key = int(_candidate_keys(torch.tensor([threshold], dtype=torch.float32), 32)) & (2**32 - 1)
+    shift = [cell_shift for low, cell_shift in _window_cells(hint, width, 32) if low <= key][-1]
+    plain = _window_shift(width, 32)
+    return PLACES[0] if shift < plain else PLACES[1] if shift == plain else PLACES[2]
+
+
+def record_thresholds(records: list[dict[str, tuple[float, float]]],
+                      places: list[tuple[int, int, str]]):
+    """Wrap FullLayout.drop_and_grow to append each update's per-layer (drop, grow) thresholds,
+    and (selection, world, place) per layer to `places`; returns the undo."""
     from distsparse.sparsity.layout import FullLayout
+    from distsparse.sparsity.sharded_select import round_bits
 
     original = FullLayout.drop_and_grow
 
     def recording(self, masks, drop_scores, grow_scores, counts, active=None):
         row = {}
-        for name, count in counts.items():
-            if count <= 0:
-                continue
+        swapped = [name for name, count in counts.items() if count > 0]
+        width = round_bits(len(swapped), 32, max((masks[name].numel() for name in swapped), default=1))
+        for name in swapped:
+            count = counts[name]
             mask = masks[name].reshape(-1).bool()
             drop = drop_scores[name].reshape(-1).double().masked_fill(~mask, -math.inf)
             keep = int(mask.sum()) - count
@@ -50,6 +86,15 @@ def record_thresholds(records: list[dict[str, tuple[float, float]]]):
             kept[drop.topk(keep).indices] = True
             grow = grow_scores[name].reshape(-1).double().masked_fill(kept, -math.inf)
             row[name] = (_kth(drop, keep), _kth(grow, count))
+            active_count = int(mask.sum())
+            for which, (scores, eligible, fraction) in enumerate((
+                    (drop_scores[name], mask, keep / active_count),
+                    (grow_scores[name], ~mask, count / (mask.numel() - active_count + count)))):
+                for world in ESTIMATE_WORLDS:
+                    where = place(scores.reshape(-1).float(), eligible, fraction, row[name][which],
+                                  world, width)
+                    if where is not None:
+                        places.append((which, world, where))
         records.append(row)
         return original(self, masks, drop_scores, grow_scores, counts, active)
 
@@ -73,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
 
     load_before, started = load_average(), time.perf_counter()
     records: list[dict[str, tuple[float, float]]] = []
-    undo = record_thresholds(records)
+    places: list[tuple[int, int, str]] = []
+    undo = record_thresholds(records, places)
     try:
         with tempfile.TemporaryDirectory() as run_dir:
             status = distsparse(["train", *argv, f"run.dir={run_dir}/run", "run.progress=false"])
@@ -91,6 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     body = markdown_table(["selection", "updates", "update pairs", "layer moves",
                            "median binades", "largest", "moves < 1 binade",
                            "pairs with every layer < 1 binade"], rows)
+    placed = []
+    for which, label in ((0, "drop (magnitude among active)"), (1, "grow (among not kept)")):
+        for world in ESTIMATE_WORLDS:
+            found = [where for selection, ranks, where in places if (selection, ranks) == (which, world)]
+            placed.append([label, world, len(found), *(f"{found.count(where) / len(found):.0%}"
+                                                         for where in PLACES)])
+    body += "\n\nWhere each threshold falls in a first round started from the ranks' estimates:\n\n" + \
+        markdown_table(["selection", "ranks", "layer updates", *PLACES], placed)
     print(body)
     info = run_info(load_before, f"distsparse train {' '.join(argv)}",
                     {"wall time of the benchmark": f"{time.perf_counter() - started:.0f} s"})
