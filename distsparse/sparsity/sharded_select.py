@@ -49,7 +49,10 @@ earlier selection's first round carries the brackets' sums (`carry`, extra rows 
 histogram: no call of its own), and the later selection starts from their mean
 (`estimated_hints`: a hint with a margin). Its first round counts the window of a factor 2
 either way and, where the margin is narrower, a finer window inside it that leaves a round
-fewer (across many ranks); a miss of the finer window costs no round against the plain one.
+fewer (across many ranks, where their pieces are alike); a miss of the finer window costs no
+round against the plain one, and a miss of both none against no hint. The ranks' mean is no
+estimate of the threshold where their pieces differ (rows of a real layer: see
+`benchmarks/threshold_drift.py`), and then it misses.
 
 `sharded_topk` runs several independent selections at once, each over a group of layers with its
 own k (one group: the global top-k; one group per layer: the per-layer top-k of RigL, SET and
@@ -811,20 +814,18 @@ def _window_cells(hint: Threshold, width: int, key_bits: int) -> list[tuple[int,
     """A hinted group's first-round cells in key order: each cell's lowest key and the key bits
     below its aligned digit, which later rounds resolve.
 
-    Around an earlier threshold: a window of 2^width cells of 2^`_window_shift` keys among the
-    cells of the fewest top bits that leave the keys outside it no more rounds than the top
-    `width` bits would (2 bits for 6-bit digits on 32-bit keys: 30 bits left, 5 rounds, as for
-    26). Around an estimate with a margin: the same window with one cell below and one above
-    it, and inside it a window of 2^width cells as fine as covers the margin (a miss of the fine
-    window costs no round against the plain window).
+    A window of 2^width cells of 2^`_window_shift` keys around the hint, among the cells of the
+    fewest top bits that leave the keys outside it no more rounds than the top `width` bits
+    would (2 bits for 6-bit digits on 32-bit keys: 30 bits left, 5 rounds, as for 26), so a
+    threshold outside costs no round against no hint. A hint with a margin (estimates) also gets
+    a window of 2^width cells as fine as covers the margin inside it, whose miss costs no round
+    against the plain window.
     """
     shift = _window_shift(width, key_bits)
-    if not hint.margin:
-        top_bits = key_bits - width * -(-(key_bits - width) // width)
-        top = [(digit << (key_bits - top_bits), key_bits - top_bits) for digit in range(2**top_bits)]
-        return _nest(top, hint.key, shift, width, key_bits)
-    cells = _nest([(0, key_bits)], hint.key, shift, width, key_bits)
-    if width > 1:
+    top_bits = key_bits - width * -(-(key_bits - width) // width)
+    top = [(digit << (key_bits - top_bits), key_bits - top_bits) for digit in range(2**top_bits)]
+    cells = _nest(top, hint.key, shift, width, key_bits)
+    if hint.margin and width > 1:
         fine = max(0, (-(-hint.margin // (2 ** (width - 1) - 1)) - 1).bit_length())
         fine = width * -(-fine // width)
         if fine < shift:
