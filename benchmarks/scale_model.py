@@ -16,8 +16,9 @@ come from distsparse's own code: `PieceLayout.drop_and_grow` (RigL's update on F
 pieces) runs on the real layer shapes with a recording all-reduce, giving its calls and bytes;
 each grow selection starts from the ranks' estimates of its thresholds, carried by the drop's
 first round (emulated: each layer split into as many pieces as the GPUs would hold, at most as
-many as leave a piece its full-size size at 1024 GPUs), and each drop of the next update from
-the thresholds of the first (`sharded_topk`'s hints), its scores a new draw with each layer's scale moved by up to `--drift-binades`;
+many as leave a piece its full-size size at 1024 GPUs), and the drop and the grow of the next
+update also from the thresholds of the first (`sharded_topk`'s hints), its scores a new draw
+with each layer's scale moved by up to `--drift-binades`;
 the sparse-gradient hook's bytes are the active entries of ERK masks plus every unmasked
 parameter (what `distributed/comm_hook.py` packs). Compared: the dense gradient all-reduce, the
 hook, the sharded select, and all-reducing (rigl-torch, sparsimony) or all-gathering the drop

@@ -8,11 +8,12 @@ This runs `distsparse train CONFIG [overrides]` in this process with the full-te
 score among active entries, k = active - n) and the grow threshold (the n-th largest grow score
 among entries not kept). It prints, per selection, the moves |log2(new / old)| of every layer
 between consecutive updates and the share of update pairs in which every layer stayed within one
-binade. It also places each threshold in the first round of a selection started from the ranks'
-estimates (`threshold_estimates` of each layer split into 8 and 64 ZeRO-3 pieces, as the grow
-starts in `PieceLayout.drop_and_grow`; for the drop, what it would be): in the finer window
-(a round saved), the plain one, or outside both (rounds lost); pieces of a real layer differ,
-unlike the i.i.d. scores of `scale_model.py`. It appends both tables to RESULTS.md.
+binade. It also places each threshold in the first round of a selection started from hints (the
+threshold of the update before, and the ranks' estimates, `threshold_estimates` of each layer
+split into 8 and 64 ZeRO-3 pieces, as `PieceLayout.drop_and_grow` starts them): in a finer
+window (a round saved beyond the plain one), a plain one (a factor 2 either way), or outside
+(no round saved); pieces of a real layer differ, unlike the i.i.d. scores of `scale_model.py`.
+It appends both tables to RESULTS.md.
 
     .venv/bin/python benchmarks/threshold_drift.py configs/gpt/fortunes_rigl.yaml \\
         model.kwargs.n_layer=2 model.kwargs.n_embd=128 train.batch_size=16
@@ -35,15 +36,21 @@ def _kth(scores: torch.Tensor, k: int) -> float:
     return scores.topk(k).values[-1].item() if k > 0 else math.nan
 
 
-ESTIMATE_WORLDS = (8, 64)
 PLACES = ("finer window", "plain window", "outside")
+HINTED = (((0, True), (8, False), (64, False)), ((8, False), (64, False), (8, True), (64, True)))
+"""Per selection (drop, grow), the first rounds placed: (ranks whose estimates, 0 for none;
+whether the threshold of the update before is a hint too). `PieceLayout.drop_and_grow` starts
+the drop from the threshold before, the grow from both; the drop from estimates is for
+comparison."""
 
 
 def place(scores: torch.Tensor, eligible: torch.Tensor, fraction: float, threshold: float,
-          world: int, width: int) -> str | None:
+          world: int, width: int, previous: float | None) -> str | None:
     """Where `threshold` falls among the first-round cells of a selection started from `world`
-    ranks' estimates over ZeRO-3 pieces of the layer (None: no estimate)."""
+    ranks' estimates over ZeRO-3 pieces of the layer (world 0: none) and from the `previous`
+    threshold if given (None: no hint at all)."""
     from distsparse.sparsity.sharded_select import (
+        Threshold,
         _candidate_keys,
         _window_cells,
         _window_shift,
@@ -52,14 +59,19 @@ def place(scores: torch.Tensor, eligible: torch.Tensor, fraction: float, thresho
         zero3_partition,
     )
 
-    pieces = [slice(*zero3_partition(scores.numel(), rank, world)) for rank in range(world)]
-    total = sum(threshold_estimates([scores[piece]], [eligible[piece]], [fraction], 32, world)
-                for piece in pieces)
-    hint, = estimated_hints(total.tolist(), 32)
-    if hint is None or not math.isfinite(threshold):
+    def key_of(value: float) -> int:
+        return int(_candidate_keys(torch.tensor([value], dtype=torch.float32), 32)) & (2**32 - 1)
+
+    hints = [] if previous is None or not math.isfinite(previous) else [Threshold(32, key_of(previous))]
+    if world:
+        pieces = [slice(*zero3_partition(scores.numel(), rank, world)) for rank in range(world)]
+        total = sum(threshold_estimates([scores[piece]], [eligible[piece]], [fraction], 32, world)
+                    for piece in pieces)
+        hints += [hint for hint in estimated_hints(total.tolist(), 32) if hint is not None]
+    if not hints or not math.isfinite(threshold):
         return None
-    key = int(_candidate_keys(torch.tensor([threshold], dtype=torch.float32), 32)) & (2**32 - 1)
-    shift = [cell_shift for low, cell_shift in _window_cells(hint, width, 32) if low <= key][-1]
+    key = key_of(threshold)
+    shift = [cell_shift for low, cell_shift in _window_cells(hints, width, 32) if low <= key][-1]
     plain = _window_shift(width, 32)
     return PLACES[0] if shift < plain else PLACES[1] if shift == plain else PLACES[2]
 
@@ -87,14 +99,19 @@ def record_thresholds(records: list[dict[str, tuple[float, float]]],
             grow = grow_scores[name].reshape(-1).double().masked_fill(kept, -math.inf)
             row[name] = (_kth(drop, keep), _kth(grow, count))
             active_count = int(mask.sum())
+            previous = records[-1].get(name) if records else None
             for which, (scores, eligible, fraction) in enumerate((
                     (drop_scores[name], mask, keep / active_count),
                     (grow_scores[name], ~mask, count / (mask.numel() - active_count + count)))):
-                for world in ESTIMATE_WORLDS:
-                    where = place(scores.reshape(-1).float(), eligible, fraction, row[name][which],
-                                  world, width)
+                for hinted in HINTED[which]:
+                    world, from_previous = hinted
+                    if from_previous and previous is None:
+                        continue
+                    where = place(scores.reshape(-1).float(), eligible, fraction,
+                                  row[name][which], world, width,
+                                  previous[which] if from_previous else None)
                     if where is not None:
-                        places.append((which, world, where))
+                        places.append((which, hinted, where))
         records.append(row)
         return original(self, masks, drop_scores, grow_scores, counts, active)
 
@@ -139,12 +156,15 @@ def main(argv: list[str] | None = None) -> int:
                            "pairs with every layer < 1 binade"], rows)
     placed = []
     for which, label in ((0, "drop (magnitude among active)"), (1, "grow (among not kept)")):
-        for world in ESTIMATE_WORLDS:
-            found = [where for selection, ranks, where in places if (selection, ranks) == (which, world)]
-            placed.append([label, world, len(found), *(f"{found.count(where) / len(found):.0%}"
-                                                         for where in PLACES)])
-    body += "\n\nWhere each threshold falls in a first round started from the ranks' estimates:\n\n" + \
-        markdown_table(["selection", "ranks", "layer updates", *PLACES], placed)
+        for hinted in HINTED[which]:
+            found = [where for selection, hints, where in places if (selection, hints) == (which, hinted)]
+            world, from_previous = hinted
+            started = " and ".join(([f"{world} ranks' estimates"] if world else [])
+                                   + (["the threshold before"] if from_previous else []))
+            placed.append([label, started, len(found),
+                           *(f"{found.count(where) / max(1, len(found)):.0%}" for where in PLACES)])
+    body += "\n\nWhere each threshold falls in a first round started from hints:\n\n" + \
+        markdown_table(["selection", "hints", "layer updates", *PLACES], placed)
     print(body)
     info = run_info(load_before, f"distsparse train {' '.join(argv)}",
                     {"wall time of the benchmark": f"{time.perf_counter() - started:.0f} s"})

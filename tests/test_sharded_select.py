@@ -543,6 +543,9 @@ def test_hints_never_change_the_masks(world, kind, dtype):
                           for ts in (plain.thresholds, elsewhere.thresholds)
                           for margin in (1, 2**10, 2**40)]
             hint_sets += [[Threshold(key_bits, key, 2**10)] * len(ks) for key in (0, 2**key_bits - 1)]
+            hint_sets += [[(Threshold(key_bits, 0, 2**10), t or Threshold(key_bits, 1),
+                            Threshold(key_bits, 2**key_bits - 1))[: 1 + g % 3]
+                           for g, t in enumerate(ts)] for ts in (plain.thresholds, elsewhere.thresholds)]
             for hints in hint_sets:
                 results = _hinted(full, ks, groups, world, hints, restrict)
                 for result in results:
@@ -617,26 +620,36 @@ def test_a_margin_nests_a_window_as_fine_as_it_and_its_miss_costs_no_round():
     assert rounds([Threshold(32, key, 1_000) for key in kth_keys]) == 2
     assert rounds([Threshold(32, key + 2**20, 1_000) for key in kth_keys]) == 3
     assert rounds([Threshold(32, key - 2**30, 1_000) for key in kth_keys]) == 4
+    # Two hints, a window around each: the threshold in either saves what that window saves.
+    assert rounds([(Threshold(32, key - 2**30, 1_000), Threshold(32, key)) for key in kth_keys]) == 3
+    assert rounds([(Threshold(32, key - 2**30), Threshold(32, key, 1_000)) for key in kth_keys]) == 2
+    assert rounds([(Threshold(32, key + 2**25), Threshold(32, key - 2**25)) for key in kth_keys]) == 4
 
 
 @pytest.mark.parametrize("width", [1, 2, 6, 8])
 @pytest.mark.parametrize("key_bits", [32, 64])
 def test_a_hinted_first_round_splits_the_keys_into_aligned_cells(width, key_bits):
-    # Whatever the hint: cells in key order from key 0, each inside the aligned range of its
-    # digit (the range later rounds refine), at most 3 * 2^width + 2 of them; with a margin
-    # the plain window can hold, every key within it falls in cells of one width.
+    # Whatever the hints (one, or two anywhere): cells in key order from key 0, each inside the
+    # aligned range of its digit (the range later rounds refine), at most 2^width top cells and
+    # 2^(width + 1) + 2 a hint; with one hint whose margin the plain window can hold, every key
+    # within the margin falls in cells of one width.
     top = 2**key_bits - 1
-    for key in (0, 1, 2**20 + 12_345, top // 3, top - 5, top):
+    keys = (0, 1, 2**20 + 12_345, top // 3, top - 5, top)
+    for key in keys:
         for margin in (0, 1, 300, 2**25):
-            cells = _window_cells(Threshold(key_bits, key, margin), width, key_bits)
-            lows = [low for low, _ in cells]
-            assert lows[0] == 0 and lows == sorted(set(lows)) and len(cells) <= 3 * 2**width + 2
-            for (low, shift), high in zip(cells, lows[1:] + [2**key_bits]):
-                assert 0 <= shift <= key_bits and (low >> shift) == ((high - 1) >> shift)
-            if width > 1 and 0 < margin <= (2 ** (width - 1) - 1) << _window_shift(width, key_bits):
-                near = {shift for (low, shift), high in zip(cells, lows[1:] + [2**key_bits])
-                        if low <= key + margin and high > key - margin}
-                assert len(near) == 1, (key, margin, near)
+            for others in [()] + [(Threshold(key_bits, other),) for other in keys[::2]]:
+                hints = (Threshold(key_bits, key, margin), *others)
+                cells = _window_cells(hints, width, key_bits)
+                lows = [low for low, _ in cells]
+                assert lows[0] == 0 and lows == sorted(set(lows))
+                assert len(cells) <= 2**width + len(hints) * (2 ** (width + 1) + 2)
+                for (low, shift), high in zip(cells, lows[1:] + [2**key_bits]):
+                    assert 0 <= shift <= key_bits and (low >> shift) == ((high - 1) >> shift)
+                if not others and width > 1 and \
+                        0 < margin <= (2 ** (width - 1) - 1) << _window_shift(width, key_bits):
+                    near = {shift for (low, shift), high in zip(cells, lows[1:] + [2**key_bits])
+                            if low <= key + margin and high > key - margin}
+                    assert len(near) == 1, (key, margin, near)
 
 
 def test_estimates_bracket_the_threshold_and_narrow_with_the_ranks():
@@ -751,6 +764,61 @@ def test_rigl_grow_starts_from_the_estimates_its_drop_carried(world):
         assert len(calls) == drop_rounds + grow_rounds - 1, (drop_rounds, grow_rounds, calls)
     for name in names:
         assert torch.equal(torch.cat([new[name] for new, _ in results]), expected[name]), name
+
+
+def test_the_next_grow_also_starts_from_the_thresholds_it_found(monkeypatch):
+    # Two RigL updates on one layout of 2 ranks, the grow scores of rank 0's half of every layer
+    # scaled by 2^8 and rank 1's by 2^-8 (pieces unlike, as rows of a real layer): the mean of
+    # the ranks' estimates lies binades below the threshold, outside every window, and the first
+    # update's grow takes its cold rounds. The next update's grow also counts around the
+    # thresholds the first found, which hold its own: a round fewer. The masks are those of the
+    # full tensors both times.
+    import distsparse.sparsity.layout as layout_module
+
+    shapes, masks, drop, grow, active, counts = _rigl_case(seed=10)
+    for name, scores in grow.items():
+        half = scores.numel() // 2
+        scores[:half] *= 2.0**8
+        scores[half:] *= 2.0**-8
+    select = layout_module.sharded_topk
+    calls, grow_calls = {0: 0, 1: 0}, {0: [], 1: []}
+
+    def recorded(*args, **kwargs):
+        rank, before = kwargs["rank"], calls[kwargs["rank"]]
+        selection = select(*args, **kwargs)
+        if "settle" in kwargs:  # the grow
+            grow_calls[rank].append(calls[rank] - before)
+        return selection
+
+    def update(rank, all_reduce_sum):
+        def counted(tensor):
+            calls[rank] += 1
+            all_reduce_sum(tensor)
+
+        layout = PieceLayout(shapes, rank, 2, counted, None)
+        pieces = [{name: layout.piece(name, value) for name, value in scores.items()}
+                  for scores in (masks, drop, grow)]
+        updated = []
+        for _ in range(2):
+            updated.append(layout.drop_and_grow(*pieces, counts, active))
+            pieces[0] = updated[-1]
+        return updated
+
+    monkeypatch.setattr(layout_module, "sharded_topk", recorded)
+    results = _run_ranks(2, update)
+    for result in results:
+        assert not isinstance(result, BaseException), result
+    expected, full = [], FullLayout(shapes)
+    current = masks
+    for _ in range(2):
+        current = full.drop_and_grow(current, drop, grow, counts, active)
+        expected.append(current)
+    for which in range(2):
+        for name in shapes:
+            assert torch.equal(torch.cat([r[which][name] for r in results]), expected[which][name])
+    assert grow_calls[0] == grow_calls[1]
+    first, second = grow_calls[0]
+    assert second == first - 1, grow_calls
 
 
 # --- a tie exchange deferred to the next selection's first round ----------------------------------

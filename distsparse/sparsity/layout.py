@@ -216,7 +216,8 @@ class PieceLayout(FullLayout):
 
     def _select(self, scores: Mapping[str, torch.Tensor], names: list[str], ks: list[int],
                 groups: list[int], eligible: Mapping[str, torch.Tensor] | None,
-                hint_keys: list[tuple[str, object]], hints: list[Threshold | None] | None = None,
+                hint_keys: list[tuple[str, object]],
+                hints: list[Threshold | tuple[Threshold, ...] | None] | None = None,
                 **options: object) -> ShardedSelection:
         """`sharded_topk` of the named pieces, its groups started from `hints` if given, else from
         the thresholds the last selections with their hint keys found (the same masks; fewer
@@ -236,7 +237,7 @@ class PieceLayout(FullLayout):
 
     def _layer_select(self, scores: Mapping[str, torch.Tensor], ks: Mapping[str, int],
                       eligible: Mapping[str, torch.Tensor] | None, purpose: str,
-                      hints: list[Threshold | None] | None = None,
+                      hints: list[Threshold | tuple[Threshold, ...] | None] | None = None,
                       **options: object) -> ShardedSelection:
         names = self._ordered(ks)
         selection = self._select(scores, names, [ks[name] for name in names],
@@ -272,8 +273,9 @@ class PieceLayout(FullLayout):
 
         The grow selection starts from the ranks' estimates of its thresholds (over the entries
         inactive now: the grow's candidates but the dropped), which the drop's first round
-        carries, and its first round carries the drop's tie exchange; the masks depend on
-        neither.
+        carries, and from the thresholds it found the update before (the estimates miss where
+        the ranks' pieces differ, as rows of a real layer do); its first round carries the drop's
+        tie exchange. The masks depend on none of them.
         """
         swapping = {name: count for name, count in counts.items() if count > 0}
         if not swapping:
@@ -289,9 +291,11 @@ class PieceLayout(FullLayout):
         drop = self._layer_select(
             drop_scores, {name: active[name] - count for name, count in swapping.items()}, masks,
             "drop", carry=estimates, defer_ties=True)
+        hints = [tuple(hint for hint in (estimate, self._thresholds.get(("grow", name))) if hint)
+                 for estimate, name in zip(estimated_hints(drop.carried, grow_bits), names)]
         grow = self._layer_select(
             grow_scores, swapping, {name: ~kept for name, kept in zip(names, drop.masks)}, "grow",
-            hints=estimated_hints(drop.carried, grow_bits), settle=drop.deferred)
+            hints=hints, settle=drop.deferred)
         kept = grow.settled or drop.masks
         new = {name: kept_of | grown for name, kept_of, grown in zip(names, kept, grow.masks)}
         self._remember(new, {name: active[name] for name in swapping})  # drop n, grow n

@@ -369,7 +369,7 @@ def sharded_topk(
     world_size: int,
     eligible: Sequence[torch.Tensor] | None = None,
     bits_per_round: int | None = None,
-    hints: Sequence[Threshold | None] | None = None,
+    hints: Sequence[Threshold | Sequence[Threshold] | None] | None = None,
     carry: torch.Tensor | None = None,
     defer_ties: bool = False,
     settle: DeferredTies | None = None,
@@ -383,10 +383,10 @@ def sharded_topk(
     threshold drops out of later rounds, and the rounds end when every group has. `bits_per_round`
     fixes the digit width; by default each round takes `round_bits(open groups)`.
 
-    `hints` (one per group, or None) are thresholds an earlier selection found
-    (`ShardedSelection.thresholds`) or estimates (`estimated_hints`); a group with a hint spends
-    its first round on a window of keys around it, and with a margin also on a finer window
-    inside that (see `_window_cells`), which saves rounds when its threshold lies within them
+    `hints` (per group one, several or None) are thresholds an earlier selection found
+    (`ShardedSelection.thresholds`) or estimates (`estimated_hints`); a group with hints spends
+    its first round on a window of keys around each, and around one with a margin also on a
+    finer window (see `_window_cells`), which saves rounds when its threshold lies within one
     and none when it does not. The masks never depend on the hints.
 
     `carry`, a 1-D integer tensor (on every rank the same length), travels with the first round
@@ -558,8 +558,10 @@ def sharded_topk(
     # by their top `width` bits as without a hint: cells [0, top of the window's lowest key] below
     # it, then the fine buckets, then the top bits + 2^width + 1 above it, in key order.
     width = width_of(list(range(len(ks))), key_bits)
-    windows = [None if hint is None or hint.key_bits != key_bits else _window_cells(hint, width, key_bits)
-               for hint in (hints or [None] * len(ks))]
+    usable = [[hint for hint in ((given,) if isinstance(given, Threshold) else given or ())
+               if hint.key_bits == key_bits] for given in (hints or [None] * len(ks))]
+    windows = [_window_cells(group_hints, width, key_bits) if group_hints else None
+               for group_hints in usable]
     buckets = max([2**width] + [len(cells) for cells in windows if cells is not None])
     offset = 2 ** (KEY_BITS - 1) if key_bits == KEY_BITS else 0  # to `_ordered_keys`' values
     boundaries = [None if cells is None else torch.tensor(
@@ -628,7 +630,7 @@ def sharded_topk(
                     call + sent["calls"]: size for call, size in again.tie_bytes.items()})
     remaining, prefix = [key_bits - width] * len(ks), list(kth)
     for group, cells in enumerate(windows):
-        if cells is not None:
+        if cells is not None and kth[group] < len(cells):  # past them: a group selecting none
             low, cell_shift = cells[kth[group]]
             remaining[group], prefix[group] = cell_shift, low >> cell_shift
     # The settled selection's tied entries it took are no candidates; those it left are, and
@@ -810,26 +812,28 @@ def _ordered_keys(keys: torch.Tensor, key_bits: int) -> torch.Tensor:
     return keys.to(torch.int64) & (2**key_bits - 1)
 
 
-def _window_cells(hint: Threshold, width: int, key_bits: int) -> list[tuple[int, int]]:
+def _window_cells(hints: Sequence[Threshold], width: int, key_bits: int) -> list[tuple[int, int]]:
     """A hinted group's first-round cells in key order: each cell's lowest key and the key bits
     below its aligned digit, which later rounds resolve.
 
-    A window of 2^width cells of 2^`_window_shift` keys around the hint, among the cells of the
-    fewest top bits that leave the keys outside it no more rounds than the top `width` bits
+    A window of 2^width cells of 2^`_window_shift` keys around each hint, among the cells of the
+    fewest top bits that leave the keys outside them no more rounds than the top `width` bits
     would (2 bits for 6-bit digits on 32-bit keys: 30 bits left, 5 rounds, as for 26), so a
     threshold outside costs no round against no hint. A hint with a margin (estimates) also gets
-    a window of 2^width cells as fine as covers the margin inside it, whose miss costs no round
-    against the plain window.
+    a window of 2^width cells as fine as covers the margin inside its own, whose miss costs no
+    round against the plain windows.
     """
     shift = _window_shift(width, key_bits)
     top_bits = key_bits - width * -(-(key_bits - width) // width)
-    top = [(digit << (key_bits - top_bits), key_bits - top_bits) for digit in range(2**top_bits)]
-    cells = _nest(top, hint.key, shift, width, key_bits)
-    if hint.margin and width > 1:
-        fine = max(0, (-(-hint.margin // (2 ** (width - 1) - 1)) - 1).bit_length())
-        fine = width * -(-fine // width)
-        if fine < shift:
-            cells = _nest(cells, hint.key, fine, width, key_bits)
+    cells = [(digit << (key_bits - top_bits), key_bits - top_bits) for digit in range(2**top_bits)]
+    for hint in hints:
+        cells = _nest(cells, hint.key, shift, width, key_bits)
+    for hint in hints:
+        if hint.margin and width > 1:
+            fine = max(0, (-(-hint.margin // (2 ** (width - 1) - 1)) - 1).bit_length())
+            fine = width * -(-fine // width)
+            if fine < shift:
+                cells = _nest(cells, hint.key, fine, width, key_bits)
     return cells
 
 
