@@ -159,12 +159,15 @@ def main(argv: list[str] | None = None) -> int:
         for hinted in HINTED[which]:
             found = [where for selection, hints, where in places if (selection, hints) == (which, hinted)]
             world, from_previous = hinted
-            started = " and ".join(([f"{world} ranks' estimates"] if world else [])
-                                   + (["the threshold before"] if from_previous else []))
-            placed.append([label, started, len(found),
+            hints = " and ".join(([f"{world} ranks' estimates"] if world else [])
+                                 + (["the threshold before"] if from_previous else []))
+            placed.append([label, hints, len(found),
                            *(f"{found.count(where) / max(1, len(found)):.0%}" for where in PLACES)])
-    body += "\n\nWhere each threshold falls in a first round started from hints:\n\n" + \
-        markdown_table(["selection", "hints", "layer updates", *PLACES], placed)
+    zeros = [sum(1 for row in records for pair in row.values() if pair[which] == 0) for which in (0, 1)]
+    layer_updates = sum(len(row) for row in records)
+    body += ("\n\nWhere each threshold falls in a first round started from hints (thresholds at "
+             f"0 of the {layer_updates} layer updates: drop {zeros[0]}, grow {zeros[1]}):\n\n"
+             + markdown_table(["selection", "hints", "layer updates", *PLACES], placed))
     print(body)
     info = run_info(load_before, f"distsparse train {' '.join(argv)}",
                     {"wall time of the benchmark": f"{time.perf_counter() - started:.0f} s"})
