@@ -423,9 +423,9 @@ def main(argv: list[str] | None = None) -> int:
             worst = select_ms(most, 1024, 100)
             tables = [sum(rank_bytes for _, rank_bytes in calls) * world
                       for calls, world in ((fewest, WORLDS[0]), (most, WORLDS[-1]))]
-            finer = ("; the rest differs where more ranks' estimates give the grow a finer "
-                     "window: a round fewer, a larger first round"
-                     if smallest - tables[0] != largest - tables[1] else "")
+            finer = ("; the rest differs with the ranks' estimates, around which the grow's "
+                     "first round counts (in a finer window too where they agree closely: a "
+                     "round fewer)" if smallest - tables[0] != largest - tables[1] else "")
             updates.append(
                 f"{update} update: {len(fewest)} all-reduces of {smallest / 1e3:.1f} kB a rank at "
                 f"{WORLDS[0]} GPUs and {len(most)} of {largest / 1e3:.1f} kB at 1024, of which "
