@@ -553,10 +553,10 @@ def sharded_topk(
         return round_bits(len(open_groups), remaining, max(elements[group] for group in open_groups))
 
     # Each group resolves its k-th key from the top: `remaining[g]` low bits still open, `prefix[g]`
-    # the bits above them. The first round takes the top `width` bits. A group with a hint counts
-    # the keys in a window around it in 2^width fine buckets of 2^shift keys, and the keys outside
-    # by their top `width` bits as without a hint: cells [0, top of the window's lowest key] below
-    # it, then the fine buckets, then the top bits + 2^width + 1 above it, in key order.
+    # the bits above them. The first round takes the top `width` bits. A group with hints counts
+    # the keys in the cells of `_window_cells` (windows around its hints among top-bit cells, in
+    # key order), each cell's lowest key a boundary for `torch.searchsorted`; its k-th cell gives
+    # the prefix and the bits left.
     width = width_of(list(range(len(ks))), key_bits)
     usable = [[hint for hint in ((given,) if isinstance(given, Threshold) else given or ())
                if hint.key_bits == key_bits] for given in (hints or [None] * len(ks))]
