@@ -55,18 +55,15 @@ def place(scores: torch.Tensor, eligible: torch.Tensor, fraction: float, thresho
         _window_cells,
         _window_shift,
         estimated_hints,
-        threshold_estimates,
-        zero3_partition,
     )
+    from scale_model import emulated_estimates
 
     def key_of(value: float) -> int:
         return int(_candidate_keys(torch.tensor([value], dtype=torch.float32), 32)) & (2**32 - 1)
 
     hints = [] if previous is None or not math.isfinite(previous) else [Threshold(32, key_of(previous))]
     if world:
-        pieces = [slice(*zero3_partition(scores.numel(), rank, world)) for rank in range(world)]
-        total = sum(threshold_estimates([scores[piece]], [eligible[piece]], [fraction], 32, world)
-                    for piece in pieces)
+        total = emulated_estimates(world)([scores], [eligible], [fraction], 32)
         hints += [hint for hint in estimated_hints(total.tolist(), 32) if hint is not None]
     if not hints or not math.isfinite(threshold):
         return None
