@@ -1,6 +1,7 @@
 """Sharded top-k (ZeRO-3 pieces), global and per layer, equals the single-process selection."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import threading
@@ -742,8 +743,9 @@ def test_rigl_grow_starts_from_the_estimates_its_drop_carried(world):
     # drop and the grow each take 3 rounds here (8 bits, 8, then wider digits for the groups
     # left). The grow starts from the ranks' estimates of its thresholds, which the drop's first
     # round carried (no call of its own): its window of 256 buckets of 2^16 keys holds each
-    # threshold and fixes 16 bits, and it takes one round fewer. Masks: those of the full
-    # tensors, with every rank's calls the same.
+    # threshold and fixes 16 bits, and it takes one round fewer. Its first round also carries
+    # the drop's last (the 9 groups left spread their few candidates over 1,024 buckets): a call
+    # fewer again. Masks: those of the full tensors, with every rank's calls the same.
     shapes, masks, drop, grow, active, counts = _rigl_case(seed=7)
     names = list(shapes)
     expected = FullLayout(shapes).drop_and_grow(masks, drop, grow, counts, active)
@@ -761,91 +763,99 @@ def test_rigl_grow_starts_from_the_estimates_its_drop_carried(world):
     assert round_bits(len(names), 32, 8_192) == 8 and drop_rounds == grow_rounds == 3
     for new, calls in results:
         assert calls == results[0][1]
-        assert len(calls) == drop_rounds + grow_rounds - 1, (drop_rounds, grow_rounds, calls)
+        assert len(calls) == drop_rounds + grow_rounds - 2, (drop_rounds, grow_rounds, calls)
     for name in names:
         assert torch.equal(torch.cat([new[name] for new, _ in results]), expected[name]), name
 
 
-def test_the_next_grow_also_starts_from_the_thresholds_it_found(monkeypatch):
+def test_the_next_grow_also_starts_from_the_thresholds_it_found():
     # Two RigL updates on one layout of 2 ranks, the grow scores of rank 0's half of every layer
     # scaled by 2^8 and rank 1's by 2^-8 (pieces unlike, as rows of a real layer): the mean of
-    # the ranks' estimates lies binades below the threshold, outside every window, and the first
-    # update's grow takes its cold rounds. The next update's grow also counts around the
-    # thresholds the first found, which hold its own: a round fewer. The masks are those of the
-    # full tensors both times.
-    import distsparse.sparsity.layout as layout_module
-
+    # the ranks' estimates lies binades below the threshold, outside every window. The next
+    # update's grow also counts around the thresholds the first found, which hold its own: a
+    # call fewer than the same update with those thresholds forgotten. The masks are those of
+    # the full tensors both times.
     shapes, masks, drop, grow, active, counts = _rigl_case(seed=10)
     for name, scores in grow.items():
         half = scores.numel() // 2
         scores[:half] *= 2.0**8
         scores[half:] *= 2.0**-8
-    select = layout_module.sharded_topk
-    calls, grow_calls = {0: 0, 1: 0}, {0: [], 1: []}
 
-    def recorded(*args, **kwargs):
-        rank, before = kwargs["rank"], calls[kwargs["rank"]]
-        selection = select(*args, **kwargs)
-        if "settle" in kwargs:  # the grow
-            grow_calls[rank].append(calls[rank] - before)
-        return selection
+    def updates(forget: bool):
+        def update(rank, all_reduce_sum):
+            calls = []
 
-    def update(rank, all_reduce_sum):
-        def counted(tensor):
-            calls[rank] += 1
-            all_reduce_sum(tensor)
+            def counted(tensor):
+                calls.append(tensor.numel())
+                all_reduce_sum(tensor)
 
-        layout = PieceLayout(shapes, rank, 2, counted, None)
-        pieces = [{name: layout.piece(name, value) for name, value in scores.items()}
-                  for scores in (masks, drop, grow)]
-        updated = []
-        for _ in range(2):
-            updated.append(layout.drop_and_grow(*pieces, counts, active))
-            pieces[0] = updated[-1]
-        return updated
+            layout = PieceLayout(shapes, rank, 2, counted, None)
+            pieces = [{name: layout.piece(name, value) for name, value in scores.items()}
+                      for scores in (masks, drop, grow)]
+            updated = []
+            for _ in range(2):
+                calls.clear()
+                updated.append(layout.drop_and_grow(*pieces, counts, active))
+                pieces[0] = updated[-1]
+                if forget:
+                    layout._thresholds = {key: threshold for key, threshold
+                                          in layout._thresholds.items() if key[0] != "grow"}
+            return updated, len(calls)
 
-    monkeypatch.setattr(layout_module, "sharded_topk", recorded)
-    results = _run_ranks(2, update)
-    for result in results:
-        assert not isinstance(result, BaseException), result
+        return _run_ranks(2, update)
+
+    remembered, forgotten = updates(False), updates(True)
     expected, full = [], FullLayout(shapes)
     current = masks
     for _ in range(2):
         current = full.drop_and_grow(current, drop, grow, counts, active)
         expected.append(current)
-    for which in range(2):
-        for name in shapes:
-            assert torch.equal(torch.cat([r[which][name] for r in results]), expected[which][name])
-    assert grow_calls[0] == grow_calls[1]
-    first, second = grow_calls[0]
-    assert second == first - 1, grow_calls
+    for results in (remembered, forgotten):
+        assert not any(isinstance(result, BaseException) for result in results), results
+        assert results[0][1] == results[1][1]
+        for which in range(2):
+            for name in shapes:
+                assert torch.equal(torch.cat([r[0][which][name] for r in results]),
+                                   expected[which][name])
+    assert remembered[0][1] == forgotten[0][1] - 1, (remembered[0][1], forgotten[0][1])
 
 
 # --- a tie exchange deferred to the next selection's first round ----------------------------------
 
 
-def _drop_then_grow(drop, grow, masks, counts, world, bits_per_round=None, defer=True):
+def _drop_then_grow(drop, grow, masks, counts, world, bits_per_round=None, defer="ties",
+                    taken=None):
     """The drop (keep the active - count highest `drop` among `masks`) and the grow (the count
     highest `grow` among the entries not kept) of every layer, on every rank's pieces, the grow
-    carrying the drop's tie exchange when `defer`; per rank (kept, grown, calls)."""
+    carrying the drop's tie exchange (`defer` "ties"), also its last round ("last"), or neither
+    (None); per rank (kept, grown, calls). `taken`, a list, gets what each deferred selection's
+    `take` returned."""
     groups = list(range(len(drop)))
     keeps = [int(mask.sum()) - count for mask, count in zip(masks, counts)]
 
     def update(rank, all_reduce_sum):
         kept = sharded_topk(_pieces(drop, rank, world), keeps, groups, all_reduce_sum, rank=rank,
                             world_size=world, eligible=_local(masks, rank, world),
-                            bits_per_round=bits_per_round, defer_ties=defer)
+                            bits_per_round=bits_per_round, defer_ties=defer == "ties",
+                            defer_last_round=defer == "last")
+        deferred = kept.deferred
+        if deferred is not None and taken is not None:
+            def recorded(*args, take=deferred.take):
+                taken.append(take(*args))
+                return taken[-1]
+            deferred = dataclasses.replace(deferred, take=recorded)
         grown = sharded_topk(_pieces(grow, rank, world), counts, groups, all_reduce_sum,
                              rank=rank, world_size=world, eligible=[~mask for mask in kept.masks],
-                             bits_per_round=bits_per_round, settle=kept.deferred)
+                             bits_per_round=bits_per_round, settle=deferred)
         assert bool(grown.settled) == (kept.deferred is not None)
         return grown.settled or kept.masks, grown.masks, kept.all_reduces + grown.all_reduces
 
     return _run_ranks(world, update)
 
 
-def _assert_drop_then_grow_exact(drop, grow, masks, counts, world, bits_per_round=None):
-    results = _drop_then_grow(drop, grow, masks, counts, world, bits_per_round)
+def _assert_drop_then_grow_exact(drop, grow, masks, counts, world, bits_per_round=None,
+                                 defer="ties", taken=None):
+    results = _drop_then_grow(drop, grow, masks, counts, world, bits_per_round, defer, taken)
     for result in results:
         if isinstance(result, BaseException):
             raise result
@@ -865,8 +875,9 @@ def test_a_deferred_tie_exchange_gives_the_masks_of_the_full_tensors(world, bits
     # Heavily tied drop and grow scores (3 and 2 levels) on uneven pieces: the drop's ties are
     # taken in the grow's first round. The grow's k-th bucket is unaffected by the tied entries,
     # or left unsure by them (the next round carries how many of them it selected), or, at the
-    # default width here, ambiguous in some trials: the grow starts again knowing them (the
-    # module's own call, counted; every rank restarts in the same trials).
+    # default width here, moved by them in some trials: it keeps the run of buckets from the
+    # k-th under the fewest of them to the k-th under the most, and never starts again (the
+    # module's own call would count here).
     import distsparse.sparsity.sharded_select as module
 
     restarts = []
@@ -880,16 +891,48 @@ def test_a_deferred_tie_exchange_gives_the_masks_of_the_full_tensors(world, bits
         grow = [torch.randint(0, 2, (n,), generator=gen).float() / 2 for n in NUMELS]
         counts = [int(mask.sum()) // 2 for mask in masks]
         _assert_drop_then_grow_exact(drop, grow, masks, counts, world, bits_per_round)
-    assert len(restarts) % world == 0 and (bits_per_round is not None or restarts)
+    assert not restarts
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("bits_per_round", [1, 2, None])
+def test_a_deferred_last_round_gives_the_masks_of_the_full_tensors(world, bits_per_round,
+                                                                   monkeypatch):
+    # As above, the drop leaving its last round (or the rounds from the one where few groups
+    # are left) to the grow's first round: the grow counts the drop's candidates apart, then
+    # `take` finishes the drop, with rounds of its own where the deferred one was not its last,
+    # and hands on its tie exchange, which the grow's next call carries; where the tied entries
+    # mattered to the grow (some rank's first round kept or selected one), that call's round
+    # goes again knowing them. No selection starts over; the masks are always exact.
+    import distsparse.sparsity.sharded_select as module
+
+    restarts = []
+    select = module.sharded_topk
+    monkeypatch.setattr(module, "sharded_topk",
+                        lambda *args, **kwargs: restarts.append(1) or select(*args, **kwargs))
+    taken = []
+    for trial in range(12):
+        gen = torch.Generator().manual_seed(100 * world + trial)
+        masks = [torch.rand(n, generator=gen) < 0.6 for n in NUMELS]
+        drop = [torch.randint(0, 3 + trial, (n,), generator=gen).float() for n in NUMELS]
+        grow = [torch.randint(0, 2 + trial, (n,), generator=gen).float() / 2 for n in NUMELS]
+        counts = [int(mask.sum()) // 2 for mask in masks]
+        _assert_drop_then_grow_exact(drop, grow, masks, counts, world, bits_per_round, "last",
+                                     taken)
+    assert not restarts
+    assert any(follow is not None for *_, follow in taken)
 
 
 @pytest.mark.parametrize("world", [4, 16])
 def test_rigl_update_carries_its_drops_tie_exchange_in_the_grows_first_round(world):
     # RigL on pieces as above, the drop's |N(0, 1)| scores rounded to multiples of 2^-8 so that
     # several layers tie at their drop threshold: a cold drop takes its rounds and a tie
-    # exchange. In the update the grow's first round carries that exchange, and the drop's
-    # first round the grow's estimates: two calls fewer than the two cold selections, the
-    # same on every rank, and the masks of the full tensors.
+    # exchange. In the update the drop's first round carries the grow's estimates, the grow's
+    # first round the drop's last round (20 groups left, then a round of the drop's own) and
+    # its second round the drop's tie exchange. Tied entries lie in the grow's first k-th
+    # buckets here, so that round goes again knowing them: two calls fewer than the two cold
+    # selections, as many as deferring the ties alone, the same on every rank, and the masks
+    # of the full tensors.
     shapes, masks, drop, grow, active, counts = _rigl_case(seed=8, drop_step=2**-8)
     names = list(shapes)
     expected = FullLayout(shapes).drop_and_grow(masks, drop, grow, counts, active)
@@ -918,6 +961,47 @@ def test_rigl_update_carries_its_drops_tie_exchange_in_the_grows_first_round(wor
         assert torch.equal(torch.cat([new[name] for new, _ in results]), expected[name]), name
 
 
+def test_a_deferred_drops_ties_go_with_the_grows_own_call_when_its_first_round_ends_it():
+    # 2 ranks, one layer of 64: 48 active, the drop keeps 40 of them, 36 above 1.0 and 4 of the
+    # 12 at 1.0 (ties). At 16-bit digits the drop's second round is likely its last (12
+    # candidates, 2^16 buckets) and goes with the grow's first round; the grow's scores of
+    # those 12 are the lowest, so its first round ends it (the 8 of 16 inactive entries with
+    # the highest scores, each alone in its bucket). The drop's tie exchange then takes a call
+    # of its own: 3 calls, the masks those of the full tensors.
+    drop = torch.cat([2 + torch.arange(36) / 8, torch.ones(12), torch.zeros(16)])
+    mask = torch.arange(64) < 48
+    grow = torch.cat([torch.full((36,), 0.5), torch.arange(12) / 100, 10 + torch.arange(16.0)])
+    taken = []
+    results = _assert_drop_then_grow_exact([drop], [grow], [mask], [8], 2, 16, "last", taken)
+    assert all(result[2] == 3 for result in results)
+    assert len(taken) == 2 and all(follow is not None for *_, follow in taken)
+    with pytest.raises(ValueError, match="one layer a group"):
+        sharded_topk(_pieces([drop, grow], 0, 1), [3], [0, 0], lambda t: None, rank=0,
+                     world_size=1, defer_last_round=True)
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_an_update_of_equal_scores_corrects_the_grows_need_before_its_tie_exchange(world):
+    # All drop and grow scores equal: the drop's deferred round and its own last round leave
+    # every candidate tied; the grow's estimates pin its threshold to one key, so its first
+    # round leaves no bits to resolve while the drop's tied entries are still pending in its
+    # k-th bucket. The drop's tie exchange then goes first, and the grow's carries the count
+    # of them that joined above: the masks of the full tensors.
+    shapes = {"a": (300,), "b": (500,), "c": (1_200,)}
+    gen = torch.Generator().manual_seed(0)
+    masks = {name: torch.rand(shape, generator=gen) < 0.1 for name, shape in shapes.items()}
+    active = {name: int(mask.sum()) for name, mask in masks.items()}
+    counts = {name: int(0.3 * count) for name, count in active.items()}
+    drop = {name: masks[name].float() for name in shapes}
+    grow = {name: torch.ones(shape) for name, shape in shapes.items()}
+    expected = FullLayout(shapes).drop_and_grow(masks, drop, grow, counts, active)
+    results = _layout_updates(shapes, masks, drop, grow, counts, active, world)
+    for new, calls in results:
+        assert calls == results[0][1]
+    for name in shapes:
+        assert torch.equal(torch.cat([new[name] for new, _ in results]), expected[name]), name
+
+
 def test_tie_counts_share_a_word_four_ranks_a_word_even_with_the_top_bit_set():
     # 4 ranks, one layer of 1,000: ranks 0-2 hold distinct scores above 0.5, rank 3 holds 200
     # scores of 0.5 (all active) and 50 inactive entries. The drop keeps 800: 50 of the 200
@@ -937,6 +1021,7 @@ def test_tie_counts_share_a_word_four_ranks_a_word_even_with_the_top_bit_set():
     assert summed.tolist() == [(200 << 24) - 2**32]  # bytes 0, 0, 0, 200: a negative int32
     for ties in deferred:
         for total in (summed, summed.to(torch.int64)):
-            taken, tied, took = ties.take(total)
+            taken, tied, took, follow = ties.take(total)
+            assert follow is None
             assert tied.tolist() == [200] and took.tolist() == [50]
             assert int(taken.sum()) == (50 if ties is deferred[3] else 0)

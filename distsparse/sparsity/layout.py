@@ -11,8 +11,8 @@ Two layouts give identical masks:
   the local shard of FSDP2's Shard(0) DTensor (uneven when rows do not divide). Selections run
   `sharded_select.sharded_topk` (one histogram all-reduce per round for all layers together, 2-4
   rounds a selection, each started from the threshold the same selection found last time, or,
-  for RigL's grow, from the ranks' estimates carried by the drop's first round, whose tie
-  exchange the grow's first round carries in turn),
+  for RigL's grow, from the ranks' estimates carried by the drop's first round, whose last
+  round the grow's first round carries in turn, and its tie exchange the grow's next call),
   counts are one all-reduce of one int64 a layer, and no score, weight or gradient leaves its
   rank. Only `full_masks` moves masks: one all-gather of the bit-packed pieces
   (numel / 8 bytes a layer), for checkpoints, fingerprints and persistent parameters, never for a
@@ -275,7 +275,7 @@ class PieceLayout(FullLayout):
         inactive now: the grow's candidates but the dropped), which the drop's first round
         carries, and from the thresholds it found the update before (the estimates miss where
         the ranks' pieces differ, as rows of a real layer do); its first round carries the drop's
-        tie exchange. The masks depend on none of them.
+        last round, its next call the drop's tie exchange. The masks depend on none of them.
         """
         swapping = {name: count for name, count in counts.items() if count > 0}
         if not swapping:
@@ -290,7 +290,7 @@ class PieceLayout(FullLayout):
             grow_bits, self.world_size)
         drop = self._layer_select(
             drop_scores, {name: active[name] - count for name, count in swapping.items()}, masks,
-            "drop", carry=estimates, defer_ties=True)
+            "drop", carry=estimates, defer_last_round=True)
         hints = [tuple(hint for hint in (estimate, self._thresholds.get(("grow", name))) if hint)
                  for estimate, name in zip(estimated_hints(drop.carried, grow_bits), names)]
         grow = self._layer_select(

@@ -20,7 +20,9 @@ moves no scores or weights:
    fit), an exclusive prefix sum over them in that order, and each rank takes its lowest-index
    ties up to what is left for its piece (on the device: no read). A selection followed by
    another over the same pieces can leave that exchange to the other's first round
-   (`defer_ties`, `settle`: RigL's drop, then its grow).
+   (`defer_ties`, `settle`: RigL's drop, then its grow). It can also leave its last round
+   (`defer_last_round`): the other's first round carries that round's histogram, counts the
+   candidates it leaves apart, and carries the tie exchange in its next call.
 
 Across many GPUs a round costs its latency (about 100 us at 1024 GPUs) more than its bytes, so
 the digits are wide: `round_bits` gives each round the widest digit whose histograms fit in
@@ -158,15 +160,18 @@ class DeferredTies:
     `masks` are the selection's masks without its tied entries (flagged in `tied`, over the
     concatenation of the pieces), `table` this rank's (tied layers x ranks) counts, each rank's
     column `rank_bytes` long, and `take` turns the table summed over the ranks into the tied
-    entries this rank takes, and per tied layer its tied entries and how many of them all ranks
-    take."""
+    entries this rank takes, per tied layer its tied entries and how many of them all ranks
+    take, and the tie exchange still to go (`defer_last_round`: its last round was deferred, and
+    this is the tie exchange after it; else None). `take` may make calls of its own (the
+    deferred selection's further rounds) through the `send` it is handed."""
 
     masks: list[torch.Tensor]
     tied: torch.Tensor
     tied_layers: list[int]
     table: torch.Tensor
     rank_bytes: int
-    take: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    take: Callable[[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]],
+                   tuple[torch.Tensor, torch.Tensor, torch.Tensor, DeferredTies | None]]
 
 
 def contiguous_partition(numel: int, rank: int, world_size: int, unit: int = 1) -> tuple[int, int]:
@@ -372,6 +377,7 @@ def sharded_topk(
     hints: Sequence[Threshold | Sequence[Threshold] | None] | None = None,
     carry: torch.Tensor | None = None,
     defer_ties: bool = False,
+    defer_last_round: bool = False,
     settle: DeferredTies | None = None,
 ) -> ShardedSelection:
     """Independent top-k selections over groups of layers, sharing each round's all-reduce.
@@ -401,7 +407,18 @@ def sharded_topk(
     candidates are the entries its drop did not keep; every tied entry must be eligible) and
     returns the earlier selection's masks in `settled`. Until the exchange arrives, its first
     round counts the tied entries apart; where they could move its k-th largest key to another
-    bucket it restarts once they are known (one call more, as without deferring).
+    bucket it keeps the run of buckets from the k-th under the fewest of them that join to the
+    k-th under the most, and its later rounds resolve the bits below their common prefix.
+
+    `defer_last_round` (one layer a group) also leaves the last histogram round to that
+    selection: the first round that is likely its last (`_likely_last`). The later selection's
+    first round carries its histogram and counts this selection's candidates apart, as it
+    counts tied entries (of a layer's, exactly what its group still needs are kept); `take`
+    then finishes this selection (rounds of their own where the deferred one was not its last)
+    and hands on its tie exchange, which the later selection's next call carries. Where a
+    tied entry is one the later selection's first round kept or selected on some rank, that
+    call's round goes again knowing them (as many calls as deferring the ties alone). The
+    thresholds this selection returns lack the deferred round's bits.
     """
     if bits_per_round is not None and not 1 <= bits_per_round <= 16:
         raise ValueError(f"bits_per_round must be 1 to 16, got {bits_per_round}")
@@ -413,6 +430,8 @@ def sharded_topk(
         raise ValueError(f"{len(groups)} group numbers for {len(shards)} layers and {len(ks)} groups")
     if hints is not None and len(hints) != len(ks):
         raise ValueError(f"{len(hints)} hints for {len(ks)} groups")
+    if defer_last_round and len(set(groups)) != len(groups):
+        raise ValueError("defer_last_round needs one layer a group")
     for layer, piece in enumerate(shards):
         _check_piece(piece, None if eligible is None else eligible[layer], layer, rank, world_size)
     sizes = [piece.scores.numel() for piece in shards]
@@ -445,11 +464,12 @@ def sharded_topk(
     bucket_size = [0] * len(ks)  # candidates of each group's k-th bucket, as of its last round
     carried: list[int] = []
 
-    def exchange(counts: torch.Tensor, nans: torch.Tensor,
-                 riders: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """All-reduce the (open groups x buckets) counts, the NaN count and the 1-D `riders`
-        (zero-padded whole rows below the histogram); the summed histogram rows (int64), NaN
-        count and riders."""
+    def exchange(counts: torch.Tensor, nans: torch.Tensor, riders: Sequence[torch.Tensor],
+                 send: Callable[[torch.Tensor], torch.Tensor] = reduce,
+                 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """All-reduce (`send`) the (open groups x buckets) counts, the NaN count and the 1-D
+        `riders` (zero-padded whole rows below the histogram); the summed histogram rows (int64),
+        NaN count and riders."""
         buckets = counts.shape[1]
         rows = torch.cat([counts, torch.zeros(len(counts), 1, dtype=counts.dtype, device=device)], 1)
         rows[0, buckets] = nans
@@ -460,7 +480,7 @@ def sharded_topk(
                                  device=device)
             padded[:extra] = torch.cat(list(riders)).to(rows.dtype)
             rows = torch.cat([rows, padded.view(-1, buckets + 1)])
-        reduce(rows)
+        send(rows)
         summed = list(rows[len(counts):].reshape(-1)[:extra].to(torch.int64).split(lengths))
         rows = rows[: len(counts)]
         return rows[:, :buckets].to(torch.int64), rows[:, buckets].sum(), summed
@@ -468,14 +488,15 @@ def sharded_topk(
     def decide(rows: torch.Tensor, nan_count: torch.Tensor, open_groups: list[int], first: bool,
                reported: torch.Tensor | None = None, need_offset: torch.Tensor | None = None,
                pending: tuple[torch.Tensor, torch.Tensor] | None = None
-               ) -> tuple[torch.Tensor, list[int], list[int], list[int], bool]:
+               ) -> tuple[torch.Tensor, list[int], list[int], list[int], list[int]]:
         """From the summed (open groups x buckets) counts: update `need` and `done`; return every
         cell's fate (0 drop, 1 select, 2 keep undecided), each open group's cell of its k-th
-        largest key, the values of `reported` (read with the rest), and the groups whose k-th
-        bucket the pending entries leave uncertain: with `pending` (per group their histogram and
-        how many of them are candidates), the bucket is the k-th under both the fewest and the
-        most candidates they could add there, and whether some group's differ (then the round
-        decided nothing). `need_offset` (per group) is first taken off `need`."""
+        largest key, the values of `reported` (read with the rest), the groups whose k-th
+        bucket the pending entries leave uncertain, and each open group's lowest cell kept.
+        With `pending` (per group their histogram and how many of them are candidates), a
+        group keeps the cells from its k-th under the fewest candidates they could add to its
+        k-th under the most; else that one cell. `need_offset` (per group) is first taken off
+        `need`."""
         buckets = rows.shape[1]
         histogram = torch.zeros(len(ks), buckets, dtype=torch.int64, device=device)
         histogram[open_groups] = rows
@@ -487,8 +508,9 @@ def sharded_topk(
         # that digit and in it, and the group's total.
         at_least = histogram.flip(1).cumsum(1).flip(1)  # candidates with digit >= d
         digit_of_kth = ((at_least >= wanted).sum(1, keepdim=True) - 1).clamp_(min=0)
+        lowest = digit_of_kth
         total = histogram.sum(1, keepdim=True)
-        unsure = ambiguous = torch.zeros_like(total)
+        unsure = torch.zeros_like(total)
         if pending is not None:
             pending_rows, joining = pending
             joining = joining.unsqueeze(1)
@@ -497,12 +519,11 @@ def sharded_topk(
             most = at_least + torch.minimum(pending_at_least, joining)
             lowest = ((fewest >= wanted).sum(1, keepdim=True) - 1).clamp_(min=0)
             digit_of_kth = ((most >= wanted).sum(1, keepdim=True) - 1).clamp_(min=0)
-            ambiguous = (lowest != digit_of_kth).to(torch.int64)
-            unsure = ((pending_at_least.gather(1, digit_of_kth) > 0) & (joining > 0)).to(torch.int64)
+            unsure = ((pending_at_least.gather(1, lowest) > 0) & (joining > 0)).to(torch.int64)
             total = total + joining
-        in_bucket = histogram.gather(1, digit_of_kth)
-        above = at_least.gather(1, digit_of_kth) - in_bucket
-        report = torch.cat([digit_of_kth, above, in_bucket, total, unsure, ambiguous], 1)
+        above = at_least.gather(1, digit_of_kth) - histogram.gather(1, digit_of_kth)
+        in_bucket = at_least.gather(1, lowest) - above
+        report = torch.cat([digit_of_kth, above, in_bucket, total, unsure, lowest], 1)
         extra = [] if reported is None else [reported.reshape(-1).to(torch.int64)]
         nan_total, *flat = torch.cat([nan_count.reshape(1).to(torch.int64), offset, *extra,
                                       report.reshape(-1)]).tolist()
@@ -519,27 +540,30 @@ def sharded_topk(
                 if ks[group] > total_of_group:
                     where = f"group {group}: " if len(ks) > 1 else ""
                     raise ValueError(f"{where}cannot select {ks[group]} of {total_of_group} eligible entries")
-        # An open group selects the digits above its k-th's and keeps that digit's candidates,
-        # unless they are exactly what it still needs (it completes: select them too); a group
-        # with nothing to select drops all. A group left unsure by pending entries keeps them.
-        kth, at_kth, live, unsure_groups, ambiguous_groups = [], [], [], [], []
+        # An open group selects the digits above its k-th's and keeps the candidates from its
+        # lowest digit kept to its k-th's, unless they are exactly what it still needs (it
+        # completes: select them too); a group with nothing to select drops all. A group left
+        # unsure by pending entries keeps them.
+        kth, low, at_kth, live, unsure_groups = [], [], [], [], []
         for group in open_groups:
-            digit_value, above_count, in_count, _, unsure_of, ambiguous_of = per_group[group]
-            live.append(need[group] > 0 and not ambiguous_of)
+            digit_value, above_count, in_count, _, unsure_of, lowest_value = per_group[group]
+            live.append(need[group] > 0)
             need[group] -= above_count if live[-1] else 0
             kth.append(digit_value)
+            low.append(lowest_value)
             complete = need[group] == in_count and not unsure_of
             bucket_size[group] = in_count
             at_kth.append(1 if complete else 2)
             done[group] = not live[-1] or complete
             unsure_groups += [group] if unsure_of and live[-1] else []
-            ambiguous_groups += [group] if ambiguous_of else []
         digit = torch.arange(buckets, device=device)
         kth_digit = torch.tensor(kth, dtype=torch.int64, device=device).unsqueeze(1)
+        low_digit = torch.tensor(low, dtype=torch.int64, device=device).unsqueeze(1)
         fate = torch.where(digit > kth_digit, 1, 0) + torch.where(
-            digit == kth_digit, torch.tensor(at_kth, dtype=torch.int64, device=device).unsqueeze(1), 0)
+            (digit >= low_digit) & (digit <= kth_digit),
+            torch.tensor(at_kth, dtype=torch.int64, device=device).unsqueeze(1), 0)
         fate *= torch.tensor(live, dtype=torch.int64, device=device).unsqueeze(1)
-        return fate.to(torch.int8), kth, values, unsure_groups, bool(ambiguous_groups)
+        return fate.to(torch.int8), kth, values, unsure_groups, low
 
     # Digits no wider than the largest open group's elements call for: small layers send small
     # histograms.
@@ -602,37 +626,49 @@ def sharded_topk(
         pending_groups = sorted({groups[layer] for layer in settle.tied_layers})
         riders += [settle.table, pending_counts[pending_groups, :buckets].reshape(-1)]
     rows, nan_count, summed = exchange(counts.to(count_dtype), nans, riders)
+    follow = None  # the settled selection's ties, still to be exchanged (`LastRound`)
     if settle is not None:
         *summed, table, pending_rows = summed
-        taken, tied_total, tied_taken = settle.take(table)
+        taken, tied_total, tied_taken, follow = settle.take(table, reduce)
         joining = torch.zeros(len(ks), dtype=torch.int64, device=device).index_add_(
             0, torch.tensor([groups[layer] for layer in settle.tied_layers], device=device),
             tied_total - tied_taken)
         pending = (torch.zeros(len(ks), buckets, dtype=torch.int64, device=device).index_copy_(
             0, torch.tensor(pending_groups, device=device), pending_rows.view(-1, buckets)), joining)
-    fate, kth, values, unsure, ambiguous = decide(
-        rows, nan_count, list(range(len(ks))), True, torch.cat(summed) if summed else None,
+    reported = summed + ([] if pending is None else [pending[1]])
+    fate, kth, values, unsure, lowest = decide(
+        rows, nan_count, list(range(len(ks))), True, torch.cat(reported) if reported else None,
         pending=pending)
+    if pending is not None:  # the pending entries that join may tie too: at most these more
+        values, joining_counts = values[: -len(ks)], values[-len(ks):]
+        for group, joining_count in enumerate(joining_counts):
+            bucket_size[group] += joining_count
     carried.extend(values)
     settled: list[torch.Tensor] = []
+    tie_bytes = {} if settle is None else {0: settle.rank_bytes}
+    relevant = None  # the settled selection's tied entries this first round did not drop
     if settle is not None:
         settled = list((torch.cat(settle.masks) | taken).split(sizes))
-        if ambiguous:  # the tied entries could move a k-th bucket: start again, knowing them
-            again = sharded_topk(
-                shards, ks, groups, all_reduce_sum, rank=rank, world_size=world_size,
-                eligible=[~taken[starts[layer] : starts[layer + 1]] if eligible is None else
-                          eligible[layer].reshape(-1) & ~taken[starts[layer] : starts[layer + 1]]
-                          for layer in range(len(shards))],
-                bits_per_round=bits_per_round, hints=hints)
-            return ShardedSelection(
-                again.masks, sent["bytes"] + again.bytes_sent, sent["calls"] + again.all_reduces,
-                again.thresholds, carried, settled=settled, tie_bytes={0: settle.rank_bytes} | {
-                    call + sent["calls"]: size for call, size in again.tie_bytes.items()})
+        if follow is not None:  # (ineligible entries count past the row)
+            fates = torch.nn.functional.pad(fate, (0, 1))
+            relevant = torch.stack([
+                (fates[groups[layer]][first_digits[layer][1]]
+                 [follow.tied[starts[layer] : starts[layer + 1]]] != 0).sum()
+                for layer in follow.tied_layers]).sum().reshape(1)
+    # Each group's candidates lie in its kept cells (one, or where pending entries left the
+    # k-th uncertain, a run of them): the later rounds resolve the key bits below the prefix
+    # all their keys share.
     remaining, prefix = [key_bits - width] * len(ks), list(kth)
     for group, cells in enumerate(windows):
-        if cells is not None and kth[group] < len(cells):  # past them: a group selecting none
-            low, cell_shift = cells[kth[group]]
-            remaining[group], prefix[group] = cell_shift, low >> cell_shift
+        if cells is None:
+            start, stop = lowest[group] << remaining[group], (kth[group] + 1) << remaining[group]
+        elif kth[group] < len(cells):
+            start = cells[lowest[group]][0] >> cells[lowest[group]][1] << cells[lowest[group]][1]
+            stop = ((cells[kth[group]][0] >> cells[kth[group]][1]) + 1) << cells[kth[group]][1]
+        else:  # past them: a group selecting none
+            continue
+        remaining[group] = (start ^ (stop - 1)).bit_length()
+        prefix[group] = start >> remaining[group]
     # The settled selection's tied entries it took are no candidates; those it left are, and
     # the groups left unsure learn in the next call how many of them their first round selected.
     fate = torch.cat([fate, torch.zeros(len(ks), 1, dtype=fate.dtype, device=device)], 1)
@@ -644,6 +680,8 @@ def sharded_topk(
             tied = settle.tied[starts[layer] : starts[layer + 1]]
             took = taken[starts[layer] : starts[layer + 1]]
             fate_of = fate_of.masked_fill(took, 0)
+            if follow is not None:  # those the ties decide count once they are known
+                tied = tied & ~follow.tied[starts[layer] : starts[layer + 1]]
             joined_above[groups[layer]] += (tied & ~took & (fate_of == 1)).sum()
         selected[starts[layer] : starts[layer + 1]] = fate_of == 1
         open_index = (fate_of == 2).nonzero().squeeze(1)
@@ -663,56 +701,170 @@ def sharded_topk(
         return torch.zeros(len(ks), dtype=torch.int64, device=device).index_copy_(
             0, torch.tensor(unsure, device=device), summed)
 
-    while True:
-        # Only groups still searching send a row (every rank knows which: `done` and `remaining`
-        # are global; closed groups have no candidates left, and a group with all bits fixed
-        # waits for the tie exchange). Each candidate counts in the cell (its group's row, its
-        # group's next digit).
+    def settle_follow(table: torch.Tensor, send: Callable[[torch.Tensor], torch.Tensor]
+                      ) -> torch.Tensor:
+        """Take the settled selection's tied entries from their summed table: those it keeps
+        are neither selected nor candidates here. Per group, how many of those it leaves this
+        selection's first round selected."""
+        nonlocal follow, settled, positions, keys, layer_of
+        kept, *_ = follow.take(table, send)
+        joined = follow.tied & ~kept & selected
+        selected.logical_and_(~kept)
+        candidates = ~kept[positions]
+        positions, keys, layer_of = positions[candidates], keys[candidates], layer_of[candidates]
+        settled = list((torch.cat(settled) | kept).split(sizes))
+        tie_bytes[sent["calls"] - 1] = follow.rank_bytes
+        follow = None
+        return torch.zeros(len(ks), dtype=torch.int64, device=device).index_add_(
+            0, torch.tensor(groups, device=device),
+            torch.stack([part.sum() for part in joined.split(sizes)]))
+
+    def next_round() -> _Round | None:
+        """The next round's histogram over the candidates, or None when no group searches.
+        Only groups still searching send a row (every rank knows which: `done` and `remaining`
+        are global; closed groups have no candidates left, and a group with all bits fixed waits
+        for the tie exchange). Each candidate counts in the cell (its group's row, its group's
+        next digit)."""
         open_groups = [group for group in range(len(ks)) if not done[group] and remaining[group]]
         if not open_groups:
-            break
+            return None
         waiting = any(not done[group] and not remaining[group] for group in range(len(ks)))
         width = width_of(open_groups, max(remaining[group] for group in open_groups))
         digit_bits = {group: min(width, remaining[group]) for group in open_groups}
-        for group, bits in digit_bits.items():
-            remaining[group] -= bits
-        cells, searching = _cells(keys, layer_group[layer_of], open_groups, digit_bits, remaining,
-                                  width, len(ks), waiting)
+        cells, searching = _cells(keys, layer_group[layer_of], open_groups, digit_bits,
+                                  [remaining[group] - digit_bits.get(group, 0)
+                                   for group in range(len(ks))], width, len(ks), waiting)
         counts = torch.bincount(cells if searching is None else cells[searching],
                                 minlength=len(open_groups) * 2**width)
-        rows, nan_count, summed = exchange(counts.view(-1, 2**width).to(count_dtype),
-                                           torch.zeros((), dtype=torch.int64, device=device),
-                                           [] if correction is None else [correction])
-        fate, kth, *_ = decide(rows, nan_count, open_groups, False,
-                               need_offset=None if correction is None else need_offset(summed[0]))
-        correction = None
-        for group, digit_value in zip(open_groups, kth):
-            prefix[group] = (prefix[group] << digit_bits[group]) | digit_value
-        fate_of = fate.reshape(-1)[cells]
-        del cells
-        if searching is not None:
-            fate_of.masked_fill_(~searching, 2)
+        return _Round(open_groups, digit_bits, cells, searching, counts.view(-1, 2**width))
+
+    def apply_round(round_: _Round, rows: torch.Tensor, offset: torch.Tensor | None) -> None:
+        """Decide a round from its summed histogram: select above each group's k-th digit,
+        keep the candidates at it."""
+        nonlocal positions, keys, layer_of
+        fate, kth, *_ = decide(rows, torch.zeros((), dtype=torch.int64, device=device),
+                               round_.open_groups, False, need_offset=offset)
+        for group, digit_value in zip(round_.open_groups, kth):
+            remaining[group] -= round_.digit_bits[group]
+            prefix[group] = (prefix[group] << round_.digit_bits[group]) | digit_value
+        fate_of = fate.reshape(-1)[round_.cells]
+        if round_.searching is not None:
+            fate_of.masked_fill_(~round_.searching, 2)
         selected[positions[fate_of == 1]] = True
         keep = fate_of == 2
         positions, keys, layer_of = positions[keep], keys[keep], layer_of[keep]
-    thresholds = [Threshold(key_bits, prefix[group] << remaining[group])
-                  if ks[group] and remaining[group] < key_bits else None for group in range(len(ks))]
-    tie_bytes = {} if settle is None else {0: settle.rank_bytes}
-    if all(done):
-        return _finished(selected, sizes, sent, thresholds, carried, settled, tie_bytes)
 
-    # Every remaining candidate of an unfinished group has its threshold key; take what the group
-    # still needs by global index: one exchange of the (tied layers x ranks) counts, or, deferred,
-    # none here.
-    ties = _tie_exchange(selected, sizes, positions, layer_of, groups, done, need, rank,
-                         world_size, count_dtype,
-                         max(bucket_size[group] for group in range(len(ks)) if not done[group]))
-    if defer_ties:
-        return ShardedSelection(ties.masks, sent["bytes"], sent["calls"], thresholds, carried,
+    def run_rounds(send: Callable[[torch.Tensor], torch.Tensor], round_: _Round | None,
+                   may_defer: bool = False) -> _Round | None:
+        """Exchange and decide rounds until no group searches, the first of them `round_`; with
+        `may_defer`, stop before a round worth deferring (`_likely_last`) and return it. The
+        first carries the settled selection's ties if still to go; where some rank's first
+        round kept or selected one of them (`relevant`), it counted them: the round goes again,
+        without those the ties keep and with the correction of those they leave."""
+        nonlocal correction
+        while round_ is not None:
+            if may_defer and correction is None and _likely_last(round_, remaining, bucket_size):
+                return round_
+            riders = ([] if correction is None else [correction]) + \
+                ([] if follow is None else [follow.table, relevant])
+            rows, _, summed = exchange(round_.counts.to(count_dtype),
+                                       torch.zeros((), dtype=torch.int64, device=device),
+                                       riders, send)
+            if follow is not None:
+                summed, (table, relevant_sum) = summed[:-2], summed[-2:]
+                joined = settle_follow(table, send)
+                if int(relevant_sum):  # the round counted entries the ties now decide: again
+                    correction = (joined_above + joined)[unsure] if unsure else None
+                    round_ = next_round()
+                    continue
+            apply_round(round_, rows, None if correction is None else need_offset(summed[0]))
+            correction = None
+            round_ = next_round()
+        return None
+
+    def thresholds() -> list[Threshold | None]:
+        return [Threshold(key_bits, prefix[group] << remaining[group])
+                if ks[group] and remaining[group] < key_bits else None for group in range(len(ks))]
+
+    def finish_ties() -> DeferredTies | None:
+        """The tie exchange of the groups not done, whose candidates all have their threshold
+        key; None when every group is."""
+        if all(done):
+            return None
+        return _tie_exchange(selected, sizes, positions, layer_of, groups, done, need, rank,
+                             world_size, count_dtype,
+                             max(bucket_size[group] for group in range(len(ks)) if not done[group]))
+
+    def defer(round_: _Round) -> ShardedSelection:
+        """The selection so far, leaving `round_`, the rounds after it and the tie exchange to a
+        later selection: that selection's first round carries this round's histogram, and
+        `take` finishes the selection (any further rounds as calls of their own) and hands on
+        its tie exchange. The candidates left are that selection's pending entries: of a
+        layer's, exactly what its group still needs are kept."""
+        candidates = torch.zeros_like(selected)
+        candidates[positions] = True
+        layers = [layer for layer in range(len(shards)) if not done[groups[layer]]]
+        totals, kept = (torch.tensor([values[groups[layer]] for layer in layers],
+                                     dtype=torch.int64, device=device)
+                        for values in (bucket_size, need))
+        masks = list(selected.clone().split(sizes))
+
+        def take(summed: torch.Tensor, send: Callable[[torch.Tensor], torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DeferredTies | None]:
+            apply_round(round_, summed.view(len(round_.open_groups), -1), None)
+            run_rounds(send, next_round())
+            return selected & candidates, totals, kept, finish_ties()
+
+        return ShardedSelection(masks, sent["bytes"], sent["calls"], thresholds(), carried,
+                                deferred=DeferredTies(masks, candidates, layers,
+                                                      round_.counts.reshape(-1).to(count_dtype),
+                                                      0, take))
+
+    last = run_rounds(reduce, next_round(), defer_last_round and settle is None)
+    if last is not None:
+        return defer(last)
+    if follow is not None:  # the rounds ended before the settled selection's ties went
+        joined = settle_follow(reduce(follow.table), reduce)
+        correction = (joined_above + joined)[unsure] if unsure else None
+    ties = finish_ties()
+    if ties is None:
+        return _finished(selected, sizes, sent, thresholds(), carried, settled, tie_bytes)
+    if (defer_ties or defer_last_round) and correction is None:
+        return ShardedSelection(ties.masks, sent["bytes"], sent["calls"], thresholds(), carried,
                                 deferred=ties, tie_bytes=tie_bytes)
-    taken_here, _, _ = ties.take(reduce(ties.table))
+    # Every remaining candidate of an unfinished group has its threshold key; it takes what the
+    # group still needs by global index, in one exchange of the (tied layers x ranks) counts
+    # (with the correction of unsure groups whose first round left no bits to resolve).
+    riders = [ties.table] + ([] if correction is None else [correction])
+    summed = reduce(torch.cat(riders)).split([rider.numel() for rider in riders])
+    taken_here, *_ = ties.take(summed[0], reduce,
+                               None if correction is None else need_offset(summed[1]))
     tie_bytes[sent["calls"] - 1] = ties.rank_bytes
-    return _finished(selected | taken_here, sizes, sent, thresholds, carried, settled, tie_bytes)
+    return _finished(selected | taken_here, sizes, sent, thresholds(), carried, settled, tie_bytes)
+
+
+class _Round(NamedTuple):
+    """A histogram round over the candidates: the groups searching, the digit bits each reads,
+    every candidate's cell (and which count, where not all do), and this rank's counts."""
+
+    open_groups: list[int]
+    digit_bits: dict[int, int]
+    cells: torch.Tensor
+    searching: torch.Tensor | None
+    counts: torch.Tensor
+
+
+LIKELY_LAST = 16
+"""Buckets a candidate at least, in a round `_likely_last` defers: the k-th bucket then most
+likely holds just what its group needs."""
+
+
+def _likely_last(round_: _Round, remaining: list[int], bucket_size: list[int]) -> bool:
+    """Whether a round is likely a selection's last (`defer_last_round`): for every open group
+    it fixes the last bits, or spreads the group's candidates (its k-th bucket of the round
+    before) over at least `LIKELY_LAST` buckets each."""
+    return all(remaining[group] == bits or bucket_size[group] * LIKELY_LAST <= 2**bits
+               for group, bits in round_.digit_bits.items())
 
 
 def _tie_exchange(selected: torch.Tensor, sizes: list[int], positions: torch.Tensor,
@@ -751,18 +903,22 @@ def _tie_exchange(selected: torch.Tensor, sizes: list[int], positions: torch.Ten
         (counts.cumsum(0) - counts)[layer_of]
     tied_index = torch.tensor(tied_layers, device=device)
 
-    def take(summed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def take(summed: torch.Tensor, send: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             need_offset: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
         if packed:  # a sum in a wider integer type keeps its low 32 bits: the words
             summed = summed.to(torch.int32).view(torch.uint8)
         per_rank = summed.view(len(tied_layers), columns)[:, :world_size].to(torch.int64)
         totals = per_rank.sum(1)
         before = totals.cumsum(0) - totals  # tied entries of earlier tied layers
-        left = (need_of - (before - before[first_of_group])).clamp(min=0)
+        needed = need_of if need_offset is None else \
+            need_of - need_offset[[groups[layer] for layer in tied_layers]]
+        left = (needed - (before - before[first_of_group])).clamp(min=0)
         quota = torch.zeros(layers, dtype=torch.int64, device=device).index_copy_(
             0, tied_index, (left - per_rank[:, :rank].sum(1)).clamp(min=0))
         flags = torch.zeros_like(selected)
         flags[positions[order_in_layer < quota[layer_of]]] = True
-        return flags, totals, torch.minimum(totals, left)
+        return flags, totals, torch.minimum(totals, left), None
 
     return DeferredTies(list(selected.split(sizes)), tied, tied_layers, table.reshape(-1),
                         len(tied_layers) * cells.element_size(), take)
