@@ -870,40 +870,20 @@ def _assert_drop_then_grow_exact(drop, grow, masks, counts, world, bits_per_roun
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 @pytest.mark.parametrize("bits_per_round", [1, 2, None])
-def test_a_deferred_tie_exchange_gives_the_masks_of_the_full_tensors(world, bits_per_round,
-                                                                     monkeypatch):
-    # Heavily tied drop and grow scores (3 and 2 levels) on uneven pieces: the drop's ties are
-    # taken in the grow's first round. The grow's k-th bucket is unaffected by the tied entries,
-    # or left unsure by them (the next round carries how many of them it selected), or, at the
-    # default width here, moved by them in some trials: it keeps the run of buckets from the
-    # k-th under the fewest of them to the k-th under the most, and never starts again (the
-    # module's own call would count here).
-    import distsparse.sparsity.sharded_select as module
-
-    restarts = []
-    select = module.sharded_topk
-    monkeypatch.setattr(module, "sharded_topk",
-                        lambda *args, **kwargs: restarts.append(1) or select(*args, **kwargs))
-    for trial in range(12):
-        gen = torch.Generator().manual_seed(100 * world + trial)
-        masks = [torch.rand(n, generator=gen) < 0.6 for n in NUMELS]
-        drop = [torch.randint(0, 3, (n,), generator=gen).float() for n in NUMELS]
-        grow = [torch.randint(0, 2, (n,), generator=gen).float() / 2 for n in NUMELS]
-        counts = [int(mask.sum()) // 2 for mask in masks]
-        _assert_drop_then_grow_exact(drop, grow, masks, counts, world, bits_per_round)
-    assert not restarts
-
-
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
-@pytest.mark.parametrize("bits_per_round", [1, 2, None])
-def test_a_deferred_last_round_gives_the_masks_of_the_full_tensors(world, bits_per_round,
-                                                                   monkeypatch):
-    # As above, the drop leaving its last round (or the rounds from the one where few groups
-    # are left) to the grow's first round: the grow counts the drop's candidates apart, then
-    # `take` finishes the drop, with rounds of its own where the deferred one was not its last,
-    # and hands on its tie exchange, which the grow's next call carries; where the tied entries
-    # mattered to the grow (some rank's first round kept or selected one), that call's round
-    # goes again knowing them. No selection starts over; the masks are always exact.
+@pytest.mark.parametrize("defer", ["ties", "last"])
+def test_a_deferred_tie_exchange_or_last_round_gives_the_masks_of_the_full_tensors(
+        world, bits_per_round, defer, monkeypatch):
+    # Heavily tied drop and grow scores (3 and 2 levels, or a few more) on uneven pieces: the
+    # drop's ties are taken in the grow's first round. The grow's k-th bucket is unaffected by
+    # the tied entries, or left unsure by them (the next round carries how many of them it
+    # selected), or, at the default width here, moved by them in some trials: it keeps the run
+    # of buckets from the k-th under the fewest of them to the k-th under the most.
+    # Deferring its last round too ("last"), the drop's candidates count apart in the grow's
+    # first round, `take` finishes the drop (with rounds of its own where the deferred one was
+    # not its last) and hands on its tie exchange, which the grow's next call carries; where a
+    # tied entry mattered to the grow (some rank's first round kept or selected one), that
+    # call's round goes again knowing them. No selection starts over (the module's own call
+    # would count here); the masks are always exact.
     import distsparse.sparsity.sharded_select as module
 
     restarts = []
@@ -913,14 +893,15 @@ def test_a_deferred_last_round_gives_the_masks_of_the_full_tensors(world, bits_p
     taken = []
     for trial in range(12):
         gen = torch.Generator().manual_seed(100 * world + trial)
+        more = 0 if defer == "ties" else trial
         masks = [torch.rand(n, generator=gen) < 0.6 for n in NUMELS]
-        drop = [torch.randint(0, 3 + trial, (n,), generator=gen).float() for n in NUMELS]
-        grow = [torch.randint(0, 2 + trial, (n,), generator=gen).float() / 2 for n in NUMELS]
+        drop = [torch.randint(0, 3 + more, (n,), generator=gen).float() for n in NUMELS]
+        grow = [torch.randint(0, 2 + more, (n,), generator=gen).float() / 2 for n in NUMELS]
         counts = [int(mask.sum()) // 2 for mask in masks]
-        _assert_drop_then_grow_exact(drop, grow, masks, counts, world, bits_per_round, "last",
+        _assert_drop_then_grow_exact(drop, grow, masks, counts, world, bits_per_round, defer,
                                      taken)
     assert not restarts
-    assert any(follow is not None for *_, follow in taken)
+    assert defer == "ties" or any(follow is not None for *_, follow in taken)
 
 
 @pytest.mark.parametrize("world", [4, 16])

@@ -222,7 +222,7 @@ class PieceLayout(FullLayout):
         """`sharded_topk` of the named pieces, its groups started from `hints` if given, else from
         the thresholds the last selections with their hint keys found (the same masks; fewer
         rounds where they moved little); `options` go to `sharded_topk` (carry, defer_ties,
-        settle)."""
+        defer_last_round, settle)."""
         shards = [ShardPiece(scores[name].reshape(-1), self.bounds[name][0], self.numel(name),
                              self.units[name]) for name in names]
         if hints is None:
