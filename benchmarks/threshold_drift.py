@@ -13,7 +13,8 @@ threshold of the update before, and the ranks' estimates, `threshold_estimates` 
 split into 8 and 64 ZeRO-3 pieces, as `PieceLayout.drop_and_grow` starts them): in a finer
 window (a round saved beyond the plain one), a plain one (a factor 2 either way), or outside
 (no round saved); pieces of a real layer differ, unlike the i.i.d. scores of `scale_model.py`.
-It appends both tables to RESULTS.md.
+And it replays every update on pieces, counting its all-reduce calls with the drop's last round
+carried by the grow's first round and without. It appends the tables to RESULTS.md.
 
     .venv/bin/python benchmarks/threshold_drift.py configs/gpt/fortunes_rigl.yaml \\
         model.kwargs.n_layer=2 model.kwargs.n_embd=128 train.batch_size=16
@@ -73,10 +74,61 @@ def place(scores: torch.Tensor, eligible: torch.Tensor, fraction: float, thresho
     return PLACES[0] if shift < plain else PLACES[1] if shift == plain else PLACES[2]
 
 
+REPLAYS = tuple((ranks, deferred) for ranks in (8, 64) for deferred in (True, False))
+"""The update replayed on pieces: (ranks whose estimates start the grow, whether the drop's last
+round rides in the grow's first round; else only its tie exchange does)."""
+
+
+class Replay:
+    """`PieceLayout.drop_and_grow` of every recorded update on one rank's pieces (the whole
+    layers: the rounds are those of any number of ranks), the grow started from the estimates
+    `ranks` ranks would agree on (`scale_model.emulated_estimates`): the calls of each update,
+    its masks checked against the full tensors'."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], ranks: int, deferred: bool) -> None:
+        from distsparse.sparsity.layout import PieceLayout
+
+        self.calls: list[int] = []
+        self.count = 0
+
+        def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+            self.count += 1
+            return tensor
+
+        self.layout = PieceLayout(shapes, 0, 1, all_reduce_sum, lambda tensor: [tensor])
+        self.ranks, self.deferred = ranks, deferred
+
+    def update(self, masks, drop_scores, grow_scores, counts, active, expected) -> None:
+        import distsparse.sparsity.layout as layout_module
+        from scale_model import emulated_estimates
+
+        select, estimates = layout_module.sharded_topk, layout_module.threshold_estimates
+
+        def ties_only(*args, defer_last_round=False, **kwargs):
+            return select(*args, defer_ties=kwargs.pop("defer_ties", False) or defer_last_round,
+                          **kwargs)
+
+        layout_module.threshold_estimates = emulated_estimates(self.ranks)
+        if not self.deferred:
+            layout_module.sharded_topk = ties_only
+        self.count = 0
+        try:
+            flat = [{name: tensor.reshape(-1) for name, tensor in tensors.items()}
+                    for tensors in (masks, drop_scores, grow_scores)]
+            new = self.layout.drop_and_grow(*flat, counts, active)
+        finally:
+            layout_module.sharded_topk, layout_module.threshold_estimates = select, estimates
+        for name, mask in new.items():
+            if not torch.equal(mask, expected[name].reshape(-1)):
+                raise AssertionError(f"{name}: the replay on pieces differs from the full tensors")
+        self.calls.append(self.count)
+
+
 def record_thresholds(records: list[dict[str, tuple[float, float]]],
-                      places: list[tuple[int, int, str]]):
+                      places: list[tuple[int, int, str]], replays: dict[tuple[int, bool], Replay]):
     """Wrap FullLayout.drop_and_grow to append each update's per-layer (drop, grow) thresholds,
-    and (selection, world, place) per layer to `places`; returns the undo."""
+    and (selection, world, place) per layer to `places`, and to replay it on pieces (`replays`,
+    filled per (ranks, deferred) of `REPLAYS` at the first update); returns the undo."""
     from distsparse.sparsity.layout import FullLayout
     from distsparse.sparsity.sharded_select import round_bits
 
@@ -110,7 +162,15 @@ def record_thresholds(records: list[dict[str, tuple[float, float]]],
                     if where is not None:
                         places.append((which, hinted, where))
         records.append(row)
-        return original(self, masks, drop_scores, grow_scores, counts, active)
+        new = original(self, masks, drop_scores, grow_scores, counts, active)
+        if active is None:
+            active = self.active_counts({name: masks[name] for name in counts})
+        for replay_of in REPLAYS:
+            if replay_of not in replays:
+                replays[replay_of] = Replay({name: (mask.numel(),) for name, mask in masks.items()},
+                                            *replay_of)
+            replays[replay_of].update(masks, drop_scores, grow_scores, counts, active, new)
+        return new
 
     FullLayout.drop_and_grow = recording
     return lambda: setattr(FullLayout, "drop_and_grow", original)
@@ -133,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     load_before, started = load_average(), time.perf_counter()
     records: list[dict[str, tuple[float, float]]] = []
     places: list[tuple[int, int, str]] = []
-    undo = record_thresholds(records, places)
+    replays: dict[tuple[int, bool], Replay] = {}
+    undo = record_thresholds(records, places, replays)
     try:
         with tempfile.TemporaryDirectory() as run_dir:
             status = distsparse(["train", *argv, f"run.dir={run_dir}/run", "run.progress=false"])
@@ -165,6 +226,20 @@ def main(argv: list[str] | None = None) -> int:
     body += ("\n\nWhere each threshold falls in a first round started from hints (thresholds at "
              f"0 of the {layer_updates} layer updates: drop {zeros[0]}, grow {zeros[1]}):\n\n"
              + markdown_table(["selection", "hints", "layer updates", *PLACES], placed))
+    replayed = []
+    for (ranks, deferred), replay in replays.items():
+        first, *later = replay.calls
+        replayed.append([f"{ranks} ranks' estimates",
+                         "drop's last round and ties" if deferred else "drop's ties only",
+                         len(replay.calls), first, f"{statistics.mean(later):.2f}" if later else "-",
+                         max(later, default="-"), sum(replay.calls)])
+    body += ("\n\nAll-reduce calls of each update replayed on pieces (`PieceLayout.drop_and_grow`, "
+             "masks checked against the full tensors'), by what the grow's first round carries "
+             "(of the calls: the rounds of any number of ranks, the estimates as these ranks "
+             "would agree on them):\n\n"
+             + markdown_table(["grow started from", "grow's first round carries", "updates",
+                               "first update", "later, mean", "later, most", "calls in all"],
+                              replayed))
     print(body)
     info = run_info(load_before, f"distsparse train {' '.join(argv)}",
                     {"wall time of the benchmark": f"{time.perf_counter() - started:.0f} s"})
