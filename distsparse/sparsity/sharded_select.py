@@ -645,7 +645,7 @@ def sharded_topk(
             bucket_size[group] += joining_count
     carried.extend(values)
     settled: list[torch.Tensor] = []
-    tie_bytes = {} if settle is None else {0: settle.rank_bytes}
+    tie_bytes = {0: settle.rank_bytes} if settle is not None and settle.rank_bytes else {}
     relevant = None  # the settled selection's tied entries this first round did not drop
     if settle is not None:
         settled = list((torch.cat(settle.masks) | taken).split(sizes))
