@@ -626,7 +626,7 @@ def sharded_topk(
         pending_groups = sorted({groups[layer] for layer in settle.tied_layers})
         riders += [settle.table, pending_counts[pending_groups, :buckets].reshape(-1)]
     rows, nan_count, summed = exchange(counts.to(count_dtype), nans, riders)
-    follow = None  # the settled selection's ties, still to be exchanged (`LastRound`)
+    follow = None  # the settled selection's ties, still to be exchanged (`defer_last_round`)
     if settle is not None:
         *summed, table, pending_rows = summed
         taken, tied_total, tied_taken, follow = settle.take(table, reduce)
@@ -646,15 +646,8 @@ def sharded_topk(
     carried.extend(values)
     settled: list[torch.Tensor] = []
     tie_bytes = {0: settle.rank_bytes} if settle is not None and settle.rank_bytes else {}
-    relevant = None  # the settled selection's tied entries this first round did not drop
     if settle is not None:
         settled = list((torch.cat(settle.masks) | taken).split(sizes))
-        if follow is not None:  # (ineligible entries count past the row)
-            fates = torch.nn.functional.pad(fate, (0, 1))
-            relevant = torch.stack([
-                (fates[groups[layer]][first_digits[layer][1]]
-                 [follow.tied[starts[layer] : starts[layer + 1]]] != 0).sum()
-                for layer in follow.tied_layers]).sum().reshape(1)
     # Each group's candidates lie in its kept cells (one, or where pending entries left the
     # k-th uncertain, a run of them): the later rounds resolve the key bits below the prefix
     # all their keys share.
@@ -672,6 +665,10 @@ def sharded_topk(
     # The settled selection's tied entries it took are no candidates; those it left are, and
     # the groups left unsure learn in the next call how many of them their first round selected.
     fate = torch.cat([fate, torch.zeros(len(ks), 1, dtype=fate.dtype, device=device)], 1)
+    relevant = None if follow is None else torch.stack([  # its tied entries not dropped here
+        (fate[groups[layer]][first_digits[layer][1]]
+         [follow.tied[starts[layer] : starts[layer + 1]]] != 0).sum()
+        for layer in follow.tied_layers]).sum().reshape(1)
     joined_above = torch.zeros(len(ks), dtype=torch.int64, device=device)
     positions, keys, layer_of = [], [], []
     for layer, (layer_keys, digits) in enumerate(first_digits):
