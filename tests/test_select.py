@@ -267,10 +267,15 @@ REGIMES = [("continuous", torch.float32), ("continuous", torch.float64), ("ties"
 
 REGIME_IDS = [f"{r}-{d}".replace("torch.", "") for r, d in REGIMES]
 
+# Every selection runs where its scores are: the CUDA runs must give the CPU reference's masks.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="needs a CUDA device"))]
 
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("regime,dtype", REGIMES, ids=REGIME_IDS)
-def test_selections_equal_the_stable_argsort(regime, dtype):
-    _selections_agree_with_the_stable_argsort(regime, dtype)
+def test_selections_equal_the_stable_argsort(regime, dtype, device):
+    _selections_agree_with_the_stable_argsort(regime, dtype, device)
 
 
 def _sample_small_tensors(monkeypatch) -> None:
@@ -279,14 +284,16 @@ def _sample_small_tensors(monkeypatch) -> None:
     monkeypatch.setattr(select, "SAMPLE_STRIDE", 4)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("regime,dtype", REGIMES, ids=REGIME_IDS)
-def test_sampled_selections_equal_the_stable_argsort(regime, dtype, monkeypatch):
+def test_sampled_selections_equal_the_stable_argsort(regime, dtype, device, monkeypatch):
     """The same table with the sample bracket on every tensor of 64 scores or more."""
     _sample_small_tensors(monkeypatch)
-    _selections_agree_with_the_stable_argsort(regime, dtype)
+    _selections_agree_with_the_stable_argsort(regime, dtype, device)
 
 
-def _selections_agree_with_the_stable_argsort(regime, dtype):
+def _selections_agree_with_the_stable_argsort(regime, dtype, device):
+    """The reference runs on the CPU; the selections on `device`."""
     g = torch.Generator().manual_seed(len(regime) * 7 + dtype.itemsize)
     for trial in range(12):
         numel = int(torch.randint(1, 3000, (1,), generator=g))
@@ -297,32 +304,36 @@ def _selections_agree_with_the_stable_argsort(regime, dtype):
         eligible = None if density is None else (torch.rand(scores.shape, generator=g) < density)
         n = numel if eligible is None else int(eligible.sum())
         ks = sorted({0, 1, n // 3, n // 2, n - 1, n} & set(range(n + 1)))
-        batched = topk_masks([scores] * len(ks), ks, None if eligible is None else [eligible] * len(ks),
+        on_device, allowed = scores.to(device), None if eligible is None else eligible.to(device)
+        batched = topk_masks([on_device] * len(ks), ks, None if eligible is None else [allowed] * len(ks),
                              None if eligible is None else [n] * len(ks))
         for k, mask in zip(ks, batched):
             expected = _stable_topk_mask(scores, k, eligible)
-            assert torch.equal(topk_mask(scores, k, eligible), expected), (trial, k)
-            assert torch.equal(mask, expected), (trial, k)
+            assert torch.equal(topk_mask(on_device, k, allowed).cpu(), expected), (trial, k)
+            assert torch.equal(mask.cpu(), expected), (trial, k)
         if eligible is not None:
             active = int(eligible.sum())
             for n_swap in sorted({0, 1, active // 3, active}):
                 grow = _random_scores(g, numel, regime, dtype).view(scores.shape)
-                new, _ = drop_and_grow(eligible, scores, grow, n_swap)
-                assert torch.equal(new, _stable_drop_and_grow(eligible, scores, grow, n_swap))
+                new, _ = drop_and_grow(allowed, on_device, grow.to(device), n_swap)
+                assert torch.equal(new.cpu(), _stable_drop_and_grow(eligible, scores, grow, n_swap))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("regime,dtype", REGIMES[:6], ids=REGIME_IDS[:6])
-def test_global_selection_equals_the_stable_argsort_of_the_float64_concatenation(regime, dtype):
-    _global_selections_agree_with_the_stable_argsort(regime, dtype)
+def test_global_selection_equals_the_stable_argsort_of_the_float64_concatenation(regime, dtype,
+                                                                                 device):
+    _global_selections_agree_with_the_stable_argsort(regime, dtype, device)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("regime,dtype", REGIMES[:6], ids=REGIME_IDS[:6])
-def test_sampled_global_selection_equals_the_stable_argsort(regime, dtype, monkeypatch):
+def test_sampled_global_selection_equals_the_stable_argsort(regime, dtype, device, monkeypatch):
     _sample_small_tensors(monkeypatch)
-    _global_selections_agree_with_the_stable_argsort(regime, dtype)
+    _global_selections_agree_with_the_stable_argsort(regime, dtype, device)
 
 
-def _global_selections_agree_with_the_stable_argsort(regime, dtype):
+def _global_selections_agree_with_the_stable_argsort(regime, dtype, device):
     g = torch.Generator().manual_seed(11 + dtype.itemsize)
     for trial in range(6):
         scores = {f"l{i}": _random_scores(g, int(torch.randint(1, 700, (1,), generator=g)), regime,
@@ -331,9 +342,11 @@ def _global_selections_agree_with_the_stable_argsort(regime, dtype):
                                             for n, s in scores.items()}
         n = sum(s.numel() for s in scores.values()) if eligible is None else \
             sum(int(e.sum()) for e in eligible.values())
+        on_device = {name: s.to(device) for name, s in scores.items()}
+        allowed = None if eligible is None else {name: e.to(device) for name, e in eligible.items()}
         for k in sorted({0, 1, n // 4, n // 2, n}):
-            got, expected = global_topk_masks(scores, k, eligible), _stable_global(scores, k, eligible)
-            assert all(torch.equal(got[name], expected[name]) for name in scores), (trial, k)
+            got, expected = global_topk_masks(on_device, k, allowed), _stable_global(scores, k, eligible)
+            assert all(torch.equal(got[name].cpu(), expected[name]) for name in scores), (trial, k)
 
 
 def test_global_selection_of_mixed_dtypes_compares_in_float64():
@@ -392,7 +405,7 @@ def _layouts():
 def _fingerprint(masks: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for name in sorted(masks):
-        bits = masks[name].reshape(-1)
+        bits = masks[name].reshape(-1).cpu()
         padded = torch.cat([bits, torch.zeros(-bits.numel() % 8, dtype=torch.bool)])
         digest.update(name.encode() + pack_bits(padded).numpy().tobytes())
     return digest.hexdigest()
@@ -406,21 +419,23 @@ def _regime_tensor(g: torch.Generator, shape, regime: str) -> torch.Tensor:
     return torch.randn(shape, generator=g)
 
 
-def _trajectory(name: str, layout_name: str, regime: str) -> list[str]:
+def _trajectory(name: str, layout_name: str, regime: str, device: str = "cpu") -> list[str]:
+    """Mask fingerprints at every update; weights and gradients drawn on the CPU, used on `device`."""
     method = build_method(MethodConfig(name=name, sparsity=0.9, update_interval=100),
                           METHOD_SCHEDULE, 17)
     layout = _layouts()[layout_name]
     method.layout = layout
     masks = method.initial_masks(METHOD_SHAPES, METHOD_CONTEXT)
-    masks = {n: layout.piece(n, m) for n, m in masks.items()}
+    masks = {n: layout.piece(n, m).to(device) for n, m in masks.items()}
     g = torch.Generator().manual_seed(5)
     prints = [_fingerprint(layout.full_masks(masks))]
     for step in range(METHOD_SCHEDULE.total_steps):
         if not method.is_update_step(step):
             continue
-        weights = {n: layout.piece(n, _regime_tensor(g, s, regime)) * masks[n]
+        weights = {n: layout.piece(n, _regime_tensor(g, s, regime)).to(device) * masks[n]
                    for n, s in METHOD_SHAPES.items()}
-        grads = {n: layout.piece(n, _regime_tensor(g, s, regime)) for n, s in METHOD_SHAPES.items()}
+        grads = {n: layout.piece(n, _regime_tensor(g, s, regime)).to(device)
+                 for n, s in METHOD_SHAPES.items()}
         masks = {**masks, **method.update(step, masks, weights, grads)}
         prints.append(_fingerprint(layout.full_masks(masks)))
     return prints
@@ -432,12 +447,13 @@ METHOD_REGIMES = [(name, regime) for name in sorted(METHOD_SETTINGS)
                   if regime == "continuous" or METHOD_SETTINGS[name]["family"] in UPDATING]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name,regime", METHOD_REGIMES)
-def test_every_method_selects_the_masks_of_the_stable_argsort(name, regime):
+def test_every_method_selects_the_masks_of_the_stable_argsort(name, regime, device):
     """Weights and gradients continuous, in five levels, or all equal, at every update step."""
     expected = _trajectory(name, "stable", regime)
-    assert _trajectory(name, "full", regime) == expected
-    assert _trajectory(name, "pieces", regime) == expected
+    assert _trajectory(name, "full", regime, device) == expected
+    assert _trajectory(name, "pieces", regime, device) == expected
 
 
 @pytest.mark.parametrize("name,regime", METHOD_REGIMES)
@@ -462,15 +478,19 @@ def test_the_sample_bracket_is_exact_or_says_it_is_not():
         assert torch.equal(topk_mask(tied, 1 << 17), _stable_topk_mask(tied, 1 << 17))
 
 
-def test_large_selections_at_the_default_sample_equal_the_stable_argsort():
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_selections_at_the_default_sample_equal_the_stable_argsort(device):
     g = torch.Generator().manual_seed(9)
     scores = torch.randn(600, 1000, generator=g).abs()
     eligible = torch.rand(scores.shape, generator=g) < 0.7
+    on_device = scores.to(device)
     for k, allowed in [(60_000, None), (7, None), (1000, eligible), (400_000, eligible)]:
-        assert torch.equal(topk_mask(scores, k, allowed), _stable_topk_mask(scores, k, allowed)), k
+        got = topk_mask(on_device, k, None if allowed is None else allowed.to(device))
+        assert torch.equal(got.cpu(), _stable_topk_mask(scores, k, allowed)), k
     masks = {"a": scores[:200], "b": scores[200:]}
-    assert all(torch.equal(got, expected) for got, expected in zip(
-        global_topk_masks(masks, 123_457).values(), _stable_global(masks, 123_457).values()))
+    assert all(torch.equal(got.cpu(), expected) for got, expected in zip(
+        global_topk_masks({n: m.to(device) for n, m in masks.items()}, 123_457).values(),
+        _stable_global(masks, 123_457).values()))
 
 
 def _initial_prints(scope: str, iterations: int | None) -> dict[str, str]:
