@@ -23,6 +23,7 @@ synchronize), e.g. ResNet-50 at 224 px in bf16:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -58,7 +59,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--synthetic", action="store_true",
                         help="data.name=synthetic data.loader=synthetic instead of Fashion-MNIST")
     parser.add_argument("--profile", action="store_true",
-                        help="also profile a block of dense and static steps with torch.profiler")
+                        help="also profile a block of dense and static steps, and one mask update "
+                             "of each update method, with torch.profiler")
     parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     parser.add_argument("--model", default="small_resnet", help="model.name of every trainer")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -129,8 +131,10 @@ def _interleaved(args, trainers: dict, batches) -> tuple[dict[str, list[float]],
     return steps, blocks
 
 
-def _time_updates(args, trainer, batches) -> tuple[list[float], list[int]]:
-    """Seconds of the Sparsifier's mask update after a forward/backward, on update steps."""
+def _time_updates(args, trainer, batches,
+                  around=contextlib.nullcontext) -> tuple[list[float], list[int]]:
+    """Seconds of the Sparsifier's mask update after a forward/backward, on update steps; each
+    update runs inside the context manager `around()` makes (a profiler)."""
     import torch.nn.functional as F
 
     method = trainer.method
@@ -157,8 +161,9 @@ def _time_updates(args, trainer, batches) -> tuple[list[float], list[int]]:
             sparsifier.mask_all()
         _synchronize()
         tick = time.perf_counter()
-        sparsifier._update_masks(step, grads)
-        _synchronize()
+        with around():
+            sparsifier._update_masks(step, grads)
+            _synchronize()
         seconds.append(time.perf_counter() - tick)
     return seconds, update_steps
 
@@ -190,6 +195,27 @@ def _profile(trainers: dict, batches, block: int) -> str:
     return "\n\n".join(out)
 
 
+def _profile_update(args, name: str, trainer, batches) -> str:
+    """torch.profiler's table of one mask update (its first update step again), by self CPU time:
+    where an update is launch-bound, the host's time per call is what it costs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    made = []
+
+    def around():
+        made.append(profile(activities=activities))
+        return made[-1]
+
+    _time_updates(argparse.Namespace(**{**vars(args), "updates": 1}), trainer, batches, around)
+    events = made[0].key_averages()
+    calls = sum(event.count for event in events if event.key.startswith("aten::"))
+    table = events.table(sort_by="self_cpu_time_total", row_limit=15)
+    text = f"### torch.profiler, one mask update of {name} ({calls} aten calls)\n\n```\n{table}\n```"
+    print(text)
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     torch.set_num_threads(args.threads)
@@ -217,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in updating:
             print(f"  timing {args.updates} mask updates of {name}", flush=True)
             updates[name] = _time_updates(args, trainers[name], batches)
+            if args.profile:
+                profile_text += "\n\n" + _profile_update(args, name, trainers[name], batches)
         sparsity = {name: (1.0 - t.masks.density()) if t.method.uses_masks else 0.0
                     for name, t in trainers.items()}
         initial = {name: 1.0 - t.method.initial_density() for name, t in trainers.items()}

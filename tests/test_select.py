@@ -268,14 +268,24 @@ REGIMES = [("continuous", torch.float32), ("continuous", torch.float64), ("ties"
 REGIME_IDS = [f"{r}-{d}".replace("torch.", "") for r, d in REGIMES]
 
 # Every selection runs where its scores are: the CUDA runs must give the CPU reference's masks.
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                 reason="needs a CUDA device"))]
+# "cpu-segmented" runs the CPU through the segmented select that launch-bound devices take.
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                     reason="needs a CUDA device"))
+DEVICES = ["cpu", "cpu-segmented", CUDA]
+
+
+def _select_on(device: str, monkeypatch) -> str:
+    """The torch device of a DEVICES entry, with the segmented select on for "cpu-segmented"."""
+    if device == "cpu-segmented":
+        monkeypatch.setattr(select, "LAUNCH_BOUND_DEVICES", ("cpu",))
+        return "cpu"
+    return device
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("regime,dtype", REGIMES, ids=REGIME_IDS)
-def test_selections_equal_the_stable_argsort(regime, dtype, device):
-    _selections_agree_with_the_stable_argsort(regime, dtype, device)
+def test_selections_equal_the_stable_argsort(regime, dtype, device, monkeypatch):
+    _selections_agree_with_the_stable_argsort(regime, dtype, _select_on(device, monkeypatch))
 
 
 def _sample_small_tensors(monkeypatch) -> None:
@@ -284,7 +294,7 @@ def _sample_small_tensors(monkeypatch) -> None:
     monkeypatch.setattr(select, "SAMPLE_STRIDE", 4)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", ["cpu", CUDA])  # the segmented select takes no sample
 @pytest.mark.parametrize("regime,dtype", REGIMES, ids=REGIME_IDS)
 def test_sampled_selections_equal_the_stable_argsort(regime, dtype, device, monkeypatch):
     """The same table with the sample bracket on every tensor of 64 scores or more."""
@@ -319,14 +329,14 @@ def _selections_agree_with_the_stable_argsort(regime, dtype, device):
                 assert torch.equal(new.cpu(), _stable_drop_and_grow(eligible, scores, grow, n_swap))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", ["cpu", CUDA])  # one selection: never segmented
 @pytest.mark.parametrize("regime,dtype", REGIMES[:6], ids=REGIME_IDS[:6])
 def test_global_selection_equals_the_stable_argsort_of_the_float64_concatenation(regime, dtype,
                                                                                  device):
     _global_selections_agree_with_the_stable_argsort(regime, dtype, device)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", ["cpu", CUDA])  # one selection: never segmented
 @pytest.mark.parametrize("regime,dtype", REGIMES[:6], ids=REGIME_IDS[:6])
 def test_sampled_global_selection_equals_the_stable_argsort(regime, dtype, device, monkeypatch):
     _sample_small_tensors(monkeypatch)
@@ -449,8 +459,9 @@ METHOD_REGIMES = [(name, regime) for name in sorted(METHOD_SETTINGS)
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name,regime", METHOD_REGIMES)
-def test_every_method_selects_the_masks_of_the_stable_argsort(name, regime, device):
+def test_every_method_selects_the_masks_of_the_stable_argsort(name, regime, device, monkeypatch):
     """Weights and gradients continuous, in five levels, or all equal, at every update step."""
+    device = _select_on(device, monkeypatch)
     expected = _trajectory(name, "stable", regime)
     assert _trajectory(name, "full", regime, device) == expected
     assert _trajectory(name, "pieces", regime, device) == expected
@@ -479,7 +490,8 @@ def test_the_sample_bracket_is_exact_or_says_it_is_not():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_large_selections_at_the_default_sample_equal_the_stable_argsort(device):
+def test_large_selections_at_the_default_sample_equal_the_stable_argsort(device, monkeypatch):
+    device = _select_on(device, monkeypatch)
     g = torch.Generator().manual_seed(9)
     scores = torch.randn(600, 1000, generator=g).abs()
     eligible = torch.rand(scores.shape, generator=g) < 0.7

@@ -12,7 +12,9 @@ equal to v with the highest indices are dropped. v comes from one `torch.topk`, 
 `SAMPLED_FROM` scores or more from a sample that brackets it and a sort of the few entries inside
 the bracket, checked exact in the same device read (a topk where the check fails). Selections over
 several tensors (per-layer top-k, drop-and-grow) read all their counts from the device in one
-transfer. A drop-and-grow's grow selections start before that read, on the drop selections'
+transfer; on a device whose kernel launches cost more than their work (`LAUNCH_BOUND_DEVICES`)
+they run instead as one `segmented.segmented_topk` over the concatenated scores, which reads
+nothing where the eligible counts are known. A drop-and-grow's grow selections start before that read, on the drop selections'
 candidates, which the read confirms unless a drop threshold is tied (then a second read); a global
 selection's read also gives each layer's selected count.
 """
@@ -22,6 +24,8 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch
+
+from distsparse.sparsity.segmented import segmented_topk
 
 __all__ = ["drop_and_grow", "drop_and_grow_masks", "global_topk_counted", "global_topk_masks",
            "topk_mask", "topk_masks"]
@@ -214,6 +218,40 @@ def _index_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.int32 if tensor.numel() < 2**31 else torch.int64
 
 
+LAUNCH_BOUND_DEVICES = ("cuda",)
+"""Device types on which per-layer selections run as one segmented select over all layers: a loop
+of a few dozen small kernels per layer costs there its launches, not its arithmetic."""
+
+
+def _segmented(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether selections over these tensors run as one `segmented_topk`: on a launch-bound
+    device, all floating or all integer (their concatenation then widens exactly)."""
+    return bool(tensors) and tensors[0].device.type in LAUNCH_BOUND_DEVICES \
+        and len({tensor.is_floating_point() for tensor in tensors}) == 1 \
+        and all(tensor.dtype != torch.bool for tensor in tensors)
+
+
+def _split_like(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """`flat` cut into tensors shaped as `like`, each with storage of its own."""
+    return [part.view(tensor.shape).clone()
+            for part, tensor in zip(flat.split([t.numel() for t in like]), like)]
+
+
+def _segmented_topk_masks(flats, ks, allowed, known) -> list[torch.Tensor]:
+    """`topk_masks` as one segmented select: one host read where an eligible count is unknown."""
+    unknown = [i for i, (e, n) in enumerate(zip(allowed, known)) if e is not None and n is None]
+    counted = dict(zip(unknown, torch.stack([torch.count_nonzero(allowed[i]) for i in unknown])
+                       .tolist())) if unknown else {}
+    for i, (flat, k, e, n) in enumerate(zip(flats, ks, allowed, known)):
+        n_eligible = flat.numel() if e is None else counted.get(i, n)
+        if k > n_eligible:
+            raise ValueError(f"cannot select {k} of {n_eligible} eligible entries")
+    eligible = None if all(e is None for e in allowed) else torch.cat(
+        [torch.ones_like(flat, dtype=torch.bool) if e is None else e for flat, e in zip(flats, allowed)])
+    return _split_like(segmented_topk(torch.cat(flats), [f.numel() for f in flats], ks, eligible),
+                       flats)
+
+
 def _check_k(scores: torch.Tensor, k: int, eligible: torch.Tensor | None) -> None:
     if not 0 <= k <= scores.numel():
         n = scores.numel() if eligible is None else int(torch.count_nonzero(eligible))
@@ -243,6 +281,9 @@ def topk_masks(
     known = n_eligible or [None] * len(scores)
     for flat, k, e in zip(flats, ks, allowed):
         _check_k(flat, k, e)
+    if _segmented(flats):
+        masks = _segmented_topk_masks(flats, ks, allowed, known)
+        return [mask.view(s.shape) for mask, s in zip(masks, scores)]
     masks = _masks_of([_Selection(flat, k, e, n_eligible=n)
                        for flat, k, e, n in zip(flats, ks, allowed, known)])
     return [mask.view(s.shape) for mask, s in zip(masks, scores)]
@@ -355,6 +396,14 @@ def drop_and_grow_masks(
     for active, n_swap in zip(actives, n_swaps):
         if not 0 <= n_swap <= active:
             raise ValueError(f"cannot select {active - n_swap} of {active} eligible entries")
+    if _segmented(drop_scores) and _segmented(grow_scores):
+        sizes = [mask.numel() for mask in masks]
+        kept = segmented_topk(torch.cat([drop.reshape(-1) for drop in drop_scores]), sizes,
+                              [active - n_swap for active, n_swap in zip(actives, n_swaps)],
+                              torch.cat([mask.reshape(-1) for mask in masks]))
+        grown = segmented_topk(torch.cat([grow.reshape(-1) for grow in grow_scores]), sizes,
+                               n_swaps, ~kept)
+        return _split_like(kept | grown, masks)
     drops = [_Selection(drop.reshape(-1), active - n_swap, mask.reshape(-1), n_eligible=active)
              for mask, drop, active, n_swap in zip(masks, drop_scores, actives, n_swaps)]
 

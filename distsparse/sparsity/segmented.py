@@ -1,0 +1,100 @@
+"""Per-layer top-k of many layers in one pass: an exact radix select over their concatenated scores.
+
+Where a kernel launch costs more than the arithmetic it does (a GPU), a Python loop of per-layer
+selections is launch-bound: ResNet-50's 54 layers make thousands of small kernels per RigL update.
+Here each layer is a segment of one flat tensor, and a selection is a fixed number of kernels over
+the whole of it, whatever the number of layers:
+
+1. the scores become integer keys in the same order (NaN above every number, -0.0 equal to +0.0),
+   32 bits for float32, float16 and bfloat16 scores, 64 bits for float64; integer scores are
+   their own keys (int64 stays 64 bits, narrower ones widen to 32);
+2. each pass resolves the next 16 bits of every segment's k-th largest eligible key from one
+   histogram of (segment, digit) over the eligible entries that match the bits resolved so far;
+3. every eligible entry above the k-th largest key is selected, and of those equal to it the first
+   by index, up to k.
+
+The selection is that of a stable descending argsort of each segment's eligible scores (the
+contract of `sparsity.select`), and it needs no host read: every count is exact by construction.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["order_keys", "segmented_topk"]
+
+DIGIT_BITS = 16
+"""Bits of the k-th largest key resolved per pass: 2 passes for 32-bit keys, 4 for 64-bit."""
+
+
+def order_keys(values: torch.Tensor) -> torch.Tensor:
+    """Signed integer keys ordered as the values, with NaN (any sign or payload) above +inf and
+    -0.0 equal to +0.0: int32 keys, or int64 for float64 and int64 values."""
+    if not values.dtype.is_floating_point:
+        return values.to(torch.int64 if values.element_size() > 4 else torch.int32)
+    if values.dtype == torch.float64:
+        bits_dtype, width = torch.int64, 64
+    else:
+        values, bits_dtype, width = values.float(), torch.int32, 32
+    canonical = torch.where(torch.isnan(values), float("nan"), values)
+    canonical = torch.where(canonical == 0, 0.0, canonical)
+    bits = canonical.view(bits_dtype)
+    # Negative floats order backwards as integers: flip all but their sign bit.
+    return bits ^ ((bits >> (width - 1)) & torch.iinfo(bits_dtype).max)
+
+
+def segmented_topk(
+    values: torch.Tensor, sizes: Sequence[int], ks: Sequence[int],
+    eligible: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Boolean mask over the 1-D `values` (real numbers, not bool), split into consecutive
+    segments of `sizes`: in segment i, its ks[i] highest eligible scores, ties to the lower index.
+
+    The caller guarantees 0 <= ks[i] <= the eligible entries of segment i (it knows the counts);
+    nothing here reads the device.
+    """
+    if values.dtype == torch.bool or values.is_complex():
+        raise TypeError(f"segmented_topk takes real-number scores, not {values.dtype}")
+    device, n_segments, digits = values.device, len(sizes), 1 << DIGIT_BITS
+    keys = order_keys(values)
+    width = keys.element_size() * 8
+    lengths = torch.tensor(list(sizes), dtype=torch.int64, device=device)
+    segment = torch.repeat_interleave(torch.arange(n_segments, device=device), lengths,
+                                      output_size=values.numel())
+    need = torch.tensor(list(ks), dtype=torch.int64, device=device)
+    prefix = torch.zeros(n_segments, dtype=torch.int64, device=device)
+    ones = torch.ones((), dtype=torch.int32, device=device).expand(values.numel())
+    for shift in range(width - DIGIT_BITS, -1, -DIGIT_BITS):
+        high = keys >> shift  # arithmetic shift: the signed key's bits from `shift` up
+        if shift == width - DIGIT_BITS:
+            digit, matching = high + digits // 2, eligible  # the signed top digit, from 0
+        else:
+            digit = high & (digits - 1)
+            same = (high >> DIGIT_BITS) == prefix[segment]
+            matching = same if eligible is None else same & eligible
+        # Entries left out count in a mirror of the bins above them, spread as the counted ones.
+        bins = segment * digits + digit
+        if matching is not None:
+            bins = bins + (~matching) * (n_segments * digits)
+        histogram = torch.zeros(2 * n_segments * digits, dtype=torch.int32, device=device)
+        histogram.index_add_(0, bins, ones)
+        # descending[:, j]: matching entries whose digit is at least digits - 1 - j.
+        descending = histogram[: n_segments * digits].view(n_segments, digits).flip(1).cumsum(1)
+        reached = (descending < need[:, None]).sum(1)  # the first j with descending >= need
+        above = descending.gather(1, (reached - 1).clamp(min=0)[:, None]).squeeze(1)
+        need = need - torch.where(reached > 0, above, 0)
+        digit_of_kth = digits - 1 - reached
+        prefix = digit_of_kth - digits // 2 if shift == width - DIGIT_BITS \
+            else (prefix << DIGIT_BITS) | digit_of_kth
+    # prefix: each segment's k-th largest key; need: how many entries equal to it are selected.
+    kth = prefix[segment]
+    above = keys > kth
+    at = keys == kth
+    if eligible is not None:
+        above &= eligible
+        at &= eligible
+    rank = torch.cumsum(at, 0, dtype=torch.int64)
+    starts = torch.cumsum(lengths, 0) - lengths
+    before = torch.cat([rank.new_zeros(1), rank])[starts]  # ties counted in earlier segments
+    return above | (at & (rank - before[segment] <= need[segment]))

@@ -1,0 +1,105 @@
+"""Tests for distsparse.sparsity.segmented: the one-pass per-layer selection of launch-bound devices.
+
+Every expected mask is the stable descending argsort's selection within each segment (the contract
+of `sparsity.select`), on the same score regimes as tests/test_select.py.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distsparse.sparsity import select
+from distsparse.sparsity.segmented import order_keys, segmented_topk
+from distsparse.sparsity.select import drop_and_grow_masks, topk_masks
+from tests.conftest import count_host_reads
+from tests.test_select import CUDA, REGIMES, REGIME_IDS, SPECIAL, _random_scores, \
+    _stable_drop_and_grow, _stable_topk_mask
+
+INTEGER_REGIMES = [("integers", torch.int32), ("integers", torch.int16)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_keys_order_as_the_stable_sort_orders_the_values(dtype):
+    """NaN of either sign above +inf, -0.0 equal to +0.0, subnormals and extremes in place."""
+    g = torch.Generator().manual_seed(1)
+    special = SPECIAL + [-float("nan"), torch.finfo(dtype).tiny / 4, -torch.finfo(dtype).max,
+                         torch.finfo(dtype).max]
+    values = torch.cat([torch.tensor(special, dtype=torch.float64)[torch.randint(
+        0, len(special), (500,), generator=g)], torch.randn(500, generator=g, dtype=torch.float64)])
+    values = values.to(dtype)
+    expected = torch.argsort(values, descending=True, stable=True)
+    assert torch.equal(torch.argsort(order_keys(values), descending=True, stable=True), expected)
+    assert order_keys(values).dtype == (torch.int64 if dtype == torch.float64 else torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int32, torch.int64])
+def test_integer_keys_are_the_values(dtype):
+    info = torch.iinfo(dtype)
+    values = torch.tensor([info.max, -1, 0, info.min, 7], dtype=dtype)
+    assert order_keys(values).tolist() == values.tolist()
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("regime,dtype", REGIMES + INTEGER_REGIMES,
+                         ids=REGIME_IDS + ["integers-int32", "integers-int16"])
+def test_each_segment_selects_the_stable_argsorts_top_k(regime, dtype, device):
+    """1-7 segments of 1-400 entries, every k from none to all eligible, eligible masks of every
+    density or none."""
+    g = torch.Generator().manual_seed(len(regime) + dtype.itemsize)
+    for trial in range(40):
+        sizes = [int(torch.randint(1, 400, (1,), generator=g))
+                 for _ in range(int(torch.randint(1, 8, (1,), generator=g)))]
+        parts = [_random_scores(g, size, regime, dtype) for size in sizes]
+        density = [None, 1.0, 0.5, 0.05][trial % 4]
+        eligible = [None if density is None else torch.rand(size, generator=g) < density
+                    for size in sizes]
+        limits = [size if e is None else int(e.sum()) for size, e in zip(sizes, eligible)]
+        ks = [[0, n, n // 2, int(torch.randint(0, n + 1, (1,), generator=g))][(trial + i) % 4]
+              for i, n in enumerate(limits)]
+        got = segmented_topk(torch.cat(parts).to(device), sizes, ks,
+                             None if density is None else torch.cat(eligible).to(device))
+        expected = torch.cat([_stable_topk_mask(p, k, e) for p, k, e in zip(parts, ks, eligible)])
+        assert torch.equal(got.cpu(), expected), (trial, sizes, ks)
+
+
+def test_a_long_run_of_equal_scores_crossing_segments_breaks_ties_within_each():
+    values = torch.full((3000,), 0.25)
+    values[1000:1500] = 1.0
+    got = segmented_topk(values, [700, 1100, 1200], [600, 550, 0])
+    expected = torch.zeros(3000, dtype=torch.bool)
+    expected[:600] = True
+    expected[1000:1500] = True  # the segment's 500 ones, then its first 50 quarters
+    expected[700:750] = True
+    assert torch.equal(got, expected)
+
+
+def test_boolean_scores_are_refused():
+    with pytest.raises(TypeError, match="bool"):
+        segmented_topk(torch.ones(5, dtype=torch.bool), [5], [2])
+
+
+def test_layer_selections_on_a_launch_bound_device_read_only_unknown_counts(monkeypatch):
+    """Segmented per-layer top-k and drop-and-grow: no host read where the eligible counts are
+    known, one where they are not, and the error for k above a layer's eligible count."""
+    monkeypatch.setattr(select, "LAUNCH_BOUND_DEVICES", ("cpu",))
+    g = torch.Generator().manual_seed(4)
+    shapes = [(5 + i, 7) for i in range(9)]
+    masks = [torch.rand(s, generator=g) < 0.4 for s in shapes]
+    drop = [torch.randint(0, 3, s, generator=g).float() for s in shapes]
+    grow = [torch.randint(0, 3, s, generator=g).half() for s in shapes]
+    actives = [int(m.sum()) for m in masks]
+    swaps = [a // 3 for a in actives]
+    reads = count_host_reads(monkeypatch)
+    new = drop_and_grow_masks(masks, drop, grow, swaps, actives)
+    kept = topk_masks(drop, swaps, masks, actives)
+    assert reads == []
+    topk_masks(drop, swaps, masks)
+    assert reads == [len(shapes)]
+    monkeypatch.undo()
+    monkeypatch.setattr(select, "LAUNCH_BOUND_DEVICES", ("cpu",))
+    assert all(torch.equal(a, _stable_drop_and_grow(m, d, gr, n))
+               for a, m, d, gr, n in zip(new, masks, drop, grow, swaps))
+    assert all(torch.equal(a, _stable_topk_mask(d, n, m)) for a, d, n, m in zip(kept, drop, swaps, masks))
+    assert len({mask.untyped_storage().data_ptr() for mask in new}) == len(new)  # own storage each
+    with pytest.raises(ValueError, match=f"cannot select {actives[2] + 1} of {actives[2]} eligible"):
+        topk_masks(drop, [0, 0, actives[2] + 1] + [0] * 6, masks)
