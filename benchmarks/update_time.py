@@ -13,7 +13,9 @@ pieces (the sharded (ZeRO-3 / FSDP2) select's local work, its all-reduces the id
 each timed update, untimed, the layout counts the masks: in training the previous update made
 them, so their counts are known.
 Reported per item: the median time and its ratio to the median topk, the range of the per-round
-ratios (each to that round's topk), the host reads (`tolist`) of one update, and the goals.
+ratios (each to that round's topk), the host reads (`tolist`) of one update, its aten calls (every
+level, views included, as torch.profiler counts them: what a GPU pays in launches), and the goals.
+`--launch-bound` selects as a GPU does (`select.LAUNCH_BOUND_DEVICES`), on any device.
 Run: python benchmarks/update_time.py [--device cuda] [--model gpt2-medium --blocks 4]
 """
 from __future__ import annotations
@@ -45,6 +47,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help=f"comma-separated subset of {','.join(GOALS)}")
     parser.add_argument("--pieces", action="store_true",
                         help="select through the sharded select (a one-rank PieceLayout)")
+    parser.add_argument("--launch-bound", action="store_true",
+                        help="treat the device as launch-bound: segmented selections, one draw")
     parser.add_argument("--no-record", action="store_true", help="print only, no RESULTS.md entry")
     return parser.parse_args(argv)
 
@@ -81,9 +85,13 @@ def main(argv: list[str] | None = None) -> None:
     from distsparse.sparsity.allocation import active_count
     from distsparse.sparsity.layout import FullLayout, PieceLayout
     from distsparse.sparsity.schedules import iterative_densities
+    from distsparse.sparsity import select
     from distsparse.sparsity.select import global_topk_masks
+    from torch.profiler import ProfilerActivity, profile
 
     torch.set_num_threads(args.threads)
+    if args.launch_bound:
+        select.LAUNCH_BOUND_DEVICES = (*select.LAUNCH_BOUND_DEVICES, torch.device(args.device).type)
     started = time.perf_counter()
     shapes = _resnet50_shapes() if args.model == "resnet50" else _gpt2_medium_shapes(args.blocks)
     chosen = args.methods.split(",")
@@ -133,16 +141,20 @@ def main(argv: list[str] | None = None) -> None:
             methods[name].layout.active_counts(masks[name])
 
     reads: dict[str, int] = {}
+    aten_calls: dict[str, int] = {}
     tolist = torch.Tensor.tolist
-    for name, item in items.items():  # warm-up, counting host reads
+    for name, item in items.items():  # warm-up, counting host reads and aten calls
         known_counts(name)
         calls = []
         torch.Tensor.tolist = lambda tensor, calls=calls: calls.append(1) or tolist(tensor)
         try:
-            item()
+            with profile(activities=[ProfilerActivity.CPU]) as traced:
+                item()
         finally:
             torch.Tensor.tolist = tolist
         reads[name] = len(calls)
+        aten_calls[name] = sum(event.count for event in traced.key_averages()
+                               if event.key.startswith("aten::"))
     times: dict[str, list[float]] = {name: [] for name in items}
     for _ in range(args.rounds):
         for name, item in items.items():
@@ -160,17 +172,19 @@ def main(argv: list[str] | None = None) -> None:
         label = f"force ({args.force_iterations} global selections)" if name == "force" else name
         goal = GOALS.get(name)
         rows.append([label, f"{statistics.median(values) * 1e3:.1f}", f"{ratio:.2f}",
-                     f"{min(per_round):.2f}-{max(per_round):.2f}", reads[name],
+                     f"{min(per_round):.2f}-{max(per_round):.2f}", reads[name], aten_calls[name],
                      "" if goal is None else f"<= {goal}",
                      "" if goal is None else ("yes" if ratio <= goal else "**no**")])
     table = markdown_table(["item", "median ms", "ratio to one topk", "per-round ratio range",
-                            "host reads", "goal", "met"], rows)
+                            "host reads", "aten calls", "goal", "met"], rows)
     print(table)
     if not args.no_record:
         model = "ResNet-50" if args.model == "resnet50" else f"GPT-2 medium ({args.blocks} blocks)"
         where = "the sharded select on one rank's pieces" if args.pieces else "full tensors"
         settings = (f"{model}'s {len(shapes)} weight layers ({total} weights), {where}, random N(0, 1) "
-                    f"weights and gradients, float32 on {args.device}, sparsity 0.9, ERK init, "
+                    f"weights and gradients, float32 on {args.device}"
+                    f"{' (selecting as a launch-bound device)' if args.launch_bound else ''}, "
+                    f"sparsity 0.9, ERK init, "
                     f"update steps {UPDATE_STEP} of {TOTAL_STEPS}; topk k = 10 % of all scores; "
                     f"{args.rounds} interleaved rounds after one warm-up; "
                     f"torch.set_num_threads({args.threads})")

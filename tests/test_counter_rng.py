@@ -14,7 +14,10 @@ import pytest
 import torch
 
 from distsparse.sparsity import counter_rng
-from distsparse.sparsity.counter_rng import _MUL1, _MUL2, _mul32_, random_bits, random_bits_range
+from distsparse.sparsity import select
+from distsparse.sparsity.counter_rng import _MUL1, _MUL2, _mul32_, random_bits, random_bits_range, \
+    random_bits_ranges
+from distsparse.sparsity.layout import FullLayout, PieceLayout
 from distsparse.sparsity.scores import random_scores
 
 M32 = 0xFFFFFFFF
@@ -211,3 +214,34 @@ def test_layer_scores_of_a_piece_are_its_slice_of_the_full_layer(monkeypatch):
     for offset, n in [(0, 500), (500, 573), (1000, 73)]:
         piece = random_scores((n,), 4, 8, "conv.weight", "grow", offset=offset)
         assert torch.equal(piece, full.view(-1)[offset : offset + n])
+
+
+def test_one_draw_over_many_ranges_equals_each_ranges_own_draw():
+    """Layers of one draw keep their own keys and global indices (pieces' offsets, indices up to
+    2**32 - 1); indices at or beyond 2**32 are refused."""
+    ranges = [("conv.weight", 0, 700), ("fc.weight", 2**32 - 300, 300), ("empty", 9, 0),
+              ("fc.bias", 55, 1)]
+    got = random_bits_ranges(4, 8, "grow", ranges)
+    expected = torch.cat([random_bits_range(4, 8, layer, "grow", start, count)
+                          for layer, start, count in ranges])
+    assert torch.equal(got, expected)
+    assert got[700:1000].tolist() == [_ref_random_bits(4, 8, "fc.weight", "grow", i)
+                                      for i in range(2**32 - 300, 2**32)]
+    with pytest.raises(ValueError, match="below 2\\*\\*32"):
+        random_bits_ranges(4, 8, "grow", [("fc.weight", 2**32 - 3, 4)])
+
+
+def test_layouts_draw_every_layer_at_once_on_a_launch_bound_device(monkeypatch):
+    """Full tensors and pieces: the same scores whether drawn layer by layer or in one draw."""
+    shapes = {"a": (37, 29), "b": (5,), "c": (3, 4, 5)}
+    pieces = PieceLayout(shapes, 1, 3, lambda tensor: tensor, lambda tensor: [tensor])
+    for layout in (FullLayout(shapes), pieces):
+        by_layer = layout.random_scores(3, 100, "grow", list(shapes))
+        monkeypatch.setattr(select, "LAUNCH_BOUND_DEVICES", ("cpu",))
+        at_once = layout.random_scores(3, 100, "grow", list(shapes))
+        monkeypatch.undo()
+        assert by_layer.keys() == at_once.keys()
+        assert all(torch.equal(by_layer[n], at_once[n]) and at_once[n].dtype == torch.int32
+                   for n in shapes)
+    assert pieces.random_scores(3, 100, "grow", ["a"])["a"].shape == (pieces.bounds["a"][1]
+                                                                        - pieces.bounds["a"][0],)

@@ -30,8 +30,9 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from distsparse.sparsity.scores import random_scores
-from distsparse.sparsity.select import drop_and_grow_masks, global_topk_counted, topk_masks
+from distsparse.sparsity.scores import random_scores, random_scores_of_ranges
+from distsparse.sparsity.select import drop_and_grow_masks, global_topk_counted, launch_bound, \
+    topk_masks
 from distsparse.sparsity.sharded_select import (
     ShardedSelection,
     ShardPiece,
@@ -156,9 +157,24 @@ class FullLayout:
 
     def random_scores(self, seed: int, step: int, purpose: str, names: Sequence[str],
                       device: torch.device | str = "cpu") -> Masks:
-        """Counter-based scores keyed by (seed, step, layer, global element index)."""
-        return {name: random_scores(self.shapes[name], seed, step, name, purpose, device=device)
-                for name in names}
+        """Counter-based scores keyed by (seed, step, layer, global element index): one draw over
+        all layers on a launch-bound device."""
+        ranges = {name: (0, self.numel(name), self.shapes[name]) for name in names}
+        return self._random_scores(seed, step, purpose, ranges, device)
+
+    @staticmethod
+    def _random_scores(seed: int, step: int, purpose: str,
+                       ranges: Mapping[str, tuple[int, int, tuple[int, ...]]],
+                       device: torch.device | str) -> Masks:
+        """Scores of each named layer's global indices [start, start + count), shaped as given."""
+        if launch_bound(torch.device(device)) and all(start + count <= 2**32
+                                                      for start, count, _ in ranges.values()):
+            flats = random_scores_of_ranges(seed, step, purpose, [
+                (name, start, count) for name, (start, count, _) in ranges.items()], device)
+            return {name: flat.view(shape)
+                    for (name, (_, _, shape)), flat in zip(ranges.items(), flats)}
+        return {name: random_scores(shape, seed, step, name, purpose, device=device, offset=start)
+                for name, (start, _, shape) in ranges.items()}
 
     def full_masks(self, masks: Mapping[str, torch.Tensor]) -> Masks:
         """Full-shape masks of the given layers (here the masks themselves)."""
@@ -304,9 +320,9 @@ class PieceLayout(FullLayout):
     def random_scores(self, seed: int, step: int, purpose: str, names: Sequence[str],
                       device: torch.device | str = "cpu") -> Masks:
         """Counter-based scores of this rank's pieces, keyed by the global element index."""
-        return {name: random_scores((self.bounds[name][1] - self.bounds[name][0],), seed, step,
-                                    name, purpose, device=device, offset=self.bounds[name][0])
-                for name in names}
+        pieces = {name: self.bounds[name] for name in names}
+        ranges = {name: (start, stop - start, (stop - start,)) for name, (start, stop) in pieces.items()}
+        return self._random_scores(seed, step, purpose, ranges, device)
 
     def full_masks(self, masks: Mapping[str, torch.Tensor]) -> Masks:
         """Full-shape masks from every rank's piece: one all-gather of the largest piece's bits a layer."""

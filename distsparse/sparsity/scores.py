@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distsparse.sparsity.counter_rng import random_bits_range
+from collections.abc import Sequence
+
+from distsparse.sparsity.counter_rng import random_bits_range, random_bits_ranges
 
 __all__ = [
     "GRASP_TEMPERATURE",
@@ -22,6 +24,7 @@ __all__ = [
     "magnitude_scores",
     "mean_gradients",
     "random_scores",
+    "random_scores_of_ranges",
     "snip_scores",
     "synflow_scores",
 ]
@@ -60,6 +63,15 @@ def random_scores(
         numel *= dim
     bits = random_bits_range(seed, step, layer, purpose, offset, numel, device)
     return bits.sub_(2**31).to(torch.int32).view(shape)
+
+
+def random_scores_of_ranges(
+    seed: int, step: int, purpose: str, ranges: Sequence[tuple[str, int, int]],
+    device: torch.device | str = "cpu",
+) -> list[torch.Tensor]:
+    """`random_scores` of every (layer, offset, count), 1-D, from one draw over all of them."""
+    bits = random_bits_ranges(seed, step, purpose, ranges, device).sub_(2**31).to(torch.int32)
+    return list(bits.split([count for _, _, count in ranges]))
 
 
 def _identity(tensor: torch.Tensor) -> torch.Tensor:

@@ -223,10 +223,15 @@ LAUNCH_BOUND_DEVICES = ("cuda",)
 of a few dozen small kernels per layer costs there its launches, not its arithmetic."""
 
 
+def launch_bound(device: torch.device) -> bool:
+    """Whether work on `device` runs as a fixed number of whole-tensor kernels rather than per layer."""
+    return device.type in LAUNCH_BOUND_DEVICES
+
+
 def _segmented(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether selections over these tensors run as one `segmented_topk`: on a launch-bound
     device, all floating or all integer (their concatenation then widens exactly)."""
-    return bool(tensors) and tensors[0].device.type in LAUNCH_BOUND_DEVICES \
+    return bool(tensors) and launch_bound(tensors[0].device) \
         and len({tensor.is_floating_point() for tensor in tensors}) == 1 \
         and all(tensor.dtype != torch.bool for tensor in tensors)
 
