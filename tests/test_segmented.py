@@ -78,9 +78,12 @@ def test_boolean_scores_are_refused():
         segmented_topk(torch.ones(5, dtype=torch.bool), [5], [2])
 
 
-def test_layer_selections_on_a_launch_bound_device_read_only_unknown_counts(monkeypatch):
+@pytest.mark.parametrize("batch", [select.SEGMENTED_BATCH, 150])  # all layers at once, or 1-3
+def test_layer_selections_on_a_launch_bound_device_read_only_unknown_counts(batch, monkeypatch):
     """Segmented per-layer top-k and drop-and-grow: no host read where the eligible counts are
-    known, one where they are not, and the error for k above a layer's eligible count."""
+    known, one where they are not, and the error for k above a layer's eligible count; the same
+    masks in batches of layers."""
+    monkeypatch.setattr(select, "SEGMENTED_BATCH", batch)
     monkeypatch.setattr(select, "LAUNCH_BOUND_DEVICES", ("cpu",))
     g = torch.Generator().manual_seed(4)
     shapes = [(5 + i, 7) for i in range(9)]
@@ -96,6 +99,7 @@ def test_layer_selections_on_a_launch_bound_device_read_only_unknown_counts(monk
     topk_masks(drop, swaps, masks)
     assert reads == [len(shapes)]
     monkeypatch.undo()
+    monkeypatch.setattr(select, "SEGMENTED_BATCH", batch)
     monkeypatch.setattr(select, "LAUNCH_BOUND_DEVICES", ("cpu",))
     assert all(torch.equal(a, _stable_drop_and_grow(m, d, gr, n))
                for a, m, d, gr, n in zip(new, masks, drop, grow, swaps))
@@ -103,3 +107,10 @@ def test_layer_selections_on_a_launch_bound_device_read_only_unknown_counts(monk
     assert len({mask.untyped_storage().data_ptr() for mask in new}) == len(new)  # own storage each
     with pytest.raises(ValueError, match=f"cannot select {actives[2] + 1} of {actives[2]} eligible"):
         topk_masks(drop, [0, 0, actives[2] + 1] + [0] * 6, masks)
+
+
+def test_batches_are_consecutive_layers_within_the_cap(monkeypatch):
+    monkeypatch.setattr(select, "SEGMENTED_BATCH", 100)
+    assert select._batches([40, 50, 20, 300, 10, 90, 1]) == [range(0, 2), range(2, 3), range(3, 4),
+                                                              range(4, 6), range(6, 7)]
+    assert select._batches([]) == []

@@ -236,6 +236,22 @@ def _segmented(tensors: Sequence[torch.Tensor]) -> bool:
         and all(tensor.dtype != torch.bool for tensor in tensors)
 
 
+SEGMENTED_BATCH = 1 << 26
+"""Scores one segmented select takes at most (consecutive layers, or one larger layer): its
+temporaries, a few bytes a score, stay within a small multiple of this."""
+
+
+def _batches(sizes: Sequence[int]) -> list[range]:
+    """Consecutive runs of layers of at most `SEGMENTED_BATCH` scores together (a larger layer alone)."""
+    batches, start, total = [], 0, 0
+    for index, size in enumerate(sizes):
+        if index > start and total + size > SEGMENTED_BATCH:
+            batches.append(range(start, index))
+            start, total = index, 0
+        total += size
+    return batches + [range(start, len(sizes))] if sizes else batches
+
+
 def _split_like(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """`flat` cut into tensors shaped as `like`, each with storage of its own."""
     return [part.view(tensor.shape).clone()
@@ -243,7 +259,8 @@ def _split_like(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.
 
 
 def _segmented_topk_masks(flats, ks, allowed, known) -> list[torch.Tensor]:
-    """`topk_masks` as one segmented select: one host read where an eligible count is unknown."""
+    """`topk_masks` as segmented selects (`_batches`): one host read where an eligible count is
+    unknown."""
     unknown = [i for i, (e, n) in enumerate(zip(allowed, known)) if e is not None and n is None]
     counted = dict(zip(unknown, torch.stack([torch.count_nonzero(allowed[i]) for i in unknown])
                        .tolist())) if unknown else {}
@@ -251,10 +268,15 @@ def _segmented_topk_masks(flats, ks, allowed, known) -> list[torch.Tensor]:
         n_eligible = flat.numel() if e is None else counted.get(i, n)
         if k > n_eligible:
             raise ValueError(f"cannot select {k} of {n_eligible} eligible entries")
-    eligible = None if all(e is None for e in allowed) else torch.cat(
-        [torch.ones_like(flat, dtype=torch.bool) if e is None else e for flat, e in zip(flats, allowed)])
-    return _split_like(segmented_topk(torch.cat(flats), [f.numel() for f in flats], ks, eligible),
-                       flats)
+    masks = []
+    for batch in _batches([flat.numel() for flat in flats]):
+        parts = [flats[i] for i in batch]
+        eligible = None if all(allowed[i] is None for i in batch) else torch.cat(
+            [torch.ones_like(flats[i], dtype=torch.bool) if allowed[i] is None else allowed[i]
+             for i in batch])
+        masks += _split_like(segmented_topk(torch.cat(parts), [part.numel() for part in parts],
+                                            [ks[i] for i in batch], eligible), parts)
+    return masks
 
 
 def _check_k(scores: torch.Tensor, k: int, eligible: torch.Tensor | None) -> None:
@@ -402,13 +424,16 @@ def drop_and_grow_masks(
         if not 0 <= n_swap <= active:
             raise ValueError(f"cannot select {active - n_swap} of {active} eligible entries")
     if _segmented(drop_scores) and _segmented(grow_scores):
-        sizes = [mask.numel() for mask in masks]
-        kept = segmented_topk(torch.cat([drop.reshape(-1) for drop in drop_scores]), sizes,
-                              [active - n_swap for active, n_swap in zip(actives, n_swaps)],
-                              torch.cat([mask.reshape(-1) for mask in masks]))
-        grown = segmented_topk(torch.cat([grow.reshape(-1) for grow in grow_scores]), sizes,
-                               n_swaps, ~kept)
-        return _split_like(kept | grown, masks)
+        new = []
+        for batch in _batches([mask.numel() for mask in masks]):
+            sizes = [masks[i].numel() for i in batch]
+            kept = segmented_topk(torch.cat([drop_scores[i].reshape(-1) for i in batch]), sizes,
+                                  [actives[i] - n_swaps[i] for i in batch],
+                                  torch.cat([masks[i].reshape(-1) for i in batch]))
+            grown = segmented_topk(torch.cat([grow_scores[i].reshape(-1) for i in batch]), sizes,
+                                   [n_swaps[i] for i in batch], ~kept)
+            new += _split_like(kept | grown, [masks[i] for i in batch])
+        return new
     drops = [_Selection(drop.reshape(-1), active - n_swap, mask.reshape(-1), n_eligible=active)
              for mask, drop, active, n_swap in zip(masks, drop_scores, actives, n_swaps)]
 
