@@ -22,10 +22,19 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["order_keys", "segmented_topk"]
+__all__ = ["order_keys", "segmented_topk", "signed_order_bits"]
 
 DIGIT_BITS = 16
 """Bits of the k-th largest key resolved per pass: 2 passes for 32-bit keys, 4 for 64-bit."""
+
+
+def signed_order_bits(values: torch.Tensor, bits_dtype: torch.dtype) -> torch.Tensor:
+    """The float `values` as integers of `bits_dtype` (as wide) whose signed order is the float
+    order of the numbers: adding +0.0 turns -0.0 into +0.0; negative floats flip every bit but the
+    sign, so a larger magnitude sorts lower."""
+    bits = (values + 0.0).view(bits_dtype)
+    width = torch.iinfo(bits_dtype).bits
+    return bits ^ ((bits >> (width - 1)) & (2 ** (width - 1) - 1))
 
 
 def order_keys(values: torch.Tensor) -> torch.Tensor:
@@ -34,14 +43,11 @@ def order_keys(values: torch.Tensor) -> torch.Tensor:
     if not values.dtype.is_floating_point:
         return values.to(torch.int64 if values.element_size() > 4 else torch.int32)
     if values.dtype == torch.float64:
-        bits_dtype, width = torch.int64, 64
+        bits_dtype = torch.int64
     else:
-        values, bits_dtype, width = values.float(), torch.int32, 32
-    canonical = torch.where(torch.isnan(values), float("nan"), values)
-    canonical = torch.where(canonical == 0, 0.0, canonical)
-    bits = canonical.view(bits_dtype)
-    # Negative floats order backwards as integers: flip all but their sign bit.
-    return bits ^ ((bits >> (width - 1)) & torch.iinfo(bits_dtype).max)
+        values, bits_dtype = values.float(), torch.int32
+    # Every NaN becomes the one positive NaN, whose bits order above +inf's.
+    return signed_order_bits(torch.where(torch.isnan(values), float("nan"), values), bits_dtype)
 
 
 def segmented_topk(

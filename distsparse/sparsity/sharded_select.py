@@ -71,6 +71,8 @@ from typing import NamedTuple
 
 import torch
 
+from distsparse.sparsity.segmented import signed_order_bits
+
 __all__ = [
     "DeferredTies",
     "ShardPiece",
@@ -188,17 +190,8 @@ def zero3_partition(numel: int, rank: int, world_size: int) -> tuple[int, int]:
     return contiguous_partition(numel, rank, world_size)
 
 
-def _signed_order_bits(values: torch.Tensor, bits_dtype: torch.dtype) -> torch.Tensor:
-    """The float `values` as integers of `bits_dtype` (as wide) whose signed order is the float
-    order: adding +0.0 turns -0.0 into +0.0; negative floats flip every bit but the sign, so a
-    larger magnitude sorts lower."""
-    bits = (values + 0.0).view(bits_dtype)
-    width = torch.iinfo(bits_dtype).bits
-    return bits ^ ((bits >> (width - 1)) & (2 ** (width - 1) - 1))
-
-
 def _keys(scores: torch.Tensor) -> torch.Tensor:
-    return _signed_order_bits(scores.reshape(-1).to(torch.float64), torch.int64)
+    return signed_order_bits(scores.reshape(-1).to(torch.float64), torch.int64)
 
 
 def order_preserving_bits(scores: torch.Tensor) -> torch.Tensor:
@@ -360,7 +353,7 @@ def _candidate_keys(scores: torch.Tensor, key_bits: int) -> torch.Tensor:
     if key_bits == KEY_BITS:
         return _keys(scores) ^ SIGN_BIT
     if scores.is_floating_point():
-        return _signed_order_bits(scores.to(torch.float32), torch.int32) ^ -(2**31)
+        return signed_order_bits(scores.to(torch.float32), torch.int32) ^ -(2**31)
     return scores.to(torch.int32) ^ -(2**31)
 
 
