@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from distsparse.config import Config, load_config
 
@@ -113,3 +114,28 @@ def count_host_reads(monkeypatch) -> list[int]:
     for attribute in ("item", "__int__", "__bool__", "__index__", "__float__"):
         monkeypatch.setattr(torch.Tensor, attribute, refused)
     return reads
+
+
+class HiddenSyncs(TorchDispatchMode):
+    """Within `with HiddenSyncs() as hidden:`, `hidden.ops` lists the ops that wait for the device
+    on an accelerator without a `tolist`: nonzero (and boolean-mask indexing or assignment, which
+    call it), masked_select, unique, repeat_interleave with no output size, and one-value reads."""
+
+    SYNCING = {"aten.nonzero", "aten.masked_select", "aten._local_scalar_dense", "aten._unique2",
+               "aten.unique_dim", "aten.unique_consecutive"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = str(func.overloadpacket)
+        by_mask = name in ("aten.index", "aten.index_put", "aten.index_put_") and any(
+            isinstance(index, torch.Tensor) and index.dtype in (torch.bool, torch.uint8)
+            for index in args[1])
+        unsized = name == "aten.repeat_interleave" and kwargs.get("output_size") is None \
+            and isinstance(args[0], torch.Tensor) and len(args) < 2 and "repeats" not in kwargs
+        if name in self.SYNCING or by_mask or unsized:
+            self.ops.append(name)
+        return func(*args, **kwargs)

@@ -24,7 +24,7 @@ from distsparse.methods import TrainingSchedule, build_method
 from distsparse.sparsity.layout import FullLayout, PieceLayout
 from distsparse.sparsity.masks import MaskSet
 from distsparse.sparsity.select import drop_and_grow, global_topk_masks, topk_mask
-from tests.conftest import free_port
+from tests.conftest import HiddenSyncs, free_port
 
 WORLD = 2
 SHAPES = {"conv": (3, 5, 3, 3), "one": (1, 1), "fc": (7, 13), "odd": (3,)}
@@ -229,3 +229,28 @@ def test_full_layout_is_select_py():
            {name: drop_and_grow(masks[name], scores[name], grow[name], counts[name])[0]
             for name in ("conv", "fc", "odd")}, errors)
     assert errors == []
+
+
+@pytest.mark.parametrize("layers", [6, 24])
+def test_a_drop_and_grow_on_pieces_waits_for_the_device_at_most_once_per_call(layers):
+    """RigL's update on one rank's pieces (drop by |w| with the grow's estimates, grow with the
+    drop's last round and ties): no layer-by-layer wait for the device (nonzero, boolean-mask
+    indexing, item), so at most one per all-reduce whatever the number of layers; the masks are
+    the full tensors'."""
+    g = torch.Generator().manual_seed(layers)
+    shapes = {f"l{i}": (40 + i, 30) for i in range(layers)}
+    calls = []
+    pieces = PieceLayout(shapes, 0, 1, lambda tensor: calls.append(tensor.numel()) or tensor,
+                         lambda tensor: [tensor])
+    masks = {n: (torch.rand(s, generator=g) < 0.2).reshape(-1) for n, s in shapes.items()}
+    drop = {n: torch.randn(s, generator=g).abs().reshape(-1) for n, s in shapes.items()}
+    grow = {n: (torch.randint(0, 4, s, generator=g) / 4).reshape(-1) for n, s in shapes.items()}
+    counts = {n: int(m.sum()) // 3 for n, m in masks.items()}
+    pieces.active_counts(masks)
+    calls.clear()
+    with HiddenSyncs() as hidden:
+        new = pieces.drop_and_grow(masks, drop, grow, counts)
+    assert len(hidden.ops) <= len(calls) <= 8
+    full = FullLayout({n: (m.numel(),) for n, m in masks.items()}).drop_and_grow(
+        masks, drop, grow, counts)
+    assert all(torch.equal(new[n], full[n]) for n in shapes)

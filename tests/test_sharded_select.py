@@ -34,7 +34,7 @@ from distsparse.sparsity.sharded_select import (
     threshold_estimates,
     zero3_partition,
 )
-from tests.conftest import count_host_reads, free_port
+from tests.conftest import HiddenSyncs, count_host_reads, free_port
 
 NUMELS = [7, 13, 1, 100, 2]  # none divisible by 3 or 4; the 1- and 2-element layers leave ranks empty
 
@@ -482,18 +482,25 @@ def test_layer_topk_names_the_group_that_cannot_select():
         assert isinstance(error, ValueError) and f"group 1: cannot select {NUMELS[1] + 1}" in str(error)
 
 
-@pytest.mark.parametrize("kind", ["random", "equal"])
-def test_local_work_reads_the_device_once_per_collective(kind, monkeypatch):
+@pytest.mark.parametrize("kind", ["random", "ties", "equal"])
+def test_local_work_reads_the_device_once_per_round_and_waits_for_it_nowhere_else(kind, monkeypatch):
     # One rank: the all-reduce is the identity. Every round decides all layers from one transfer
-    # of (digit, above, in bucket, total) per group; no count is read layer by layer. The tie
-    # exchange (all scores equal) takes its entries on the device: no read at all.
+    # of (digit, above, in bucket, total) per group; no count is read layer by layer. The first
+    # round's open candidates are gathered after one read of all layers' counts; each later
+    # round keeps its own with one nonzero. The tie exchange (ties, all scores equal) takes its
+    # entries on the device: no read at all. Nothing else waits for the device (boolean-mask
+    # indexing, item, nonzero per layer), whatever the number of layers.
     full = _layers(kind, torch.float32, seed=4)
     ks = [n // 3 for n in NUMELS]
     reads = count_host_reads(monkeypatch)
-    selection = sharded_layer_topk(_pieces(full, 0, 1), ks, lambda tensor: None, rank=0,
-                                   world_size=1)
+    with HiddenSyncs() as hidden:
+        selection = sharded_layer_topk(_pieces(full, 0, 1), ks, lambda tensor: None, rank=0,
+                                       world_size=1)
     monkeypatch.undo()
-    assert len(reads) == selection.all_reduces - (kind == "equal")
+    rounds = selection.all_reduces - len(selection.tie_bytes)
+    assert rounds > 1 and len(selection.tie_bytes) == (kind != "random")
+    assert len(reads) == rounds + 1
+    assert hidden.ops == ["aten.nonzero"] * (rounds - 1)
     for layer, k in enumerate(ks):
         assert torch.equal(selection.masks[layer], topk_mask(full[layer], k))
 

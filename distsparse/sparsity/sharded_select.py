@@ -305,13 +305,17 @@ def threshold_estimates(scores: Sequence[torch.Tensor], eligible: Sequence[torch
     layers = len(scores)
     device = scores[0].device if layers else torch.device("cpu")
     estimates = torch.zeros(5, layers, dtype=torch.int64, device=device)
-    for layer, (layer_scores, allowed, fraction) in enumerate(zip(scores, eligible, fractions)):
-        stride = max(1, layer_scores.numel() // ESTIMATE_SAMPLE)
-        candidates = layer_scores.reshape(-1)[::stride]
-        if allowed is not None:
-            picked = allowed.reshape(-1)[::stride]
-            if int(picked.sum()) >= ESTIMATE_MIN:
-                candidates = candidates[picked]
+    strides = [max(1, layer_scores.numel() // ESTIMATE_SAMPLE) for layer_scores in scores]
+    picks = [None if allowed is None else allowed.reshape(-1)[::stride]
+             for allowed, stride in zip(eligible, strides)]
+    counted = [pick.sum() for pick in picks if pick is not None]
+    picked_counts = iter(torch.stack(counted).tolist() if counted else [])  # one read, all layers
+    for layer, (layer_scores, pick, fraction) in enumerate(zip(scores, picks, fractions)):
+        candidates = layer_scores.reshape(-1)[:: strides[layer]]
+        if pick is not None:
+            picked = next(picked_counts)
+            if picked >= ESTIMATE_MIN:
+                candidates = candidates[torch.nonzero_static(pick, size=picked).squeeze(1)]
         size = candidates.numel()
         if not size or not 0 < fraction < 1:  # none, or all: no threshold to find
             continue
@@ -432,9 +436,9 @@ def sharded_topk(
     if settle is not None:
         if [mask.numel() for mask in settle.masks] != sizes:
             raise ValueError("a settled selection must be over the same pieces")
-        if eligible is not None and any(
+        if eligible is not None and settle.tied_layers and bool(torch.stack([  # one read
                 (settle.tied[starts[layer] : starts[layer + 1]] & ~eligible[layer].reshape(-1)).any()
-                for layer in settle.tied_layers):
+                for layer in settle.tied_layers]).any()):
             raise ValueError("every entry tied in the settled selection must be eligible")
     if not ks:
         if (carry is not None and carry.numel()) or settle is not None:
@@ -609,7 +613,8 @@ def sharded_topk(
         counted = digits
         if settle is not None:
             tied = settle.tied[starts[layer] : starts[layer + 1]]
-            pending_counts[groups[layer]] += torch.bincount(digits[tied], minlength=buckets + 1)
+            pending_counts[groups[layer]] += torch.bincount(  # untied ones in a cell cut off
+                torch.where(tied, digits, buckets + 1), minlength=buckets + 2)[: buckets + 1]
             counted = torch.where(tied, buckets, digits)
         counts[groups[layer]] += torch.bincount(counted, minlength=buckets + 1)[:buckets]
         first_digits.append((keys, digits))
@@ -663,7 +668,7 @@ def sharded_topk(
          [follow.tied[starts[layer] : starts[layer + 1]]] != 0).sum()
         for layer in follow.tied_layers]).sum().reshape(1)
     joined_above = torch.zeros(len(ks), dtype=torch.int64, device=device)
-    positions, keys, layer_of = [], [], []
+    fates = []
     for layer, (layer_keys, digits) in enumerate(first_digits):
         fate_of = fate[groups[layer]][digits]
         if settle is not None:
@@ -674,11 +679,18 @@ def sharded_topk(
                 tied = tied & ~follow.tied[starts[layer] : starts[layer + 1]]
             joined_above[groups[layer]] += (tied & ~took & (fate_of == 1)).sum()
         selected[starts[layer] : starts[layer + 1]] = fate_of == 1
-        open_index = (fate_of == 2).nonzero().squeeze(1)
+        fates.append(fate_of == 2)
+    # Each layer's open entries, gathered after one read of all their counts (none where every
+    # group is done: no later round or tie exchange reads them).
+    positions, keys, layer_of = [], [], []
+    open_counts = [0] * len(fates) if all(done) or not fates else \
+        torch.stack([open_.sum() for open_ in fates]).tolist()
+    for layer, ((layer_keys, _), open_, count) in enumerate(zip(first_digits, fates, open_counts)):
+        open_index = torch.nonzero_static(open_, size=count).squeeze(1)
         positions.append(open_index + starts[layer])
         keys.append(layer_keys[open_index])
         layer_of.append(torch.full_like(open_index, layer))
-    del first_digits, fate_of
+    del first_digits, fates
     # An unsure group has bits left (keys of 32 or 64 bits, digits of at most 16): the next
     # round carries its correction.
     correction = joined_above[unsure] if unsure else None
@@ -740,8 +752,8 @@ def sharded_topk(
         fate_of = fate.reshape(-1)[round_.cells]
         if round_.searching is not None:
             fate_of.masked_fill_(~round_.searching, 2)
-        selected[positions[fate_of == 1]] = True
-        keep = fate_of == 2
+        selected[positions] = selected[positions] | (fate_of == 1)
+        keep = (fate_of == 2).nonzero().squeeze(1)
         positions, keys, layer_of = positions[keep], keys[keep], layer_of[keep]
 
     def run_rounds(send: Callable[[torch.Tensor], torch.Tensor], round_: _Round | None,
@@ -907,7 +919,7 @@ def _tie_exchange(selected: torch.Tensor, sizes: list[int], positions: torch.Ten
         quota = torch.zeros(layers, dtype=torch.int64, device=device).index_copy_(
             0, tied_index, (left - per_rank[:, :rank].sum(1)).clamp(min=0))
         flags = torch.zeros_like(selected)
-        flags[positions[order_in_layer < quota[layer_of]]] = True
+        flags[positions] = order_in_layer < quota[layer_of]
         return flags, totals, torch.minimum(totals, left), None
 
     return DeferredTies(list(selected.split(sizes)), tied, tied_layers, table.reshape(-1),
