@@ -70,6 +70,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from distsparse.sparsity.segmented import signed_order_bits
 
@@ -310,26 +311,45 @@ def threshold_estimates(scores: Sequence[torch.Tensor], eligible: Sequence[torch
              for allowed, stride in zip(eligible, strides)]
     counted = [pick.sum() for pick in picks if pick is not None]
     picked_counts = iter(torch.stack(counted).tolist() if counted else [])  # one read, all layers
-    for layer, (layer_scores, pick, fraction) in enumerate(zip(scores, picks, fractions)):
-        candidates = layer_scores.reshape(-1)[:: strides[layer]]
-        if pick is not None:
-            picked = next(picked_counts)
-            if picked >= ESTIMATE_MIN:
-                candidates = candidates[torch.nonzero_static(pick, size=picked).squeeze(1)]
-        size = candidates.numel()
-        if not size or not 0 < fraction < 1:  # none, or all: no threshold to find
+    samples, picked, sizes = [], [], []
+    for layer_scores, pick, stride in zip(scores, picks, strides):
+        samples.append(layer_scores.reshape(-1)[::stride])
+        count = None if pick is None else next(picked_counts)
+        filtered = count is not None and count >= ESTIMATE_MIN
+        picked.append(pick if filtered else None)
+        sizes.append(count if filtered else samples[-1].numel())
+    estimating = [layer for layer in range(layers) if sizes[layer] and 0 < fractions[layer] < 1]
+    # The layers' samples sorted together, floating and integer scores apart (at most 2 tables):
+    # row i's h-th highest eligible sample is entry h - 1 of its row, ineligible entries and the
+    # padding being the dtype's lowest value (a tie there is a tie of values).
+    for floating in (True, False):
+        rows = [layer for layer in estimating if samples[layer].is_floating_point() == floating]
+        if not rows:
             continue
-        if candidates.is_floating_point() and candidates.dtype != torch.float64:
-            candidates = candidates.float()
-        spread = ESTIMATE_Z * math.sqrt(fraction * (1 - fraction) / (size * world_size)) \
-            + 1 / (size + 1)
-        for row, share in enumerate((fraction + spread, fraction - spread)):
-            higher = min(size, max(1, round(share * (size + 1))))
-            kth = candidates.kthvalue(size - higher + 1).values.reshape(1)
-            key = (_candidate_keys(kth, key_bits).to(torch.int64)[0] >> (key_bits - ESTIMATE_BITS)) \
-                & (2**ESTIMATE_BITS - 1)
-            estimates[2 * row, layer], estimates[2 * row + 1, layer] = key >> 16, key & 0xFFFF
-        estimates[4, layer] = 1
+        dtype = (torch.float64 if key_bits == KEY_BITS else torch.float32) if floating \
+            else torch.int64
+        lowest = float("-inf") if floating else torch.iinfo(torch.int64).min
+        table = pad_sequence([samples[layer].to(dtype) for layer in rows], batch_first=True,
+                             padding_value=lowest)
+        if any(picked[layer] is not None for layer in rows):
+            valid = pad_sequence([torch.ones_like(samples[layer], dtype=torch.bool)
+                                  if picked[layer] is None else picked[layer] for layer in rows],
+                                 batch_first=True, padding_value=False)
+            table = table.masked_fill(~valid, lowest)
+        ordered = table.sort(dim=1, descending=True).values
+        ranks = []
+        for layer in rows:
+            size, fraction = sizes[layer], fractions[layer]
+            spread = ESTIMATE_Z * math.sqrt(fraction * (1 - fraction) / (size * world_size)) \
+                + 1 / (size + 1)
+            ranks.append([min(size, max(1, round(share * (size + 1)))) - 1
+                          for share in (fraction + spread, fraction - spread)])
+        kth = ordered.gather(1, torch.tensor(ranks, device=device))
+        keys = (_candidate_keys(kth.reshape(-1), key_bits).to(torch.int64)
+                >> (key_bits - ESTIMATE_BITS)) & (2**ESTIMATE_BITS - 1)
+        halves = torch.stack([keys >> 16, keys & 0xFFFF], 1).view(len(rows), 4).T
+        estimates[:, torch.tensor(rows, device=device)] = torch.cat(
+            [halves, torch.ones(1, len(rows), dtype=torch.int64, device=device)])
     return estimates.reshape(-1)
 
 
