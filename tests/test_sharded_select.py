@@ -19,6 +19,10 @@ from distsparse.sparsity.sharded_select import (
     NARROW_DTYPES,
     ROUND_COUNTS,
     SPARE_BITS,
+    ESTIMATE_BITS,
+    ESTIMATE_MIN,
+    ESTIMATE_SAMPLE,
+    ESTIMATE_Z,
     ShardedSelection,
     ShardPiece,
     Threshold,
@@ -688,6 +692,61 @@ def test_estimates_bracket_the_threshold_and_narrow_with_the_ranks():
     assert one[1].margin < one[0].margin
     assert estimated_hints(threshold_estimates(
         [scores, scores[:0], scores], [None] * 3, [0.0, 0.5, 1.0], 32).tolist(), 32) == [None] * 3
+
+
+def _reference_estimates(scores, eligible, fractions, key_bits, world):
+    """`threshold_estimates` as its docstring defines it, a layer at a time with kthvalue."""
+    rows = torch.zeros(5, len(scores), dtype=torch.int64)
+    for layer, (layer_scores, allowed, p) in enumerate(zip(scores, eligible, fractions)):
+        stride = max(1, layer_scores.numel() // ESTIMATE_SAMPLE)
+        sample = layer_scores.reshape(-1)[::stride]
+        if allowed is not None and int(allowed[::stride].sum()) >= ESTIMATE_MIN:
+            sample = sample[allowed[::stride]]
+        n = sample.numel()
+        if not n or not 0 < p < 1:
+            continue
+        sample = sample.double() if sample.is_floating_point() else sample.long()
+        spread = ESTIMATE_Z * math.sqrt(p * (1 - p) / (n * world)) + 1 / (n + 1)
+        for row, share in enumerate((p + spread, p - spread)):
+            higher = min(n, max(1, round(share * (n + 1))))
+            kth = sample.kthvalue(n - higher + 1).values.reshape(1)
+            key = int(_candidate_keys(kth, key_bits).to(torch.int64)[0]) >> (key_bits - ESTIMATE_BITS) \
+                & (2**ESTIMATE_BITS - 1)
+            rows[2 * row, layer], rows[2 * row + 1, layer] = key >> 16, key & 0xFFFF
+        rows[4, layer] = 1
+    return rows.reshape(-1)
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "nan", "int32", "mixed"])
+def test_estimates_are_each_layers_own_sample_quantiles(kind):
+    # All layers' samples sorted in one padded table give each layer's quantiles as its own
+    # kthvalue would: NaN and -inf, random int32 scores, float16 beside float64 (64-bit keys),
+    # eligible samples under and over ESTIMATE_MIN, empty layers, fractions 0 and 1, 1-4 ranks.
+    gen = torch.Generator().manual_seed(len(kind))
+    for trial in range(8):
+        scores, eligible = [], []
+        for layer in range(5):
+            numel = int(torch.randint(0, 20_000 if trial % 4 else 60, (1,), generator=gen))
+            if kind == "int32":
+                layer_scores = torch.randint(-2**31, 2**31 - 1, (numel,), generator=gen,
+                                             dtype=torch.int64).to(torch.int32)
+            elif kind == "ties":
+                layer_scores = torch.randint(-3, 4, (numel,), generator=gen) / 4
+            elif kind == "mixed":
+                layer_scores = torch.randn(numel, generator=gen, dtype=torch.float64) if layer % 2 \
+                    else torch.randn(numel, generator=gen).half()
+            else:
+                layer_scores = torch.randn(numel, generator=gen)
+            if kind == "nan":
+                layer_scores[::7], layer_scores[::5] = float("nan"), float("-inf")
+            scores.append(layer_scores)
+            eligible.append(None if (trial + layer) % 3 == 0 else
+                            torch.rand(numel, generator=gen) < (0.5, 0.01, 0.9)[(trial + layer) % 3])
+        fractions = [(0.3, 0.0, 1.0, 0.9, 0.01, 0.5)[(trial * 3 + layer) % 6] for layer in range(5)]
+        key_bits = 64 if kind == "mixed" else 32
+        world = 1 + trial % 4
+        assert torch.equal(threshold_estimates(scores, eligible, fractions, key_bits, world),
+                           _reference_estimates(scores, eligible, fractions, key_bits, world)), trial
 
 
 def test_a_carry_travels_with_the_first_round_and_changes_nothing_else():
