@@ -114,3 +114,5 @@ def test_batches_are_consecutive_layers_within_the_cap(monkeypatch):
     assert select._batches([40, 50, 20, 300, 10, 90, 1]) == [range(0, 2), range(2, 3), range(3, 4),
                                                               range(4, 6), range(6, 7)]
     assert select._batches([]) == []
+    monkeypatch.setattr(select, "SEGMENTED_LAYERS", 2)
+    assert select._batches([1, 1, 1, 1, 300]) == [range(0, 2), range(2, 4), range(4, 5)]

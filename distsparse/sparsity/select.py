@@ -239,13 +239,16 @@ def _segmented(tensors: Sequence[torch.Tensor]) -> bool:
 SEGMENTED_BATCH = 1 << 26
 """Scores one segmented select takes at most (consecutive layers, or one larger layer): its
 temporaries, a few bytes a score, stay within a small multiple of this."""
+SEGMENTED_LAYERS = 256
+"""Layers one segmented select takes at most: its histograms hold 2^16 bins a layer."""
 
 
 def _batches(sizes: Sequence[int]) -> list[range]:
-    """Consecutive runs of layers of at most `SEGMENTED_BATCH` scores together (a larger layer alone)."""
+    """Consecutive runs of at most `SEGMENTED_LAYERS` layers and `SEGMENTED_BATCH` scores
+    together (a larger layer alone)."""
     batches, start, total = [], 0, 0
     for index, size in enumerate(sizes):
-        if index > start and total + size > SEGMENTED_BATCH:
+        if index > start and (total + size > SEGMENTED_BATCH or index - start == SEGMENTED_LAYERS):
             batches.append(range(start, index))
             start, total = index, 0
         total += size
