@@ -72,7 +72,8 @@ def stream_key(seed: int, step: int, layer: str, purpose: str) -> int:
     return key
 
 
-def _draw_(x: torch.Tensor, key: int | torch.Tensor, scratch: torch.Tensor, high: torch.Tensor | None) -> None:
+def _draw_(x: torch.Tensor, key: int | torch.Tensor, scratch: torch.Tensor,
+           high: torch.Tensor | None) -> None:
     """Replace the int64 global indices in x by their draws under `key` (one, or one per entry);
     `high` (indices >= 2**32 possible) is scratch for their upper words."""
     if high is not None:

@@ -321,7 +321,8 @@ class PieceLayout(FullLayout):
                       device: torch.device | str = "cpu") -> Masks:
         """Counter-based scores of this rank's pieces, keyed by the global element index."""
         pieces = {name: self.bounds[name] for name in names}
-        ranges = {name: (start, stop - start, (stop - start,)) for name, (start, stop) in pieces.items()}
+        ranges = {name: (start, stop - start, (stop - start,))
+                  for name, (start, stop) in pieces.items()}
         return self._random_scores(seed, step, purpose, ranges, device)
 
     def full_masks(self, masks: Mapping[str, torch.Tensor]) -> Masks:

@@ -7,13 +7,11 @@ gradients. One or N workers then select from the same scores, up to the order of
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from collections.abc import Sequence
 
 from distsparse.sparsity.counter_rng import random_bits_range, random_bits_ranges
 

@@ -12,11 +12,12 @@ equal to v with the highest indices are dropped. v comes from one `torch.topk`, 
 `SAMPLED_FROM` scores or more from a sample that brackets it and a sort of the few entries inside
 the bracket, checked exact in the same device read (a topk where the check fails). Selections over
 several tensors (per-layer top-k, drop-and-grow) read all their counts from the device in one
-transfer; on a device whose kernel launches cost more than their work (`LAUNCH_BOUND_DEVICES`)
-they run instead as one `segmented.segmented_topk` over the concatenated scores, which reads
-nothing where the eligible counts are known. A drop-and-grow's grow selections start before that read, on the drop selections'
+transfer. A drop-and-grow's grow selections start before that read, on the drop selections'
 candidates, which the read confirms unless a drop threshold is tied (then a second read); a global
-selection's read also gives each layer's selected count.
+selection's read also gives each layer's selected count. On a device whose kernel launches cost
+more than their work (`LAUNCH_BOUND_DEVICES`), per-layer selections and drop-and-grow run instead
+as `segmented.segmented_topk` over the concatenated scores, which reads nothing where the
+eligible counts are known.
 """
 from __future__ import annotations
 
