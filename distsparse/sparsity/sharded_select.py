@@ -684,8 +684,8 @@ def sharded_topk(
     # the groups left unsure learn in the next call how many of them their first round selected.
     fate = torch.cat([fate, torch.zeros(len(ks), 1, dtype=fate.dtype, device=device)], 1)
     relevant = None if follow is None else torch.stack([  # its tied entries not dropped here
-        (fate[groups[layer]][first_digits[layer][1]]
-         [follow.tied[starts[layer] : starts[layer + 1]]] != 0).sum()
+        ((fate[groups[layer]][first_digits[layer][1]] != 0)
+         & follow.tied[starts[layer] : starts[layer + 1]]).sum()
         for layer in follow.tied_layers]).sum().reshape(1)
     joined_above = torch.zeros(len(ks), dtype=torch.int64, device=device)
     fates = []
