@@ -139,3 +139,16 @@ class HiddenSyncs(TorchDispatchMode):
         if name in self.SYNCING or by_mask or unsized:
             self.ops.append(name)
         return func(*args, **kwargs)
+
+
+class KernelCalls(TorchDispatchMode):
+    """Within `with KernelCalls() as calls:`, `calls.count` counts the aten calls that are not
+    views: on a GPU, the kernels the host launches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))

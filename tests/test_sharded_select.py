@@ -38,7 +38,7 @@ from distsparse.sparsity.sharded_select import (
     threshold_estimates,
     zero3_partition,
 )
-from tests.conftest import HiddenSyncs, count_host_reads, free_port
+from tests.conftest import HiddenSyncs, KernelCalls, count_host_reads, free_port
 
 NUMELS = [7, 13, 1, 100, 2]  # none divisible by 3 or 4; the 1- and 2-element layers leave ranks empty
 
@@ -507,6 +507,43 @@ def test_local_work_reads_the_device_once_per_round_and_waits_for_it_nowhere_els
     assert hidden.ops == ["aten.nonzero"] * (rounds - 1)
     for layer, k in enumerate(ks):
         assert torch.equal(selection.masks[layer], topk_mask(full[layer], k))
+
+
+@pytest.mark.parametrize("kind", ["random", "ties"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_selection_makes_as_many_aten_calls_over_many_layers_as_over_few(kind, dtype):
+    # The first round reads all pieces as one concatenation; later rounds and the tie exchange
+    # take the candidates of all layers together. So the aten calls that are not views (a GPU's
+    # kernel launches) of a per-layer selection with eligibility, plain or hinted (32-bit keys;
+    # 64-bit hints search layer by layer), are the same for 6 copies of the layers as for one.
+    base = _layers(kind, dtype, seed=7)
+    gen = torch.Generator().manual_seed(8)
+    allowed = [torch.rand(n, generator=gen) < 0.8 for n in NUMELS]
+    calls = {}
+    for copies in (1, 6):
+        full, eligible = base * copies, allowed * copies
+        ks = [int(flags.sum()) // 2 for flags in eligible]
+
+        def select(hints=None):
+            return sharded_layer_topk(_pieces(full, 0, 1), ks, lambda tensor: None, rank=0,
+                                      world_size=1, eligible=eligible, bits_per_round=4) \
+                if hints is None else sharded_topk(
+                    _pieces(full, 0, 1), ks, list(range(len(full))), lambda tensor: None, rank=0,
+                    world_size=1, eligible=eligible, bits_per_round=4, hints=hints)
+
+        plain = select()
+        for layer, k in enumerate(ks):
+            assert torch.equal(plain.masks[layer], topk_mask(full[layer], k, eligible[layer]))
+        variants = [None] + ([plain.thresholds] if dtype == torch.float32 else [])
+        for variant, hints in enumerate(variants):
+            with KernelCalls() as counted:
+                selection = select(hints)
+            assert [mask.tolist() for mask in selection.masks] == \
+                [mask.tolist() for mask in plain.masks]
+            calls[copies, variant] = (counted.count, selection.all_reduces)
+    assert calls[1, 0][1] > 2  # rounds: the later rounds count too
+    for (copies, variant), count in calls.items():
+        assert count == calls[1, variant], (copies, variant)
 
 
 # --- hints: a first round centred on an earlier threshold -----------------------------------------
@@ -1072,3 +1109,19 @@ def test_tie_counts_share_a_word_four_ranks_a_word_even_with_the_top_bit_set():
             assert follow is None
             assert tied.tolist() == [200] and took.tolist() == [50]
             assert int(taken.sum()) == (50 if ties is deferred[3] else 0)
+
+
+def test_a_settled_selection_whose_tied_entries_are_not_all_eligible_is_refused():
+    # The drop ties 4 entries of 0.5 and defers their exchange; a grow that may not take one of
+    # them (its eligibility leaves out entry 9) cannot settle it: an error, before any call.
+    scores = torch.cat([torch.arange(6) + 1.0, torch.full((4,), 0.5)])
+    drop = sharded_topk(_pieces([scores], 0, 1), [8], [0], lambda tensor: None, rank=0,
+                        world_size=1, defer_ties=True)
+    assert drop.deferred is not None and drop.deferred.tied.tolist() == [False] * 6 + [True] * 4
+    eligible = torch.ones(10, dtype=torch.bool)
+    eligible[9] = False
+    calls = []
+    with pytest.raises(ValueError, match="every entry tied in the settled selection must be eligible"):
+        sharded_topk(_pieces([torch.rand(10)], 0, 1), [2], [0], calls.append, rank=0,
+                     world_size=1, eligible=[eligible], settle=drop.deferred)
+    assert calls == []

@@ -33,8 +33,10 @@ A selection of |N(0, 1)| scores then takes 2-4 rounds; the histograms are kiloby
 round whatever the size of the layers. `ShardedSelection.bytes_sent` reports the payload this rank
 handed to the all-reduce.
 
-The first round reads each layer's piece in place; the candidates it leaves undecided (about one
-in 2^width) go on together, so later rounds cost what they hold, not what the model holds.
+The first round reads the pieces of all layers as one concatenation, each layer a segment of it,
+so its kernels do not grow with the layers (a GPU launches them one by one); the candidates it
+leaves undecided (about one in 2^width) go on together, so later rounds cost what they hold, not
+what the model holds.
 
 A selection that repeats (the same layers every mask update) can start where the last one
 ended: handed the thresholds it found (`ShardedSelection.thresholds`), the first round counts a
@@ -456,10 +458,6 @@ def sharded_topk(
     if settle is not None:
         if [mask.numel() for mask in settle.masks] != sizes:
             raise ValueError("a settled selection must be over the same pieces")
-        if eligible is not None and settle.tied_layers and bool(torch.stack([  # one read
-                (settle.tied[starts[layer] : starts[layer + 1]] & ~eligible[layer].reshape(-1)).any()
-                for layer in settle.tied_layers]).any()):
-            raise ValueError("every entry tied in the settled selection must be eligible")
     if not ks:
         if (carry is not None and carry.numel()) or settle is not None:
             what = "a carry" if settle is None else "a settled selection's tie exchange"
@@ -605,39 +603,40 @@ def sharded_topk(
                for group_hints in usable]
     buckets = max([2**width] + [len(cells) for cells in windows if cells is not None])
     offset = 2 ** (KEY_BITS - 1) if key_bits == KEY_BITS else 0  # to `_ordered_keys`' values
-    boundaries = [None if cells is None else torch.tensor(
-        [low - offset for low, _ in cells[1:]], dtype=torch.int64, device=device) for cells in windows]
+    boundaries = [None if cells is None else [low - offset for low, _ in cells[1:]]
+                  for cells in windows]
 
-    # The first round reads every layer's piece in place, layer by layer; the undecided
-    # candidates it leaves (about one in 2^width) go on together: their positions in the
-    # concatenation of all pieces (ascending, so each layer's form one segment), keys and layers.
-    # A settled selection's tied entries count apart, in rows of their own.
-    selected = torch.zeros(sum(sizes), dtype=torch.bool, device=device)
-    counts = torch.zeros(len(ks), buckets, dtype=torch.int64, device=device)
-    pending_counts = None if settle is None else \
-        torch.zeros(len(ks), buckets + 1, dtype=torch.int64, device=device)
-    nans = torch.zeros((), dtype=torch.int64, device=device)
-    first_digits = []
-    for layer, piece in enumerate(shards):
-        keys = _candidate_keys(piece.scores.reshape(-1), key_bits)
-        cell_lows = boundaries[groups[layer]]
-        if cell_lows is None:
-            digits = (keys >> (key_bits - width)) & (2**width - 1)
-        else:
-            digits = torch.searchsorted(cell_lows, _ordered_keys(keys, key_bits), right=True)
-        nan = torch.isnan(piece.scores.reshape(-1))
-        if eligible is not None:  # ineligible entries count in one cell past the row
-            flags = eligible[layer].reshape(-1)
-            nan, digits = nan & flags, torch.where(flags, digits, buckets)
-        nans += nan.sum()
-        counted = digits
-        if settle is not None:
-            tied = settle.tied[starts[layer] : starts[layer + 1]]
-            pending_counts[groups[layer]] += torch.bincount(  # untied ones in a cell cut off
-                torch.where(tied, digits, buckets + 1), minlength=buckets + 2)[: buckets + 1]
-            counted = torch.where(tied, buckets, digits)
-        counts[groups[layer]] += torch.bincount(counted, minlength=buckets + 1)[:buckets]
-        first_digits.append((keys, digits))
+    # The first round reads all pieces at once, as one concatenation (each layer a segment of
+    # it), so that its kernels do not grow with the layers. Each entry counts in its group's row
+    # of `stride` cells: its digit, `buckets` where ineligible, `buckets + 1` for an untied
+    # entry's place in the pending rows. The undecided candidates it leaves (about one in
+    # 2^width) go on together: their positions in the concatenation (ascending, so each layer's
+    # form one segment), keys and layers. A settled selection's tied entries count apart, in
+    # rows of their own.
+    stride = buckets + 2
+    keys, nan = _flat_keys(shards, key_bits, device)
+    layer_bounds = torch.tensor(starts, dtype=torch.int64, device=device)
+    row_of_entry = torch.repeat_interleave(  # int32: the cells of all rows are few
+        torch.tensor([group * stride for group in groups], dtype=torch.int32, device=device),
+        torch.tensor(sizes, dtype=torch.int64, device=device), output_size=starts[-1])
+    digits = _first_digits(keys, row_of_entry // stride, groups, starts, boundaries, width,
+                           key_bits)
+    if eligible is not None:  # ineligible entries count in one cell past the row
+        flags = torch.cat([allowed.reshape(-1) for allowed in eligible]) if shards else nan
+        if settle is not None and settle.tied_layers and bool((settle.tied & ~flags).any()):
+            raise ValueError("every entry tied in the settled selection must be eligible")
+        nan, digits = nan & flags, torch.where(flags, digits, buckets)
+    nans = nan.sum()
+    del nan
+    counted = digits
+    if settle is not None:
+        counted = torch.where(settle.tied, buckets, digits)
+        pending_counts = torch.bincount(  # untied ones in a cell cut off
+            row_of_entry + torch.where(settle.tied, digits, buckets + 1),
+            minlength=len(ks) * stride).view(len(ks), stride)[:, : buckets + 1]
+    counts = torch.bincount(row_of_entry + counted, minlength=len(ks) * stride)
+    del counted
+    counts = counts.view(len(ks), stride)[:, :buckets]
     riders = [] if carry is None or not carry.numel() else [carry]
     pending = None
     if settle is not None:
@@ -680,42 +679,35 @@ def sharded_topk(
             continue
         remaining[group] = (start ^ (stop - 1)).bit_length()
         prefix[group] = start >> remaining[group]
-    # The settled selection's tied entries it took are no candidates; those it left are, and
-    # the groups left unsure learn in the next call how many of them their first round selected.
-    fate = torch.cat([fate, torch.zeros(len(ks), 1, dtype=fate.dtype, device=device)], 1)
-    relevant = None if follow is None else torch.stack([  # its tied entries not dropped here
-        ((fate[groups[layer]][first_digits[layer][1]] != 0)
-         & follow.tied[starts[layer] : starts[layer + 1]]).sum()
-        for layer in follow.tied_layers]).sum().reshape(1)
+    # Every entry's fate (the cells past a row's buckets drop). The settled selection's tied
+    # entries it took are no candidates; those it left are, and the groups left unsure learn in
+    # the next call how many of them their first round selected.
+    fate = torch.cat([fate, torch.zeros(len(ks), 2, dtype=fate.dtype, device=device)], 1)
+    fate_of = fate.view(-1)[row_of_entry + digits]
+    del digits
+    relevant = None if follow is None else \
+        ((fate_of != 0) & follow.tied).sum().reshape(1)  # its tied entries not dropped here
     joined_above = torch.zeros(len(ks), dtype=torch.int64, device=device)
-    fates = []
-    for layer, (layer_keys, digits) in enumerate(first_digits):
-        fate_of = fate[groups[layer]][digits]
-        if settle is not None:
-            tied = settle.tied[starts[layer] : starts[layer + 1]]
-            took = taken[starts[layer] : starts[layer + 1]]
-            fate_of = fate_of.masked_fill(took, 0)
-            if follow is not None:  # those the ties decide count once they are known
-                tied = tied & ~follow.tied[starts[layer] : starts[layer + 1]]
-            joined_above[groups[layer]] += (tied & ~took & (fate_of == 1)).sum()
-        selected[starts[layer] : starts[layer + 1]] = fate_of == 1
-        fates.append(fate_of == 2)
-    # Each layer's open entries, gathered after one read of all their counts (none where every
-    # group is done: no later round or tie exchange reads them).
-    positions, keys, layer_of = [], [], []
-    open_counts = [0] * len(fates) if all(done) or not fates else \
-        torch.stack([open_.sum() for open_ in fates]).tolist()
-    for layer, ((layer_keys, _), open_, count) in enumerate(zip(first_digits, fates, open_counts)):
-        open_index = torch.nonzero_static(open_, size=count).squeeze(1)
-        positions.append(open_index + starts[layer])
-        keys.append(layer_keys[open_index])
-        layer_of.append(torch.full_like(open_index, layer))
-    del first_digits, fates
+    if settle is not None:
+        fate_of.masked_fill_(taken, 0)
+        tied = settle.tied if follow is None else settle.tied & ~follow.tied  # decided later
+        joined = tied & ~taken & (fate_of == 1)
+        joined_above = torch.bincount(torch.where(joined, row_of_entry // stride, len(ks)),
+                                      minlength=len(ks) + 1)[: len(ks)]
+    del row_of_entry
+    selected = fate_of == 1
+    # The open entries, gathered after one read of their count (none where every group is
+    # done: no later round or tie exchange reads them).
+    open_ = fate_of == 2
+    del fate_of
+    open_count = 0 if all(done) else open_.sum().tolist()
+    positions = torch.nonzero_static(open_, size=open_count).squeeze(1)
+    del open_
+    keys = keys[positions]
+    layer_of = torch.searchsorted(layer_bounds[1:], positions, right=True)
     # An unsure group has bits left (keys of 32 or 64 bits, digits of at most 16): the next
     # round carries its correction.
     correction = joined_above[unsure] if unsure else None
-    empty = torch.zeros(0, dtype=torch.int64, device=device)
-    positions, keys, layer_of = (torch.cat(parts) if parts else empty for parts in (positions, keys, layer_of))
     layer_group = torch.tensor(groups, dtype=keys.dtype, device=device)
 
     def need_offset(summed: torch.Tensor) -> torch.Tensor:
@@ -738,8 +730,7 @@ def sharded_topk(
         tie_bytes[sent["calls"] - 1] = follow.rank_bytes
         follow = None
         return torch.zeros(len(ks), dtype=torch.int64, device=device).index_add_(
-            0, torch.tensor(groups, device=device),
-            torch.stack([part.sum() for part in joined.split(sizes)]))
+            0, torch.tensor(groups, device=device), _segment_counts(joined, layer_bounds))
 
     def next_round() -> _Round | None:
         """The next round's histogram over the candidates, or None when no group searches.
@@ -981,6 +972,62 @@ def _cells(keys: torch.Tensor, group_of: torch.Tensor, open_groups: list[int],
     searching = rows >= 0
     cells.masked_fill_(~searching, 0)
     return cells, searching
+
+
+def _segment_counts(flags: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """The True entries of each segment [bounds[i], bounds[i + 1]) of the 1-D boolean `flags`."""
+    running = torch.cat([torch.zeros(1, dtype=torch.int64, device=flags.device),
+                         flags.cumsum(0)])
+    return running[bounds[1:]] - running[bounds[:-1]]
+
+
+def _flat_keys(shards: Sequence[ShardPiece], key_bits: int,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys (`_candidate_keys`) of every piece's scores in one concatenation, and where the
+    scores are NaN."""
+    scores = [piece.scores.reshape(-1) for piece in shards]
+    if not scores:
+        return (torch.zeros(0, dtype=torch.int64 if key_bits == KEY_BITS else torch.int32,
+                            device=device), torch.zeros(0, dtype=torch.bool, device=device))
+    if len({layer.dtype for layer in scores}) > 1:  # keys of one dtype from scores of several
+        return (torch.cat([_candidate_keys(layer, key_bits) for layer in scores]),
+                torch.cat([torch.isnan(layer) for layer in scores]))
+    flat = torch.cat(scores)
+    return _candidate_keys(flat, key_bits), torch.isnan(flat)
+
+
+def _first_digits(keys: torch.Tensor, group_of_entry: torch.Tensor, groups: Sequence[int],
+                  starts: Sequence[int], boundaries: Sequence[list[int] | None], width: int,
+                  key_bits: int) -> torch.Tensor:
+    """Each entry's first-round cell (int32) in its group's row: its top `width` key bits, or in
+    a group with window cells the cell holding its key (`boundaries`: per group each cell's
+    lowest key but the first's, as `_ordered_keys` values; None without windows).
+
+    For 32-bit keys, one search over every group's boundaries at once: a group's are offset by
+    the group number times 2^32, above any key of an earlier group (a group without windows
+    has the boundaries of its top bits there)."""
+    top = ((keys >> (key_bits - width)) & (2**width - 1)).to(torch.int32)
+    if all(lows is None for lows in boundaries):
+        return top
+    ordered = _ordered_keys(keys, key_bits)
+    device = keys.device
+    if key_bits < KEY_BITS:
+        uniform = [digit << (key_bits - width) for digit in range(1, 2**width)]
+        lows = [uniform if given is None else given for given in boundaries]
+        first = torch.tensor([0, *itertools.accumulate(len(row) for row in lows[:-1])],
+                             dtype=torch.int32, device=device)
+        table = torch.tensor([(group << key_bits) + low for group, row in enumerate(lows)
+                              for low in row], dtype=torch.int64, device=device)
+        ordered += group_of_entry.to(torch.int64) << key_bits
+        return torch.searchsorted(table, ordered, right=True, out_int32=True) \
+            - first[group_of_entry]
+    for layer, group in enumerate(groups):  # 64-bit keys: layer by layer
+        if boundaries[group] is not None:
+            part = slice(starts[layer], starts[layer + 1])
+            top[part] = torch.searchsorted(
+                torch.tensor(boundaries[group], dtype=torch.int64, device=device), ordered[part],
+                right=True, out_int32=True)
+    return top
 
 
 def _ordered_keys(keys: torch.Tensor, key_bits: int) -> torch.Tensor:
