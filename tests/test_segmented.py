@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from distsparse.sparsity import select
-from distsparse.sparsity.segmented import order_keys, segmented_topk
+from distsparse.sparsity.segmented import order_keys, segment_counts, segmented_topk
 from distsparse.sparsity.select import drop_and_grow_masks, topk_masks
 from tests.conftest import count_host_reads
 from tests.test_select import CUDA, REGIMES, REGIME_IDS, SPECIAL, _random_scores, \
@@ -71,6 +71,16 @@ def test_a_long_run_of_equal_scores_crossing_segments_breaks_ties_within_each():
     expected[1000:1500] = True  # the segment's 500 ones, then its first 50 quarters
     expected[700:750] = True
     assert torch.equal(got, expected)
+
+
+def test_segment_counts_are_each_segments_true_entries_empty_segments_included():
+    generator = torch.Generator().manual_seed(5)
+    sizes = [0, 7, 1, 0, 300, 2, 0]
+    flags = torch.rand(sum(sizes), generator=generator) < 0.4
+    expected = [int(part.sum()) for part in flags.split(sizes)]
+    assert segment_counts(flags, sizes).tolist() == expected
+    assert segment_counts(torch.ones(310, dtype=torch.bool), sizes).tolist() == sizes
+    assert segment_counts(torch.zeros(0, dtype=torch.bool), [0, 0]).tolist() == [0, 0]
 
 
 def test_boolean_scores_are_refused():

@@ -577,9 +577,11 @@ def test_drop_and_grow_reads_once_unless_a_drop_threshold_is_tied(numel, monkeyp
         assert [int(m.sum()) for m in got] == actives
 
 
+@pytest.mark.parametrize("device", ["cpu", "cpu-segmented"])  # layer counts: one sum for all
 @pytest.mark.parametrize("regime,dtype", REGIMES)
 @pytest.mark.parametrize("numel", [50, 300_000])  # under and over SAMPLED_FROM (a bracket)
-def test_global_selection_reads_each_layers_count_with_its_own(regime, dtype, numel, monkeypatch):
+def test_global_selection_reads_each_layers_count_with_its_own(regime, dtype, numel, device,
+                                                               monkeypatch):
     """One read gives the selection and every layer's selected count, ties at the threshold
     included (surplus ties leave from the last layer back); None only where NaN or the fill
     value is the k-th largest."""
@@ -591,6 +593,7 @@ def test_global_selection_reads_each_layers_count_with_its_own(regime, dtype, nu
                                            for n, size in sizes.items()}
         n_eligible = numel if eligible is None else sum(int(e.sum()) for e in eligible.values())
         for k in (0, 1, n_eligible // 3, n_eligible):
+            _select_on(device, monkeypatch)
             reads = count_host_reads(monkeypatch)
             masks, counts = global_topk_counted(scores, k, eligible, n_eligible)
             monkeypatch.undo()

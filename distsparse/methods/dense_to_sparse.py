@@ -69,7 +69,7 @@ class GMP(SparsityMethod):
 
     def prune(self, step: int, masks, weights) -> Masks:
         """Magnitude pruning to the schedule's target, globally or layer by layer."""
-        scores = {name: magnitude_scores(w) for name, w in weights.items()}
+        scores = magnitude_scores(weights)
         sparsity = self.target_sparsity(step)
         layout = self.selection(masks)
         active = layout.active_counts(masks)
@@ -126,9 +126,9 @@ class GraNet(GMP):
         # GraNet funcs.magnitude_prune: num_remove = ceil(prune_rate * num_nonzero).
         active = self.selection(pruned).active_counts(pruned)
         counts = {name: math.ceil(rate * active[name]) for name in pruned}
-        drop = {name: magnitude_scores(w) for name, w in weights.items()}
+        drop = magnitude_scores(weights)
         grow = (
-            {name: gradient_scores(grads[name]) for name in pruned}
+            gradient_scores({name: grads[name] for name in pruned})
             if self.config.growth == "gradient"
             else self.random_grow_scores(step, pruned)
         )

@@ -98,7 +98,7 @@ def initial_masks(
     original = {name: p.detach().clone() for name, p in params.items()}
     work.train()
     if criterion == "magnitude":
-        return _select({n: magnitude_scores(w) for n, w in original.items()}, density, config)
+        return _select(magnitude_scores(original), density, config)
     if criterion == "snip":
         return _select(snip_scores(original, _gradients(work, params, context)), density, config)
     if criterion == "grasp":

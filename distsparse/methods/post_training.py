@@ -44,8 +44,8 @@ def layer_topk_masks(
 ) -> dict[str, torch.Tensor]:
     """Per layer, keep the `counts[name]` largest |w| (ties to the lower flat index); one host read."""
     names = list(weights)
-    masks = topk_masks([magnitude_scores(weights[name]) for name in names],
-                       [counts[name] for name in names])
+    scores = magnitude_scores(weights)
+    masks = topk_masks([scores[name] for name in names], [counts[name] for name in names])
     return dict(zip(names, masks))
 
 
@@ -63,7 +63,7 @@ def oneshot_masks(
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
     if distribution == "global":
         total = sum(w.numel() for w in weights.values())
-        scores = {name: magnitude_scores(w) for name, w in weights.items()}
+        scores = magnitude_scores(weights)
         return global_topk_masks(scores, active_count(total, 1.0 - sparsity))
     if distribution not in ONESHOT_DISTRIBUTIONS:
         raise ValueError(

@@ -58,7 +58,7 @@ class _DropAndGrow(SparsityMethod):
         # rigl: n_prune = int(n_ones * drop_fraction), per layer.
         active = self.selection(masks).active_counts(masks)
         counts = {name: math.floor(active[name] * fraction) for name in masks}
-        drop = {name: magnitude_scores(w) for name, w in weights.items()}
+        drop = magnitude_scores(weights)
         return self.swap_step(masks, drop, self.grow_scores(step, masks, grads), counts, active)
 
 
@@ -81,4 +81,4 @@ class RigL(_DropAndGrow):
         return self.is_update_step(step)
 
     def grow_scores(self, step, masks, grads) -> Masks:
-        return {name: gradient_scores(grads[name]) for name in masks}
+        return gradient_scores({name: grads[name] for name in masks})

@@ -34,14 +34,23 @@ GRASP_TEMPERATURE = 200.0
 """Softmax temperature of GraSP's loss (alecwangcq/GraSP pruner/GraSP.py, `T=200`)."""
 
 
-def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
-    """|w|: magnitude pruning's criterion."""
-    return weight.detach().abs()
+def magnitude_scores(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """|w| of every named weight: magnitude pruning's criterion."""
+    return _magnitudes(weights)
 
 
-def gradient_scores(grad: torch.Tensor) -> torch.Tensor:
-    """|g| of the dense gradient: RigL's and GraNet's growth criterion."""
-    return grad.detach().abs()
+def gradient_scores(grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """|g| of every named dense gradient: RigL's and GraNet's growth criterion."""
+    return _magnitudes(grads)
+
+
+def _magnitudes(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """|t| of every tensor in one foreach call: on a GPU a few kernels for all layers, not one a
+    layer."""
+    names = list(tensors)
+    if not names:
+        return {}
+    return dict(zip(names, torch._foreach_abs([tensors[name].detach() for name in names])))
 
 
 def random_scores(

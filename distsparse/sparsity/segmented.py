@@ -18,11 +18,12 @@ contract of `sparsity.select`), and it needs no host read: every count is exact 
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
 
-__all__ = ["order_keys", "segmented_topk", "signed_order_bits"]
+__all__ = ["order_keys", "segment_counts", "segmented_topk", "signed_order_bits"]
 
 DIGIT_BITS = 16
 """Bits of the k-th largest key resolved per pass: 2 passes for 32-bit keys, 4 for 64-bit."""
@@ -108,3 +109,12 @@ def segmented_topk(
     before = torch.cat([rank.new_zeros(1), rank])[starts]  # ties counted in earlier segments
     rank -= before.index_select(0, segment)
     return above | (at & (rank <= need.to(index_dtype).index_select(0, segment)))
+
+
+def segment_counts(flags: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """The True entries (int64) of each consecutive segment of `sizes` in the 1-D boolean `flags`:
+    one running sum, read at the segments' bounds, whatever the number of segments."""
+    bounds = torch.tensor([0, *itertools.accumulate(sizes)], device=flags.device)
+    running = torch.cat([torch.zeros(1, dtype=torch.int64, device=flags.device),
+                         flags.cumsum(0)])
+    return running[bounds[1:]] - running[bounds[:-1]]

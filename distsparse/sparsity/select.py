@@ -21,12 +21,13 @@ eligible counts are known.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 
 import torch
 
-from distsparse.sparsity.segmented import segmented_topk
+from distsparse.sparsity.segmented import segment_counts, segmented_topk
 
 __all__ = ["drop_and_grow", "drop_and_grow_masks", "global_topk_counted", "global_topk_masks",
            "topk_mask", "topk_masks"]
@@ -237,6 +238,14 @@ def _segmented(tensors: Sequence[torch.Tensor]) -> bool:
         and all(tensor.dtype != torch.bool for tensor in tensors)
 
 
+def _split_counts(flags: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """The True entries of each consecutive part of `sizes` in the 1-D `flags`: a count a part,
+    or on a launch-bound device one running sum for all."""
+    if launch_bound(flags.device):
+        return segment_counts(flags, sizes)
+    return torch.stack([part.count_nonzero() for part in flags.split(sizes)])
+
+
 SEGMENTED_BATCH = 1 << 26
 """Scores one segmented select takes at most (consecutive layers, or one larger layer): its
 temporaries, a few bytes a score, stay within a small multiple of this."""
@@ -266,8 +275,9 @@ def _segmented_topk_masks(flats, ks, allowed, known) -> list[torch.Tensor]:
     """`topk_masks` as segmented selects (`_batches`): one host read where an eligible count is
     unknown."""
     unknown = [i for i, (e, n) in enumerate(zip(allowed, known)) if e is not None and n is None]
-    counted = dict(zip(unknown, torch.stack([torch.count_nonzero(allowed[i]) for i in unknown])
-                       .tolist())) if unknown else {}
+    counted = dict(zip(unknown, segment_counts(
+        torch.cat([allowed[i].reshape(-1) for i in unknown]),
+        [allowed[i].numel() for i in unknown]).tolist())) if unknown else {}
     for i, (flat, k, e, n) in enumerate(zip(flats, ks, allowed, known)):
         n_eligible = flat.numel() if e is None else counted.get(i, n)
         if k > n_eligible:
@@ -329,10 +339,7 @@ def _common_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
     """A dtype in which every tensor's values compare as in float64 (exact widening)."""
     if not all(t.dtype.is_floating_point for t in tensors):
         return torch.float64
-    dtype = tensors[0].dtype
-    for tensor in tensors[1:]:
-        dtype = torch.promote_types(dtype, tensor.dtype)
-    return dtype
+    return functools.reduce(torch.promote_types, {tensor.dtype for tensor in tensors})
 
 
 def global_topk_masks(
@@ -378,7 +385,7 @@ def _global_topk(scores, k, eligible, n_eligible, count_layers: bool):
     selection = _Selection(values, k, flat_eligible, n_eligible=n_eligible)
     read = [selection.counts]
     if count_layers and k:  # each layer's candidates and entries at the threshold
-        read += [torch.stack([part.count_nonzero() for part in flags.split(numels)])
+        read += [_split_counts(flags, numels)
                  for flags in (selection.tentative(), selection.at_threshold())]
     counts = torch.cat(read).tolist()
     selected = selection.mask(counts[:5])

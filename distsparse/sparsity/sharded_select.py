@@ -74,7 +74,7 @@ from typing import NamedTuple
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from distsparse.sparsity.segmented import signed_order_bits
+from distsparse.sparsity.segmented import segment_counts, signed_order_bits
 
 __all__ = [
     "DeferredTies",
@@ -615,7 +615,7 @@ def sharded_topk(
     # rows of their own.
     stride = buckets + 2
     keys, nan = _flat_keys(shards, key_bits, device)
-    layer_bounds = torch.tensor(starts, dtype=torch.int64, device=device)
+    layer_ends = torch.tensor(starts[1:], dtype=torch.int64, device=device)
     row_of_entry = torch.repeat_interleave(  # int32: the cells of all rows are few
         torch.tensor([group * stride for group in groups], dtype=torch.int32, device=device),
         torch.tensor(sizes, dtype=torch.int64, device=device), output_size=starts[-1])
@@ -704,7 +704,7 @@ def sharded_topk(
     positions = torch.nonzero_static(open_, size=open_count).squeeze(1)
     del open_
     keys = keys[positions]
-    layer_of = torch.searchsorted(layer_bounds[1:], positions, right=True)
+    layer_of = torch.searchsorted(layer_ends, positions, right=True)
     # An unsure group has bits left (keys of 32 or 64 bits, digits of at most 16): the next
     # round carries its correction.
     correction = joined_above[unsure] if unsure else None
@@ -730,7 +730,7 @@ def sharded_topk(
         tie_bytes[sent["calls"] - 1] = follow.rank_bytes
         follow = None
         return torch.zeros(len(ks), dtype=torch.int64, device=device).index_add_(
-            0, torch.tensor(groups, device=device), _segment_counts(joined, layer_bounds))
+            0, torch.tensor(groups, device=device), segment_counts(joined, sizes))
 
     def next_round() -> _Round | None:
         """The next round's histogram over the candidates, or None when no group searches.
@@ -972,13 +972,6 @@ def _cells(keys: torch.Tensor, group_of: torch.Tensor, open_groups: list[int],
     searching = rows >= 0
     cells.masked_fill_(~searching, 0)
     return cells, searching
-
-
-def _segment_counts(flags: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
-    """The True entries of each segment [bounds[i], bounds[i + 1]) of the 1-D boolean `flags`."""
-    running = torch.cat([torch.zeros(1, dtype=torch.int64, device=flags.device),
-                         flags.cumsum(0)])
-    return running[bounds[1:]] - running[bounds[:-1]]
 
 
 def _flat_keys(shards: Sequence[ShardPiece], key_bits: int,
