@@ -309,9 +309,9 @@ class PieceLayout(FullLayout):
             "drop", carry=estimates, defer_last_round=True)
         hints = [tuple(hint for hint in (estimate, self._thresholds.get(("grow", name))) if hint)
                  for estimate, name in zip(estimated_hints(drop.carried, grow_bits), names)]
-        grow = self._layer_select(
-            grow_scores, swapping, {name: ~kept for name, kept in zip(names, drop.masks)}, "grow",
-            hints=hints, settle=drop.deferred)
+        not_kept = (~torch.cat(drop.masks)).split([kept.numel() for kept in drop.masks])
+        grow = self._layer_select(grow_scores, swapping, dict(zip(names, not_kept)), "grow",
+                                  hints=hints, settle=drop.deferred)
         kept = grow.settled or drop.masks
         new = {name: kept_of | grown for name, kept_of, grown in zip(names, kept, grow.masks)}
         self._remember(new, {name: active[name] for name in swapping})  # drop n, grow n

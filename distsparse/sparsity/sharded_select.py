@@ -72,7 +72,6 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 
 from distsparse.sparsity.segmented import segment_counts, signed_order_bits
 
@@ -311,8 +310,9 @@ def threshold_estimates(scores: Sequence[torch.Tensor], eligible: Sequence[torch
     strides = [max(1, layer_scores.numel() // ESTIMATE_SAMPLE) for layer_scores in scores]
     picks = [None if allowed is None else allowed.reshape(-1)[::stride]
              for allowed, stride in zip(eligible, strides)]
-    counted = [pick.sum() for pick in picks if pick is not None]
-    picked_counts = iter(torch.stack(counted).tolist() if counted else [])  # one read, all layers
+    counted = [pick for pick in picks if pick is not None]
+    picked_counts = iter(segment_counts(torch.cat(counted), [pick.numel() for pick in counted])
+                         .tolist() if counted else [])  # one read, all layers
     samples, picked, sizes = [], [], []
     for layer_scores, pick, stride in zip(scores, picks, strides):
         samples.append(layer_scores.reshape(-1)[::stride])
@@ -331,12 +331,12 @@ def threshold_estimates(scores: Sequence[torch.Tensor], eligible: Sequence[torch
         dtype = (torch.float64 if key_bits == KEY_BITS else torch.float32) if floating \
             else torch.int64
         lowest = float("-inf") if floating else torch.iinfo(torch.int64).min
-        table = pad_sequence([samples[layer].to(dtype) for layer in rows], batch_first=True,
-                             padding_value=lowest)
+        table = _padded_rows([samples[layer].to(dtype) for layer in rows], lowest)
         if any(picked[layer] is not None for layer in rows):
-            valid = pad_sequence([torch.ones_like(samples[layer], dtype=torch.bool)
-                                  if picked[layer] is None else picked[layer] for layer in rows],
-                                 batch_first=True, padding_value=False)
+            whole = torch.ones(max(samples[layer].numel() for layer in rows), dtype=torch.bool,
+                               device=device)
+            valid = _padded_rows([whole[: samples[layer].numel()] if picked[layer] is None
+                                  else picked[layer] for layer in rows], False)
             table = table.masked_fill(~valid, lowest)
         ordered = table.sort(dim=1, descending=True).values
         ranks = []
@@ -353,6 +353,17 @@ def threshold_estimates(scores: Sequence[torch.Tensor], eligible: Sequence[torch
         estimates[:, torch.tensor(rows, device=device)] = torch.cat(
             [halves, torch.ones(1, len(rows), dtype=torch.int64, device=device)])
     return estimates.reshape(-1)
+
+
+def _padded_rows(parts: Sequence[torch.Tensor], fill: float | bool) -> torch.Tensor:
+    """The 1-D `parts` (one dtype) as the rows of one table, each filled out with `fill` to the
+    longest: one concatenation and one gather, whatever the number of parts."""
+    device, lengths = parts[0].device, [part.numel() for part in parts]
+    flat = torch.cat([*parts, torch.full((1,), fill, dtype=parts[0].dtype, device=device)])
+    starts = torch.tensor([0, *itertools.accumulate(lengths[:-1])], device=device)
+    column = torch.arange(max(lengths), device=device)
+    inside = column < torch.tensor(lengths, device=device).unsqueeze(1)
+    return flat[torch.where(inside, starts.unsqueeze(1) + column, flat.numel() - 1)]
 
 
 def estimated_hints(carried: Sequence[int], key_bits: int) -> list[Threshold | None]:
