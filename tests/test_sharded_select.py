@@ -754,6 +754,22 @@ def _reference_estimates(scores, eligible, fractions, key_bits, world):
     return rows.reshape(-1)
 
 
+def test_estimates_make_as_many_aten_calls_over_many_layers_as_over_few():
+    # The picks are counted in one running sum and the samples laid out in one gather.
+    gen = torch.Generator().manual_seed(9)
+    sizes = [7, 13, 100, 5000, 20000]
+    scores = [torch.randn(n, generator=gen).abs() for n in sizes]
+    eligible = [torch.rand(n, generator=gen) < 0.5 for n in sizes]
+    calls, estimates = [], []
+    for copies in (1, 6):
+        with KernelCalls() as counted:
+            estimates.append(threshold_estimates(scores * copies, eligible * copies,
+                                                 [0.3] * len(sizes) * copies, 32, 4))
+        calls.append(counted.count)
+    assert calls[0] == calls[1]
+    assert estimates[1].view(5, -1).tolist() == estimates[0].view(5, -1).repeat(1, 6).tolist()
+
+
 @pytest.mark.parametrize("kind", ["random", "ties", "nan", "int32", "mixed"])
 def test_estimates_are_each_layers_own_sample_quantiles(kind):
     # All layers' samples sorted in one padded table give each layer's quantiles as its own
