@@ -192,8 +192,11 @@ def test_other_digit_widths_select_the_same(bits_per_round):
 
 
 def test_half_precision_scores_are_exact():
-    for dtype in (torch.float16, torch.bfloat16):
-        full = [layer.to(dtype) for layer in _layers("random", torch.float64, seed=4)]
+    dtypes = [torch.float16, torch.bfloat16, torch.float32]
+    mixed = [layer.to(dtypes[i % 3]) for i, layer in enumerate(_layers("random", torch.float64, 4))]
+    for dtype in (torch.float16, torch.bfloat16, None):  # None: layers of all three dtypes
+        full = mixed if dtype is None else \
+            [layer.to(dtype) for layer in _layers("random", torch.float64, seed=4)]
         for k in (1, 17, 60):
             _assert_matches_single_process(full, k, 3)
 
