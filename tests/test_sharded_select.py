@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from distsparse.sparsity import select
 from distsparse.sparsity.layout import FullLayout, PieceLayout
 from distsparse.sparsity.select import global_topk_masks, topk_mask
 from distsparse.sparsity.sharded_select import (
@@ -41,6 +42,16 @@ from distsparse.sparsity.sharded_select import (
 from tests.conftest import HiddenSyncs, KernelCalls, count_host_reads, free_port
 
 NUMELS = [7, 13, 1, 100, 2]  # none divisible by 3 or 4; the 1- and 2-element layers leave ranks empty
+
+
+@pytest.fixture(params=["layer by layer", "layers at once"], autouse=True)
+def first_round(request, monkeypatch):
+    """Every test twice: the first round reading the pieces layer by layer (a CPU), and all
+    layers at once, as on a launch-bound device (a layout then selects as on a GPU too)."""
+    if request.param == "layers at once":
+        monkeypatch.setitem(sharded_topk.__kwdefaults__, "layers_at_once", True)
+        monkeypatch.setattr(select, "LAUNCH_BOUND_DEVICES", ("cpu",))
+    return request.param
 
 
 def _row_bytes(width: int) -> int:
@@ -528,11 +539,13 @@ def test_a_selection_makes_as_many_aten_calls_over_many_layers_as_over_few(kind,
         ks = [int(flags.sum()) // 2 for flags in eligible]
 
         def select(hints=None):
-            return sharded_layer_topk(_pieces(full, 0, 1), ks, lambda tensor: None, rank=0,
-                                      world_size=1, eligible=eligible, bits_per_round=4) \
+            return sharded_topk(_pieces(full, 0, 1), ks, list(range(len(full))),
+                                lambda tensor: None, rank=0, world_size=1, eligible=eligible,
+                                bits_per_round=4, layers_at_once=True) \
                 if hints is None else sharded_topk(
                     _pieces(full, 0, 1), ks, list(range(len(full))), lambda tensor: None, rank=0,
-                    world_size=1, eligible=eligible, bits_per_round=4, hints=hints)
+                    world_size=1, eligible=eligible, bits_per_round=4, hints=hints,
+                    layers_at_once=True)
 
         plain = select()
         for layer, k in enumerate(ks):

@@ -246,7 +246,8 @@ class PieceLayout(FullLayout):
         selection = sharded_topk(
             shards, ks, groups, self.all_reduce_sum, rank=self.rank, world_size=self.world_size,
             eligible=None if eligible is None else [eligible[name].reshape(-1) for name in names],
-            hints=hints, **options)
+            hints=hints, layers_at_once=bool(shards) and launch_bound(shards[0].scores.device),
+            **options)
         self._thresholds.update(zip(hint_keys, selection.thresholds))
         self.bytes_sent += selection.bytes_sent
         return selection

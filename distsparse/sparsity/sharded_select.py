@@ -33,10 +33,10 @@ A selection of |N(0, 1)| scores then takes 2-4 rounds; the histograms are kiloby
 round whatever the size of the layers. `ShardedSelection.bytes_sent` reports the payload this rank
 handed to the all-reduce.
 
-The first round reads the pieces of all layers as one concatenation, each layer a segment of it,
-so its kernels do not grow with the layers (a GPU launches them one by one); the candidates it
-leaves undecided (about one in 2^width) go on together, so later rounds cost what they hold, not
-what the model holds.
+The first round reads the pieces of all layers as one concatenation where kernel launches cost
+more than their work (`layers_at_once`, a GPU: its kernels do not grow with the layers), else layer
+by layer; the candidates it leaves undecided (about one in 2^width) go on together, so later
+rounds cost what they hold, not what the model holds.
 
 A selection that repeats (the same layers every mask update) can start where the last one
 ended: handed the thresholds it found (`ShardedSelection.thresholds`), the first round counts a
@@ -409,6 +409,7 @@ def sharded_topk(
     defer_ties: bool = False,
     defer_last_round: bool = False,
     settle: DeferredTies | None = None,
+    layers_at_once: bool = False,
 ) -> ShardedSelection:
     """Independent top-k selections over groups of layers, sharing each round's all-reduce.
 
@@ -439,6 +440,9 @@ def sharded_topk(
     round counts the tied entries apart; where they could move its k-th largest key to another
     bucket it keeps the run of buckets from the k-th under the fewest of them that join to the
     k-th under the most, and its later rounds resolve the bits below their common prefix.
+
+    `layers_at_once` reads the first round's pieces as one concatenation, with kernels that do
+    not grow with the layers (for launch-bound devices: a GPU); else layer by layer.
 
     `defer_last_round` (one layer a group) also leaves the last histogram round to that
     selection: the first round that is likely its last (`_likely_last`). The later selection's
@@ -617,37 +621,45 @@ def sharded_topk(
     boundaries = [None if cells is None else [low - offset for low, _ in cells[1:]]
                   for cells in windows]
 
-    # The first round reads all pieces at once, as one concatenation (each layer a segment of
-    # it), so that its kernels do not grow with the layers. Each entry counts in its group's row
-    # of `stride` cells: its digit, `buckets` where ineligible, `buckets + 1` for an untied
-    # entry's place in the pending rows. The undecided candidates it leaves (about one in
-    # 2^width) go on together: their positions in the concatenation (ascending, so each layer's
-    # form one segment), keys and layers. A settled selection's tied entries count apart, in
-    # rows of their own.
+    # The first round reads the pieces in chunks: every layer at once where `layers_at_once`
+    # (one concatenation, each layer a segment of it: kernels that do not grow with the layers),
+    # else layer by layer (cheaper where a kernel costs its work: a CPU). Each entry counts in its
+    # cell: its group's row of `stride` cells, then its digit, `buckets` where ineligible,
+    # `buckets + 1` for an untied entry's place in the pending rows. The undecided candidates it
+    # leaves (about one in 2^width) go on together: their positions in the concatenation
+    # (ascending, so each layer's form one segment), keys and layers. A settled selection's
+    # tied entries count apart, in rows of their own.
     stride = buckets + 2
-    keys, nan = _flat_keys(shards, key_bits, device)
-    layer_ends = torch.tensor(starts[1:], dtype=torch.int64, device=device)
-    row_of_entry = torch.repeat_interleave(  # int32: the cells of all rows are few
-        torch.tensor([group * stride for group in groups], dtype=torch.int32, device=device),
-        torch.tensor(sizes, dtype=torch.int64, device=device), output_size=starts[-1])
-    digits = _first_digits(keys, row_of_entry // stride, groups, starts, boundaries, width,
-                           key_bits)
-    if eligible is not None:  # ineligible entries count in one cell past the row
-        flags = torch.cat([allowed.reshape(-1) for allowed in eligible]) if shards else nan
-        if settle is not None and settle.tied_layers and bool((settle.tied & ~flags).any()):
-            raise ValueError("every entry tied in the settled selection must be eligible")
-        nan, digits = nan & flags, torch.where(flags, digits, buckets)
-    nans = nan.sum()
-    del nan
-    counted = digits
-    if settle is not None:
-        counted = torch.where(settle.tied, buckets, digits)
-        pending_counts = torch.bincount(  # untied ones in a cell cut off
-            row_of_entry + torch.where(settle.tied, digits, buckets + 1),
-            minlength=len(ks) * stride).view(len(ks), stride)[:, : buckets + 1]
-    counts = torch.bincount(row_of_entry + counted, minlength=len(ks) * stride)
-    del counted
+    chunks = [range(len(shards))] if layers_at_once and shards else \
+        [range(layer, layer + 1) for layer in range(len(shards))]
+    counts = torch.zeros(len(ks) * stride, dtype=torch.int64, device=device)
+    pending_counts = None if settle is None else torch.zeros_like(counts)
+    nans = torch.zeros((), dtype=torch.int64, device=device)
+    first_cells, untakeable = [], []
+    for chunk in chunks:
+        keys, nan = _flat_keys([shards[layer] for layer in chunk], key_bits, device)
+        cells, rows = _first_cells(keys, [groups[layer] for layer in chunk],
+                                   [sizes[layer] for layer in chunk], stride, boundaries, width,
+                                   key_bits)
+        tied = None if settle is None else settle.tied[starts[chunk.start] : starts[chunk.stop]]
+        if eligible is not None:  # ineligible entries count in one cell past the row
+            flags = _joined([eligible[layer] for layer in chunk])
+            if tied is not None and settle.tied_layers:
+                untakeable.append((tied & ~flags).any())
+            nan, cells = nan & flags, torch.where(flags, cells, rows + buckets)
+        nans += nan.sum()
+        counted = cells
+        if tied is not None:
+            counted = torch.where(tied, rows + buckets, cells)
+            pending_counts += torch.bincount(  # untied ones in a cell cut off
+                torch.where(tied, cells, rows + buckets + 1), minlength=len(ks) * stride)
+        counts += torch.bincount(counted, minlength=len(ks) * stride)
+        first_cells.append((keys, cells))
+    if untakeable and bool(torch.stack(untakeable).any()):  # one read
+        raise ValueError("every entry tied in the settled selection must be eligible")
     counts = counts.view(len(ks), stride)[:, :buckets]
+    if settle is not None:
+        pending_counts = pending_counts.view(len(ks), stride)[:, : buckets + 1]
     riders = [] if carry is None or not carry.numel() else [carry]
     pending = None
     if settle is not None:
@@ -693,29 +705,40 @@ def sharded_topk(
     # Every entry's fate (the cells past a row's buckets drop). The settled selection's tied
     # entries it took are no candidates; those it left are, and the groups left unsure learn in
     # the next call how many of them their first round selected.
-    fate = torch.cat([fate, torch.zeros(len(ks), 2, dtype=fate.dtype, device=device)], 1)
-    fate_of = fate.view(-1)[row_of_entry + digits]
-    del digits
-    relevant = None if follow is None else \
-        ((fate_of != 0) & follow.tied).sum().reshape(1)  # its tied entries not dropped here
+    fate = torch.cat([fate, torch.zeros(len(ks), 2, dtype=fate.dtype, device=device)], 1).view(-1)
+    relevant, joined, selected, open_ = [], [], [], []
+    for chunk, (_, cells) in zip(chunks, first_cells):
+        part = slice(starts[chunk.start], starts[chunk.stop])
+        fate_of = fate[cells]
+        if follow is not None:  # its tied entries not dropped here
+            relevant.append(((fate_of != 0) & follow.tied[part]).sum())
+        if settle is not None:
+            fate_of.masked_fill_(taken[part], 0)
+            tied = settle.tied[part] if follow is None else \
+                settle.tied[part] & ~follow.tied[part]  # those the ties decide count later
+            joined.append(segment_counts(tied & ~taken[part] & (fate_of == 1),
+                                         [sizes[layer] for layer in chunk]))
+        selected.append(fate_of == 1)
+        open_.append(fate_of == 2)
+    relevant = None if follow is None else torch.stack(relevant).sum().reshape(1)
     joined_above = torch.zeros(len(ks), dtype=torch.int64, device=device)
-    if settle is not None:
-        fate_of.masked_fill_(taken, 0)
-        tied = settle.tied if follow is None else settle.tied & ~follow.tied  # decided later
-        joined = tied & ~taken & (fate_of == 1)
-        joined_above = torch.bincount(torch.where(joined, row_of_entry // stride, len(ks)),
-                                      minlength=len(ks) + 1)[: len(ks)]
-    del row_of_entry
-    selected = fate_of == 1
-    # The open entries, gathered after one read of their count (none where every group is
+    if joined:
+        joined_above.index_add_(0, torch.tensor(groups, device=device), torch.cat(joined))
+    selected = torch.cat(selected) if selected else torch.zeros(0, dtype=torch.bool, device=device)
+    # The open entries, gathered after one read of their counts (none where every group is
     # done: no later round or tie exchange reads them).
-    open_ = fate_of == 2
-    del fate_of
-    open_count = 0 if all(done) else open_.sum().tolist()
-    positions = torch.nonzero_static(open_, size=open_count).squeeze(1)
-    del open_
-    keys = keys[positions]
-    layer_of = torch.searchsorted(layer_ends, positions, right=True)
+    open_counts = [0] * len(chunks) if all(done) or not chunks else \
+        torch.stack([flags.sum() for flags in open_]).tolist()
+    positions, keys = [], []
+    for chunk, (chunk_keys, _), flags, count in zip(chunks, first_cells, open_, open_counts):
+        index = torch.nonzero_static(flags, size=count).squeeze(1)
+        positions.append(index + starts[chunk.start])
+        keys.append(chunk_keys[index])
+    del first_cells, open_
+    empty = torch.zeros(0, dtype=torch.int64, device=device)
+    positions, keys = (torch.cat(parts) if parts else empty for parts in (positions, keys))
+    layer_of = torch.searchsorted(torch.tensor(starts[1:], dtype=torch.int64, device=device),
+                                  positions, right=True)
     # An unsure group has bits left (keys of 32 or 64 bits, digits of at most 16): the next
     # round carries its correction.
     correction = joined_above[unsure] if unsure else None
@@ -1000,39 +1023,60 @@ def _flat_keys(shards: Sequence[ShardPiece], key_bits: int,
     return _candidate_keys(flat, key_bits), torch.isnan(flat)
 
 
-def _first_digits(keys: torch.Tensor, group_of_entry: torch.Tensor, groups: Sequence[int],
-                  starts: Sequence[int], boundaries: Sequence[list[int] | None], width: int,
-                  key_bits: int) -> torch.Tensor:
-    """Each entry's first-round cell (int32) in its group's row: its top `width` key bits, or in
-    a group with window cells the cell holding its key (`boundaries`: per group each cell's
-    lowest key but the first's, as `_ordered_keys` values; None without windows).
+def _joined(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The tensors flattened into one: a view of a lone one, else a concatenation."""
+    return tensors[0].reshape(-1) if len(tensors) == 1 else \
+        torch.cat([tensor.reshape(-1) for tensor in tensors])
 
-    For 32-bit keys, one search over every group's boundaries at once: a group's are offset by
-    the group number times 2^32, above any key of an earlier group (a group without windows
-    has the boundaries of its top bits there)."""
-    top = ((keys >> (key_bits - width)) & (2**width - 1)).to(torch.int32)
-    if all(lows is None for lows in boundaries):
-        return top
-    ordered = _ordered_keys(keys, key_bits)
+
+def _first_cells(keys: torch.Tensor, groups: Sequence[int], sizes: Sequence[int], stride: int,
+                 boundaries: Sequence[list[int] | None], width: int, key_bits: int
+                 ) -> tuple[torch.Tensor, torch.Tensor | int]:
+    """The first-round cell of each of the consecutive layers' `keys` (layer i of `sizes[i]`
+    entries in group `groups[i]`), and each entry's row start (one number for one layer): its
+    group's row of `stride` cells, then its top `width` key bits or, in a group with window
+    cells, the cell holding its key (`boundaries`: per group each cell's lowest key but the
+    first's, as `_ordered_keys` values; None without windows).
+
+    Over several layers with 32-bit keys, one search over every group's boundaries at once, each
+    group's padded to `stride` above its own keys and offset by its row times 2^32: the count of
+    boundaries up to an entry's key is then its cell."""
     device = keys.device
-    if key_bits < KEY_BITS:
-        uniform = [digit << (key_bits - width) for digit in range(1, 2**width)]
-        lows = [uniform if given is None else given for given in boundaries]
-        first = torch.tensor([0, *itertools.accumulate(len(row) for row in lows[:-1])],
-                             dtype=torch.int32, device=device)
-        table = torch.tensor([(group << key_bits) + low for group, row in enumerate(lows)
-                              for low in row], dtype=torch.int64, device=device)
-        ordered += group_of_entry.to(torch.int64) << key_bits
-        return torch.searchsorted(table, ordered, right=True, out_int32=True) \
-            - first[group_of_entry]
-    for layer, group in enumerate(groups):  # 64-bit keys: layer by layer
-        if boundaries[group] is not None:
-            part = slice(starts[layer], starts[layer + 1])
-            top[part] = torch.searchsorted(
-                torch.tensor(boundaries[group], dtype=torch.int64, device=device), ordered[part],
-                right=True, out_int32=True)
-    return top
 
+    def top_bits() -> torch.Tensor:
+        return (keys >> (key_bits - width)) & (2**width - 1)
+
+    if len(groups) == 1:
+        row, lows = groups[0] * stride, boundaries[groups[0]]
+        if lows is None:
+            return top_bits() + row, row
+        cells = torch.searchsorted(torch.tensor(lows, dtype=torch.int64, device=device),
+                                   _ordered_keys(keys, key_bits), right=True)
+        return cells + row, row
+    rows = torch.repeat_interleave(
+        torch.tensor([group * stride for group in groups], dtype=torch.int64, device=device),
+        torch.tensor(list(sizes), dtype=torch.int64, device=device), output_size=keys.numel())
+    if all(lows is None for lows in boundaries):
+        return top_bits() + rows, rows
+    if key_bits == KEY_BITS:  # 64-bit keys: layer by layer
+        top, starts = top_bits(), [0, *itertools.accumulate(sizes)]
+        for layer, group in enumerate(groups):
+            if boundaries[group] is not None:
+                part = slice(starts[layer], starts[layer + 1])
+                top[part] = torch.searchsorted(
+                    torch.tensor(boundaries[group], dtype=torch.int64, device=device),
+                    _ordered_keys(keys[part], key_bits), right=True)
+        return top + rows, rows
+    uniform = [digit << (key_bits - width) for digit in range(1, 2**width)]
+    table = []
+    for group, lows in enumerate(boundaries):
+        lows = uniform if lows is None else lows
+        table += [(group * stride << key_bits) + low
+                  for low in lows + [2**key_bits] * (stride - len(lows))]
+    ordered = _ordered_keys(keys, key_bits)
+    ordered += rows << key_bits
+    return torch.searchsorted(torch.tensor(table, dtype=torch.int64, device=device), ordered,
+                              right=True), rows
 
 def _ordered_keys(keys: torch.Tensor, key_bits: int) -> torch.Tensor:
     """int64 values whose signed order is the unsigned order of the keys' bit patterns."""
