@@ -403,6 +403,7 @@ def _worker(rank: int, port: int, numels: list[int], out: str) -> None:
 @pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo"
 )
+@pytest.mark.parametrize("first_round", ["layer by layer"], indirect=True)  # processes: a CPU
 def test_two_gloo_processes_on_resnet50_layers(tmp_path):
     numels = SMALL + _resnet50_numels()
     mp.spawn(_worker, args=(free_port(), numels, str(tmp_path)), nprocs=WORLD, join=True)
