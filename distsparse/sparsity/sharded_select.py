@@ -620,6 +620,9 @@ def sharded_topk(
     offset = 2 ** (KEY_BITS - 1) if key_bits == KEY_BITS else 0  # to `_ordered_keys`' values
     boundaries = [None if cells is None else [low - offset for low, _ in cells[1:]]
                   for cells in windows]
+    boundary_tensors = [None if lows is None else torch.tensor(lows, dtype=torch.int64,
+                                                               device=device)
+                        for lows in boundaries]
 
     # The first round reads the pieces in chunks: every layer at once where `layers_at_once`
     # (one concatenation, each layer a segment of it: kernels that do not grow with the layers),
@@ -637,22 +640,23 @@ def sharded_topk(
     nans = torch.zeros((), dtype=torch.int64, device=device)
     first_cells, untakeable = [], []
     for chunk in chunks:
-        keys, nan = _flat_keys([shards[layer] for layer in chunk], key_bits, device)
+        keys, nan = _flat_keys([shards[layer] for layer in chunk], key_bits)
         cells, rows = _first_cells(keys, [groups[layer] for layer in chunk],
-                                   [sizes[layer] for layer in chunk], stride, boundaries, width,
-                                   key_bits)
+                                   [sizes[layer] for layer in chunk], stride, boundaries,
+                                   boundary_tensors, width, key_bits)
         tied = None if settle is None else settle.tied[starts[chunk.start] : starts[chunk.stop]]
+        past = rows + buckets if eligible is not None or tied is not None else None
         if eligible is not None:  # ineligible entries count in one cell past the row
             flags = _joined([eligible[layer] for layer in chunk])
             if tied is not None and settle.tied_layers:
                 untakeable.append((tied & ~flags).any())
-            nan, cells = nan & flags, torch.where(flags, cells, rows + buckets)
+            nan, cells = nan & flags, torch.where(flags, cells, past)
         nans += nan.sum()
         counted = cells
         if tied is not None:
-            counted = torch.where(tied, rows + buckets, cells)
+            counted = torch.where(tied, past, cells)
             pending_counts += torch.bincount(  # untied ones in a cell cut off
-                torch.where(tied, cells, rows + buckets + 1), minlength=len(ks) * stride)
+                torch.where(tied, cells, past + 1), minlength=len(ks) * stride)
         counts += torch.bincount(counted, minlength=len(ks) * stride)
         first_cells.append((keys, cells))
     if untakeable and bool(torch.stack(untakeable).any()):  # one read
@@ -1008,18 +1012,14 @@ def _cells(keys: torch.Tensor, group_of: torch.Tensor, open_groups: list[int],
     return cells, searching
 
 
-def _flat_keys(shards: Sequence[ShardPiece], key_bits: int,
-               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The keys (`_candidate_keys`) of every piece's scores in one concatenation, and where the
-    scores are NaN."""
-    scores = [piece.scores.reshape(-1) for piece in shards]
-    if not scores:
-        return (torch.zeros(0, dtype=torch.int64 if key_bits == KEY_BITS else torch.int32,
-                            device=device), torch.zeros(0, dtype=torch.bool, device=device))
+def _flat_keys(shards: Sequence[ShardPiece], key_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys (`_candidate_keys`) of one or more pieces' scores, flattened into one (`_joined`),
+    and where the scores are NaN."""
+    scores = [piece.scores for piece in shards]
     if len({layer.dtype for layer in scores}) > 1:  # keys of one dtype from scores of several
-        return (torch.cat([_candidate_keys(layer, key_bits) for layer in scores]),
-                torch.cat([torch.isnan(layer) for layer in scores]))
-    flat = torch.cat(scores)
+        return (torch.cat([_candidate_keys(layer.reshape(-1), key_bits) for layer in scores]),
+                _joined([torch.isnan(layer) for layer in scores]))
+    flat = _joined(scores)
     return _candidate_keys(flat, key_bits), torch.isnan(flat)
 
 
@@ -1030,13 +1030,15 @@ def _joined(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def _first_cells(keys: torch.Tensor, groups: Sequence[int], sizes: Sequence[int], stride: int,
-                 boundaries: Sequence[list[int] | None], width: int, key_bits: int
+                 boundaries: Sequence[list[int] | None],
+                 boundary_tensors: Sequence[torch.Tensor | None], width: int, key_bits: int
                  ) -> tuple[torch.Tensor, torch.Tensor | int]:
     """The first-round cell of each of the consecutive layers' `keys` (layer i of `sizes[i]`
     entries in group `groups[i]`), and each entry's row start (one number for one layer): its
     group's row of `stride` cells, then its top `width` key bits or, in a group with window
     cells, the cell holding its key (`boundaries`: per group each cell's lowest key but the
-    first's, as `_ordered_keys` values; None without windows).
+    first's, as `_ordered_keys` values; None without windows; `boundary_tensors` the same on
+    the keys' device).
 
     Over several layers with 32-bit keys, one search over every group's boundaries at once, each
     group's padded to `stride` above its own keys and offset by its row times 2^32: the count of
@@ -1047,12 +1049,10 @@ def _first_cells(keys: torch.Tensor, groups: Sequence[int], sizes: Sequence[int]
         return (keys >> (key_bits - width)) & (2**width - 1)
 
     if len(groups) == 1:
-        row, lows = groups[0] * stride, boundaries[groups[0]]
+        row, lows = groups[0] * stride, boundary_tensors[groups[0]]
         if lows is None:
             return top_bits() + row, row
-        cells = torch.searchsorted(torch.tensor(lows, dtype=torch.int64, device=device),
-                                   _ordered_keys(keys, key_bits), right=True)
-        return cells + row, row
+        return torch.searchsorted(lows, _ordered_keys(keys, key_bits), right=True) + row, row
     rows = torch.repeat_interleave(
         torch.tensor([group * stride for group in groups], dtype=torch.int64, device=device),
         torch.tensor(list(sizes), dtype=torch.int64, device=device), output_size=keys.numel())
@@ -1063,9 +1063,8 @@ def _first_cells(keys: torch.Tensor, groups: Sequence[int], sizes: Sequence[int]
         for layer, group in enumerate(groups):
             if boundaries[group] is not None:
                 part = slice(starts[layer], starts[layer + 1])
-                top[part] = torch.searchsorted(
-                    torch.tensor(boundaries[group], dtype=torch.int64, device=device),
-                    _ordered_keys(keys[part], key_bits), right=True)
+                top[part] = torch.searchsorted(boundary_tensors[group],
+                                               _ordered_keys(keys[part], key_bits), right=True)
         return top + rows, rows
     uniform = [digit << (key_bits - width) for digit in range(1, 2**width)]
     table = []
@@ -1077,6 +1076,7 @@ def _first_cells(keys: torch.Tensor, groups: Sequence[int], sizes: Sequence[int]
     ordered += rows << key_bits
     return torch.searchsorted(torch.tensor(table, dtype=torch.int64, device=device), ordered,
                               right=True), rows
+
 
 def _ordered_keys(keys: torch.Tensor, key_bits: int) -> torch.Tensor:
     """int64 values whose signed order is the unsigned order of the keys' bit patterns."""
