@@ -61,6 +61,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="also profile a block of dense and static steps, and one mask update "
                              "of each update method, with torch.profiler")
+    parser.add_argument("--trace-dir", type=Path, default=None,
+                        help="with --profile: write each profiled update's Chrome trace here")
     parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     parser.add_argument("--model", default="small_resnet", help="model.name of every trainer")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -208,10 +210,21 @@ def _profile_update(args, name: str, trainer, batches) -> str:
         return made[-1]
 
     _time_updates(argparse.Namespace(**{**vars(args), "updates": 1}), trainer, batches, around)
+    if args.trace_dir is not None:
+        args.trace_dir.mkdir(parents=True, exist_ok=True)
+        made[0].export_chrome_trace(str(args.trace_dir / f"update-{name}.json"))
     events = made[0].key_averages()
     calls = sum(event.count for event in events if event.key.startswith("aten::"))
+    phases = markdown_table(
+        ["phase of the update", "host ms", "device ms"],
+        [[e.key, f"{e.cpu_time_total / 1e3:.2f}", f"{e.device_time_total / 1e3:.2f}"]
+         for e in events if e.key.startswith("distsparse.")])
     table = events.table(sort_by="self_cpu_time_total", row_limit=15)
-    text = f"### torch.profiler, one mask update of {name} ({calls} aten calls)\n\n```\n{table}\n```"
+    text = (f"### torch.profiler, one mask update of {name} ({calls} aten calls)\n\n{phases}"
+            f"\n\n```\n{table}\n```")
+    if args.device == "cuda":
+        by_device = events.table(sort_by="self_device_time_total", row_limit=15)
+        text += f"\n\nBy device time:\n\n```\n{by_device}\n```"
     print(text)
     return text
 

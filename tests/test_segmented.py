@@ -5,11 +5,15 @@ of `sparsity.select`), on the same score regimes as tests/test_select.py.
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from distsparse.sparsity import select
-from distsparse.sparsity.segmented import order_keys, segment_counts, segmented_topk
+from distsparse.sparsity.device_values import device_tensor
+from distsparse.sparsity.scores import random_scores, random_scores_of_ranges
+from distsparse.sparsity.segmented import order_keys, segment_counts, segment_ids, segmented_topk
 from distsparse.sparsity.select import drop_and_grow_masks, topk_masks
 from tests.conftest import count_host_reads
 from tests.test_select import CUDA, REGIMES, REGIME_IDS, SPECIAL, _random_scores, \
@@ -81,6 +85,49 @@ def test_segment_counts_are_each_segments_true_entries_empty_segments_included()
     assert segment_counts(flags, sizes).tolist() == expected
     assert segment_counts(torch.ones(310, dtype=torch.bool), sizes).tolist() == sizes
     assert segment_counts(torch.zeros(0, dtype=torch.bool), [0, 0]).tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("sizes", [[5], [0, 7, 1, 0, 300, 2, 0], [3, 0, 0, 4], [0, 0], []])
+def test_segment_ids_number_every_position_by_its_segment(sizes):
+    expected = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.int64))
+    for dtype in (torch.int32, torch.int64):
+        ids = segment_ids(sizes, "cpu", dtype)
+        assert ids.dtype == dtype and torch.equal(ids.long(), expected)
+
+
+def test_device_tensors_hold_the_values_of_torch_tensor():
+    for values, dtype in (([3, -1, 2**40], torch.int64), ([0.5, 2.0], None), ([[1, 2], [3, 4]], torch.int32)):
+        got, expected = device_tensor(values, "cpu", dtype), torch.tensor(values, dtype=dtype)
+        assert got.dtype == expected.dtype and torch.equal(got, expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_drop_and_grow_and_random_scores_on_a_gpu_never_wait_for_it():
+    # set_sync_debug_mode("error") raises at any wait for the device: a value read, a nonzero, a
+    # copy from pageable host memory. RigL's and SET's selections over all layers need none.
+    shapes = [(64, 3, 7, 7), (256, 64), (1000,), (300, 40), (2, 2)]
+    generator = torch.Generator().manual_seed(4)
+    masks = [torch.rand(shape, generator=generator) < 0.2 for shape in shapes]
+    weights = [torch.randn(shape, generator=generator) * mask for shape, mask in zip(shapes, masks)]
+    grads = [torch.randn(shape, generator=generator) for shape in shapes]
+    actives = [int(mask.sum()) for mask in masks]
+    counts = [active // 3 for active in actives]
+    expected = drop_and_grow_masks(masks, [w.abs() for w in weights], [g.abs() for g in grads],
+                                   counts, actives)
+    ranges = [(f"layer{i}", 0, math.prod(shape)) for i, shape in enumerate(shapes)]
+    expected_random = [random_scores(shape, 7, 100, name, "grow").reshape(-1)
+                       for shape, (name, _, _) in zip(shapes, ranges)]
+    masks, weights, grads = ([t.cuda() for t in ts] for ts in (masks, weights, grads))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = drop_and_grow_masks(masks, [w.abs() for w in weights], [g.abs() for g in grads],
+                                  counts, actives)
+        got_random = random_scores_of_ranges(7, 100, "grow", ranges, "cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.equal(a, b.cpu()) for a, b in zip(expected, got))
+    assert all(torch.equal(a, b.cpu()) for a, b in zip(expected_random, got_random))
 
 
 def test_boolean_scores_are_refused():

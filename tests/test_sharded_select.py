@@ -623,6 +623,36 @@ def test_hints_never_change_the_masks(world, kind, dtype):
                         (groups is global_groups, restrict is None, hints, layer)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["random", "ties", "signed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pieces_on_a_gpu_select_as_on_the_cpu(kind, dtype):
+    # Global and per-layer, eligible or not, plain, hinted and estimated (a margin): the same
+    # masks, bytes and rounds on CUDA as on the CPU, over the small layers and a few large ones.
+    gen = torch.Generator().manual_seed(3)
+    full = _layers(kind, dtype, seed=50) + [torch.randn(n, generator=gen, dtype=dtype)
+                                            for n in (70_001, 3_000, 250_000)]
+    other = [torch.randn(t.numel(), generator=gen, dtype=dtype) for t in full]
+    eligible = [torch.rand(t.numel(), generator=gen) < 0.7 for t in full]
+    world = 3
+    for groups in (list(range(len(full))), [0] * len(full)):
+        for restrict in (None, eligible):
+            sizes = [t.numel() if restrict is None else int(restrict[i].sum())
+                     for i, t in enumerate(full)]
+            ks = [max(sizes) // 3] if groups[-1] == 0 else [size // 2 for size in sizes]
+            found = _hinted(other, ks, groups, world, None, restrict)[0].thresholds
+            margins = [None if t is None else Threshold(t.key_bits, t.key, 2**12) for t in found]
+            for hints in (None, found, margins):
+                on_cpu = _hinted(full, ks, groups, world, hints, restrict)
+                on_gpu = _hinted([t.cuda() for t in full], ks, groups, world, hints,
+                                 None if restrict is None else [e.cuda() for e in restrict])
+                for cpu, gpu in zip(on_cpu, on_gpu):
+                    assert isinstance(gpu, ShardedSelection), gpu
+                    assert (gpu.bytes_sent, gpu.all_reduces) == (cpu.bytes_sent, cpu.all_reduces)
+                    for a, b in zip(cpu.masks, gpu.masks):
+                        assert b.is_cuda and torch.equal(a, b.cpu())
+
+
 def test_a_hint_near_the_threshold_saves_a_round_and_a_far_one_costs_none():
     # Six layers of 20,000 |N(0, 1)| float32 scores, 10 % of each: 11-bit digits, 3 rounds.
     # The thresholds of another draw of the same distribution put each group's k-th key in its

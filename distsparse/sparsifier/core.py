@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
+from torch.profiler import record_function
 from torch.nn.parallel import DistributedDataParallel
 
 from distsparse.config import Config, MethodConfig, validate
@@ -234,10 +235,14 @@ class Sparsifier:
 
     def _update_masks(self, step: int, grads: Mapping[str, torch.Tensor] | None) -> None:
         tick = time.perf_counter()
-        changed = self.method.update(step, self.mask_set.masks, self.access.weights(), grads)
-        self.mask_set.update(changed)
-        self.mask_all()
-        self._check_identical(step)
+        with record_function("distsparse.method.update"):
+            changed = self.method.update(step, self.mask_set.masks, self.access.weights(), grads)
+        with record_function("distsparse.masks.update"):
+            self.mask_set.update(changed)
+        with record_function("distsparse.mask_all"):
+            self.mask_all()
+        with record_function("distsparse.check_identical"):
+            self._check_identical(step)
         self.last_update = MaskUpdate(step, len(changed), time.perf_counter() - tick)
 
     def _check_identical(self, step: int | None = None) -> None:

@@ -23,7 +23,9 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["order_keys", "segment_counts", "segmented_topk", "signed_order_bits"]
+from distsparse.sparsity.device_values import device_tensor
+
+__all__ = ["order_keys", "segment_counts", "segment_ids", "segmented_topk", "signed_order_bits"]
 
 DIGIT_BITS = 16
 """Bits of the k-th largest key resolved per pass: 2 passes for 32-bit keys, 4 for 64-bit."""
@@ -69,12 +71,15 @@ def segmented_topk(
     # Segment ids, bins and tie ranks in 32 bits where they fit: half the memory traffic.
     small = max(2 * n_segments * digits, values.numel()) < 2**31
     index_dtype = torch.int32 if small else torch.int64
-    lengths = torch.tensor(list(sizes), dtype=torch.int64, device=device)
-    segment = torch.repeat_interleave(torch.arange(n_segments, dtype=index_dtype, device=device),
-                                      lengths, output_size=values.numel())
-    need = torch.tensor(list(ks), dtype=torch.int64, device=device)
+    segment = segment_ids(sizes, device, index_dtype)
+    need = device_tensor(list(ks), device, torch.int64)
     prefix = torch.zeros(n_segments, dtype=torch.int64, device=device)
     ones = torch.ones((), dtype=torch.int32, device=device).expand(values.numel())
+    # Entries left out count in bins of their own, spread by position: never one hot bin (the
+    # zeros of inactive weights), whose atomic adds would queue on one address.
+    spread = torch.arange(values.numel(), dtype=index_dtype, device=device)
+    spread &= digits - 1
+    spread += n_segments * digits
     for shift in range(width - DIGIT_BITS, -1, -DIGIT_BITS):
         high = keys >> shift  # arithmetic shift: the signed key's bits from `shift` up
         if shift == width - DIGIT_BITS:
@@ -83,11 +88,10 @@ def segmented_topk(
             digit = (high & (digits - 1)).to(index_dtype)
             same = (high >> DIGIT_BITS) == prefix.to(keys.dtype).index_select(0, segment)
             matching = same if eligible is None else same & eligible
-        # Entries left out count in a mirror of the bins above them, spread as the counted ones.
         bins = segment * digits + digit
         if matching is not None:
-            bins = torch.where(matching, bins, bins + n_segments * digits)
-        histogram = torch.zeros(2 * n_segments * digits, dtype=torch.int32, device=device)
+            bins = torch.where(matching, bins, spread)
+        histogram = torch.zeros((n_segments + 1) * digits, dtype=torch.int32, device=device)
         histogram.index_add_(0, bins, ones)
         # descending[:, j]: matching entries whose digit is at least digits - 1 - j.
         descending = histogram[: n_segments * digits].view(n_segments, digits).flip(1).cumsum(1)
@@ -105,7 +109,7 @@ def segmented_topk(
         above &= eligible
         at &= eligible
     rank = torch.cumsum(at, 0, dtype=index_dtype)
-    starts = torch.cumsum(lengths, 0) - lengths
+    starts = device_tensor([0, *itertools.accumulate(sizes)][:-1], device, torch.int64)
     before = torch.cat([rank.new_zeros(1), rank])[starts]  # ties counted in earlier segments
     rank -= before.index_select(0, segment)
     return above | (at & (rank <= need.to(index_dtype).index_select(0, segment)))
@@ -114,7 +118,22 @@ def segmented_topk(
 def segment_counts(flags: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
     """The True entries (int64) of each consecutive segment of `sizes` in the 1-D boolean `flags`:
     one running sum, read at the segments' bounds, whatever the number of segments."""
-    bounds = torch.tensor([0, *itertools.accumulate(sizes)], device=flags.device)
+    bounds = device_tensor([0, *itertools.accumulate(sizes)], flags.device, torch.int64)
     running = torch.cat([torch.zeros(1, dtype=torch.int64, device=flags.device),
                          flags.cumsum(0)])
     return running[bounds[1:]] - running[bounds[:-1]]
+
+
+def segment_ids(sizes: Sequence[int], device: torch.device | str,
+                dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Each position's segment among consecutive segments of `sizes` (empty ones own no
+    position): a running sum of the segments' starts. `repeat_interleave` gives the same on
+    CUDA with a thread per segment, each writing its whole segment."""
+    total = sum(sizes)
+    starts = list(itertools.accumulate(sizes))[:-1]
+    marks = torch.zeros(total, dtype=dtype, device=device)
+    inside = [start for start in starts if start < total]
+    if inside:
+        marks.index_add_(0, device_tensor(inside, device, torch.int64),
+                         torch.ones((), dtype=dtype, device=device).expand(len(inside)))
+    return marks.cumsum(0, dtype=dtype)

@@ -73,7 +73,8 @@ from typing import NamedTuple
 
 import torch
 
-from distsparse.sparsity.segmented import segment_counts, signed_order_bits
+from distsparse.sparsity.device_values import device_tensor
+from distsparse.sparsity.segmented import segment_counts, segment_ids, signed_order_bits
 
 __all__ = [
     "DeferredTies",
@@ -346,11 +347,11 @@ def threshold_estimates(scores: Sequence[torch.Tensor], eligible: Sequence[torch
                 + 1 / (size + 1)
             ranks.append([min(size, max(1, round(share * (size + 1)))) - 1
                           for share in (fraction + spread, fraction - spread)])
-        kth = ordered.gather(1, torch.tensor(ranks, device=device))
+        kth = ordered.gather(1, device_tensor(ranks, device))
         keys = (_candidate_keys(kth.reshape(-1), key_bits).to(torch.int64)
                 >> (key_bits - ESTIMATE_BITS)) & (2**ESTIMATE_BITS - 1)
         halves = torch.stack([keys >> 16, keys & 0xFFFF], 1).view(len(rows), 4).T
-        estimates[:, torch.tensor(rows, device=device)] = torch.cat(
+        estimates[:, device_tensor(rows, device)] = torch.cat(
             [halves, torch.ones(1, len(rows), dtype=torch.int64, device=device)])
     return estimates.reshape(-1)
 
@@ -360,9 +361,9 @@ def _padded_rows(parts: Sequence[torch.Tensor], fill: float | bool) -> torch.Ten
     longest: one concatenation and one gather, whatever the number of parts."""
     device, lengths = parts[0].device, [part.numel() for part in parts]
     flat = torch.cat([*parts, torch.full((1,), fill, dtype=parts[0].dtype, device=device)])
-    starts = torch.tensor([0, *itertools.accumulate(lengths[:-1])], device=device)
+    starts = device_tensor([0, *itertools.accumulate(lengths[:-1])], device)
     column = torch.arange(max(lengths), device=device)
-    inside = column < torch.tensor(lengths, device=device).unsqueeze(1)
+    inside = column < device_tensor(lengths, device).unsqueeze(1)
     return flat[torch.where(inside, starts.unsqueeze(1) + column, flat.numel() - 1)]
 
 
@@ -532,7 +533,7 @@ def sharded_topk(
         histogram[open_groups] = rows
         offset = torch.zeros(len(ks), dtype=torch.int64, device=device) \
             if need_offset is None else need_offset
-        wanted = (torch.tensor(need, dtype=torch.int64, device=device) - offset).unsqueeze(1)
+        wanted = (device_tensor(need, device, torch.int64) - offset).unsqueeze(1)
         # Per group on the device, read in one transfer: the digit of its k-th largest key
         # (the highest d with at least `need` candidates at digit >= d), the candidates above
         # that digit and in it, and the group's total.
@@ -587,12 +588,12 @@ def sharded_topk(
             done[group] = not live[-1] or complete
             unsure_groups += [group] if unsure_of and live[-1] else []
         digit = torch.arange(buckets, device=device)
-        kth_digit = torch.tensor(kth, dtype=torch.int64, device=device).unsqueeze(1)
-        low_digit = torch.tensor(low, dtype=torch.int64, device=device).unsqueeze(1)
+        kth_digit = device_tensor(kth, device, torch.int64).unsqueeze(1)
+        low_digit = device_tensor(low, device, torch.int64).unsqueeze(1)
         fate = torch.where(digit > kth_digit, 1, 0) + torch.where(
             (digit >= low_digit) & (digit <= kth_digit),
-            torch.tensor(at_kth, dtype=torch.int64, device=device).unsqueeze(1), 0)
-        fate *= torch.tensor(live, dtype=torch.int64, device=device).unsqueeze(1)
+            device_tensor(at_kth, device, torch.int64).unsqueeze(1), 0)
+        fate *= device_tensor(live, device, torch.int64).unsqueeze(1)
         return fate.to(torch.int8), kth, values, unsure_groups, low
 
     # Digits no wider than the largest open group's elements call for: small layers send small
@@ -620,8 +621,7 @@ def sharded_topk(
     offset = 2 ** (KEY_BITS - 1) if key_bits == KEY_BITS else 0  # to `_ordered_keys`' values
     boundaries = [None if cells is None else [low - offset for low, _ in cells[1:]]
                   for cells in windows]
-    boundary_tensors = [None if lows is None else torch.tensor(lows, dtype=torch.int64,
-                                                               device=device)
+    boundary_tensors = [None if lows is None else device_tensor(lows, device, torch.int64)
                         for lows in boundaries]
 
     # The first round reads the pieces in chunks: every layer at once where `layers_at_once`
@@ -675,10 +675,10 @@ def sharded_topk(
         *summed, table, pending_rows = summed
         taken, tied_total, tied_taken, follow = settle.take(table, reduce)
         joining = torch.zeros(len(ks), dtype=torch.int64, device=device).index_add_(
-            0, torch.tensor([groups[layer] for layer in settle.tied_layers], device=device),
+            0, device_tensor([groups[layer] for layer in settle.tied_layers], device),
             tied_total - tied_taken)
         pending = (torch.zeros(len(ks), buckets, dtype=torch.int64, device=device).index_copy_(
-            0, torch.tensor(pending_groups, device=device), pending_rows.view(-1, buckets)), joining)
+            0, device_tensor(pending_groups, device), pending_rows.view(-1, buckets)), joining)
     reported = summed + ([] if pending is None else [pending[1]])
     fate, kth, values, unsure, lowest = decide(
         rows, nan_count, list(range(len(ks))), True, torch.cat(reported) if reported else None,
@@ -727,7 +727,7 @@ def sharded_topk(
     relevant = None if follow is None else torch.stack(relevant).sum().reshape(1)
     joined_above = torch.zeros(len(ks), dtype=torch.int64, device=device)
     if joined:
-        joined_above.index_add_(0, torch.tensor(groups, device=device), torch.cat(joined))
+        joined_above.index_add_(0, device_tensor(groups, device), torch.cat(joined))
     selected = torch.cat(selected) if selected else torch.zeros(0, dtype=torch.bool, device=device)
     # The open entries, gathered after one read of their counts (none where every group is
     # done: no later round or tie exchange reads them).
@@ -741,17 +741,17 @@ def sharded_topk(
     del first_cells, open_
     empty = torch.zeros(0, dtype=torch.int64, device=device)
     positions, keys = (torch.cat(parts) if parts else empty for parts in (positions, keys))
-    layer_of = torch.searchsorted(torch.tensor(starts[1:], dtype=torch.int64, device=device),
+    layer_of = torch.searchsorted(device_tensor(starts[1:], device, torch.int64),
                                   positions, right=True)
     # An unsure group has bits left (keys of 32 or 64 bits, digits of at most 16): the next
     # round carries its correction.
     correction = joined_above[unsure] if unsure else None
-    layer_group = torch.tensor(groups, dtype=keys.dtype, device=device)
+    layer_group = device_tensor(groups, device, keys.dtype)
 
     def need_offset(summed: torch.Tensor) -> torch.Tensor:
         """The correction summed over the ranks, as an offset per group."""
         return torch.zeros(len(ks), dtype=torch.int64, device=device).index_copy_(
-            0, torch.tensor(unsure, device=device), summed)
+            0, device_tensor(unsure, device), summed)
 
     def settle_follow(table: torch.Tensor, send: Callable[[torch.Tensor], torch.Tensor]
                       ) -> torch.Tensor:
@@ -768,7 +768,7 @@ def sharded_topk(
         tie_bytes[sent["calls"] - 1] = follow.rank_bytes
         follow = None
         return torch.zeros(len(ks), dtype=torch.int64, device=device).index_add_(
-            0, torch.tensor(groups, device=device), segment_counts(joined, sizes))
+            0, device_tensor(groups, device), segment_counts(joined, sizes))
 
     def next_round() -> _Round | None:
         """The next round's histogram over the candidates, or None when no group searches.
@@ -855,8 +855,8 @@ def sharded_topk(
         candidates = torch.zeros_like(selected)
         candidates[positions] = True
         layers = [layer for layer in range(len(shards)) if not done[groups[layer]]]
-        totals, kept = (torch.tensor([values[groups[layer]] for layer in layers],
-                                     dtype=torch.int64, device=device)
+        totals, kept = (device_tensor([values[groups[layer]] for layer in layers], device,
+                                      torch.int64)
                         for values in (bucket_size, need))
         masks = list(selected.clone().split(sizes))
 
@@ -947,12 +947,12 @@ def _tie_exchange(selected: torch.Tensor, sizes: list[int], positions: torch.Ten
     first_tied_of_group: dict[int, int] = {}
     for index, layer in enumerate(tied_layers):
         first_tied_of_group.setdefault(groups[layer], index)
-    first_of_group = torch.tensor([first_tied_of_group[groups[layer]] for layer in tied_layers],
-                                  device=device)
-    need_of = torch.tensor([need[groups[layer]] for layer in tied_layers], device=device)
+    first_of_group = device_tensor(
+        [first_tied_of_group[groups[layer]] for layer in tied_layers], device)
+    need_of = device_tensor([need[groups[layer]] for layer in tied_layers], device)
     order_in_layer = torch.arange(positions.numel(), device=device) - \
         (counts.cumsum(0) - counts)[layer_of]
-    tied_index = torch.tensor(tied_layers, device=device)
+    tied_index = device_tensor(tied_layers, device)
 
     def take(summed: torch.Tensor, send: Callable[[torch.Tensor], torch.Tensor] | None = None,
              need_offset: torch.Tensor | None = None
@@ -1053,9 +1053,8 @@ def _first_cells(keys: torch.Tensor, groups: Sequence[int], sizes: Sequence[int]
         if lows is None:
             return top_bits() + row, row
         return torch.searchsorted(lows, _ordered_keys(keys, key_bits), right=True) + row, row
-    rows = torch.repeat_interleave(
-        torch.tensor([group * stride for group in groups], dtype=torch.int64, device=device),
-        torch.tensor(list(sizes), dtype=torch.int64, device=device), output_size=keys.numel())
+    rows = device_tensor([group * stride for group in groups], device, torch.int64).index_select(
+        0, segment_ids(sizes, device))
     if all(lows is None for lows in boundaries):
         return top_bits() + rows, rows
     if key_bits == KEY_BITS:  # 64-bit keys: layer by layer
@@ -1074,7 +1073,7 @@ def _first_cells(keys: torch.Tensor, groups: Sequence[int], sizes: Sequence[int]
                   for low in lows + [2**key_bits] * (stride - len(lows))]
     ordered = _ordered_keys(keys, key_bits)
     ordered += rows << key_bits
-    return torch.searchsorted(torch.tensor(table, dtype=torch.int64, device=device), ordered,
+    return torch.searchsorted(device_tensor(table, device, torch.int64), ordered,
                               right=True), rows
 
 
