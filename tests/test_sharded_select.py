@@ -883,6 +883,31 @@ def _rigl_case(seed: int, drop_step: float | None = None):
     return shapes, masks, drop, grow, active, counts
 
 
+@pytest.mark.parametrize("first_round", ["layer by layer"], indirect=True)  # a CPU
+def test_a_layout_on_a_cpu_starts_no_selection_from_hints_or_estimates(monkeypatch):
+    # Two RigL updates and a global selection on pieces: no estimates carried, no hints, the
+    # thresholds found not handed back (on a CPU a hinted first round's search over the scores
+    # costs more than the round it saves); the masks of the full tensors.
+    from distsparse.sparsity import layout as layout_module
+
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append((kwargs.get("hints"), kwargs.get("carry"), kwargs.get("layers_at_once")))
+        return sharded_topk(*args, **kwargs)
+
+    monkeypatch.setattr(layout_module, "sharded_topk", recording)
+    shapes, masks, drop, grow, active, counts = _rigl_case(seed=5)
+    expected = FullLayout(shapes).drop_and_grow(masks, drop, grow, counts, active)
+    layout = PieceLayout(shapes, 0, 1, lambda tensor: None, None)
+    for _ in range(2):
+        new = layout.drop_and_grow(masks, drop, grow, counts, active)
+        assert all(torch.equal(new[name], expected[name]) for name in shapes)
+    assert torch.equal(torch.cat(list(layout.global_topk(grow, 5_000).values())),
+                       torch.cat(list(FullLayout(shapes).global_topk(grow, 5_000).values())))
+    assert len(seen) == 5 and all(call == (None, None, False) for call in seen), seen
+
+
 def _layout_updates(shapes, masks, drop, grow, counts, active, world):
     """`PieceLayout.drop_and_grow` on every rank's pieces of the full tensors, in threads: per
     rank the new masks and the element counts of its all-reduce calls."""
@@ -902,6 +927,7 @@ def _layout_updates(shapes, masks, drop, grow, counts, active, world):
     return _run_ranks(world, update)
 
 
+@pytest.mark.parametrize("first_round", ["layers at once"], indirect=True)  # hints: launch-bound
 @pytest.mark.parametrize("world", [4, 16])
 def test_rigl_grow_starts_from_the_estimates_its_drop_carried(world):
     # RigL's update on pieces: 40 layers of 1,024-8,192 |N(0, 1)| scores at 10 % density, 30 %
@@ -934,6 +960,7 @@ def test_rigl_grow_starts_from_the_estimates_its_drop_carried(world):
         assert torch.equal(torch.cat([new[name] for new, _ in results]), expected[name]), name
 
 
+@pytest.mark.parametrize("first_round", ["layers at once"], indirect=True)  # hints: launch-bound
 def test_the_next_grow_also_starts_from_the_thresholds_it_found():
     # Two RigL updates on one layout of 2 ranks, the grow scores of rank 0's half of every layer
     # scaled by 2^8 and rank 1's by 2^-8 (pieces unlike, as rows of a real layer): the mean of
@@ -1070,6 +1097,7 @@ def test_a_deferred_tie_exchange_or_last_round_gives_the_masks_of_the_full_tenso
     assert defer == "ties" or any(follow is not None for *_, follow in taken)
 
 
+@pytest.mark.parametrize("first_round", ["layers at once"], indirect=True)  # hints: launch-bound
 @pytest.mark.parametrize("world", [4, 16])
 def test_rigl_update_carries_its_drops_tie_exchange_in_the_grows_first_round(world):
     # RigL on pieces as above, the drop's |N(0, 1)| scores rounded to multiples of 2^-8 so that

@@ -10,9 +10,10 @@ Two layouts give identical masks:
   (`contiguous_partition`): ZeRO-3's `ds_tensor` without its padding, or, with a row as the unit,
   the local shard of FSDP2's Shard(0) DTensor (uneven when rows do not divide). Selections run
   `sharded_select.sharded_topk` (one histogram all-reduce per round for all layers together, 2-4
-  rounds a selection, each started from the threshold the same selection found last time, or,
-  for RigL's grow, from the ranks' estimates carried by the drop's first round, whose last
-  round the grow's first round carries in turn, and its tie exchange the grow's next call),
+  rounds a selection; on a launch-bound device each started from the threshold the same
+  selection found last time, or, for RigL's grow, from the ranks' estimates carried by the
+  drop's first round; the drop's last round travels with the grow's first round, and its tie
+  exchange with the grow's next call),
   counts are one all-reduce of one int64 a layer, and no score, weight or gradient leaves its
   rank. Only `full_masks` moves masks: one all-gather of the bit-packed pieces
   (numel / 8 bytes a layer), for checkpoints, fingerprints and persistent parameters, never for a
@@ -241,16 +242,24 @@ class PieceLayout(FullLayout):
         defer_last_round, settle)."""
         shards = [ShardPiece(scores[name].reshape(-1), self.bounds[name][0], self.numel(name),
                              self.units[name]) for name in names]
-        if hints is None:
+        hinted = self._hints_pay(scores)
+        if hints is None and hinted:
             hints = [self._thresholds.get(key) for key in hint_keys]
         selection = sharded_topk(
             shards, ks, groups, self.all_reduce_sum, rank=self.rank, world_size=self.world_size,
             eligible=None if eligible is None else [eligible[name].reshape(-1) for name in names],
-            hints=hints, layers_at_once=bool(shards) and launch_bound(shards[0].scores.device),
-            **options)
+            hints=hints if hinted else None, layers_at_once=hinted, **options)
         self._thresholds.update(zip(hint_keys, selection.thresholds))
         self.bytes_sent += selection.bytes_sent
         return selection
+
+    @staticmethod
+    def _hints_pay(scores: Mapping[str, torch.Tensor]) -> bool:
+        """Whether selections over these scores start from hints (and read all layers at once):
+        on a launch-bound device, where a hinted first round's search over the scores is one
+        kernel and the round it saves costs more. On a CPU that search costs more than the
+        round (a binary search per score against a loopback all-reduce)."""
+        return bool(scores) and launch_bound(next(iter(scores.values())).device)
 
     def _layer_select(self, scores: Mapping[str, torch.Tensor], ks: Mapping[str, int],
                       eligible: Mapping[str, torch.Tensor] | None, purpose: str,
@@ -288,11 +297,12 @@ class PieceLayout(FullLayout):
         """`select.drop_and_grow` of every layer with a positive count: two batched selections
         (and one all-reduce of the active counts unless `active` gives them).
 
-        The grow selection starts from the ranks' estimates of its thresholds (over the entries
-        inactive now: the grow's candidates but the dropped), which the drop's first round
-        carries, and from the thresholds it found the update before (the estimates miss where
-        the ranks' pieces differ, as rows of a real layer do); its first round carries the drop's
-        last round, its next call the drop's tie exchange. The masks depend on none of them.
+        On a launch-bound device the grow selection starts from the ranks' estimates of its
+        thresholds (over the entries inactive now: the grow's candidates but the dropped), which
+        the drop's first round carries, and from the thresholds it found the update before (the
+        estimates miss where the ranks' pieces differ, as rows of a real layer do). Its first
+        round carries the drop's last round, its next call the drop's tie exchange. The masks
+        depend on none of them.
         """
         swapping = {name: count for name, count in counts.items() if count > 0}
         if not swapping:
@@ -304,12 +314,13 @@ class PieceLayout(FullLayout):
         estimates = threshold_estimates(
             [grow_scores[name] for name in names], [~masks[name] for name in names],
             [swapping[name] / (self.numel(name) - active[name] + swapping[name]) for name in names],
-            grow_bits, self.world_size)
+            grow_bits, self.world_size) if self._hints_pay(grow_scores) else None
         drop = self._layer_select(
             drop_scores, {name: active[name] - count for name, count in swapping.items()}, masks,
             "drop", carry=estimates, defer_last_round=True)
-        hints = [tuple(hint for hint in (estimate, self._thresholds.get(("grow", name))) if hint)
-                 for estimate, name in zip(estimated_hints(drop.carried, grow_bits), names)]
+        hints = None if estimates is None else [
+            tuple(hint for hint in (estimate, self._thresholds.get(("grow", name))) if hint)
+            for estimate, name in zip(estimated_hints(drop.carried, grow_bits), names)]
         not_kept = (~torch.cat(drop.masks)).split([kept.numel() for kept in drop.masks])
         grow = self._layer_select(grow_scores, swapping, dict(zip(names, not_kept)), "grow",
                                   hints=hints, settle=drop.deferred)
