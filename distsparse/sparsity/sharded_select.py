@@ -109,6 +109,10 @@ WINDOW_FIXED_BITS = 16
 """Key bits a hinted first round's fine buckets fix at most (`_window_shift` leaves the rest in
 whole digits): on float32 keys at 8-bit digits, 256 buckets of 2^16 keys cover a factor of 2
 either side of the hint and leave 16 bits, two rounds instead of three."""
+SPREAD_CELLS = 2**12
+"""Cells over which a first round reading all layers at once spreads, by position, the entries it
+does not count (a RigL drop's inactive weights: most of them): in one cell a row, a GPU's atomic
+adds would queue on one address."""
 ESTIMATE_BITS = 32
 """Top key bits of a rank's threshold estimates (`threshold_estimates`), sent as two 16-bit
 halves so that each half's sum over 2^15 ranks fits an int32 count: all of a 32-bit key."""
@@ -635,7 +639,8 @@ def sharded_topk(
     stride = buckets + 2
     chunks = [range(len(shards))] if layers_at_once and shards else \
         [range(layer, layer + 1) for layer in range(len(shards))]
-    counts = torch.zeros(len(ks) * stride, dtype=torch.int64, device=device)
+    spread = SPREAD_CELLS if layers_at_once else 0
+    counts = torch.zeros(len(ks) * stride + spread, dtype=torch.int64, device=device)
     pending_counts = None if settle is None else torch.zeros_like(counts)
     nans = torch.zeros((), dtype=torch.int64, device=device)
     first_cells, untakeable = [], []
@@ -645,8 +650,13 @@ def sharded_topk(
                                    [sizes[layer] for layer in chunk], stride, boundaries,
                                    boundary_tensors, width, key_bits)
         tied = None if settle is None else settle.tied[starts[chunk.start] : starts[chunk.stop]]
-        past = rows + buckets if eligible is not None or tied is not None else None
-        if eligible is not None:  # ineligible entries count in one cell past the row
+        past = None  # where entries not counted go: past the row, or spread by position
+        if (eligible is not None or tied is not None) and spread:
+            past = torch.arange(keys.numel(), device=device)
+            past.bitwise_and_(spread - 1).add_(len(ks) * stride)
+        elif eligible is not None or tied is not None:
+            past = rows + buckets
+        if eligible is not None:  # ineligible entries are not counted
             flags = _joined([eligible[layer] for layer in chunk])
             if tied is not None and settle.tied_layers:
                 untakeable.append((tied & ~flags).any())
@@ -655,15 +665,14 @@ def sharded_topk(
         counted = cells
         if tied is not None:
             counted = torch.where(tied, past, cells)
-            pending_counts += torch.bincount(  # untied ones in a cell cut off
-                torch.where(tied, cells, past + 1), minlength=len(ks) * stride)
-        counts += torch.bincount(counted, minlength=len(ks) * stride)
+            _tally(pending_counts, torch.where(tied, cells, past))  # untied: not counted
+        _tally(counts, counted)
         first_cells.append((keys, cells))
     if untakeable and bool(torch.stack(untakeable).any()):  # one read
         raise ValueError("every entry tied in the settled selection must be eligible")
-    counts = counts.view(len(ks), stride)[:, :buckets]
+    counts = counts[: len(ks) * stride].view(len(ks), stride)[:, :buckets]
     if settle is not None:
-        pending_counts = pending_counts.view(len(ks), stride)[:, : buckets + 1]
+        pending_counts = pending_counts[: len(ks) * stride].view(len(ks), stride)[:, :buckets]
     riders = [] if carry is None or not carry.numel() else [carry]
     pending = None
     if settle is not None:
@@ -710,6 +719,8 @@ def sharded_topk(
     # entries it took are no candidates; those it left are, and the groups left unsure learn in
     # the next call how many of them their first round selected.
     fate = torch.cat([fate, torch.zeros(len(ks), 2, dtype=fate.dtype, device=device)], 1).view(-1)
+    if spread:
+        fate = torch.cat([fate, torch.zeros(spread, dtype=fate.dtype, device=device)])
     relevant, joined, selected, open_ = [], [], [], []
     for chunk, (_, cells) in zip(chunks, first_cells):
         part = slice(starts[chunk.start], starts[chunk.stop])
@@ -785,8 +796,8 @@ def sharded_topk(
         cells, searching = _cells(keys, layer_group[layer_of], open_groups, digit_bits,
                                   [remaining[group] - digit_bits.get(group, 0)
                                    for group in range(len(ks))], width, len(ks), waiting)
-        counts = torch.bincount(cells if searching is None else cells[searching],
-                                minlength=len(open_groups) * 2**width)
+        counts = _tally(torch.zeros(len(open_groups) * 2**width, dtype=torch.int64, device=device),
+                        cells, None if searching is None else searching.to(torch.int64))
         return _Round(open_groups, digit_bits, cells, searching, counts.view(-1, 2**width))
 
     def apply_round(round_: _Round, rows: torch.Tensor, offset: torch.Tensor | None) -> None:
@@ -934,7 +945,7 @@ def _tie_exchange(selected: torch.Tensor, sizes: list[int], positions: torch.Ten
     """
     device = selected.device
     layers = len(groups)
-    counts = torch.bincount(layer_of, minlength=layers)
+    counts = _tally(torch.zeros(layers, dtype=torch.int64, device=device), layer_of)
     tied_layers = [layer for layer, group in enumerate(groups) if not done[group]]
     packed = most_tied <= 255
     columns = -(-world_size // 4) * 4 if packed else world_size
@@ -1010,6 +1021,16 @@ def _cells(keys: torch.Tensor, group_of: torch.Tensor, open_groups: list[int],
     searching = rows >= 0
     cells.masked_fill_(~searching, 0)
     return cells, searching
+
+
+def _tally(counts: torch.Tensor, cells: torch.Tensor,
+           weights: torch.Tensor | None = None) -> torch.Tensor:
+    """`counts` (int64) plus, in place, the entries of `cells` that fall in each (each counting
+    its `weights` where given, 0 or 1): an index_add_, which reads nothing on the host (bincount
+    reads the cells' maximum first) and on a CPU costs less."""
+    if weights is None:
+        weights = torch.ones((), dtype=counts.dtype, device=counts.device).expand(cells.numel())
+    return counts.index_add_(0, cells, weights)
 
 
 def _flat_keys(shards: Sequence[ShardPiece], key_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
