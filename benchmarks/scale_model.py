@@ -13,7 +13,8 @@ LL/Simple 5/28 us; base 6.6/8.4 and 6.8/0 us), time = latency + bytes / algorith
 the fastest of ring and tree, LL and Simple, as NCCL's tuner picks. One GPU per network hop
 (every step crosses a NIC of the stated bandwidth: no NVLink shortcut). The mask-update terms
 come from distsparse's own code: `PieceLayout.drop_and_grow` (RigL's update on FSDP2/ZeRO-3
-pieces) runs on the real layer shapes with a recording all-reduce, giving its calls and bytes;
+pieces) runs on the real layer shapes with a recording all-reduce, selecting as on a GPU (a
+launch-bound device: hinted), giving its calls and bytes;
 each grow selection starts from the ranks' estimates of its thresholds, carried by the drop's
 first round (emulated: each layer split into as many pieces as the GPUs would hold, at most as
 many as leave a piece its full-size size at 1024 GPUs), and the drop and the grow of the next
@@ -187,6 +188,7 @@ def measure_select(shapes: dict[str, tuple[int, ...]], active: dict[str, int],
     it, which grows with the ranks: `ShardedSelection.tie_bytes`); under "carried", per update,
     the tie tables a grow's first round carried."""
     import distsparse.sparsity.layout as layout_module
+    from distsparse.sparsity import select as select_module
     from distsparse.sparsity.layout import PieceLayout
 
     calls: list[tuple[int, int]] = []
@@ -222,6 +224,8 @@ def measure_select(shapes: dict[str, tuple[int, ...]], active: dict[str, int],
     layout_module.sharded_topk = recorded
     estimates = layout_module.threshold_estimates
     layout_module.threshold_estimates = emulated_estimates(estimate_ranks)
+    devices = select_module.LAUNCH_BOUND_DEVICES
+    select_module.LAUNCH_BOUND_DEVICES = (*devices, "cpu")  # selections as on a GPU: hinted
     try:
         for update in UPDATES:
             drifted = dict.fromkeys(shapes, 1.0) if update == "first" else {
@@ -243,6 +247,7 @@ def measure_select(shapes: dict[str, tuple[int, ...]], active: dict[str, int],
     finally:
         layout_module.sharded_topk = select
         layout_module.threshold_estimates = estimates
+        select_module.LAUNCH_BOUND_DEVICES = devices
     result["seconds"] = seconds / len(UPDATES)
     return result
 

@@ -102,7 +102,11 @@ class Replay:
         import distsparse.sparsity.layout as layout_module
         from scale_model import emulated_estimates
 
+        from distsparse.sparsity import select as select_module
+
         select, estimates = layout_module.sharded_topk, layout_module.threshold_estimates
+        devices = select_module.LAUNCH_BOUND_DEVICES
+        select_module.LAUNCH_BOUND_DEVICES = (*devices, "cpu")  # hinted, as on a GPU
 
         def ties_only(*args, defer_last_round=False, **kwargs):
             return select(*args, defer_ties=kwargs.pop("defer_ties", False) or defer_last_round,
@@ -118,6 +122,7 @@ class Replay:
             new = self.layout.drop_and_grow(*flat, counts, active)
         finally:
             layout_module.sharded_topk, layout_module.threshold_estimates = select, estimates
+            select_module.LAUNCH_BOUND_DEVICES = devices
         for name, mask in new.items():
             if not torch.equal(mask, expected[name].reshape(-1)):
                 raise AssertionError(f"{name}: the replay on pieces differs from the full tensors")
