@@ -631,8 +631,9 @@ def sharded_topk(
     # The first round reads the pieces in chunks: every layer at once where `layers_at_once`
     # (one concatenation, each layer a segment of it: kernels that do not grow with the layers),
     # else layer by layer (cheaper where a kernel costs its work: a CPU). Each entry counts in its
-    # cell: its group's row of `stride` cells, then its digit, `buckets` where ineligible,
-    # `buckets + 1` for an untied entry's place in the pending rows. The undecided candidates it
+    # cell: its group's row of `stride` cells, then its digit. Entries not counted (ineligible,
+    # or untied in the pending rows) go to cell `buckets` of their row, or, reading all layers at
+    # once, to one of `SPREAD_CELLS` cells after every row, by position. The undecided candidates it
     # leaves (about one in 2^width) go on together: their positions in the concatenation
     # (ascending, so each layer's form one segment), keys and layers. A settled selection's
     # tied entries count apart, in rows of their own.
