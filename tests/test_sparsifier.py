@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import math
 from pathlib import Path
 
@@ -259,6 +260,12 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
     torch.save({"fingerprint": sparsifier.fingerprint(), "state": model.state_dict(),
                 "bytes": sparsifier.access.gradient_state.bytes_sent},
                Path(out) / f"rank{rank}.pt")
+    # Both ranks done with gloo before either closes it, and DDP's reducer (it holds the group)
+    # freed first: a group torn down at interpreter exit can abort ("terminate called without
+    # an active exception").
+    dist.barrier()
+    del sparsifier, optimizer, ddp
+    gc.collect()
     dist.destroy_process_group()
 
 
