@@ -637,7 +637,7 @@ def sharded_topk(
     # leaves (about one in 2^width) go on together: their positions in the concatenation
     # (ascending, so each layer's form one segment), keys and layers. A settled selection's
     # tied entries count apart, in rows of their own.
-    stride = buckets + 2
+    stride = buckets + 1
     chunks = [range(len(shards))] if layers_at_once and shards else \
         [range(layer, layer + 1) for layer in range(len(shards))]
     spread = SPREAD_CELLS if layers_at_once else 0
@@ -719,7 +719,7 @@ def sharded_topk(
     # Every entry's fate (the cells past a row's buckets drop). The settled selection's tied
     # entries it took are no candidates; those it left are, and the groups left unsure learn in
     # the next call how many of them their first round selected.
-    fate = torch.cat([fate, torch.zeros(len(ks), 2, dtype=fate.dtype, device=device)], 1).view(-1)
+    fate = torch.cat([fate, torch.zeros(len(ks), 1, dtype=fate.dtype, device=device)], 1).view(-1)
     if spread:
         fate = torch.cat([fate, torch.zeros(spread, dtype=fate.dtype, device=device)])
     relevant, joined, selected, open_ = [], [], [], []
