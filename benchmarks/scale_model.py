@@ -183,28 +183,17 @@ def measure_select(shapes: dict[str, tuple[int, ...]], active: dict[str, int],
     masks), twice on one layout: the first update of a run, and the next one, its scores a new
     draw scaled per layer by 2^u, u uniform in [-drift_binades, drift_binades] (each drop starts
     from the thresholds the first found). The grow's threshold estimates are those
-    `estimate_ranks` ranks would agree on (`emulated_estimates`). The all-reduce calls of each,
-    each call as (bytes, bytes one rank's column adds to a (tied layers x ranks) tie table in
-    it, which grows with the ranks: `ShardedSelection.tie_bytes`); under "carried", per update,
-    the tie tables a grow's first round carried."""
+    `estimate_ranks` ranks would agree on (`emulated_estimates`). The bytes of each all-reduce
+    call of each: one rank's at any number of ranks (nothing in a call grows with them)."""
     import distsparse.sparsity.layout as layout_module
     from distsparse.sparsity import select as select_module
     from distsparse.sparsity.layout import PieceLayout
 
-    calls: list[tuple[int, int]] = []
+    calls: list[int] = []
 
     def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-        calls.append((tensor.numel() * tensor.element_size(), 0))
+        calls.append(tensor.numel() * tensor.element_size())
         return tensor
-
-    selections = []
-    select = layout_module.sharded_topk
-
-    def recorded(*args, **kwargs):
-        first_call = len(calls)
-        selection = select(*args, **kwargs)
-        selections.append((first_call, selection.tie_bytes, kwargs.get("settle") is not None))
-        return selection
 
     layout = PieceLayout(shapes, 0, 1, all_reduce_sum, lambda tensor: [tensor])
     generator = torch.Generator().manual_seed(0)
@@ -220,8 +209,7 @@ def measure_select(shapes: dict[str, tuple[int, ...]], active: dict[str, int],
         masks[name][order[: active[name]]] = True
     counts = {name: int(DROP_FRACTION * active[name]) for name in shapes}
     known = layout.active_counts(masks)
-    result, seconds = {"carried": {}}, 0.0
-    layout_module.sharded_topk = recorded
+    result, seconds = {}, 0.0
     estimates = layout_module.threshold_estimates
     layout_module.threshold_estimates = emulated_estimates(estimate_ranks)
     devices = select_module.LAUNCH_BOUND_DEVICES
@@ -233,19 +221,12 @@ def measure_select(shapes: dict[str, tuple[int, ...]], active: dict[str, int],
                 for name in shapes}
             drop, grow = scores(drifted), scores(drifted)
             calls.clear()
-            selections.clear()
             start = time.perf_counter()
             new = layout.drop_and_grow(masks, drop, grow, counts, known)
             seconds += time.perf_counter() - start
-            for first_call, tie_bytes, _ in selections:
-                for call, rank_bytes in tie_bytes.items():
-                    calls[first_call + call] = (calls[first_call + call][0], rank_bytes)
             result[update] = list(calls)
-            result["carried"][update] = sum(1 for _, tie_bytes, settles in selections
-                                            if settles and 0 in tie_bytes)
             masks.update(new)
     finally:
-        layout_module.sharded_topk = select
         layout_module.threshold_estimates = estimates
         select_module.LAUNCH_BOUND_DEVICES = devices
     result["seconds"] = seconds / len(UPDATES)
@@ -292,6 +273,17 @@ def full_size_ties(terms: dict) -> tuple[int, int, int]:
     return tied[0], tied[1], most
 
 
+def tie_round_bytes(tied_layers: int, most_tied: int, largest: int) -> int:
+    """Bytes of the round that breaks `tied_layers` layers' ties by index (`sharded_topk`): a
+    row of 2^width int32 counts and one more a layer, the width as the select picks it."""
+    from distsparse.sparsity.sharded_select import TIE_SPARE_BITS, round_bits
+
+    if not tied_layers:
+        return 0
+    width = round_bits(tied_layers, (largest - 1).bit_length(), most_tied << TIE_SPARE_BITS)
+    return tied_layers * (2**width + 1) * 4
+
+
 def _timings(repeats: int) -> tuple[dict[str, list[float]], dict[int, list[str]]]:
     """Rank 0's medians, and each rank's local socket addresses once its gloo pairs connected."""
     import multiprocessing
@@ -313,15 +305,9 @@ def _timings(repeats: int) -> tuple[dict[str, list[float]], dict[int, list[str]]
     return results[0][0], {rank: sockets for rank, (_, sockets) in results.items()}
 
 
-def bytes_at(calls: list[tuple[int, int]], world: int) -> list[int]:
-    """Each select call's bytes per rank at `world` ranks (measured at one): tie tables grow
-    by a column a rank."""
-    return [size + tables * (world - 1) for size, tables in calls]
-
-
-def select_ms(calls: list[tuple[int, int]], world: int, gbps: int) -> float:
-    """Modelled milliseconds of an update's select calls."""
-    return sum(nccl_time_us("all_reduce", size, world, gbps) for size in bytes_at(calls, world)) / 1e3
+def select_ms(calls: list[int], world: int, gbps: int) -> float:
+    """Modelled milliseconds of an update's select calls (bytes per rank each)."""
+    return sum(nccl_time_us("all_reduce", size, world, gbps) for size in calls) / 1e3
 
 
 def _table_rows(name: str, terms: dict, select: dict) -> list[list[str]]:
@@ -333,7 +319,7 @@ def _table_rows(name: str, terms: dict, select: dict) -> list[list[str]]:
         for gbps in LINKS_GBPS:
             calls = select[world]
             selects = [cell for update in UPDATES for cell in (
-                f"{len(calls[update])} / {sum(bytes_at(calls[update], world)) / 1e3:.1f}",
+                f"{len(calls[update])} / {sum(calls[update]) / 1e3:.1f}",
                 f"{select_ms(calls[update], world, gbps):.3f}")]
             rows.append([
                 name, world, gbps,
@@ -422,44 +408,45 @@ def main(argv: list[str] | None = None) -> int:
         updates = []
         for update in UPDATES:
             fewest, most = select[WORLDS[0]][update], select[WORLDS[-1]][update]
-            smallest, largest = sum(bytes_at(fewest, WORLDS[0])), sum(bytes_at(most, WORLDS[-1]))
-            ties = sum(1 for _, tables in most if tables)
-            carried = select[WORLDS[-1]]["carried"][update]
+            smallest, largest = sum(fewest), sum(most)
             worst = select_ms(most, 1024, 100)
-            tables = [sum(rank_bytes for _, rank_bytes in calls) * world
-                      for calls, world in ((fewest, WORLDS[0]), (most, WORLDS[-1]))]
-            finer = ("; the rest differs with the ranks' estimates, around which the grow's "
-                     "first round counts (in a finer window too where they agree closely: a "
-                     "round fewer)" if smallest - tables[0] != largest - tables[1] else "")
+            differs = ("; they differ only as the ranks' estimates do, around which the grow's "
+                       "first round counts (in a finer window too where they agree closely: a "
+                       "round fewer)" if fewest != most else "")
             updates.append(
                 f"{update} update: {len(fewest)} all-reduces of {smallest / 1e3:.1f} kB a rank at "
-                f"{WORLDS[0]} GPUs and {len(most)} of {largest / 1e3:.1f} kB at 1024, of which "
-                f"tie tables (tied layers x GPUs counts, the only term that grows with the GPUs; "
-                f"{ties} at 1024, {carried} of them carried by the grow's first round) "
-                f"{tables[0] / 1e3:.2f} and {tables[1] / 1e3:.2f} kB{finer}: flat "
-                f"{'no' if ties else 'yes'}; < 1 ms at 1024 GPUs on "
-                f"100 Gb/s {'yes' if worst < 1 else 'no'} ({worst:.2f} ms)")
+                f"{WORLDS[0]} GPUs and {len(most)} of {largest / 1e3:.1f} kB at 1024{differs}; "
+                f"< 1 ms at 1024 GPUs on 100 Gb/s {'yes' if worst < 1 else 'no'} "
+                f"({worst:.2f} ms)")
         ranks = estimate_ranks[name]
         updates[0] += (
             f" (each grow starts from the estimates of its thresholds that its drop's first round "
             f"carries, here as " + ", ".join(f"{ranks[world]} ranks" for world in WORLDS)
             + f" would agree on them at {', '.join(map(str, WORLDS))} GPUs)")
         if name == "GPT-2 XL":
-            tie_tables = (drop_tied + grow_tied) * 1024
-            added = nccl_time_us("all_reduce", 50_000 + tie_tables, 1024, 100) - \
+            drop_round, grow_round = (
+                tie_round_bytes(tied, most_tied, max(map(math.prod, terms["shapes"].values())))
+                for tied in (drop_tied, grow_tied))
+            added = nccl_time_us("all_reduce", 50_000 + drop_round, 1024, 100) - \
                 nccl_time_us("all_reduce", 50_000, 1024, 100)
             updates[-1] += (
                 f". Ties at full size (each layer's drop and grow scores drawn whole, "
                 f"|N(0, 1)|, one draw): the drop ties in {drop_tied} and the grow in {grow_tied} "
-                f"of the {len(terms['shapes'])} layers, at most {most_tied} tied entries in one "
-                f"(a byte a count): tie tables of {tie_tables / 1e3:.1f} kB a rank at 1024 GPUs, "
-                f"which add {added:.0f} us to a 50 kB call there")
+                f"of the {len(terms['shapes'])} layers, at most {most_tied} tied entries in one. "
+                f"Ties break in rounds over the tied entries' indices: the drop's round "
+                f"({drop_round / 1e3:.1f} kB) goes with the grow's first round, adding "
+                f"{added:.0f} us to a 50 kB call at 1024 GPUs; the grow's is a call of "
+                f"{grow_round / 1e3:.1f} kB, {nccl_time_us('all_reduce', grow_round, 1024, 100):.0f}"
+                f" us there, at any number of GPUs the same bytes")
         ratio = terms["hook_entries"] / terms["total"]
         unmasked = terms["total"] - terms["masked"]
         goals.append(
             f"- {name}: {terms['total']:,} parameters, {terms['masked']:,} masked "
             f"({len(terms['shapes'])} layers), ERK density {DENSITY}. Mask-update traffic, "
-            + "; ".join(updates) + f" (latency-bound: a round costs "
+            + "; ".join(updates) + f"; flat in the GPUs: no call holds a term that grows with "
+            f"them (ties break in rounds over the tied entries' indices, not in a table of ranks; "
+            f"tests/test_sharded_select.py pins a selection's bytes equal on 1 to 8 ranks) "
+            f"(latency-bound: a round costs "
             f"{nccl_time_us('all_reduce', 8, 1024, 100):.0f} us at 1024 GPUs). Hook bytes / dense = "
             f"{ratio:.4f}, the model's density by construction (the hook sends the active "
             f"weights' entries and the {unmasked:,} unmasked parameters whole, no indices; "

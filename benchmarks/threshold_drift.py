@@ -76,7 +76,7 @@ def place(scores: torch.Tensor, eligible: torch.Tensor, fraction: float, thresho
 
 REPLAYS = tuple((ranks, deferred) for ranks in (8, 64) for deferred in (True, False))
 """The update replayed on pieces: (ranks whose estimates start the grow, whether the drop's last
-round rides in the grow's first round; else only its tie exchange does)."""
+round rides in the grow's first round; else only its tie round does)."""
 
 
 class Replay:

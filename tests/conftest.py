@@ -24,18 +24,21 @@ def final_state(run: Path) -> dict:
                       map_location="cpu", weights_only=True)
 
 
-def selection_bytes_bound(numels: list[int], world_size: int, selections: int = 3) -> int:
-    """Most bytes a mask update's selections may all-reduce per rank (`sharded_topk`): per
-    selection at most 64 / w histogram rounds, w the first (narrowest) digit width, each of at
-    most min(ROUND_COUNTS + layers, layers x (2^cap + 1)) int32 counts, cap the width the largest
-    layer allows, then a (tied layers x ranks) tie table (int32, bounded here at 8 B a count for
-    every layer); and one int64 count per layer."""
-    from distsparse.sparsity.sharded_select import ROUND_COUNTS, round_bits
+def selection_bytes_bound(numels: list[int], selections: int = 3) -> int:
+    """Most bytes a mask update's selections may all-reduce per rank (`sharded_topk`), whatever
+    the number of ranks: per selection at most 64 / w histogram rounds of keys, w the first
+    (narrowest) digit width, and rounds over the tied entries' indices (all layers' bits, digits
+    at least 1 + SPARE_BITS + TIE_SPARE_BITS wide), each of at most
+    min(ROUND_COUNTS + layers, layers x (2^cap + 1)) int32 counts, cap the width the largest
+    layer allows; and one int64 count per layer."""
+    from distsparse.sparsity.sharded_select import ROUND_COUNTS, SPARE_BITS, TIE_SPARE_BITS, \
+        round_bits
 
     layers = len(numels)
     width, cap = round_bits(layers, 64, max(numels)), round_bits(1, 64, max(numels))
     per_round = min(ROUND_COUNTS + layers, layers * (2**cap + 1)) * 4
-    per_selection = -(-64 // width) * per_round + layers * world_size * 8
+    index_rounds = -(-(sum(numels) - 1).bit_length() // (1 + SPARE_BITS + TIE_SPARE_BITS))
+    per_selection = (-(-64 // width) + index_rounds) * per_round
     return selections * per_selection + layers * 8
 
 

@@ -176,7 +176,7 @@ def _forbid_full_gathers(trainer, errors: list[str], notes: list[str]) -> None:
         numels = [layout.numel(name) for name in layout.names]
         # A changed piece was selected (bytes sent); an update without swaps may send nothing.
         changed = trainer.sparsifier.mask_set.layer_fingerprints() != before
-        if selection > selection_bytes_bound(numels, access.world_size) or (changed and not selection):
+        if selection > selection_bytes_bound(numels) or (changed and not selection):
             errors.append(f"{label} step {step}: the selection sent {selection} bytes")
 
     access.grads, trainer.sparsifier._update_masks = guarded(grads), measured_update

@@ -160,7 +160,7 @@ def _record_updates(sparsifier: distsparse.Sparsifier, guard: bool, errors: list
             raise
         if guard:
             selection = layout.bytes_sent - sent
-            bound = selection_bytes_bound([layout.numel(name) for name in layout.names], WORLD)
+            bound = selection_bytes_bound([layout.numel(name) for name in layout.names])
             # A piece that changed was selected (bytes sent); one that did not may send nothing
             # (no layer had a swap, and the counts of the masks are known).
             changed = sparsifier.mask_set.layer_fingerprints() != before

@@ -20,6 +20,7 @@ from distsparse.sparsity.sharded_select import (
     NARROW_DTYPES,
     ROUND_COUNTS,
     SPARE_BITS,
+    TIE_SPARE_BITS,
     ESTIMATE_BITS,
     ESTIMATE_MIN,
     ESTIMATE_SAMPLE,
@@ -61,11 +62,14 @@ def _row_bytes(width: int) -> int:
 
 
 def _max_rounds(full: list[torch.Tensor], bits_per_round: int | None) -> int:
-    """Histogram rounds at most: 32-bit keys for float32 and narrower scores, 64-bit otherwise;
-    the default width for one group of all elements is `round_bits(1, key_bits, elements)`."""
+    """Histogram rounds at most: 32-bit keys for float32 and narrower scores, 64-bit otherwise,
+    then, where ties remain, the bits of the global index; the default width for one group of
+    all elements is `round_bits(1, key_bits, elements)`."""
     key_bits = 32 if all(s.dtype in NARROW_DTYPES for s in full) else 64
     elements = sum(s.numel() for s in full)
-    return math.ceil(key_bits / (bits_per_round or round_bits(1, key_bits, elements)))
+    width = bits_per_round or round_bits(1, key_bits, elements)
+    tie_width = min(width, 1 + SPARE_BITS + TIE_SPARE_BITS)  # at least, for a tied entry or two
+    return math.ceil(key_bits / width) + math.ceil((elements - 1).bit_length() / tie_width)
 
 
 def _pieces(full: list[torch.Tensor], rank: int, world: int) -> list[ShardPiece]:
@@ -147,7 +151,7 @@ def _assert_matches_single_process(
     assert sum(int(mask.sum()) for result in results for mask in result.masks) == k
     for result in results:  # every rank took part in the same collectives
         assert (result.bytes_sent, result.all_reduces) == (results[0].bytes_sent, results[0].all_reduces)
-        assert result.all_reduces <= _max_rounds(full, bits_per_round) + 1
+        assert result.all_reduces <= _max_rounds(full, bits_per_round)
     return results
 
 
@@ -251,26 +255,35 @@ def test_ties_across_layers_and_ranks_follow_global_index():
     assert torch.equal(union, torch.arange(TOTAL) < 30)
     # float32 keys have 32 bits, in digits as wide as 123 elements call for (their 7 bits and
     # SPARE_BITS, under the 14 bits one group's histogram may have); all 32 bits get fixed, then
-    # one exchange of the tie counts: 123 tied entries, so a byte per tied layer and rank.
+    # one round over the 7 bits of the global indices, which are distinct: it ends the selection.
     width = TOTAL.bit_length() + SPARE_BITS
     assert ROUND_COUNTS == 2**14 and round_bits(1, 32) == 14 and round_bits(1, 32, TOTAL) == width == 9
-    widths = [width, width, width, 32 - 3 * width]
-    assert results[0].all_reduces == len(widths) + 1
-    assert results[0].bytes_sent == sum(map(_row_bytes, widths)) + len(NUMELS) * 4
-    assert results[0].tie_bytes == {len(widths): len(NUMELS)}
-    # Fixed 8-bit digits: four rounds for 32-bit keys, eight for float64 scores.
+    widths = [width, width, width, 32 - 3 * width, (TOTAL - 1).bit_length()]
+    assert results[0].all_reduces == len(widths)
+    assert results[0].bytes_sent == sum(map(_row_bytes, widths))
+    # Nothing grows with the ranks: the same calls and bytes on 2 and 3 ranks.
+    for world in (2, 3):
+        again = _assert_matches_single_process(full, 30, world)
+        assert (again[0].all_reduces, again[0].bytes_sent) == (len(widths), results[0].bytes_sent)
+    # Fixed 8-bit digits: four rounds for 32-bit keys, eight for float64 scores, then the 7
+    # index bits.
     for dtype, rounds in ((torch.float32, 4), (torch.float64, 8)):
         results = _assert_matches_single_process(_layers("equal", dtype, seed=0), 30, 4, bits_per_round=8)
         assert results[0].all_reduces == rounds + 1
-        assert results[0].bytes_sent == rounds * _row_bytes(8) + len(NUMELS) * 4
-    # 300 tied entries do not fit a byte: int32 counts, 3 ranks each 4 bytes a tied layer.
-    results = _assert_matches_single_process([torch.full((300,), 0.5), torch.full((7,), 0.5)], 100, 3,
-                                             bits_per_round=8)
-    assert results[0].all_reduces == 5 and results[0].tie_bytes == {4: 2 * 4}
-    assert results[0].bytes_sent == 4 * _row_bytes(8) + 2 * 3 * 4
+        assert results[0].bytes_sent == rounds * _row_bytes(8) + _row_bytes(7)
+    # 307 tied entries, 9 index bits in 8-bit digits: the first index round reads the top 8 of
+    # the keys 306 - index, pairs of keys. The 101 lowest indices are the keys 206-306, whole
+    # pairs, so it ends the selection; the 100 lowest leave key 206 out of the pair (206, 207),
+    # and a second round reads the last bit.
+    tied = [torch.full((300,), 0.5), torch.full((7,), 0.5)]
+    results = _assert_matches_single_process(tied, 101, 3, bits_per_round=8)
+    assert results[0].all_reduces == 5 and results[0].bytes_sent == 5 * _row_bytes(8)
+    results = _assert_matches_single_process(tied, 100, 3, bits_per_round=8)
+    assert results[0].all_reduces == 6
+    assert results[0].bytes_sent == 5 * _row_bytes(8) + _row_bytes(1)
 
 
-def test_distinct_threshold_stops_before_the_tie_exchange():
+def test_distinct_threshold_stops_before_a_tie_round():
     full = [torch.arange(50, dtype=torch.float32)]
     results = _assert_matches_single_process(full, 10, 2)
     # 8-bit digits (50 elements): the first (sign and 7 exponent bits) leaves 2.0-49.0 in the
@@ -419,17 +432,21 @@ def test_two_gloo_processes_on_resnet50_layers(tmp_path):
             assert torch.equal(union, topk_mask(full[layer], numels[layer] // 10)), f"{kind} {layer}"
         layer_sent, layer_calls = ranks[0][kind]["layer_bytes"], ranks[0][kind]["layer_all_reduces"]
         # float32 keys: 32 bits in digits at least as wide as the first round's (all layers open),
-        # each round at most ROUND_COUNTS counts and a count per open layer, then the tie table.
-        tie_table = len(numels) * WORLD * 4
-        layer_rounds = math.ceil(32 / round_bits(len(numels), 32, max(numels)))
-        assert layer_calls <= layer_rounds + 1
-        assert layer_sent <= layer_rounds * (ROUND_COUNTS + 2 * len(numels)) * 4 + tie_table
+        # then, where ties remain, the bits of the largest layer's indices; each round at most
+        # ROUND_COUNTS counts and a count per open layer.
+        width = round_bits(len(numels), 32, max(numels))
+        layer_rounds = math.ceil(32 / width) + math.ceil(
+            (max(numels) - 1).bit_length() / min(width, 1 + SPARE_BITS + TIE_SPARE_BITS))
+        assert layer_calls <= layer_rounds
+        assert layer_sent <= layer_rounds * (ROUND_COUNTS + 2 * len(numels)) * 4
         sent, calls = ranks[0][kind]["bytes"], ranks[0][kind]["all_reduces"]
         assert (sent, calls) == (ranks[1][kind]["bytes"], ranks[1][kind]["all_reduces"])
-        # The payload depends on the number of layers and rounds only, never on the layers' sizes:
-        # at most 3 histograms of 14-bit digits and one (layers x world) tie table, also for the
-        # full-size model, a fraction of a percent of its scores.
-        worst = 3 * _row_bytes(14) + tie_table
+        # The payload depends on the number of layers and rounds only, never on the layers' sizes
+        # or the ranks: at most 3 histograms of 14-bit digits, then rounds over the indices'
+        # bits, digits at least 1 + SPARE_BITS + TIE_SPARE_BITS wide; also for the full-size
+        # model, a fraction of a percent of its scores.
+        index_rounds = math.ceil((sum(numels) - 1).bit_length() / (1 + SPARE_BITS + TIE_SPARE_BITS))
+        worst = (3 + index_rounds) * _row_bytes(14)
         full_size_scores = SCALE * sum(numels) * 4
         assert sent <= worst < full_size_scores / 200
         print(
@@ -473,22 +490,22 @@ def test_layer_topk_equals_topk_mask_of_every_layer(world, kind):
 
 
 def test_layer_topk_shares_each_round_between_layers():
-    # All scores equal in every layer: each layer needs all 32 bits of its float32 keys and the tie
-    # exchange, and still the layers together make one collective a round, each round one
-    # (open layers x (2^width + 1)) histogram, the digits as wide as the 100-element layer calls
-    # for. The 1-element layer (k = 0) is decided by the first round and sends no row after it,
-    # nor a row of the tie table.
+    # All scores equal in every layer: each layer needs all 32 bits of its float32 keys and a
+    # round over its indices, and still the layers together make one collective a round, each
+    # round one (open layers x (2^width + 1)) histogram, the digits as wide as the 100-element
+    # layer calls for. The 1-element layer (k = 0) is decided by the first round and sends no
+    # row after it. The index round reads every layer's index bits at once (7 for 100
+    # elements, rows of 2^7 for each tied layer) and ends every selection.
     full = _layers("equal", torch.float32, seed=0)
     ks = [n // 2 for n in NUMELS]
     assert ks.count(0) == 1
     results = _simulate_layers(full, ks, 3)
     widths = [round_bits(len(NUMELS), 32, max(NUMELS)), round_bits(len(NUMELS) - 1, 32, max(NUMELS))]
     assert widths[:2] == [9, 9]
-    widths = [9, 9, 9, 5]
-    assert results[0].all_reduces == len(widths) + 1
+    widths = [9, 9, 9, 5, (max(NUMELS) - 1).bit_length()]
+    assert results[0].all_reduces == len(widths)
     rows = len(NUMELS) * _row_bytes(widths[0]) + sum((len(NUMELS) - 1) * _row_bytes(w) for w in widths[1:])
-    # No tie row for k = 0; a byte per tied layer and rank, 3 ranks in one 4-byte word.
-    assert results[0].bytes_sent == rows + (len(NUMELS) - 1) * 4
+    assert results[0].bytes_sent == rows
     for layer, k in enumerate(ks):
         assert torch.equal(torch.cat([r.masks[layer] for r in results]),
                            torch.arange(NUMELS[layer]) < k)
@@ -506,9 +523,9 @@ def test_local_work_reads_the_device_once_per_round_and_waits_for_it_nowhere_els
     # One rank: the all-reduce is the identity. Every round decides all layers from one transfer
     # of (digit, above, in bucket, total) per group; no count is read layer by layer. The first
     # round's open candidates are gathered after one read of all layers' counts; each later
-    # round keeps its own with one nonzero. The tie exchange (ties, all scores equal) takes its
-    # entries on the device: no read at all. Nothing else waits for the device (boolean-mask
-    # indexing, item, nonzero per layer), whatever the number of layers.
+    # round keeps its own with one nonzero. Ties (all scores equal: 4 rounds of key bits, then
+    # one of index bits) go on in rounds like any other. Nothing else waits for the device
+    # (boolean-mask indexing, item, nonzero per layer), whatever the number of layers.
     full = _layers(kind, torch.float32, seed=4)
     ks = [n // 3 for n in NUMELS]
     reads = count_host_reads(monkeypatch)
@@ -516,8 +533,10 @@ def test_local_work_reads_the_device_once_per_round_and_waits_for_it_nowhere_els
         selection = sharded_layer_topk(_pieces(full, 0, 1), ks, lambda tensor: None, rank=0,
                                        world_size=1)
     monkeypatch.undo()
-    rounds = selection.all_reduces - len(selection.tie_bytes)
-    assert rounds > 1 and len(selection.tie_bytes) == (kind != "random")
+    rounds = selection.all_reduces
+    assert rounds > 1
+    if kind == "equal":
+        assert rounds == 5
     assert len(reads) == rounds + 1
     assert hidden.ops == ["aten.nonzero"] * (rounds - 1)
     for layer, k in enumerate(ks):
@@ -527,7 +546,7 @@ def test_local_work_reads_the_device_once_per_round_and_waits_for_it_nowhere_els
 @pytest.mark.parametrize("kind", ["random", "ties"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_a_selection_makes_as_many_aten_calls_over_many_layers_as_over_few(kind, dtype):
-    # The first round reads all pieces as one concatenation; later rounds and the tie exchange
+    # The first round reads all pieces as one concatenation; later rounds (ties' too)
     # take the candidates of all layers together. So the aten calls that are not views (a GPU's
     # kernel launches) of a per-layer selection with eligibility, plain or hinted (32-bit keys;
     # 64-bit hints search layer by layer), are the same for 6 copies of the layers as for one.
@@ -1013,14 +1032,14 @@ def test_the_next_grow_also_starts_from_the_thresholds_it_found():
     assert remembered[0][1] == forgotten[0][1] - 1, (remembered[0][1], forgotten[0][1])
 
 
-# --- a tie exchange deferred to the next selection's first round ----------------------------------
+# --- a tie round deferred to the next selection's first round -------------------------------------
 
 
 def _drop_then_grow(drop, grow, masks, counts, world, bits_per_round=None, defer="ties",
                     taken=None):
     """The drop (keep the active - count highest `drop` among `masks`) and the grow (the count
     highest `grow` among the entries not kept) of every layer, on every rank's pieces, the grow
-    carrying the drop's tie exchange (`defer` "ties"), also its last round ("last"), or neither
+    carrying the drop's tie round (`defer` "ties"), also its last round ("last"), or neither
     (None); per rank (kept, grown, calls). `taken`, a list, gets what each deferred selection's
     `take` returned."""
     groups = list(range(len(drop)))
@@ -1064,7 +1083,7 @@ def _assert_drop_then_grow_exact(drop, grow, masks, counts, world, bits_per_roun
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 @pytest.mark.parametrize("bits_per_round", [1, 2, None])
 @pytest.mark.parametrize("defer", ["ties", "last"])
-def test_a_deferred_tie_exchange_or_last_round_gives_the_masks_of_the_full_tensors(
+def test_a_deferred_tie_round_or_last_round_gives_the_masks_of_the_full_tensors(
         world, bits_per_round, defer, monkeypatch):
     # Heavily tied drop and grow scores (3 and 2 levels, or a few more) on uneven pieces: the
     # drop's ties are taken in the grow's first round. The grow's k-th bucket is unaffected by
@@ -1073,7 +1092,7 @@ def test_a_deferred_tie_exchange_or_last_round_gives_the_masks_of_the_full_tenso
     # of buckets from the k-th under the fewest of them to the k-th under the most.
     # Deferring its last round too ("last"), the drop's candidates count apart in the grow's
     # first round, `take` finishes the drop (with rounds of its own where the deferred one was
-    # not its last) and hands on its tie exchange, which the grow's next call carries; where a
+    # not its last) and hands on its tie round, which the grow's next call carries; where a
     # tied entry mattered to the grow (some rank's first round kept or selected one), that
     # call's round goes again knowing them. No selection starts over (the module's own call
     # would count here); the masks are always exact.
@@ -1099,12 +1118,12 @@ def test_a_deferred_tie_exchange_or_last_round_gives_the_masks_of_the_full_tenso
 
 @pytest.mark.parametrize("first_round", ["layers at once"], indirect=True)  # hints: launch-bound
 @pytest.mark.parametrize("world", [4, 16])
-def test_rigl_update_carries_its_drops_tie_exchange_in_the_grows_first_round(world):
+def test_rigl_update_carries_its_drops_tie_round_in_the_grows_first_round(world):
     # RigL on pieces as above, the drop's |N(0, 1)| scores rounded to multiples of 2^-8 so that
     # several layers tie at their drop threshold: a cold drop takes its rounds and a tie
-    # exchange. In the update the drop's first round carries the grow's estimates, the grow's
+    # round. In the update the drop's first round carries the grow's estimates, the grow's
     # first round the drop's last round (20 groups left, then a round of the drop's own) and
-    # its second round the drop's tie exchange. Tied entries lie in the grow's first k-th
+    # its second round the drop's tie round. Tied entries lie in the grow's first k-th
     # buckets here, so that round goes again knowing them: two calls fewer than the two cold
     # selections, as many as deferring the ties alone, the same on every rank, and the masks
     # of the full tensors.
@@ -1141,7 +1160,7 @@ def test_a_deferred_drops_ties_go_with_the_grows_own_call_when_its_first_round_e
     # 12 at 1.0 (ties). At 16-bit digits the drop's second round is likely its last (12
     # candidates, 2^16 buckets) and goes with the grow's first round; the grow's scores of
     # those 12 are the lowest, so its first round ends it (the 8 of 16 inactive entries with
-    # the highest scores, each alone in its bucket). The drop's tie exchange then takes a call
+    # the highest scores, each alone in its bucket). The drop's tie round then takes a call
     # of its own: 3 calls, the masks those of the full tensors.
     drop = torch.cat([2 + torch.arange(36) / 8, torch.ones(12), torch.zeros(16)])
     mask = torch.arange(64) < 48
@@ -1156,11 +1175,11 @@ def test_a_deferred_drops_ties_go_with_the_grows_own_call_when_its_first_round_e
 
 
 @pytest.mark.parametrize("world", [1, 3])
-def test_an_update_of_equal_scores_corrects_the_grows_need_before_its_tie_exchange(world):
+def test_an_update_of_equal_scores_corrects_the_grows_need_before_its_tie_round(world):
     # All drop and grow scores equal: the drop's deferred round and its own last round leave
     # every candidate tied; the grow's estimates pin its threshold to one key, so its first
     # round leaves no bits to resolve while the drop's tied entries are still pending in its
-    # k-th bucket. The drop's tie exchange then goes first, and the grow's carries the count
+    # k-th bucket. The drop's tie round then goes first, and the grow's carries the count
     # of them that joined above: the masks of the full tensors.
     shapes = {"a": (300,), "b": (500,), "c": (1_200,)}
     gen = torch.Generator().manual_seed(0)
@@ -1177,33 +1196,41 @@ def test_an_update_of_equal_scores_corrects_the_grows_need_before_its_tie_exchan
         assert torch.equal(torch.cat([new[name] for new, _ in results]), expected[name]), name
 
 
-def test_tie_counts_share_a_word_four_ranks_a_word_even_with_the_top_bit_set():
-    # 4 ranks, one layer of 1,000: ranks 0-2 hold distinct scores above 0.5, rank 3 holds 200
-    # scores of 0.5 (all active) and 50 inactive entries. The drop keeps 800: 50 of the 200
-    # tied, which fit a byte, so rank 3 writes 200 into the top byte of the table's word (an
-    # int32 with its sign bit set). Alone or carried by the grow's first round, in int32 or
-    # summed in int64 (the counts of models of 2^31 elements or more), the masks are exact.
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_a_deferred_tie_round_sends_what_one_rank_would(world):
+    # One layer of 1,000: distinct scores above 0.5, then 250 of 0.5 (200 active) and 50
+    # inactive entries. The drop keeps 800: 50 of the 200 tied, the lowest indices, which lie
+    # on whichever ranks hold them. The tie round the drop leaves to the grow is a histogram of
+    # index digits, the same size on any number of ranks; taken from the sum, every rank takes
+    # exactly its tied entries among the 50 lowest, and the masks alone or carried by the
+    # grow's first round are those of the full tensors.
     scores = torch.cat([1 + torch.arange(750) / 1000, torch.full((250,), 0.5)])
     mask = torch.ones(1000, dtype=torch.bool)
     mask[950:] = False
     grow = torch.randn(1000, generator=torch.Generator().manual_seed(3)).abs()
-    _assert_drop_then_grow_exact([scores], [grow], [mask], [150], 4)
-    deferred = _run_ranks(4, lambda rank, all_reduce_sum: sharded_topk(
-        _pieces([scores], rank, 4), [800], [0], all_reduce_sum, rank=rank, world_size=4,
-        eligible=_local([mask], rank, 4), defer_ties=True).deferred)
-    assert all(ties.rank_bytes == 1 and ties.table.dtype == torch.int32 for ties in deferred)
-    summed = sum(ties.table for ties in deferred)
-    assert summed.tolist() == [(200 << 24) - 2**32]  # bytes 0, 0, 0, 200: a negative int32
-    for ties in deferred:
-        for total in (summed, summed.to(torch.int64)):
-            taken, tied, took, follow = ties.take(total)
-            assert follow is None
-            assert tied.tolist() == [200] and took.tolist() == [50]
-            assert int(taken.sum()) == (50 if ties is deferred[3] else 0)
+    _assert_drop_then_grow_exact([scores], [grow], [mask], [150], world)
+
+    def drop(ranks):
+        return _run_ranks(ranks, lambda rank, all_reduce_sum: sharded_topk(
+            _pieces([scores], rank, ranks), [800], [0], all_reduce_sum, rank=rank,
+            world_size=ranks, eligible=_local([mask], rank, ranks), defer_ties=True).deferred)
+
+    deferred, alone = drop(world), drop(1)
+    assert {ties.table.numel() for ties in deferred} == {alone[0].table.numel()}
+    summed = sum(ties.table.to(torch.int64) for ties in deferred)
+    assert torch.equal(summed, alone[0].table.to(torch.int64))
+    taken = []
+    for rank, ties in enumerate(deferred):
+        took, tied, kept, follow = ties.take(summed, lambda tensor: None)
+        assert follow is None and tied.tolist() == [200] and kept.tolist() == [50]
+        taken.append(took)
+    expected = torch.arange(1000) < 800
+    assert torch.equal(torch.cat(taken) | torch.cat([torch.cat(ties.masks) for ties in deferred]),
+                       expected)
 
 
 def test_a_settled_selection_whose_tied_entries_are_not_all_eligible_is_refused():
-    # The drop ties 4 entries of 0.5 and defers their exchange; a grow that may not take one of
+    # The drop ties 4 entries of 0.5 and defers their round; a grow that may not take one of
     # them (its eligibility leaves out entry 9) cannot settle it: an error, before any call.
     scores = torch.cat([torch.arange(6) + 1.0, torch.full((4,), 0.5)])
     drop = sharded_topk(_pieces([scores], 0, 1), [8], [0], lambda tensor: None, rank=0,

@@ -13,7 +13,7 @@ Two layouts give identical masks:
   rounds a selection; on a launch-bound device each started from the threshold the same
   selection found last time, or, for RigL's grow, from the ranks' estimates carried by the
   drop's first round; the drop's last round travels with the grow's first round, and its tie
-  exchange with the grow's next call),
+  round with the grow's next call),
   counts are one all-reduce of one int64 a layer, and no score, weight or gradient leaves its
   rank. Only `full_masks` moves masks: one all-gather of the bit-packed pieces
   (numel / 8 bytes a layer), for checkpoints, fingerprints and persistent parameters, never for a
@@ -301,7 +301,7 @@ class PieceLayout(FullLayout):
         thresholds (over the entries inactive now: the grow's candidates but the dropped), which
         the drop's first round carries, and from the thresholds it found the update before (the
         estimates miss where the ranks' pieces differ, as rows of a real layer do). Its first
-        round carries the drop's last round, its next call the drop's tie exchange. The masks
+        round carries the drop's last round, its next call the drop's tie round. The masks
         depend on none of them.
         """
         swapping = {name: count for name, count in counts.items() if count > 0}

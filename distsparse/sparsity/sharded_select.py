@@ -15,19 +15,20 @@ moves no scores or weights:
    key, marks the candidates above it selected and keeps those equal to it. The select stops early
    once the bucket holds exactly the entries still needed.
 3. If all key bits get fixed first, the remaining candidates all equal the threshold key T and
-   `need` of them are still missing. Ties break by global index, whose order is (layer, rank, local
-   index): one all-reduce of the (tied layers x world_size) tie counts (a byte each where they
-   fit), an exclusive prefix sum over them in that order, and each rank takes its lowest-index
-   ties up to what is left for its piece (on the device: no read). A selection followed by
-   another over the same pieces can leave that exchange to the other's first round
-   (`defer_ties`, `settle`: RigL's drop, then its grow). It can also leave its last round
-   (`defer_last_round`): the other's first round carries that round's histogram, counts the
-   candidates it leaves apart, and carries the tie exchange in its next call.
+   `need` of them are still missing. Ties break by global index, whose order is (group's layer,
+   rank, local index): the tied candidates' keys become their global indices within the group,
+   reversed (the lowest index the largest key), and further rounds select among them as among
+   keys. The indices are distinct, so those rounds end with no tie; a few tied entries take one
+   round (a histogram of index digits, its size that of any round: nothing in it grows with the
+   ranks). A selection followed by another over the same pieces can leave that round to the
+   other's first round (`defer_ties`, `settle`: RigL's drop, then its grow). It can also leave
+   its last round (`defer_last_round`): the other's first round carries that round's histogram
+   and counts the candidates it leaves apart, and its next call carries the tie round.
 
 Across many GPUs a round costs its latency (about 100 us at 1024 GPUs) more than its bytes, so
 the digits are wide: `round_bits` gives each round the widest digit whose histograms fit in
 `ROUND_COUNTS` counts (14 bits for one group, 8 for ResNet-50's 54 layers), no wider than the
-largest layer's size calls for. Counts (histograms and tie tables) are int32 while the model has
+largest layer's size calls for. Counts are int32 while the model has
 fewer than 2^31 elements.
 A selection of |N(0, 1)| scores then takes 2-4 rounds; the histograms are kilobytes to 64 kB a
 round whatever the size of the layers. `ShardedSelection.bytes_sent` reports the payload this rank
@@ -100,6 +101,10 @@ NARROW_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int32, torc
 resolve, not 64."""
 SPARE_BITS = 2
 """Digit bits beyond the bit length of the largest open group's element count."""
+TIE_SPARE_BITS = 4
+"""Further digit bits of a round over tied entries' indices, beyond their count's bit length
+and `SPARE_BITS`: t tied entries spread over a layer share the cell where the taken ones end
+with a chance of about t / 2^width, at most 1/64 (then another round)."""
 ROUND_COUNTS = 2**14
 """Histogram counts a round may all-reduce (64 kB of int32): the digit width follows from the
 number of groups still searching. At scale a round costs its latency (about 100 us across 1024
@@ -151,34 +156,30 @@ class ShardedSelection:
 
     masks: list[torch.Tensor]
     bytes_sent: int  # payload bytes this rank handed to the all-reduce
-    all_reduces: int  # collective calls (histogram rounds plus the tie-count exchange)
+    all_reduces: int  # collective calls: histogram rounds of keys, then of tied indices
     thresholds: list[Threshold | None]  # per group; None where it selected nothing
     carried: list[int]  # `carry` summed over the ranks (empty without one)
-    deferred: DeferredTies | None = None  # `defer_ties`: the tie exchange left to a later selection
+    deferred: DeferredTies | None = None  # `defer_ties`: the round left to a later selection
     settled: list[torch.Tensor] = field(default_factory=list)  # `settle`: that selection's masks
-    tie_bytes: dict[int, int] = field(default_factory=dict)
-    """Calls (numbered from 0) that carried a tie table: the bytes one rank's column adds to it,
-    the part of `bytes_sent` that grows with the ranks."""
 
 
 @dataclass(frozen=True)
 class DeferredTies:
-    """A selection's tie exchange, left for a later selection's first round to carry
-    (`sharded_topk(..., defer_ties=True)`, then `settle=`).
+    """A selection's round, left for a later selection's first round to carry: its tie round
+    (`sharded_topk(..., defer_ties=True)`, then `settle=`) or its likely last
+    (`defer_last_round`).
 
-    `masks` are the selection's masks without its tied entries (flagged in `tied`, over the
-    concatenation of the pieces), `table` this rank's (tied layers x ranks) counts, each rank's
-    column `rank_bytes` long, and `take` turns the table summed over the ranks into the tied
-    entries this rank takes, per tied layer its tied entries and how many of them all ranks
-    take, and the tie exchange still to go (`defer_last_round`: its last round was deferred, and
-    this is the tie exchange after it; else None). `take` may make calls of its own (the
-    deferred selection's further rounds) through the `send` it is handed."""
+    `masks` are the selection's masks without its undecided candidates (flagged in `tied`, over
+    the concatenation of the pieces), `table` this rank's histogram of the round, and `take`
+    turns the table summed over the ranks into the candidates this rank takes, per layer of
+    `tied_layers` its candidates and how many of them all ranks take, and the tie round still
+    to go (after a deferred last round whose ties remain; else None). `take` may make calls of
+    its own (the deferred selection's further rounds) through the `send` it is handed."""
 
     masks: list[torch.Tensor]
     tied: torch.Tensor
     tied_layers: list[int]
     table: torch.Tensor
-    rank_bytes: int
     take: Callable[[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]],
                    tuple[torch.Tensor, torch.Tensor, torch.Tensor, DeferredTies | None]]
 
@@ -436,12 +437,13 @@ def sharded_topk(
     another selection's `threshold_estimates`, at no extra call. Its sums must fit the counts
     (int32 below 2^31 elements in all layers).
 
-    `defer_ties` leaves the tie exchange, where one is needed, to a later selection over the same
-    pieces: the result's `deferred` holds it and its masks lack the tied entries. That selection,
-    handed it as `settle`, carries the exchange in its first round (no call of its own), takes
-    the tied entries the earlier selection takes out of its own candidates (RigL: the grow's
-    candidates are the entries its drop did not keep; every tied entry must be eligible) and
-    returns the earlier selection's masks in `settled`. Until the exchange arrives, its first
+    `defer_ties` leaves the first tie round (by global index), where one is needed, to a later
+    selection over the same pieces: the result's `deferred` holds it and its masks lack the tied
+    entries. That selection, handed it as `settle`, carries the round in its first round (no
+    call of its own; a further tie round, rarely needed, is a call of its own), takes the tied
+    entries the earlier selection takes out of its own candidates (RigL: the grow's candidates
+    are the entries its drop did not keep; every tied entry must be eligible) and returns the
+    earlier selection's masks in `settled`. Until the round arrives, its first
     round counts the tied entries apart; where they could move its k-th largest key to another
     bucket it keeps the run of buckets from the k-th under the fewest of them that join to the
     k-th under the most, and its later rounds resolve the bits below their common prefix.
@@ -454,7 +456,7 @@ def sharded_topk(
     first round carries its histogram and counts this selection's candidates apart, as it
     counts tied entries (of a layer's, exactly what its group still needs are kept); `take`
     then finishes this selection (rounds of their own where the deferred one was not its last)
-    and hands on its tie exchange, which the later selection's next call carries. Where a
+    and hands on its tie round, which the later selection's next call carries. Where a
     tied entry is one the later selection's first round kept or selected on some rank, that
     call's round goes again knowing them (as many calls as deferring the ties alone). The
     thresholds this selection returns lack the deferred round's bits.
@@ -480,7 +482,7 @@ def sharded_topk(
             raise ValueError("a settled selection must be over the same pieces")
     if not ks:
         if (carry is not None and carry.numel()) or settle is not None:
-            what = "a carry" if settle is None else "a settled selection's tie exchange"
+            what = "a carry" if settle is None else "a settled selection's round"
             raise ValueError(f"{what} needs a selection's first round to travel with")
         return ShardedSelection([], 0, 0, [], [])
     device = shards[0].scores.device if shards else torch.device("cpu")
@@ -497,6 +499,7 @@ def sharded_topk(
     count_dtype = torch.int32 if sum(piece.numel for piece in shards) < 2**31 else torch.int64
     need, done = list(ks), [False] * len(ks)
     bucket_size = [0] * len(ks)  # candidates of each group's k-th bucket, as of its last round
+    tie_keys: dict[int, int] = {}  # groups breaking ties by index: their threshold key
     carried: list[int] = []
 
     def exchange(counts: torch.Tensor, nans: torch.Tensor, riders: Sequence[torch.Tensor],
@@ -607,9 +610,12 @@ def sharded_topk(
         elements[group] += piece.numel
 
     def width_of(open_groups: list[int], remaining: int) -> int:
+        """A group breaking ties has its tied entries as candidates, not its elements."""
         if bits_per_round is not None:
             return min(bits_per_round, remaining)
-        return round_bits(len(open_groups), remaining, max(elements[group] for group in open_groups))
+        return round_bits(len(open_groups), remaining, max(
+            bucket_size[group] << TIE_SPARE_BITS if group in tie_keys else elements[group]
+            for group in open_groups))
 
     # Each group resolves its k-th key from the top: `remaining[g]` low bits still open, `prefix[g]`
     # the bits above them. The first round takes the top `width` bits. A group with hints counts
@@ -699,7 +705,6 @@ def sharded_topk(
             bucket_size[group] += joining_count
     carried.extend(values)
     settled: list[torch.Tensor] = []
-    tie_bytes = {0: settle.rank_bytes} if settle is not None and settle.rank_bytes else {}
     if settle is not None:
         settled = list((torch.cat(settle.masks) | taken).split(sizes))
     # Each group's candidates lie in its kept cells (one, or where pending entries left the
@@ -742,7 +747,7 @@ def sharded_topk(
         joined_above.index_add_(0, device_tensor(groups, device), torch.cat(joined))
     selected = torch.cat(selected) if selected else torch.zeros(0, dtype=torch.bool, device=device)
     # The open entries, gathered after one read of their counts (none where every group is
-    # done: no later round or tie exchange reads them).
+    # done: no later round reads them).
     open_counts = [0] * len(chunks) if all(done) or not chunks else \
         torch.stack([torch.count_nonzero(flags) for flags in open_]).tolist()
     positions, keys, layers = [], [], []  # layers: of chunks of one layer (all or none)
@@ -779,29 +784,56 @@ def sharded_topk(
         candidates = ~kept[positions]
         positions, keys, layer_of = positions[candidates], keys[candidates], layer_of[candidates]
         settled = list((torch.cat(settled) | kept).split(sizes))
-        tie_bytes[sent["calls"] - 1] = follow.rank_bytes
         follow = None
         return torch.zeros(len(ks), dtype=torch.int64, device=device).index_add_(
             0, device_tensor(groups, device), segment_counts(joined, sizes))
 
+    # Ties: a group whose key bits are all fixed and which still has more candidates than it
+    # needs goes on with their global indices in the group (its layers' sizes before the layer,
+    # plus the index in the layer), reversed, as keys: `index_bits` of them.
+    in_group = [0] * len(ks)
+    index_of_position = []  # per layer: global index in its group, less the position
+    for layer, piece in enumerate(shards):
+        index_of_position.append(in_group[groups[layer]] + piece.offset - starts[layer])
+        in_group[groups[layer]] += piece.numel
+    index_bits = [max(1, (numel - 1).bit_length()) for numel in elements]
+
+    def order_ties() -> None:
+        """Give the candidates of every unfinished group with all key bits fixed their reversed
+        global index as key, and the group the index bits to resolve."""
+        nonlocal keys, layer_group
+        tied = [group for group in range(len(ks)) if not done[group] and not remaining[group]]
+        if not tied:
+            return
+        for group in tied:
+            tie_keys[group] = prefix[group]
+            prefix[group], remaining[group] = 0, index_bits[group]
+        keys, layer_group = keys.to(torch.int64), layer_group.to(torch.int64)
+        last_index = device_tensor([elements[group] - 1 for group in groups], device, torch.int64)
+        reversed_index = (last_index - device_tensor(index_of_position, device, torch.int64)
+                          ).index_select(0, layer_of) - positions
+        breaking = torch.zeros(len(ks), dtype=torch.bool, device=device)
+        breaking[tied] = True
+        keys = torch.where(breaking.index_select(0, layer_group.index_select(0, layer_of)),
+                           reversed_index, keys)
+
     def next_round() -> _Round | None:
         """The next round's histogram over the candidates, or None when no group searches.
         Only groups still searching send a row (every rank knows which: `done` and `remaining`
-        are global; closed groups have no candidates left, and a group with all bits fixed waits
-        for the tie exchange). Each candidate counts in the cell (its group's row, its group's
-        next digit)."""
+        are global; closed groups have no candidates left). Each candidate counts in the cell
+        (its group's row, its group's next digit)."""
+        order_ties()
         open_groups = [group for group in range(len(ks)) if not done[group] and remaining[group]]
         if not open_groups:
             return None
-        waiting = any(not done[group] and not remaining[group] for group in range(len(ks)))
         width = width_of(open_groups, max(remaining[group] for group in open_groups))
         digit_bits = {group: min(width, remaining[group]) for group in open_groups}
-        cells, searching = _cells(keys, layer_group.index_select(0, layer_of), open_groups, digit_bits,
-                                  [remaining[group] - digit_bits.get(group, 0)
-                                   for group in range(len(ks))], width, len(ks), waiting)
+        cells = _cells(keys, layer_group.index_select(0, layer_of), open_groups, digit_bits,
+                       [remaining[group] - digit_bits.get(group, 0) for group in range(len(ks))],
+                       width, len(ks))
         counts = _tally(torch.zeros(len(open_groups) * 2**width, dtype=torch.int64, device=device),
-                        cells, None if searching is None else searching.to(torch.int64))
-        return _Round(open_groups, digit_bits, cells, searching, counts.view(-1, 2**width))
+                        cells)
+        return _Round(open_groups, digit_bits, cells, counts.view(-1, 2**width))
 
     def apply_round(round_: _Round, rows: torch.Tensor, offset: torch.Tensor | None) -> None:
         """Decide a round from its summed histogram: select above each group's k-th digit,
@@ -813,22 +845,28 @@ def sharded_topk(
             remaining[group] -= round_.digit_bits[group]
             prefix[group] = (prefix[group] << round_.digit_bits[group]) | digit_value
         fate_of = fate.reshape(-1).index_select(0, round_.cells)
-        if round_.searching is not None:
-            fate_of.masked_fill_(~round_.searching, 2)
         selected[positions] = selected[positions] | (fate_of == 1)
         keep = (fate_of == 2).nonzero().squeeze(1)
         positions, keys, layer_of = positions[keep], keys[keep], layer_of[keep]
 
+    def ties_only(round_: _Round) -> bool:
+        """Whether a round reads only global indices: the first that breaks ties."""
+        return all(group in tie_keys for group in round_.open_groups)
+
+    def likely_last(round_: _Round) -> bool:
+        return _likely_last(round_, remaining, bucket_size)
+
     def run_rounds(send: Callable[[torch.Tensor], torch.Tensor], round_: _Round | None,
-                   may_defer: bool = False) -> _Round | None:
-        """Exchange and decide rounds until no group searches, the first of them `round_`; with
-        `may_defer`, stop before a round worth deferring (`_likely_last`) and return it. The
+                   may_defer: Callable[[_Round], bool] | None = None) -> _Round | None:
+        """Exchange and decide rounds until no group searches, the first of them `round_`; stop
+        before a round that `may_defer` says to leave to a later selection and return it. The
         first carries the settled selection's ties if still to go; where some rank's first
         round kept or selected one of them (`relevant`), it counted them: the round goes again,
         without those the ties keep and with the correction of those they leave."""
         nonlocal correction
         while round_ is not None:
-            if may_defer and correction is None and _likely_last(round_, remaining, bucket_size):
+            if may_defer is not None and correction is None and follow is None \
+                    and may_defer(round_):
                 return round_
             riders = ([] if correction is None else [correction]) + \
                 ([] if follow is None else [follow.table, relevant])
@@ -848,24 +886,17 @@ def sharded_topk(
         return None
 
     def thresholds() -> list[Threshold | None]:
-        return [Threshold(key_bits, prefix[group] << remaining[group])
+        return [Threshold(key_bits, tie_keys[group]) if group in tie_keys
+                else Threshold(key_bits, prefix[group] << remaining[group])
                 if ks[group] and remaining[group] < key_bits else None for group in range(len(ks))]
 
-    def finish_ties() -> DeferredTies | None:
-        """The tie exchange of the groups not done, whose candidates all have their threshold
-        key; None when every group is."""
-        if all(done):
-            return None
-        return _tie_exchange(selected, sizes, positions, layer_of, groups, done, need, rank,
-                             world_size, count_dtype,
-                             max(bucket_size[group] for group in range(len(ks)) if not done[group]))
-
-    def defer(round_: _Round) -> ShardedSelection:
-        """The selection so far, leaving `round_`, the rounds after it and the tie exchange to a
-        later selection: that selection's first round carries this round's histogram, and
-        `take` finishes the selection (any further rounds as calls of their own) and hands on
-        its tie exchange. The candidates left are that selection's pending entries: of a
-        layer's, exactly what its group still needs are kept."""
+    def defer(round_: _Round, hand_on_ties: bool) -> ShardedSelection:
+        """The selection so far, leaving `round_` and the rounds after it to a later selection:
+        that selection's first round carries this round's histogram, and `take` finishes the
+        selection (any further rounds as calls of their own), with `hand_on_ties` but its first
+        tie round, which it hands on for the later selection's next call to carry. The
+        candidates left are that selection's pending entries: of a layer's, exactly what its
+        group still needs are kept."""
         candidates = torch.zeros_like(selected)
         candidates[positions] = True
         layers = [layer for layer in range(len(shards)) if not done[groups[layer]]]
@@ -876,46 +907,37 @@ def sharded_topk(
 
         def take(summed: torch.Tensor, send: Callable[[torch.Tensor], torch.Tensor]
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DeferredTies | None]:
-            apply_round(round_, summed.view(len(round_.open_groups), -1), None)
-            run_rounds(send, next_round())
-            return selected & candidates, totals, kept, finish_ties()
+            apply_round(round_, summed.view(len(round_.open_groups), -1).to(torch.int64), None)
+            ties = run_rounds(send, next_round(), ties_only if hand_on_ties else None)
+            handed = None if ties is None else defer(ties, False).deferred
+            return selected & candidates, totals, kept, handed
 
         return ShardedSelection(masks, sent["bytes"], sent["calls"], thresholds(), carried,
                                 deferred=DeferredTies(masks, candidates, layers,
                                                       round_.counts.reshape(-1).to(count_dtype),
-                                                      0, take))
+                                                      take))
 
-    last = run_rounds(reduce, next_round(), defer_last_round and settle is None)
+    def leave_for_later(round_: _Round) -> bool:
+        return (defer_last_round and settle is None and likely_last(round_)) or \
+            ((defer_ties or defer_last_round) and ties_only(round_))
+
+    last = run_rounds(reduce, next_round(), leave_for_later)
     if last is not None:
-        return defer(last)
+        return defer(last, not ties_only(last))
     if follow is not None:  # the rounds ended before the settled selection's ties went
-        joined = settle_follow(reduce(follow.table), reduce)
-        correction = (joined_above + joined)[unsure] if unsure else None
-    ties = finish_ties()
-    if ties is None:
-        return _finished(selected, sizes, sent, thresholds(), carried, settled, tie_bytes)
-    if (defer_ties or defer_last_round) and correction is None:
-        return ShardedSelection(ties.masks, sent["bytes"], sent["calls"], thresholds(), carried,
-                                deferred=ties, tie_bytes=tie_bytes)
-    # Every remaining candidate of an unfinished group has its threshold key; it takes what the
-    # group still needs by global index, in one exchange of the (tied layers x ranks) counts
-    # (with the correction of unsure groups whose first round left no bits to resolve).
-    riders = [ties.table] + ([] if correction is None else [correction])
-    summed = reduce(torch.cat(riders)).split([rider.numel() for rider in riders])
-    taken_here, *_ = ties.take(summed[0], reduce,
-                               None if correction is None else need_offset(summed[1]))
-    tie_bytes[sent["calls"] - 1] = ties.rank_bytes
-    return _finished(selected | taken_here, sizes, sent, thresholds(), carried, settled, tie_bytes)
+        settle_follow(reduce(follow.table), reduce)
+    return ShardedSelection(list(selected.split(sizes)), sent["bytes"], sent["calls"],
+                            thresholds(), carried, settled=settled)
 
 
 class _Round(NamedTuple):
     """A histogram round over the candidates: the groups searching, the digit bits each reads,
-    every candidate's cell (and which count, where not all do), and this rank's counts."""
+    every candidate's cell and this rank's counts. Every candidate belongs to a group searching:
+    the others are done and have none."""
 
     open_groups: list[int]
     digit_bits: dict[int, int]
     cells: torch.Tensor
-    searching: torch.Tensor | None
     counts: torch.Tensor
 
 
@@ -932,98 +954,28 @@ def _likely_last(round_: _Round, remaining: list[int], bucket_size: list[int]) -
                for group, bits in round_.digit_bits.items())
 
 
-def _tie_exchange(selected: torch.Tensor, sizes: list[int], positions: torch.Tensor,
-                   layer_of: torch.Tensor, groups: Sequence[int], done: list[bool], need: list[int],
-                   rank: int, world_size: int, count_dtype: torch.dtype,
-                   most_tied: int) -> DeferredTies:
-    """The tie exchange of the unfinished groups, whose candidates (`positions` in the pieces'
-    concatenation, in layer order, of `layer_of`) all have their threshold key, at most
-    `most_tied` in a group: this rank's (tied layers x ranks) counts, and `take`, the lowest
-    global indices up to what each group still `need`s, in (layer, rank, local index) order,
-    computed on the device.
-
-    Where no group has more than 255 tied entries (the usual few), a count fits a byte and four
-    ranks' bytes share an int32 word: each rank writes only its own byte, so the sum over the
-    ranks is their bytes side by side, with no carry (1 byte per tied layer per rank, not 4).
-    """
-    device = selected.device
-    layers = len(groups)
-    counts = _tally(torch.zeros(layers, dtype=torch.int64, device=device), layer_of)
-    tied_layers = [layer for layer, group in enumerate(groups) if not done[group]]
-    packed = most_tied <= 255
-    columns = -(-world_size // 4) * 4 if packed else world_size
-    cells = torch.zeros(len(tied_layers), columns, dtype=torch.uint8 if packed else count_dtype,
-                        device=device)
-    cells[:, rank] = counts[tied_layers].to(cells.dtype)
-    table = cells.view(torch.int32) if packed else cells
-    tied = torch.zeros_like(selected)
-    tied[positions] = True
-    first_tied_of_group: dict[int, int] = {}
-    for index, layer in enumerate(tied_layers):
-        first_tied_of_group.setdefault(groups[layer], index)
-    first_of_group = device_tensor(
-        [first_tied_of_group[groups[layer]] for layer in tied_layers], device)
-    need_of = device_tensor([need[groups[layer]] for layer in tied_layers], device)
-    order_in_layer = torch.arange(positions.numel(), device=device) - \
-        (counts.cumsum(0) - counts)[layer_of]
-    tied_index = device_tensor(tied_layers, device)
-
-    def take(summed: torch.Tensor, send: Callable[[torch.Tensor], torch.Tensor] | None = None,
-             need_offset: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
-        if packed:  # a sum in a wider integer type keeps its low 32 bits: the words
-            summed = summed.to(torch.int32).view(torch.uint8)
-        per_rank = summed.view(len(tied_layers), columns)[:, :world_size].to(torch.int64)
-        totals = per_rank.sum(1)
-        before = totals.cumsum(0) - totals  # tied entries of earlier tied layers
-        needed = need_of if need_offset is None else \
-            need_of - need_offset[[groups[layer] for layer in tied_layers]]
-        left = (needed - (before - before[first_of_group])).clamp(min=0)
-        quota = torch.zeros(layers, dtype=torch.int64, device=device).index_copy_(
-            0, tied_index, (left - per_rank[:, :rank].sum(1)).clamp(min=0))
-        flags = torch.zeros_like(selected)
-        flags[positions] = order_in_layer < quota[layer_of]
-        return flags, totals, torch.minimum(totals, left), None
-
-    return DeferredTies(list(selected.split(sizes)), tied, tied_layers, table.reshape(-1),
-                        len(tied_layers) * cells.element_size(), take)
-
-
-def _finished(selected: torch.Tensor, sizes: list[int], sent: dict[str, int],
-              thresholds: list[Threshold | None], carried: list[int],
-              settled: list[torch.Tensor], tie_bytes: dict[int, int]) -> ShardedSelection:
-    return ShardedSelection(list(selected.split(sizes)), sent["bytes"], sent["calls"], thresholds,
-                            carried, settled=settled, tie_bytes=tie_bytes)
-
-
 def _cells(keys: torch.Tensor, group_of: torch.Tensor, open_groups: list[int],
-           digit_bits: dict[int, int], remaining: list[int], width: int, groups: int,
-           waiting: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Each candidate's histogram cell (its group's row of 2^width, open groups in order, plus
-    its group's next digit: `digit_bits` above the `remaining` low bits), in the keys' dtype; and
-    which candidates count: None when all do (no group waits for the tie exchange and every open
-    group reads the same bits, the usual round: no per-candidate shift)."""
+           digit_bits: dict[int, int], remaining: list[int], width: int, groups: int
+           ) -> torch.Tensor:
+    """Each candidate's histogram cell, in the keys' dtype: its group's row of 2^width (open
+    groups in order) plus its group's next digit, `digit_bits` above the `remaining` low bits.
+    Where every open group reads the same bits (the usual round), no per-candidate shift."""
     row_of_group = torch.full((groups,), -1, dtype=keys.dtype, device=keys.device)
     row_of_group[open_groups] = torch.arange(0, len(open_groups) * 2**width, 2**width,
                                              dtype=keys.dtype, device=keys.device)
-    rows = row_of_group[group_of]
     reads = {(remaining[group], digit_bits[group]) for group in open_groups}
-    if not waiting and len(reads) == 1:
+    if len(reads) == 1:
         (shift, bits), = reads
         cells = keys >> shift
         cells &= 2**bits - 1
-        cells += rows
-        return cells, None
-    shift_of_group = torch.zeros(groups, dtype=keys.dtype, device=keys.device)
-    mask_of_group = torch.zeros(groups, dtype=keys.dtype, device=keys.device)
-    for group in open_groups:
-        shift_of_group[group], mask_of_group[group] = remaining[group], 2 ** digit_bits[group] - 1
-    cells = keys >> shift_of_group[group_of]
-    cells &= mask_of_group[group_of]
-    cells += rows
-    searching = rows >= 0
-    cells.masked_fill_(~searching, 0)
-    return cells, searching
+    else:
+        shift_of_group = device_tensor(remaining, keys.device, keys.dtype)
+        mask_of_group = device_tensor([2 ** digit_bits.get(group, 0) - 1 for group in range(groups)],
+                                      keys.device, keys.dtype)
+        cells = keys >> shift_of_group[group_of]
+        cells &= mask_of_group[group_of]
+    cells += row_of_group[group_of]
+    return cells
 
 
 def _tally(counts: torch.Tensor, cells: torch.Tensor,
