@@ -1,6 +1,7 @@
 """Shared fixtures: small, fast configurations on generated data."""
 from __future__ import annotations
 
+import gc
 import json
 import socket
 from pathlib import Path
@@ -40,6 +41,18 @@ def selection_bytes_bound(numels: list[int], selections: int = 3) -> int:
     index_rounds = -(-(sum(numels) - 1).bit_length() // (1 + SPARE_BITS + TIE_SPARE_BITS))
     per_selection = (-(-64 // width) + index_rounds) * per_round
     return selections * per_selection + layers * 8
+
+
+def leave_process_group() -> None:
+    """End a test worker's process group before its interpreter exits: every rank past its
+    collectives (a barrier), what still holds the group collected (DDP's reducer: the caller
+    drops its references first), then the group destroyed. A gloo group torn down at exit can
+    abort a rank ("terminate called without an active exception") after its work is done."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def free_port() -> int:

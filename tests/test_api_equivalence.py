@@ -25,7 +25,7 @@ from distsparse.engine.optim import build_lr_scheduler, build_optimizer
 from distsparse.engine.trainer import Trainer
 from distsparse.methods import METHODS
 from distsparse.models import build_model
-from tests.conftest import SMALL, free_port
+from tests.conftest import SMALL, free_port, leave_process_group
 
 SPARSE_METHODS = sorted(set(METHODS) - {"dense"})
 OVERRIDES = [*SMALL, "model.name=mlp", "train.dtype=float64"]
@@ -118,7 +118,8 @@ def _ddp_worker(rank: int, port: int, root: str, queue) -> None:
         except Exception:  # reported, so that the other rank is not left waiting in vain
             failures.append(f"{method}: {traceback.format_exc()}")
     queue.put((rank, failures))
-    dist.destroy_process_group()
+    trainer = sparsifier = None  # their DDP or DeepSpeed engines hold the group
+    leave_process_group()
 
 
 def _failures_on_two_ranks(worker, tmp_path: Path, timeout: float) -> dict[int, list[str]]:
@@ -177,7 +178,8 @@ def _deepspeed_worker(rank: int, port: int, root: str, queue) -> None:
         except Exception:  # reported, so that the other rank is not left waiting in vain
             failures.append(f"{method}: {traceback.format_exc()}")
     queue.put((rank, failures))
-    dist.destroy_process_group()
+    trainer = sparsifier = None  # their DDP or DeepSpeed engines hold the group
+    leave_process_group()
 
 
 def test_a_users_deepspeed_zero3_loop_equals_distsparse_train_on_two_ranks(tmp_path):

@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from distsparse.distributed.comm_hook import register_sparse_allreduce
 from distsparse.sparsity.masks import MaskSet, sparsifiable_parameters
-from tests.conftest import free_port
+from tests.conftest import free_port, leave_process_group
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo"
@@ -75,7 +75,8 @@ def _worker(rank: int, port: int, out: str) -> None:
     results["updated_masks"] = masks.state_dict()
 
     torch.save(results, Path(out) / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    ddp = state = None  # DDP's reducer holds the group
+    leave_process_group()
 
 
 

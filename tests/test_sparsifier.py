@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import gc
 import math
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from torch import nn
 import distsparse
 from distsparse.errors import ConfigError
 from distsparse.sparsity.allocation import active_count, layer_densities
-from tests.conftest import free_port
+from tests.conftest import free_port, leave_process_group
 
 VOCAB, WIDTH, CONTEXT = 48, 16, 6
 
@@ -260,13 +259,8 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
     torch.save({"fingerprint": sparsifier.fingerprint(), "state": model.state_dict(),
                 "bytes": sparsifier.access.gradient_state.bytes_sent},
                Path(out) / f"rank{rank}.pt")
-    # Both ranks done with gloo before either closes it, and DDP's reducer (it holds the group)
-    # freed first: a group torn down at interpreter exit can abort ("terminate called without
-    # an active exception").
-    dist.barrier()
-    del sparsifier, optimizer, ddp
-    gc.collect()
-    dist.destroy_process_group()
+    del sparsifier, optimizer, ddp  # DDP's reducer holds the group
+    leave_process_group()
 
 
 def test_a_ddp_model_gets_identical_masks_equal_to_one_process(tmp_path):
