@@ -177,15 +177,18 @@ UPDATES = ("first", "next")
 
 
 def measure_select(shapes: dict[str, tuple[int, ...]], active: dict[str, int],
-                   drift_binades: float, estimate_ranks: int) -> dict:
+                   drift_binades: float, estimate_ranks: int, scale: int = 1) -> dict:
     """RigL's drop-and-grow on pieces (world size 1: the histograms and rounds are global),
     |N(0, 1)| scores, with the active counts known as in training (the previous update made the
     masks), twice on one layout: the first update of a run, and the next one, its scores a new
     draw scaled per layer by 2^u, u uniform in [-drift_binades, drift_binades] (each drop starts
     from the thresholds the first found). The grow's threshold estimates are those
-    `estimate_ranks` ranks would agree on (`emulated_estimates`). The bytes of each all-reduce
-    call of each: one rank's at any number of ranks (nothing in a call grows with them)."""
+    `estimate_ranks` ranks would agree on (`emulated_estimates`). Layers at 1/`scale` of their
+    size: a later round's counts take the bytes the full size's candidates (`scale` times these)
+    would (`sharded_select._cell_bytes`). The bytes of each all-reduce call of each: one rank's
+    at any number of ranks (nothing in a call grows with them)."""
     import distsparse.sparsity.layout as layout_module
+    import distsparse.sparsity.sharded_select as select_rounds
     from distsparse.sparsity import select as select_module
     from distsparse.sparsity.layout import PieceLayout
 
@@ -214,6 +217,8 @@ def measure_select(shapes: dict[str, tuple[int, ...]], active: dict[str, int],
     layout_module.threshold_estimates = emulated_estimates(estimate_ranks)
     devices = select_module.LAUNCH_BOUND_DEVICES
     select_module.LAUNCH_BOUND_DEVICES = (*devices, "cpu")  # selections as on a GPU: hinted
+    cell_bytes = select_rounds._cell_bytes
+    select_rounds._cell_bytes = lambda most: cell_bytes(most * scale)
     try:
         for update in UPDATES:
             drifted = dict.fromkeys(shapes, 1.0) if update == "first" else {
@@ -229,6 +234,7 @@ def measure_select(shapes: dict[str, tuple[int, ...]], active: dict[str, int],
     finally:
         layout_module.threshold_estimates = estimates
         select_module.LAUNCH_BOUND_DEVICES = devices
+        select_rounds._cell_bytes = cell_bytes
     result["seconds"] = seconds / len(UPDATES)
     return result
 
@@ -388,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         # At 1/scale of the size, ranks' pieces as large as at full size on 1024 GPUs: at most
         # 1024 / scale ranks (fewer estimates in the mean: a wider bracket than 1024 GPUs').
         estimate_ranks[name] = {world: min(world, max(1, WORLDS[-1] // scale)) for world in WORLDS}
-        measured_at = {ranks: measure_select(shapes, active, args.drift_binades, ranks)
+        measured_at = {ranks: measure_select(shapes, active, args.drift_binades, ranks, scale)
                        for ranks in sorted(set(estimate_ranks[name].values()))}
         models[name] = (terms, {world: measured_at[ranks]
                                 for world, ranks in estimate_ranks[name].items()})
@@ -469,8 +475,10 @@ def main(argv: list[str] | None = None) -> int:
         "The model ignores NVLink inside a node (every hop crosses the network), LL128, "
         "congestion and the overlap of the gradient all-reduce with the backward pass; "
         f"GPT-2 XL's select ran on all its layers at 1/{args.gpt_scale} of their size (the same "
-        "histogram rows; a round fewer may be needed than at full size, and fewer layers tie: "
-        "their full-size ties are counted apart), its threshold estimates from as many ranks as "
+        "histogram rows, their later rounds' counts in the bytes the full size's candidates "
+        f"({args.gpt_scale} times as many) would take; a round fewer may be needed than at full "
+        "size, and fewer layers tie: their full-size ties are counted apart), its threshold "
+        "estimates from as many ranks as "
         f"leave each a piece of the size it has at 1024 GPUs, at most {WORLDS[-1] // args.gpt_scale} "
         "(fewer estimates: a wider bracket, so a narrow window no more often than at full "
         "size).\n\n"

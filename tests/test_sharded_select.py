@@ -29,6 +29,9 @@ from distsparse.sparsity.sharded_select import (
     ShardPiece,
     Threshold,
     _candidate_keys,
+    _cell_bytes,
+    _pack,
+    _unpack,
     _window_cells,
     _window_shift,
     estimated_hints,
@@ -56,9 +59,16 @@ def first_round(request, monkeypatch):
 
 
 def _row_bytes(width: int) -> int:
-    """One group's histogram row: 2^width counts and the NaN count, int32 (fewer than 2^31
-    scores in all layers together)."""
+    """One group's first-round histogram row: 2^width counts and the NaN count, int32 (fewer
+    than 2^31 scores in all layers together)."""
     return (2**width + 1) * 4
+
+
+def _later_bytes(groups: int, width: int, candidates: int) -> int:
+    """A later round's histograms: 2^width counts a group, each in as few bytes as hold the
+    candidates of the largest group (1 below 2^8, 2 below 2^16, else 4), in whole int32 words."""
+    count_bytes = 1 if candidates < 2**8 else 2 if candidates < 2**16 else 4
+    return -(-groups * 2**width * count_bytes // 4) * 4
 
 
 def _max_rounds(full: list[torch.Tensor], bits_per_round: int | None) -> int:
@@ -233,6 +243,28 @@ def test_mixed_precision_layers_select_on_64_bit_keys():
         _assert_matches_single_process(full, k, 3)
 
 
+@pytest.mark.parametrize("cell_bytes", [1, 2])
+def test_packed_counts_sum_over_ranks_without_a_carry(cell_bytes):
+    # Counts of a later round share int32 words, `cell_bytes` bytes each, where the candidates
+    # on all ranks together fit them: 255 or 65,535, the largest a count may reach, split over
+    # 3 ranks in every cell (one cell all on one rank), so that every summed word has all its
+    # bits set (a negative int32, reached by an overflow). Summed in int32 (wrapping) or in
+    # int64, the words unpack to the counts' sums.
+    most = 2 ** (8 * cell_bytes) - 1
+    assert _cell_bytes(most) == cell_bytes and _cell_bytes(most + 1) == 2 * cell_bytes
+    gen = torch.Generator().manual_seed(cell_bytes)
+    first = torch.randint(0, most + 1, (2, 9), generator=gen)
+    second = torch.randint(0, most + 1, (2, 9), generator=gen) % (most + 1 - first)
+    ranks = [first, second, most - first - second]
+    ranks[2][0, 0], ranks[0][0, 0], ranks[1][0, 0] = most, 0, 0
+    words = [_pack(counts, cell_bytes) for counts in ranks]
+    assert {word.dtype for word in words} == {torch.int32}
+    assert all(word.numel() == -(-18 * cell_bytes // 4) for word in words)
+    assert bool((sum(words) < 0).any())  # wrapped in int32
+    for summed in (words[0] + words[1] + words[2], sum(word.to(torch.int64) for word in words)):
+        assert torch.equal(_unpack(summed, cell_bytes, 18).view(2, 9), torch.full((2, 9), most))
+
+
 def test_counts_are_int64_once_the_model_reaches_2_31_elements():
     # Rank 0 of 2^20 ranks owns 2,048 elements of a 2^31-element layer; the all-reduce records
     # the dtype of every count it is handed (the other ranks contribute nothing here).
@@ -260,7 +292,9 @@ def test_ties_across_layers_and_ranks_follow_global_index():
     assert ROUND_COUNTS == 2**14 and round_bits(1, 32) == 14 and round_bits(1, 32, TOTAL) == width == 9
     widths = [width, width, width, 32 - 3 * width, (TOTAL - 1).bit_length()]
     assert results[0].all_reduces == len(widths)
-    assert results[0].bytes_sent == sum(map(_row_bytes, widths))
+    # The later rounds' candidates (all 123 tied) fit a byte a count.
+    assert results[0].bytes_sent == _row_bytes(width) + sum(2**w for w in widths[1:])
+    assert _later_bytes(1, width, TOTAL) == 2**width
     # Nothing grows with the ranks: the same calls and bytes on 2 and 3 ranks.
     for world in (2, 3):
         again = _assert_matches_single_process(full, 30, world)
@@ -270,17 +304,19 @@ def test_ties_across_layers_and_ranks_follow_global_index():
     for dtype, rounds in ((torch.float32, 4), (torch.float64, 8)):
         results = _assert_matches_single_process(_layers("equal", dtype, seed=0), 30, 4, bits_per_round=8)
         assert results[0].all_reduces == rounds + 1
-        assert results[0].bytes_sent == rounds * _row_bytes(8) + _row_bytes(7)
+        assert results[0].bytes_sent == _row_bytes(8) + (rounds - 1) * 2**8 + 2**7
     # 307 tied entries, 9 index bits in 8-bit digits: the first index round reads the top 8 of
     # the keys 306 - index, pairs of keys. The 101 lowest indices are the keys 206-306, whole
     # pairs, so it ends the selection; the 100 lowest leave key 206 out of the pair (206, 207),
-    # and a second round reads the last bit.
+    # and a second round reads the last bit. 307 candidates take 2 bytes a count, the last
+    # round's 2 one byte (its 2 counts in one padded word).
     tied = [torch.full((300,), 0.5), torch.full((7,), 0.5)]
     results = _assert_matches_single_process(tied, 101, 3, bits_per_round=8)
-    assert results[0].all_reduces == 5 and results[0].bytes_sent == 5 * _row_bytes(8)
+    assert results[0].all_reduces == 5
+    assert results[0].bytes_sent == _row_bytes(8) + 4 * _later_bytes(1, 8, 307) == 1028 + 4 * 512
     results = _assert_matches_single_process(tied, 100, 3, bits_per_round=8)
     assert results[0].all_reduces == 6
-    assert results[0].bytes_sent == 5 * _row_bytes(8) + _row_bytes(1)
+    assert results[0].bytes_sent == _row_bytes(8) + 4 * 512 + _later_bytes(1, 1, 2) == 3076 + 4
 
 
 def test_distinct_threshold_stops_before_a_tie_round():
@@ -289,7 +325,9 @@ def test_distinct_threshold_stops_before_a_tie_round():
     # 8-bit digits (50 elements): the first (sign and 7 exponent bits) leaves 2.0-49.0 in the
     # k-th's bucket, the second (the last exponent bit and 7 mantissa bits) isolates 40.0.
     assert round_bits(1, 32, 50) == 8
-    assert results[0].all_reduces == 2 and results[0].bytes_sent == 2 * _row_bytes(8)
+    # The second round's 48 candidates (2.0-49.0) fit a byte a count.
+    assert results[0].all_reduces == 2
+    assert results[0].bytes_sent == _row_bytes(8) + _later_bytes(1, 8, 48) == 1028 + 256
 
 
 def test_impossible_k_and_nan_raise_on_every_rank():
@@ -504,7 +542,9 @@ def test_layer_topk_shares_each_round_between_layers():
     assert widths[:2] == [9, 9]
     widths = [9, 9, 9, 5, (max(NUMELS) - 1).bit_length()]
     assert results[0].all_reduces == len(widths)
-    rows = len(NUMELS) * _row_bytes(widths[0]) + sum((len(NUMELS) - 1) * _row_bytes(w) for w in widths[1:])
+    # Later rounds: the 100-element layer's candidates, the most, fit a byte a count.
+    rows = len(NUMELS) * _row_bytes(widths[0]) + sum(_later_bytes(len(NUMELS) - 1, w, max(NUMELS))
+                                                      for w in widths[1:])
     assert results[0].bytes_sent == rows
     for layer, k in enumerate(ks):
         assert torch.equal(torch.cat([r.masks[layer] for r in results]),

@@ -833,7 +833,8 @@ def sharded_topk(
                        width, len(ks))
         counts = _tally(torch.zeros(len(open_groups) * 2**width, dtype=torch.int64, device=device),
                         cells)
-        return _Round(open_groups, digit_bits, cells, counts.view(-1, 2**width))
+        return _Round(open_groups, digit_bits, cells, counts.view(-1, 2**width),
+                      _cell_bytes(max(bucket_size[group] for group in open_groups)))
 
     def apply_round(round_: _Round, rows: torch.Tensor, offset: torch.Tensor | None) -> None:
         """Decide a round from its summed histogram: select above each group's k-th digit,
@@ -870,9 +871,11 @@ def sharded_topk(
                 return round_
             riders = ([] if correction is None else [correction]) + \
                 ([] if follow is None else [follow.table, relevant])
-            rows, _, summed = exchange(round_.counts.to(count_dtype),
-                                       torch.zeros((), dtype=torch.int64, device=device),
-                                       riders, send)
+            words = wire(round_)
+            payload = torch.cat([words, *(rider.to(count_dtype) for rider in riders)])
+            send(payload)
+            words, *summed = payload.split([words.numel(), *(rider.numel() for rider in riders)])
+            rows, summed = counts_of(round_, words), [rider.to(torch.int64) for rider in summed]
             if follow is not None:
                 summed, (table, relevant_sum) = summed[:-2], summed[-2:]
                 joined = settle_follow(table, send)
@@ -884,6 +887,19 @@ def sharded_topk(
             correction = None
             round_ = next_round()
         return None
+
+    def wire(round_: _Round) -> torch.Tensor:
+        """A later round's counts as they travel, in `count_dtype`: a count in `cell_bytes`
+        (`_pack`) where the groups' candidates, all ranks together, fit fewer than 4."""
+        flat = round_.counts.reshape(-1) if round_.cell_bytes == 4 else \
+            _pack(round_.counts, round_.cell_bytes)
+        return flat.to(count_dtype)
+
+    def counts_of(round_: _Round, summed: torch.Tensor) -> torch.Tensor:
+        """The (open groups x 2^width) int64 counts of a round's `wire`, summed over the ranks."""
+        counts = summed.to(torch.int64) if round_.cell_bytes == 4 else \
+            _unpack(summed, round_.cell_bytes, round_.counts.numel())
+        return counts.view(round_.counts.shape)
 
     def thresholds() -> list[Threshold | None]:
         return [Threshold(key_bits, tie_keys[group]) if group in tie_keys
@@ -907,14 +923,13 @@ def sharded_topk(
 
         def take(summed: torch.Tensor, send: Callable[[torch.Tensor], torch.Tensor]
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DeferredTies | None]:
-            apply_round(round_, summed.view(len(round_.open_groups), -1).to(torch.int64), None)
+            apply_round(round_, counts_of(round_, summed), None)
             ties = run_rounds(send, next_round(), ties_only if hand_on_ties else None)
             handed = None if ties is None else defer(ties, False).deferred
             return selected & candidates, totals, kept, handed
 
         return ShardedSelection(masks, sent["bytes"], sent["calls"], thresholds(), carried,
-                                deferred=DeferredTies(masks, candidates, layers,
-                                                      round_.counts.reshape(-1).to(count_dtype),
+                                deferred=DeferredTies(masks, candidates, layers, wire(round_),
                                                       take))
 
     def leave_for_later(round_: _Round) -> bool:
@@ -939,6 +954,34 @@ class _Round(NamedTuple):
     digit_bits: dict[int, int]
     cells: torch.Tensor
     counts: torch.Tensor
+    cell_bytes: int  # on the wire (`_cell_bytes`)
+
+
+def _cell_bytes(most: int) -> int:
+    """Bytes a count of a later round takes on the wire: 1, 2 or 4, the fewest that hold `most`,
+    a group's candidates on all ranks together (no cell's sum over the ranks exceeds it)."""
+    return 1 if most < 2**8 else 2 if most < 2**16 else 4
+
+
+def _pack(counts: torch.Tensor, cell_bytes: int) -> torch.Tensor:
+    """Counts of `cell_bytes` bytes each, side by side (little-endian) in int32 words: where each
+    count's sum over the ranks fits its bytes, a sum of the words is every count's sum, with no
+    carry from one count into the next (and an int32 sum that wraps keeps the bytes)."""
+    flat = counts.reshape(-1)
+    data = torch.stack([(flat >> 8 * byte) & 0xFF for byte in range(cell_bytes)], 1).reshape(-1)
+    words = torch.zeros(-(-data.numel() // 4) * 4, dtype=torch.uint8, device=flat.device)
+    words[: data.numel()] = data
+    return words.view(torch.int32)
+
+
+def _unpack(summed: torch.Tensor, cell_bytes: int, count: int) -> torch.Tensor:
+    """The first `count` counts (int64) of `_pack`ed words summed over the ranks, in any integer
+    dtype: a sum in a wider one keeps the words in its low 32 bits."""
+    data = summed.to(torch.int32).view(torch.uint8)[: count * cell_bytes].view(count, cell_bytes)
+    counts = data[:, 0].to(torch.int64)
+    for byte in range(1, cell_bytes):
+        counts += data[:, byte].to(torch.int64) << 8 * byte
+    return counts
 
 
 LIKELY_LAST = 16
