@@ -173,16 +173,19 @@ def model_terms(model: torch.nn.Module) -> dict:
 
 
 UPDATES = ("first", "next")
-"""The first mask update of a run (no thresholds to start from) and the next one."""
+"""A run's first mask update (no thresholds to start from: its drop expected at setup,
+`PieceLayout.expect_drop`) and the next one."""
 
 
 def measure_select(shapes: dict[str, tuple[int, ...]], active: dict[str, int],
                    drift_binades: float, estimate_ranks: int, scale: int = 1) -> dict:
     """RigL's drop-and-grow on pieces (world size 1: the histograms and rounds are global),
     |N(0, 1)| scores, with the active counts known as in training (the previous update made the
-    masks), twice on one layout: the first update of a run, and the next one, its scores a new
+    masks), twice on one layout: the first update of a run, its drop expected at setup from
+    scores drifted as between updates ("setup": that call), and the next one, its scores a new
     draw scaled per layer by 2^u, u uniform in [-drift_binades, drift_binades] (each drop starts
-    from the thresholds the first found). The grow's threshold estimates are those
+    from the thresholds the first found); and the first update without the setup ("cold", on a
+    layout of its own). The grow's threshold estimates are those
     `estimate_ranks` ranks would agree on (`emulated_estimates`). Layers at 1/`scale` of their
     size: a later round's counts take the bytes the full size's candidates (`scale` times these)
     would (`sharded_select._cell_bytes`). The bytes of each all-reduce call of each: one rank's
@@ -219,23 +222,35 @@ def measure_select(shapes: dict[str, tuple[int, ...]], active: dict[str, int],
     select_module.LAUNCH_BOUND_DEVICES = (*devices, "cpu")  # selections as on a GPU: hinted
     cell_bytes = select_rounds._cell_bytes
     select_rounds._cell_bytes = lambda most: cell_bytes(most * scale)
-    try:
-        for update in UPDATES:
-            drifted = dict.fromkeys(shapes, 1.0) if update == "first" else {
-                name: 2 ** (drift_binades * (2 * torch.rand((), generator=generator).item() - 1))
+    def drift() -> dict[str, float]:
+        return {name: 2 ** (drift_binades * (2 * torch.rand((), generator=generator).item() - 1))
                 for name in shapes}
-            drop, grow = scores(drifted), scores(drifted)
-            calls.clear()
-            start = time.perf_counter()
-            new = layout.drop_and_grow(masks, drop, grow, counts, known)
-            seconds += time.perf_counter() - start
-            result[update] = list(calls)
-            masks.update(new)
+
+    def update(on: PieceLayout, drop: dict[str, torch.Tensor],
+               grow: dict[str, torch.Tensor]) -> tuple[list[int], dict[str, torch.Tensor]]:
+        nonlocal seconds
+        calls.clear()
+        start = time.perf_counter()
+        new = on.drop_and_grow(masks, drop, grow, counts, known)
+        seconds += time.perf_counter() - start
+        return list(calls), new
+
+    try:
+        drop, grow = scores(dict.fromkeys(shapes, 1.0)), scores(dict.fromkeys(shapes, 1.0))
+        cold = PieceLayout(shapes, 0, 1, all_reduce_sum, lambda tensor: [tensor])
+        result["cold"], _ = update(cold, drop, grow)
+        calls.clear()
+        layout.expect_drop(scores(drift()), masks, 1 - DROP_FRACTION)
+        result["setup"] = list(calls)
+        result["first"], new = update(layout, drop, grow)
+        masks.update(new)
+        moved = drift()
+        result["next"], _ = update(layout, scores(moved), scores(moved))
     finally:
         layout_module.threshold_estimates = estimates
         select_module.LAUNCH_BOUND_DEVICES = devices
         select_rounds._cell_bytes = cell_bytes
-    result["seconds"] = seconds / len(UPDATES)
+    result["seconds"] = seconds / 3
     return result
 
 
@@ -425,10 +440,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"< 1 ms at 1024 GPUs on 100 Gb/s {'yes' if worst < 1 else 'no'} "
                 f"({worst:.2f} ms)")
         ranks = estimate_ranks[name]
+        at_scale = select[WORLDS[-1]]
         updates[0] += (
             f" (each grow starts from the estimates of its thresholds that its drop's first round "
             f"carries, here as " + ", ".join(f"{ranks[world]} ranks" for world in WORLDS)
-            + f" would agree on them at {', '.join(map(str, WORLDS))} GPUs)")
+            + f" would agree on them at {', '.join(map(str, WORLDS))} GPUs; the drop from the "
+            f"ranks' estimates of its thresholds taken at setup from weights that moved since as "
+            f"between updates: one all-reduce of {sum(at_scale['setup']) / 1e3:.1f} kB then, "
+            f"once a run; cold, without it: {len(at_scale['cold'])} all-reduces of "
+            f"{sum(at_scale['cold']) / 1e3:.1f} kB, {select_ms(at_scale['cold'], 1024, 100):.2f} "
+            f"ms at 1024 GPUs on 100 Gb/s)")
         if name == "GPT-2 XL":
             drop_round, grow_round = (
                 tie_round_bytes(tied, most_tied, max(map(math.prod, terms["shapes"].values())))

@@ -429,6 +429,34 @@ def test_drop_counts_by_hand():
     # At step 700 no layer drops anything: the mask does not change.
 
 
+class _ExpectingLayout:
+    """A layout that records what a method readies it for (`expect_drop`)."""
+
+    def __init__(self) -> None:
+        self.expected: list[tuple[dict, float]] = []
+
+    def expect_drop(self, drop_scores, masks, keep) -> None:
+        self.expected.append((drop_scores, keep))
+
+
+@pytest.mark.parametrize("name", _names("swap"))
+def test_a_swap_readies_its_layout_for_its_next_drop(name):
+    # At setup (step 0) or on resuming (step 250), the layout expects the first drop from then
+    # on: |w| of the weights it starts from, keeping 1 - the drop fraction of that update (step
+    # 100 or 300). Past the last update (step 750) nothing is expected.
+    method = _method(name)
+    method.layout = layout = _ExpectingLayout()
+    masks = method.initial_masks(SHAPES)
+    weights = {n: torch.randn(SHAPES[n], generator=torch.Generator().manual_seed(1)) for n in SHAPES}
+    for step, update in ((0, 100), (250, 300), (300, 300)):
+        method.prepare(step, masks, weights)
+        scores, keep = layout.expected.pop()
+        assert keep == pytest.approx(1 - _rigl_drop_fraction(update))
+        assert all(torch.equal(scores[n], weights[n].abs()) for n in SHAPES)
+    method.prepare(751, masks, weights)
+    assert layout.expected == []
+
+
 def test_rigl_grows_the_largest_dense_gradients_among_entries_not_kept():
     updates = _run("rigl")[1]
     for u in updates:

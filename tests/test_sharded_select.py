@@ -967,9 +967,10 @@ def test_a_layout_on_a_cpu_starts_no_selection_from_hints_or_estimates(monkeypat
     assert len(seen) == 5 and all(call == (None, None, False) for call in seen), seen
 
 
-def _layout_updates(shapes, masks, drop, grow, counts, active, world):
+def _layout_updates(shapes, masks, drop, grow, counts, active, world, expected=None):
     """`PieceLayout.drop_and_grow` on every rank's pieces of the full tensors, in threads: per
-    rank the new masks and the element counts of its all-reduce calls."""
+    rank the new masks and the element counts of its all-reduce calls. `expected`: (drop
+    scores, keep) the layout expects the drop from first (`expect_drop`, one call, not listed)."""
 
     def update(rank, all_reduce_sum):
         calls = []
@@ -981,6 +982,13 @@ def _layout_updates(shapes, masks, drop, grow, counts, active, world):
         layout = PieceLayout(shapes, rank, world, counted, None)
         pieces = [{name: layout.piece(name, value) for name, value in scores.items()}
                   for scores in (masks, drop, grow)]
+        if expected is not None:
+            scores, keep = expected
+            layout.expect_drop({name: layout.piece(name, value) for name, value in scores.items()},
+                               pieces[0], keep)
+            if len(calls) != 1:
+                raise AssertionError(f"expecting the drop took {len(calls)} calls, not 1")
+            calls.clear()
         return layout.drop_and_grow(*pieces, counts, active), calls
 
     return _run_ranks(world, update)
@@ -1017,6 +1025,26 @@ def test_rigl_grow_starts_from_the_estimates_its_drop_carried(world):
         assert len(calls) == drop_rounds + grow_rounds - 2, (drop_rounds, grow_rounds, calls)
     for name in names:
         assert torch.equal(torch.cat([new[name] for new, _ in results]), expected[name]), name
+
+
+@pytest.mark.parametrize("first_round", ["layers at once"], indirect=True)  # hints: launch-bound
+@pytest.mark.parametrize("world", [4, 16])
+def test_a_first_drop_expected_at_setup_starts_from_the_ranks_estimates(world):
+    # A run's first update, as above, and the same after the layout expected its drop at setup
+    # from weights that moved since (every drop score 1.25 times what it is at the update): one
+    # all-reduce of the ranks' estimates then, and the drop's first round counts a window
+    # around each, which holds the threshold: a call fewer in the update, the same on every
+    # rank, and the masks of the full tensors.
+    shapes, masks, drop, grow, active, counts = _rigl_case(seed=7)
+    expected = FullLayout(shapes).drop_and_grow(masks, drop, grow, counts, active)
+    setup = {name: 1.25 * scores for name, scores in drop.items()}
+    cold = _layout_updates(shapes, masks, drop, grow, counts, active, world)
+    warm = _layout_updates(shapes, masks, drop, grow, counts, active, world, (setup, 0.7))
+    for new, calls in warm:
+        assert calls == warm[0][1]
+        assert len(calls) == len(cold[0][1]) - 1, (calls, cold[0][1])
+    for name in shapes:
+        assert torch.equal(torch.cat([new[name] for new, _ in warm]), expected[name]), name
 
 
 @pytest.mark.parametrize("first_round", ["layers at once"], indirect=True)  # hints: launch-bound

@@ -53,6 +53,14 @@ class _DropAndGrow(SparsityMethod):
         """Scores of inactive connections; higher grows first."""
         raise NotImplementedError
 
+    def prepare(self, step, masks, weights) -> None:
+        """The layout expects the first drop from `step` on (`expect_drop`)."""
+        upcoming = [later for later in range(step, step + self.config.update_interval + 1)
+                    if self.is_update_step(later)]
+        if upcoming:
+            self.selection(masks).expect_drop(magnitude_scores(weights), masks,
+                                              1 - self.drop_fraction(upcoming[0]))
+
     def update(self, step, masks, weights, grads) -> Masks:
         fraction = self.drop_fraction(step)
         # rigl: n_prune = int(n_ones * drop_fraction), per layer.

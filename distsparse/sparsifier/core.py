@@ -135,6 +135,7 @@ class Sparsifier:
         self.mask_all()
         self._check_identical()
         self._prepare_next_step()
+        method.prepare(self._step, self.mask_set.masks, access.weights())
 
     @property
     def step_count(self) -> int:
@@ -282,6 +283,7 @@ class Sparsifier:
         self.method.load_state_dict(state["method"])
         self.step_count = int(state["step"])
         self.mask_all()
+        self.method.prepare(self._step, self.mask_set.masks, self.access.weights())
 
     def summary(self) -> str:
         """A table of every masked weight: shape, size, active entries and density."""

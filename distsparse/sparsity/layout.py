@@ -11,8 +11,8 @@ Two layouts give identical masks:
   the local shard of FSDP2's Shard(0) DTensor (uneven when rows do not divide). Selections run
   `sharded_select.sharded_topk` (one histogram all-reduce per round for all layers together, 2-4
   rounds a selection; on a launch-bound device each started from the threshold the same
-  selection found last time, or, for RigL's grow, from the ranks' estimates carried by the
-  drop's first round; the drop's last round travels with the grow's first round, and its tie
+  selection found last time, a run's first drop from the ranks' estimates taken at setup
+  (`expect_drop`), and RigL's grow from the ranks' estimates carried by the drop's first round; the drop's last round travels with the grow's first round, and its tie
   round with the grow's next call),
   counts are one all-reduce of one int64 a layer, and no score, weight or gradient leaves its
   rank. Only `full_masks` moves masks: one all-gather of the bit-packed pieces
@@ -136,6 +136,11 @@ class FullLayout:
         if counts is not None:
             self._remember(masks, counts)
         return masks
+
+    def expect_drop(self, drop_scores: Mapping[str, torch.Tensor],
+                    masks: Mapping[str, torch.Tensor], keep: float) -> None:
+        """Ready the next `drop_and_grow` for drop scores like these: nothing on full tensors,
+        whose selections are local."""
 
     def drop_and_grow(
         self, masks: Mapping[str, torch.Tensor], drop_scores: Mapping[str, torch.Tensor],
@@ -288,6 +293,26 @@ class PieceLayout(FullLayout):
         names = self._ordered(scores)
         return dict(zip(names, self._select(scores, names, [k], [0] * len(names), eligible,
                                             [("global", tuple(names))]).masks))
+
+    def expect_drop(self, drop_scores: Mapping[str, torch.Tensor],
+                    masks: Mapping[str, torch.Tensor], keep: float) -> None:
+        """Start the next `drop_and_grow`'s drop from the ranks' estimates of its thresholds
+        over drop scores like these, keeping about `keep` of each layer's active entries (the
+        drop's hint, as the thresholds of an earlier drop are; one all-reduce now). Only on a
+        launch-bound device, where the next drop starts from hints at all: a run's first update
+        then starts as warm as the later ones (its weights moved by its first steps, the window
+        around the estimate a factor 2 either way of it, its miss costing no round)."""
+        names = self._ordered(masks)
+        if not names or not self._hints_pay(drop_scores):
+            return
+        scores = [drop_scores[name].reshape(-1) for name in names]
+        key_bits = selection_key_bits(scores)
+        estimates = threshold_estimates(scores, [masks[name].reshape(-1) for name in names],
+                                        [keep] * len(names), key_bits, self.world_size)
+        self.all_reduce_sum(estimates)
+        self.bytes_sent += estimates.numel() * estimates.element_size()
+        for name, hint in zip(names, estimated_hints(estimates.tolist(), key_bits)):
+            self._thresholds[("drop", name)] = hint
 
     def drop_and_grow(
         self, masks: Mapping[str, torch.Tensor], drop_scores: Mapping[str, torch.Tensor],

@@ -29,7 +29,8 @@ Across many GPUs a round costs its latency (about 100 us at 1024 GPUs) more than
 the digits are wide: `round_bits` gives each round the widest digit whose histograms fit in
 `ROUND_COUNTS` counts (14 bits for one group, 8 for ResNet-50's 54 layers), no wider than the
 largest layer's size calls for. Counts are int32 while the model has
-fewer than 2^31 elements.
+fewer than 2^31 elements; a later round's travel in 1 or 2 bytes each, packed into int32 words,
+where its groups' candidates (all ranks together, known to every rank) fit them (`_pack`).
 A selection of |N(0, 1)| scores then takes 2-4 rounds; the histograms are kilobytes to 64 kB a
 round whatever the size of the layers. `ShardedSelection.bytes_sent` reports the payload this rank
 handed to the all-reduce.
