@@ -12,8 +12,9 @@ Two layouts give identical masks:
   `sharded_select.sharded_topk` (one histogram all-reduce per round for all layers together, 2-4
   rounds a selection; on a launch-bound device each started from the threshold the same
   selection found last time, a run's first drop from the ranks' estimates taken at setup
-  (`expect_drop`), and RigL's grow from the ranks' estimates carried by the drop's first round; the drop's last round travels with the grow's first round, and its tie
-  round with the grow's next call),
+  (`expect_drop`), and RigL's grow from the ranks' estimates carried by the drop's first
+  round; the drop's last round travels with the grow's first round, and its tie round with
+  the grow's next call),
   counts are one all-reduce of one int64 a layer, and no score, weight or gradient leaves its
   rank. Only `full_masks` moves masks: one all-gather of the bit-packed pieces
   (numel / 8 bytes a layer), for checkpoints, fingerprints and persistent parameters, never for a

@@ -503,10 +503,9 @@ def sharded_topk(
     tie_keys: dict[int, int] = {}  # groups breaking ties by index: their threshold key
     carried: list[int] = []
 
-    def exchange(counts: torch.Tensor, nans: torch.Tensor, riders: Sequence[torch.Tensor],
-                 send: Callable[[torch.Tensor], torch.Tensor] = reduce,
+    def exchange(counts: torch.Tensor, nans: torch.Tensor, riders: Sequence[torch.Tensor]
                  ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """All-reduce (`send`) the (open groups x buckets) counts, the NaN count and the 1-D
+        """All-reduce the first round's (groups x buckets) counts, the NaN count and the 1-D
         `riders` (zero-padded whole rows below the histogram); the summed histogram rows (int64),
         NaN count and riders."""
         buckets = counts.shape[1]
@@ -519,7 +518,7 @@ def sharded_topk(
                                  device=device)
             padded[:extra] = torch.cat(list(riders)).to(rows.dtype)
             rows = torch.cat([rows, padded.view(-1, buckets + 1)])
-        send(rows)
+        reduce(rows)
         summed = list(rows[len(counts):].reshape(-1)[:extra].to(torch.int64).split(lengths))
         rows = rows[: len(counts)]
         return rows[:, :buckets].to(torch.int64), rows[:, buckets].sum(), summed
