@@ -792,10 +792,11 @@ def sharded_topk(
     # needs goes on with their global indices in the group (its layers' sizes before the layer,
     # plus the index in the layer), reversed, as keys: `index_bits` of them.
     in_group = [0] * len(ks)
-    index_of_position = []  # per layer: global index in its group, less the position
+    reversed_base = []  # per layer: the reversed index of its position 0 in the concatenation
     for layer, piece in enumerate(shards):
-        index_of_position.append(in_group[groups[layer]] + piece.offset - starts[layer])
-        in_group[groups[layer]] += piece.numel
+        group = groups[layer]
+        reversed_base.append(elements[group] - 1 - (in_group[group] + piece.offset - starts[layer]))
+        in_group[group] += piece.numel
     index_bits = [max(1, (numel - 1).bit_length()) for numel in elements]
 
     def order_ties() -> None:
@@ -809,9 +810,8 @@ def sharded_topk(
             tie_keys[group] = prefix[group]
             prefix[group], remaining[group] = 0, index_bits[group]
         keys, layer_group = keys.to(torch.int64), layer_group.to(torch.int64)
-        last_index = device_tensor([elements[group] - 1 for group in groups], device, torch.int64)
-        reversed_index = (last_index - device_tensor(index_of_position, device, torch.int64)
-                          ).index_select(0, layer_of) - positions
+        reversed_index = device_tensor(reversed_base, device, torch.int64).index_select(
+            0, layer_of) - positions
         breaking = torch.zeros(len(ks), dtype=torch.bool, device=device)
         breaking[tied] = True
         keys = torch.where(breaking.index_select(0, layer_group.index_select(0, layer_of)),
@@ -853,9 +853,6 @@ def sharded_topk(
     def ties_only(round_: _Round) -> bool:
         """Whether a round reads only global indices: the first that breaks ties."""
         return all(group in tie_keys for group in round_.open_groups)
-
-    def likely_last(round_: _Round) -> bool:
-        return _likely_last(round_, remaining, bucket_size)
 
     def run_rounds(send: Callable[[torch.Tensor], torch.Tensor], round_: _Round | None,
                    may_defer: Callable[[_Round], bool] | None = None) -> _Round | None:
@@ -933,7 +930,8 @@ def sharded_topk(
                                                       take))
 
     def leave_for_later(round_: _Round) -> bool:
-        return (defer_last_round and settle is None and likely_last(round_)) or \
+        return (defer_last_round and settle is None
+                and _likely_last(round_, remaining, bucket_size)) or \
             ((defer_ties or defer_last_round) and ties_only(round_))
 
     last = run_rounds(reduce, next_round(), leave_for_later)
