@@ -173,7 +173,7 @@ def model_terms(model: torch.nn.Module) -> dict:
 
 
 UPDATES = ("first", "next")
-"""A run's first mask update (no thresholds to start from: its drop expected at setup,
+"""A run's first mask update (no thresholds to start from: its drop expected at its first step,
 `PieceLayout.expect_drop`) and the next one."""
 
 
@@ -181,7 +181,7 @@ def measure_select(shapes: dict[str, tuple[int, ...]], active: dict[str, int],
                    drift_binades: float, estimate_ranks: int, scale: int = 1) -> dict:
     """RigL's drop-and-grow on pieces (world size 1: the histograms and rounds are global),
     |N(0, 1)| scores, with the active counts known as in training (the previous update made the
-    masks), twice on one layout: the first update of a run, its drop expected at setup from
+    masks), twice on one layout: the first update of a run, its drop expected at its first step from
     scores drifted as between updates ("setup": that call), and the next one, its scores a new
     draw scaled per layer by 2^u, u uniform in [-drift_binades, drift_binades] (each drop starts
     from the thresholds the first found); and the first update without the setup ("cold", on a
@@ -445,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
             f" (each grow starts from the estimates of its thresholds that its drop's first round "
             f"carries, here as " + ", ".join(f"{ranks[world]} ranks" for world in WORLDS)
             + f" would agree on them at {', '.join(map(str, WORLDS))} GPUs; the drop from the "
-            f"ranks' estimates of its thresholds taken at setup from weights that moved since as "
+            f"ranks' estimates of its thresholds taken at the run's first step from weights that moved since as "
             f"between updates: one all-reduce of {sum(at_scale['setup']) / 1e3:.1f} kB then, "
             f"once a run; cold, without it: {len(at_scale['cold'])} all-reduces of "
             f"{sum(at_scale['cold']) / 1e3:.1f} kB, {select_ms(at_scale['cold'], 1024, 100):.2f} "

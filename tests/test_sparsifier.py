@@ -205,6 +205,36 @@ def test_state_dict_round_trip_continues_bit_for_bit(method):
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed_model.parameters()))
 
 
+def test_the_method_readies_its_layout_once_at_the_first_step_of_a_run_or_resume():
+    # `prepare` runs at the first step a Sparsifier takes, not at construction, with the step
+    # the run is at: once for a fresh run (step 0), once for a resumed one (its step 10) however
+    # many times masks were set before (construction, then load_state_dict).
+    batches = _batches(12, 8)
+    calls = []
+
+    def recording(model, optimizer, sparsifier):
+        prepare = sparsifier.method.prepare
+        sparsifier.method.prepare = lambda step, masks, weights: (
+            calls.append(step), prepare(step, masks, weights))
+        return model, optimizer, sparsifier
+
+    model, optimizer, sparsifier = recording(*_setup("rigl"))
+    assert calls == []
+    for x, y in batches[:10]:
+        _loss(model, x, y).backward()
+        sparsifier.step()
+        optimizer.zero_grad()
+    assert calls == [0]
+    state = sparsifier.state_dict()
+    model, optimizer, resumed = recording(*_setup("rigl"))
+    resumed.load_state_dict(state)
+    for x, y in batches[10:]:
+        _loss(model, x, y).backward()
+        resumed.step()
+        optimizer.zero_grad()
+    assert calls == [0, 10]
+
+
 def test_include_exclude_and_dense_layers_choose_the_masked_weights():
     model = TinyLM()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

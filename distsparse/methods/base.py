@@ -113,8 +113,8 @@ class SparsityMethod:
 
     def prepare(self, step: int, masks: Mapping[str, torch.Tensor],
                 weights: Mapping[str, torch.Tensor]) -> None:
-        """Ready the layout for the first update from `step` on, with the masks and weights a
-        run starts or resumes from (nothing by default)."""
+        """Ready the layout for the first update from `step` on, with the masks and weights of
+        the first step a run takes once started or resumed (nothing by default)."""
 
     def state_dict(self) -> dict[str, Any]:
         """Method state for checkpoints (the built-in methods are stateless functions of step)."""

@@ -135,7 +135,7 @@ class Sparsifier:
         self.mask_all()
         self._check_identical()
         self._prepare_next_step()
-        method.prepare(self._step, self.mask_set.masks, access.weights())
+        self._method_prepared = False
 
     @property
     def step_count(self) -> int:
@@ -228,6 +228,9 @@ class Sparsifier:
             raise RuntimeError(f"step {self._step} grows by gradient: call "
                                "before_optimizer_step() before the optimizer step")
         self.mask_all()
+        if not self._method_prepared:  # once a run or resume, from the masks and weights it has
+            self.method.prepare(self._step, self.mask_set.masks, self.access.weights())
+            self._method_prepared = True
         if self._updates_next:
             self._update_masks(self._step, grads)
         self._step += 1
@@ -283,7 +286,7 @@ class Sparsifier:
         self.method.load_state_dict(state["method"])
         self.step_count = int(state["step"])
         self.mask_all()
-        self.method.prepare(self._step, self.mask_set.masks, self.access.weights())
+        self._method_prepared = False
 
     def summary(self) -> str:
         """A table of every masked weight: shape, size, active entries and density."""

@@ -11,7 +11,7 @@ Two layouts give identical masks:
   the local shard of FSDP2's Shard(0) DTensor (uneven when rows do not divide). Selections run
   `sharded_select.sharded_topk` (one histogram all-reduce per round for all layers together, 2-4
   rounds a selection; on a launch-bound device each started from the threshold the same
-  selection found last time, a run's first drop from the ranks' estimates taken at setup
+  selection found last time, a run's first drop from the ranks' estimates taken at its first step
   (`expect_drop`), and RigL's grow from the ranks' estimates carried by the drop's first
   round; the drop's last round travels with the grow's first round, and its tie round with
   the grow's next call),
