@@ -222,6 +222,7 @@ def measure_select(shapes: dict[str, tuple[int, ...]], active: dict[str, int],
     select_module.LAUNCH_BOUND_DEVICES = (*devices, "cpu")  # selections as on a GPU: hinted
     cell_bytes = select_rounds._cell_bytes
     select_rounds._cell_bytes = lambda most: cell_bytes(most * scale)
+
     def drift() -> dict[str, float]:
         return {name: 2 ** (drift_binades * (2 * torch.rand((), generator=generator).item() - 1))
                 for name in shapes}
@@ -296,13 +297,14 @@ def full_size_ties(terms: dict) -> tuple[int, int, int]:
 
 def tie_round_bytes(tied_layers: int, most_tied: int, largest: int) -> int:
     """Bytes of the round that breaks `tied_layers` layers' ties by index (`sharded_topk`): a
-    row of 2^width int32 counts and one more a layer, the width as the select picks it."""
-    from distsparse.sparsity.sharded_select import TIE_SPARE_BITS, round_bits
+    row of 2^width counts a layer, each in the bytes `most_tied` candidates need, in whole int32
+    words; the width as the select picks it."""
+    from distsparse.sparsity.sharded_select import TIE_SPARE_BITS, _cell_bytes, round_bits
 
     if not tied_layers:
         return 0
     width = round_bits(tied_layers, (largest - 1).bit_length(), most_tied << TIE_SPARE_BITS)
-    return tied_layers * (2**width + 1) * 4
+    return -(-tied_layers * 2**width * _cell_bytes(most_tied) // 4) * 4
 
 
 def _timings(repeats: int) -> tuple[dict[str, list[float]], dict[int, list[str]]]:
